@@ -1,0 +1,137 @@
+"""Typed delivery settings of an establishment ("Paramètres d'envoi des e-mails").
+
+The same models validate what the HTTP API, the CLI and the web pages receive, so a bad
+port or an unknown security mode is refused the same way whatever the door. Secrets
+(``relay.password``) are write-only: :meth:`DeliverySettings.public` is what any interface
+shows, with ``password_set`` in place of the value.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from postier import policy
+
+
+class Security(StrEnum):
+    NONE = "none"
+    STARTTLS = "starttls"
+    TLS = "tls"
+
+
+class AuthMethod(StrEnum):
+    NONE = "none"
+    PASSWORD = "password"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RelaySettings(_Model):
+    """How to reach the SMTP server that sends the establishment's e-mails."""
+
+    host: str = Field("", max_length=253, description="Host name or address of the SMTP server")
+    port: int = Field(587, ge=1, le=65535)
+    security: Security = Security.STARTTLS
+    auth: AuthMethod = AuthMethod.NONE
+    username: str = Field("", max_length=320)
+    password: str | None = Field(
+        None, max_length=1024, description="Write-only; never returned. Omit to keep."
+    )
+    timeout: int = Field(30, ge=1, le=600, description="Server timeout in seconds")
+    verify_tls: bool = Field(True, description="Verify the server's TLS certificate")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        value = value.strip()
+        if any(c.isspace() for c in value) or "/" in value:
+            raise ValueError("a host name has no spaces or slashes (example: smtp.ac-lyon.fr)")
+        return value
+
+    def key(self) -> tuple[Any, ...]:
+        """Identity of a relay for connection pooling (secrets included, so a new
+        password opens new connections)."""
+        return (
+            self.host.lower(),
+            self.port,
+            self.security,
+            self.auth,
+            self.username,
+            self.password,
+            self.verify_tls,
+        )
+
+    def public(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json", exclude={"password"})
+        out["password_set"] = bool(self.password)
+        return out
+
+
+class SenderSettings(_Model):
+    """The establishment's sender identity, used for addresses outside the allowed domains."""
+
+    name: str = Field("", max_length=200)
+    address: str = Field("", max_length=320)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError("the sender name cannot contain line breaks")
+        return value.strip()
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        return policy.normalize_address(value)
+
+
+class RetrySettings(_Model):
+    first_delay: int = Field(60, ge=1, le=86400, description="Seconds before the first retry")
+    max_delay: int = Field(3600, ge=1, le=7 * 86400, description="Longest wait between retries")
+    max_age: int = Field(
+        5 * 86400, ge=60, le=30 * 86400, description="Give up after this many seconds"
+    )
+
+
+class DeliverySettings(_Model):
+    delegation: bool = Field(
+        True, description="Déléguer l'envoi de tous les e-mails au serveur (central sending)"
+    )
+    sender: SenderSettings = Field(default_factory=SenderSettings)
+    allowed_domains: list[str] = Field(default_factory=list, max_length=500)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        out: list[str] = []
+        for item in value:
+            pattern = policy.normalize_domain_pattern(item)
+            if pattern not in out:
+                out.append(pattern)
+        return out
+
+    def public(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json", exclude={"relay"})
+        out["relay"] = self.relay.public()
+        return out
+
+    def merged_with(self, update: DeliverySettings, fields_set: set[str]) -> DeliverySettings:
+        """Apply an update, keeping the stored password when the update gives none."""
+        data = self.model_dump()
+        new = update.model_dump()
+        for name in fields_set:
+            data[name] = new[name]
+        if "relay" in fields_set and update.relay.password is None:
+            data["relay"]["password"] = self.relay.password
+        return DeliverySettings.model_validate(data)

@@ -1,0 +1,270 @@
+"""The storage interface every backend implements, and the records it returns.
+
+The service layer and the delivery engine only see this interface; SQL stays in the
+backends. Status values of a message: ``queued`` (waiting for its first attempt),
+``sending`` (claimed by a worker under a lease), ``deferred`` (waiting for a retry),
+``sent``, ``failed``, ``cancelled``. A recipient is ``pending``, ``sent``, ``deferred`` or
+``failed``; a recipient that is ``sent`` is never attempted again.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUED, SENDING, DEFERRED, SENT, FAILED, CANCELLED = (
+    "queued",
+    "sending",
+    "deferred",
+    "sent",
+    "failed",
+    "cancelled",
+)
+STATUSES = (QUEUED, SENDING, DEFERRED, SENT, FAILED, CANCELLED)
+FINAL_STATUSES = (SENT, FAILED, CANCELLED)
+PRIORITIES = {"normal": 0, "bulk": 1}
+
+
+@dataclass(frozen=True)
+class Establishment:
+    id: int
+    slug: str
+    name: str
+    hosted: bool
+    disabled: bool
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    establishment_id: int
+    username: str
+    email: str
+    display_name: str
+    role: str
+    disabled: bool
+    granted_senders: tuple[str, ...] = ()
+    password_hash: str | None = field(default=None, repr=False)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    user_id: int
+    name: str
+    created_at: float
+    last_used_at: float | None
+    revoked_at: float | None
+
+
+@dataclass
+class NewMessage:
+    """A message accepted by a door, rendered and ready to be stored."""
+
+    id: str
+    establishment_id: int
+    user_id: int
+    priority: int
+    envelope_from: str
+    header_from: str
+    message_id: str
+    subject: str
+    data: bytes
+    recipients: Sequence[str]
+    smtputf8: bool = False
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    id: str
+    status: str
+    duplicate: bool
+
+
+@dataclass
+class RecipientState:
+    position: int
+    address: str
+    status: str
+    code: int | None = None
+    reply: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    started_at: float
+    duration_ms: int
+    relay: str
+    outcome: str
+    code: int | None
+    detail: str | None
+
+
+@dataclass
+class Claimed:
+    """A message a worker holds under a lease, with everything delivery needs."""
+
+    id: str
+    establishment_id: int
+    user_id: int
+    envelope_from: str
+    data: bytes
+    smtputf8: bool
+    attempts: int
+    created_at: float
+    recipients: list[RecipientState]
+
+
+@dataclass
+class Outcome:
+    """What one delivery attempt decided, written back in a batch by the worker."""
+
+    message_id: str
+    status: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    recipients: list[RecipientState]
+    attempt: AttemptRecord
+
+
+@dataclass
+class MessageRecord:
+    id: str
+    establishment_id: int
+    user_id: int
+    status: str
+    priority: int
+    envelope_from: str
+    header_from: str
+    message_id: str
+    subject: str
+    size: int
+    created_at: float
+    updated_at: float
+    next_attempt_at: float
+    attempts: int
+    last_error: str | None
+    recipients: list[RecipientState] = field(default_factory=list)
+    history: list[AttemptRecord] = field(default_factory=list)
+
+
+class Store(abc.ABC):
+    """Durable storage of accounts, settings and the queue."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- establishments, users, tokens ---------------------------------------------------
+    @abc.abstractmethod
+    async def get_establishment(self, slug_or_id: str | int) -> Establishment | None: ...
+
+    @abc.abstractmethod
+    async def create_user(
+        self,
+        *,
+        establishment_id: int,
+        username: str,
+        email: str,
+        display_name: str,
+        role: str,
+        password_hash: str | None,
+    ) -> User: ...
+
+    @abc.abstractmethod
+    async def get_user(
+        self, *, user_id: int | None = None, establishment_id: int | None = None,
+        username: str | None = None,
+    ) -> User | None: ...
+
+    @abc.abstractmethod
+    async def list_users(self, establishment_id: int) -> list[User]: ...
+
+    @abc.abstractmethod
+    async def update_user(self, user_id: int, **values: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def create_token(self, user_id: int, name: str, token_hash: str) -> TokenInfo: ...
+
+    @abc.abstractmethod
+    async def user_for_token(self, token_hash: str) -> User | None:
+        """The active user owning an unrevoked token, or None."""
+
+    @abc.abstractmethod
+    async def list_tokens(self, user_id: int) -> list[TokenInfo]: ...
+
+    @abc.abstractmethod
+    async def revoke_token(self, user_id: int, token_id: int) -> bool: ...
+
+    # -- settings ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
+        """The stored settings document and its update time, or None."""
+
+    @abc.abstractmethod
+    async def save_settings(self, establishment_id: int, data: dict[str, Any]) -> None: ...
+
+    # -- queue ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def enqueue(self, batch: Sequence[NewMessage]) -> list[EnqueueResult]:
+        """Store all messages durably in one commit, or none; return after the commit.
+
+        A message whose (user, idempotency key) is already stored is not stored again: its
+        result names the first message with ``duplicate=True``.
+        """
+
+    @abc.abstractmethod
+    async def claim(
+        self, worker_id: str, limit: int, lease_seconds: float, now: float
+    ) -> list[Claimed]:
+        """Take up to ``limit`` due messages under a lease, most urgent first."""
+
+    @abc.abstractmethod
+    async def renew_leases(
+        self, worker_id: str, ids: Sequence[str], lease_seconds: float, now: float
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def release_expired_leases(self, now: float) -> int:
+        """Return messages whose lease expired (a crashed worker's) to the queue."""
+
+    @abc.abstractmethod
+    async def release_worker(self, worker_id: str) -> int:
+        """Return a stopping worker's claimed messages to the queue."""
+
+    @abc.abstractmethod
+    async def record_outcomes(self, worker_id: str, outcomes: Sequence[Outcome]) -> None: ...
+
+    @abc.abstractmethod
+    async def get_message(self, message_id: str) -> MessageRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_messages(
+        self,
+        *,
+        establishment_id: int,
+        user_id: int | None = None,
+        status: str | None = None,
+        limit: int = 100,
+    ) -> list[MessageRecord]: ...
+
+    @abc.abstractmethod
+    async def set_status(
+        self, message_id: str, status: str, *, from_statuses: Sequence[str], now: float,
+        next_attempt_at: float | None = None,
+    ) -> bool:
+        """Change a message's status if it is in one of ``from_statuses``."""
+
+    @abc.abstractmethod
+    async def counts(self, establishment_id: int | None = None) -> dict[str, int]: ...

@@ -1,0 +1,148 @@
+"""Table definitions (SQLAlchemy Core), shared by every backend.
+
+Times are UTC epoch seconds (floats): compact, sortable, and the same on SQLite and
+PostgreSQL. The message body lives in its own table so that the queue table stays small
+for claims and so that retention can drop bodies while keeping the delivery record.
+The Alembic migrations in ``migrations/versions`` create exactly these tables.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData()
+
+establishments = Table(
+    "establishments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("slug", String(64), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("hosted", Boolean, nullable=False, server_default=text("false")),
+    Column("disabled", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", Float, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, ForeignKey("establishments.id"), nullable=False),
+    Column("username", String(100), nullable=False),
+    Column("email", String(320), nullable=False),
+    Column("display_name", String(200), nullable=False, server_default=""),
+    Column("role", String(20), nullable=False),
+    Column("password_hash", String(200)),
+    Column("disabled", Boolean, nullable=False, server_default=text("false")),
+    Column("granted_senders", Text, nullable=False, server_default="[]"),
+    Column("created_at", Float, nullable=False),
+    Index("ux_users_username", "establishment_id", "username", unique=True),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, ForeignKey("users.id"), nullable=False),
+    Column("name", String(100), nullable=False, server_default=""),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("created_at", Float, nullable=False),
+    Column("last_used_at", Float),
+    Column("revoked_at", Float),
+)
+
+settings = Table(
+    "settings",
+    metadata,
+    Column("establishment_id", Integer, ForeignKey("establishments.id"), primary_key=True),
+    Column("data", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("user_id", Integer, nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("envelope_from", String(320), nullable=False),
+    Column("header_from", String(400), nullable=False, server_default=""),
+    Column("message_id", String(255), nullable=False),
+    Column("subject", Text, nullable=False, server_default=""),
+    Column("size", Integer, nullable=False),
+    Column("smtputf8", Boolean, nullable=False, server_default=text("false")),
+    Column("idempotency_key", String(200)),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", Float),
+    # The queue's hot path: due messages in priority order. Partial, so a table holding
+    # millions of sent messages costs claims nothing.
+    Index(
+        "ix_messages_due",
+        "priority",
+        "next_attempt_at",
+        sqlite_where=text("status IN ('queued', 'deferred')"),
+        postgresql_where=text("status IN ('queued', 'deferred')"),
+    ),
+    Index(
+        "ix_messages_leases",
+        "lease_expires_at",
+        sqlite_where=text("status = 'sending'"),
+        postgresql_where=text("status = 'sending'"),
+    ),
+    Index("ix_messages_user", "user_id", "created_at"),
+    Index("ix_messages_establishment", "establishment_id", "status", "created_at"),
+    Index("ux_messages_idempotency", "user_id", "idempotency_key", unique=True),
+)
+
+bodies = Table(
+    "message_bodies",
+    metadata,
+    Column("message_id", String(32), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
+recipients = Table(
+    "recipients",
+    metadata,
+    Column("message_id", String(32), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("address", String(320), nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("code", Integer),
+    Column("reply", Text),
+    Column("updated_at", Float),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("message_id", String(32), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("relay", String(300), nullable=False),
+    Column("outcome", String(12), nullable=False),
+    Column("code", Integer),
+    Column("detail", Text),
+    Index("ix_attempts_message", "message_id"),
+)

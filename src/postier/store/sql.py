@@ -1,0 +1,782 @@
+"""The SQL store (SQLAlchemy 2 Core, async), shared by SQLite and PostgreSQL.
+
+Writes go through a group-commit writer: concurrent acceptances, claims and delivery
+results are gathered and committed together, so one fsync acknowledges many messages
+(what Postfix's queue manager and every fast database queue do). A caller is answered only
+after the commit that holds its rows has returned. If a grouped transaction fails, each
+request is retried alone so one bad request cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from postier.errors import Conflict, StoreUnavailable
+from postier.store import schema as t
+from postier.store.base import (
+    DEFERRED,
+    QUEUED,
+    SENDING,
+    STATUSES,
+    AttemptRecord,
+    Claimed,
+    EnqueueResult,
+    Establishment,
+    MessageRecord,
+    NewMessage,
+    Outcome,
+    RecipientState,
+    Store,
+    TokenInfo,
+    User,
+)
+
+log = logging.getLogger(__name__)
+
+WriteJob = Callable[[AsyncConnection], Awaitable[Any]]
+
+
+class _GroupWriter:
+    """Runs write jobs in as few transactions as possible, one transaction at a time."""
+
+    def __init__(self, engine: AsyncEngine, max_jobs: int = 512) -> None:
+        self._engine = engine
+        self._max_jobs = max_jobs
+        self._pending: list[tuple[WriteJob, asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="postier-store-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            # Let queued jobs finish before stopping: they were promised an answer.
+            while self._pending:
+                await asyncio.sleep(0.01)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self, job: WriteJob) -> Any:
+        if self._task is None:
+            raise RuntimeError("store is not open")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, fut))
+        self._wakeup.set()
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                batch = self._pending[: self._max_jobs]
+                del self._pending[: self._max_jobs]
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[WriteJob, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._transaction([job for job, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                _, fut = batch[0]
+                if not fut.done():
+                    fut.set_exception(_translate(exc))
+                return
+            # Retry one by one so one failing request cannot fail its neighbours.
+            for item in batch:
+                await self._commit([item])
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():
+                fut.set_result(result)
+
+    async def _transaction(self, jobs: list[WriteJob]) -> list[Any]:
+        async with self._engine.begin() as conn:
+            return [await job(conn) for job in jobs]
+
+
+class _EnqueueGroup:
+    """Acceptances waiting for the same insert."""
+
+    def __init__(self) -> None:
+        self.items: list[NewMessage] = []
+        self.callers = 0
+        self.future: asyncio.Future[list[EnqueueResult]]
+
+
+def _translate(exc: Exception) -> Exception:
+    """Turn database failures into errors a person can act on."""
+    if isinstance(exc, IntegrityError):
+        return Conflict(str(exc.orig) if exc.orig else str(exc))
+    if isinstance(exc, OperationalError | DBAPIError):
+        text = str(getattr(exc, "orig", None) or exc).lower()
+        if "full" in text or "no space" in text:
+            err = StoreUnavailable(reason="disk full")
+            err.http_status = 507
+            return err
+        if "locked" in text or "busy" in text:
+            return StoreUnavailable(reason="database locked")
+        return StoreUnavailable(reason="database error")
+    return exc
+
+
+def _user(row: Any) -> User:
+    return User(
+        id=row.id,
+        establishment_id=row.establishment_id,
+        username=row.username,
+        email=row.email,
+        display_name=row.display_name,
+        role=row.role,
+        disabled=bool(row.disabled),
+        granted_senders=tuple(json.loads(row.granted_senders or "[]")),
+        password_hash=row.password_hash,
+    )
+
+
+def _token(row: Any) -> TokenInfo:
+    return TokenInfo(
+        id=row.id,
+        user_id=row.user_id,
+        name=row.name,
+        created_at=row.created_at,
+        last_used_at=row.last_used_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _message(row: Any) -> MessageRecord:
+    return MessageRecord(
+        id=row.id,
+        establishment_id=row.establishment_id,
+        user_id=row.user_id,
+        status=row.status,
+        priority=row.priority,
+        envelope_from=row.envelope_from,
+        header_from=row.header_from,
+        message_id=row.message_id,
+        subject=row.subject,
+        size=row.size,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        next_attempt_at=row.next_attempt_at,
+        attempts=row.attempts,
+        last_error=row.last_error,
+    )
+
+
+class SQLStore(Store):
+    """Common SQL implementation; backends provide the engines and the claim statement."""
+
+    def __init__(self, write_engine: AsyncEngine, read_engine: AsyncEngine) -> None:
+        self.write_engine = write_engine
+        self.read_engine = read_engine
+        self._writer = _GroupWriter(write_engine)
+        self._open_enqueue: _EnqueueGroup | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        from postier.store.migrate import upgrade
+
+        async with self.write_engine.begin() as conn:
+            await conn.run_sync(upgrade)
+        self._writer.start()
+
+    async def close(self) -> None:
+        await self._writer.stop()
+        await self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            await self.read_engine.dispose()
+
+    async def write(self, job: WriteJob) -> Any:
+        return await self._writer.run(job)
+
+    async def _read(self, stmt: Any) -> list[Any]:
+        try:
+            async with self.read_engine.connect() as conn:
+                return list((await conn.execute(stmt)).all())
+        except (OperationalError, DBAPIError) as exc:
+            raise _translate(exc) from exc
+
+    # -- establishments, users, tokens ---------------------------------------------------
+    async def get_establishment(self, slug_or_id: str | int) -> Establishment | None:
+        col = t.establishments.c.id if isinstance(slug_or_id, int) else t.establishments.c.slug
+        rows = await self._read(select(t.establishments).where(col == slug_or_id))
+        if not rows:
+            return None
+        r = rows[0]
+        return Establishment(r.id, r.slug, r.name, bool(r.hosted), bool(r.disabled))
+
+    async def create_user(
+        self,
+        *,
+        establishment_id: int,
+        username: str,
+        email: str,
+        display_name: str,
+        role: str,
+        password_hash: str | None,
+    ) -> User:
+        values = {
+            "establishment_id": establishment_id,
+            "username": username,
+            "email": email,
+            "display_name": display_name,
+            "role": role,
+            "password_hash": password_hash,
+            "disabled": False,
+            "granted_senders": "[]",
+            "created_at": time.time(),
+        }
+
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(insert(t.users).values(**values))
+            return int(res.inserted_primary_key[0])
+
+        try:
+            user_id = await self.write(job)
+        except Conflict as exc:
+            raise Conflict(
+                "A user named {username} already exists.", username=username
+            ) from exc
+        user = await self.get_user(user_id=user_id)
+        assert user is not None
+        return user
+
+    async def get_user(
+        self,
+        *,
+        user_id: int | None = None,
+        establishment_id: int | None = None,
+        username: str | None = None,
+    ) -> User | None:
+        stmt = select(t.users)
+        if user_id is not None:
+            stmt = stmt.where(t.users.c.id == user_id)
+        else:
+            stmt = stmt.where(
+                t.users.c.establishment_id == establishment_id, t.users.c.username == username
+            )
+        rows = await self._read(stmt)
+        return _user(rows[0]) if rows else None
+
+    async def list_users(self, establishment_id: int) -> list[User]:
+        rows = await self._read(
+            select(t.users)
+            .where(t.users.c.establishment_id == establishment_id)
+            .order_by(t.users.c.username)
+        )
+        return [_user(r) for r in rows]
+
+    async def update_user(self, user_id: int, **values: Any) -> None:
+        if "granted_senders" in values:
+            values["granted_senders"] = json.dumps(list(values["granted_senders"]))
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(update(t.users).where(t.users.c.id == user_id).values(**values))
+
+        await self.write(job)
+
+    async def create_token(self, user_id: int, name: str, token_hash: str) -> TokenInfo:
+        now = time.time()
+
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                insert(t.tokens).values(
+                    user_id=user_id, name=name, token_hash=token_hash, created_at=now
+                )
+            )
+            return int(res.inserted_primary_key[0])
+
+        token_id = await self.write(job)
+        return TokenInfo(token_id, user_id, name, now, None, None)
+
+    async def user_for_token(self, token_hash: str) -> User | None:
+        rows = await self._read(
+            select(t.users)
+            .join(t.tokens, t.tokens.c.user_id == t.users.c.id)
+            .where(
+                t.tokens.c.token_hash == token_hash,
+                t.tokens.c.revoked_at.is_(None),
+                t.users.c.disabled.is_(False),
+            )
+        )
+        return _user(rows[0]) if rows else None
+
+    async def list_tokens(self, user_id: int) -> list[TokenInfo]:
+        rows = await self._read(
+            select(t.tokens).where(t.tokens.c.user_id == user_id).order_by(t.tokens.c.id)
+        )
+        return [_token(r) for r in rows]
+
+    async def revoke_token(self, user_id: int, token_id: int) -> bool:
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                update(t.tokens)
+                .where(
+                    t.tokens.c.id == token_id,
+                    t.tokens.c.user_id == user_id,
+                    t.tokens.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=time.time())
+            )
+            return int(res.rowcount)
+
+        return bool(await self.write(job))
+
+    # -- settings ------------------------------------------------------------------------
+    async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
+        rows = await self._read(
+            select(t.settings.c.data, t.settings.c.updated_at).where(
+                t.settings.c.establishment_id == establishment_id
+            )
+        )
+        if not rows:
+            return None
+        return json.loads(rows[0].data), rows[0].updated_at
+
+    async def save_settings(self, establishment_id: int, data: dict[str, Any]) -> None:
+        doc = json.dumps(data, sort_keys=True)
+
+        async def job(conn: AsyncConnection) -> None:
+            now = time.time()
+            res = await conn.execute(
+                update(t.settings)
+                .where(t.settings.c.establishment_id == establishment_id)
+                .values(data=doc, updated_at=now)
+            )
+            if res.rowcount == 0:
+                await conn.execute(
+                    insert(t.settings).values(
+                        establishment_id=establishment_id, data=doc, updated_at=now
+                    )
+                )
+
+        await self.write(job)
+
+    # -- queue: acceptance ---------------------------------------------------------------
+    async def enqueue(self, batch: Sequence[NewMessage]) -> list[EnqueueResult]:
+        if not batch:
+            return []
+        items = list(batch)
+        # Concurrent acceptances share one insert of many rows (three statements for the
+        # whole group, not three per message): the group is open until its job starts.
+        group = self._open_enqueue
+        if group is None:
+            group = self._open_enqueue = _EnqueueGroup()
+            group.future = asyncio.ensure_future(self.write(self._enqueue_job(group)))
+        start = len(group.items)
+        group.items.extend(items)
+        group.callers += 1
+        try:
+            results: list[EnqueueResult] = await asyncio.shield(group.future)
+        except Exception:
+            if group.callers == 1:
+                raise
+            # Somebody else's rows broke the shared insert: ours go again, alone.
+            alone = await self.write(lambda conn: self._insert_messages(conn, items))
+            return list(alone)
+        return results[start : start + len(items)]
+
+    def _enqueue_job(self, group: _EnqueueGroup) -> WriteJob:
+        async def job(conn: AsyncConnection) -> list[EnqueueResult]:
+            if self._open_enqueue is group:
+                self._open_enqueue = None
+            return await self._insert_messages(conn, group.items)
+
+        return job
+
+    async def _insert_messages(
+        self, conn: AsyncConnection, items: list[NewMessage]
+    ) -> list[EnqueueResult]:
+        # Idempotency: a key already stored for this user returns the first message.
+        existing: dict[tuple[int, str], tuple[str, str]] = {}
+        keyed = [(m.user_id, m.idempotency_key) for m in items if m.idempotency_key]
+        if keyed:
+            users = {u for u, _ in keyed}
+            keys = {k for _, k in keyed}
+            rows = await conn.execute(
+                select(
+                    t.messages.c.user_id,
+                    t.messages.c.idempotency_key,
+                    t.messages.c.id,
+                    t.messages.c.status,
+                ).where(
+                    t.messages.c.user_id.in_(users), t.messages.c.idempotency_key.in_(keys)
+                )
+            )
+            for r in rows:
+                existing[(r.user_id, r.idempotency_key)] = (r.id, r.status)
+
+        now = time.time()
+        results: list[EnqueueResult] = []
+        msg_rows: list[dict[str, Any]] = []
+        body_rows: list[dict[str, Any]] = []
+        rcpt_rows: list[dict[str, Any]] = []
+        for m in items:
+            if m.idempotency_key:
+                key = (m.user_id, m.idempotency_key)
+                if key in existing:
+                    first_id, status = existing[key]
+                    results.append(EnqueueResult(first_id, status, True))
+                    continue
+                existing[key] = (m.id, QUEUED)
+            results.append(EnqueueResult(m.id, QUEUED, False))
+            msg_rows.append(
+                {
+                    "id": m.id,
+                    "establishment_id": m.establishment_id,
+                    "user_id": m.user_id,
+                    "status": QUEUED,
+                    "priority": m.priority,
+                    "envelope_from": m.envelope_from,
+                    "header_from": m.header_from,
+                    "message_id": m.message_id,
+                    "subject": m.subject,
+                    "size": len(m.data),
+                    "smtputf8": m.smtputf8,
+                    "idempotency_key": m.idempotency_key,
+                    "created_at": now,
+                    "updated_at": now,
+                    "next_attempt_at": now,
+                    "attempts": 0,
+                }
+            )
+            body_rows.append({"message_id": m.id, "data": m.data})
+            rcpt_rows.extend(
+                {"message_id": m.id, "position": i, "address": a, "status": "pending"}
+                for i, a in enumerate(m.recipients)
+            )
+        if msg_rows:
+            await conn.execute(insert(t.messages), msg_rows)
+            await conn.execute(insert(t.bodies), body_rows)
+            await conn.execute(insert(t.recipients), rcpt_rows)
+        return results
+
+    # -- queue: delivery -----------------------------------------------------------------
+    def _claim_ids_query(self, now: float, limit: int) -> Any:
+        """The due messages, most urgent first; backends may add row locking."""
+        return (
+            select(t.messages.c.id)
+            .where(
+                t.messages.c.status.in_((QUEUED, DEFERRED)),
+                t.messages.c.next_attempt_at <= now,
+            )
+            .order_by(t.messages.c.priority, t.messages.c.next_attempt_at)
+            .limit(limit)
+        )
+
+    async def claim(
+        self, worker_id: str, limit: int, lease_seconds: float, now: float
+    ) -> list[Claimed]:
+        async def job(conn: AsyncConnection) -> list[Claimed]:
+            ids_query = self._claim_ids_query(now, limit).scalar_subquery()
+            rows = (
+                await conn.execute(
+                    update(t.messages)
+                    .where(t.messages.c.id.in_(ids_query))
+                    .values(
+                        status=SENDING,
+                        lease_owner=worker_id,
+                        lease_expires_at=now + lease_seconds,
+                        updated_at=now,
+                    )
+                    .returning(
+                        t.messages.c.id,
+                        t.messages.c.establishment_id,
+                        t.messages.c.user_id,
+                        t.messages.c.envelope_from,
+                        t.messages.c.smtputf8,
+                        t.messages.c.attempts,
+                        t.messages.c.created_at,
+                        t.messages.c.priority,
+                        t.messages.c.next_attempt_at,
+                    )
+                )
+            ).all()
+            if not rows:
+                return []
+            ids = [r.id for r in rows]
+            bodies = {
+                r.message_id: r.data
+                for r in await conn.execute(
+                    select(t.bodies.c.message_id, t.bodies.c.data).where(
+                        t.bodies.c.message_id.in_(ids)
+                    )
+                )
+            }
+            rcpts: dict[str, list[RecipientState]] = {i: [] for i in ids}
+            for r in await conn.execute(
+                select(t.recipients)
+                .where(t.recipients.c.message_id.in_(ids))
+                .order_by(t.recipients.c.message_id, t.recipients.c.position)
+            ):
+                rcpts[r.message_id].append(
+                    RecipientState(r.position, r.address, r.status, r.code, r.reply)
+                )
+            rows.sort(key=lambda r: (r.priority, r.next_attempt_at))
+            claimed = []
+            for r in rows:
+                data = bodies.get(r.id)
+                if data is None:
+                    # A message without its body cannot be sent; fail it loudly rather than
+                    # let it block the queue.
+                    await conn.execute(
+                        update(t.messages)
+                        .where(t.messages.c.id == r.id)
+                        .values(
+                            status="failed",
+                            last_error="message body missing from the store",
+                            lease_owner=None,
+                            lease_expires_at=None,
+                        )
+                    )
+                    continue
+                claimed.append(
+                    Claimed(
+                        id=r.id,
+                        establishment_id=r.establishment_id,
+                        user_id=r.user_id,
+                        envelope_from=r.envelope_from,
+                        data=bytes(data),
+                        smtputf8=bool(r.smtputf8),
+                        attempts=r.attempts,
+                        created_at=r.created_at,
+                        recipients=rcpts[r.id],
+                    )
+                )
+            return claimed
+
+        result: list[Claimed] = await self.write(job)
+        return result
+
+    async def renew_leases(
+        self, worker_id: str, ids: Sequence[str], lease_seconds: float, now: float
+    ) -> None:
+        if not ids:
+            return
+        id_list = list(ids)
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(t.messages)
+                .where(t.messages.c.id.in_(id_list), t.messages.c.lease_owner == worker_id)
+                .values(lease_expires_at=now + lease_seconds)
+            )
+
+        await self.write(job)
+
+    async def release_expired_leases(self, now: float) -> int:
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                update(t.messages)
+                .where(t.messages.c.status == SENDING, t.messages.c.lease_expires_at < now)
+                .values(
+                    status=DEFERRED,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    next_attempt_at=now,
+                    updated_at=now,
+                )
+            )
+            return int(res.rowcount)
+
+        result: int = await self.write(job)
+        return result
+
+    async def release_worker(self, worker_id: str) -> int:
+        async def job(conn: AsyncConnection) -> int:
+            now = time.time()
+            res = await conn.execute(
+                update(t.messages)
+                .where(t.messages.c.status == SENDING, t.messages.c.lease_owner == worker_id)
+                .values(
+                    status=DEFERRED,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    next_attempt_at=now,
+                    updated_at=now,
+                )
+            )
+            return int(res.rowcount)
+
+        result: int = await self.write(job)
+        return result
+
+    async def record_outcomes(self, worker_id: str, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        items = list(outcomes)
+
+        async def job(conn: AsyncConnection) -> None:
+            now = time.time()
+            rcpt_rows = [
+                {
+                    "b_mid": o.message_id,
+                    "b_pos": r.position,
+                    "b_status": r.status,
+                    "b_code": r.code,
+                    "b_reply": r.reply,
+                    "b_now": now,
+                }
+                for o in items
+                for r in o.recipients
+            ]
+            if rcpt_rows:
+                await conn.execute(
+                    update(t.recipients)
+                    .where(
+                        t.recipients.c.message_id == bindparam("b_mid"),
+                        t.recipients.c.position == bindparam("b_pos"),
+                    )
+                    .values(
+                        status=bindparam("b_status"),
+                        code=bindparam("b_code"),
+                        reply=bindparam("b_reply"),
+                        updated_at=bindparam("b_now"),
+                    ),
+                    rcpt_rows,
+                )
+            await conn.execute(
+                insert(t.attempts),
+                [
+                    {
+                        "message_id": o.message_id,
+                        "started_at": o.attempt.started_at,
+                        "duration_ms": o.attempt.duration_ms,
+                        "relay": o.attempt.relay,
+                        "outcome": o.attempt.outcome,
+                        "code": o.attempt.code,
+                        "detail": o.attempt.detail,
+                    }
+                    for o in items
+                ],
+            )
+            # Only the lease holder decides the message's status: if the lease was lost
+            # (and the message taken by another worker), the recipients' results above
+            # are still true, but the status belongs to the new holder.
+            await conn.execute(
+                update(t.messages)
+                .where(
+                    t.messages.c.id == bindparam("b_mid"),
+                    t.messages.c.lease_owner == worker_id,
+                )
+                .values(
+                    status=bindparam("b_status"),
+                    attempts=bindparam("b_attempts"),
+                    next_attempt_at=bindparam("b_next"),
+                    last_error=bindparam("b_error"),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_mid": o.message_id,
+                        "b_status": o.status,
+                        "b_attempts": o.attempts,
+                        "b_next": o.next_attempt_at,
+                        "b_error": o.last_error,
+                    }
+                    for o in items
+                ],
+            )
+
+        await self.write(job)
+
+    # -- queue: reading and administration -----------------------------------------------
+    async def get_message(self, message_id: str) -> MessageRecord | None:
+        rows = await self._read(select(t.messages).where(t.messages.c.id == message_id))
+        if not rows:
+            return None
+        record = _message(rows[0])
+        record.recipients = [
+            RecipientState(r.position, r.address, r.status, r.code, r.reply)
+            for r in await self._read(
+                select(t.recipients)
+                .where(t.recipients.c.message_id == message_id)
+                .order_by(t.recipients.c.position)
+            )
+        ]
+        record.history = [
+            AttemptRecord(r.started_at, r.duration_ms, r.relay, r.outcome, r.code, r.detail)
+            for r in await self._read(
+                select(t.attempts)
+                .where(t.attempts.c.message_id == message_id)
+                .order_by(t.attempts.c.id)
+            )
+        ]
+        return record
+
+    async def list_messages(
+        self,
+        *,
+        establishment_id: int,
+        user_id: int | None = None,
+        status: str | None = None,
+        limit: int = 100,
+    ) -> list[MessageRecord]:
+        stmt = select(t.messages).where(t.messages.c.establishment_id == establishment_id)
+        if user_id is not None:
+            stmt = stmt.where(t.messages.c.user_id == user_id)
+        if status is not None:
+            stmt = stmt.where(t.messages.c.status == status)
+        stmt = stmt.order_by(t.messages.c.created_at.desc(), t.messages.c.id.desc()).limit(limit)
+        records = [_message(r) for r in await self._read(stmt)]
+        if records:
+            by_id = {r.id: r for r in records}
+            for r in await self._read(
+                select(t.recipients)
+                .where(t.recipients.c.message_id.in_(list(by_id)))
+                .order_by(t.recipients.c.message_id, t.recipients.c.position)
+            ):
+                by_id[r.message_id].recipients.append(
+                    RecipientState(r.position, r.address, r.status, r.code, r.reply)
+                )
+        return records
+
+    async def set_status(
+        self,
+        message_id: str,
+        status: str,
+        *,
+        from_statuses: Sequence[str],
+        now: float,
+        next_attempt_at: float | None = None,
+    ) -> bool:
+        values: dict[str, Any] = {"status": status, "updated_at": now}
+        if next_attempt_at is not None:
+            values["next_attempt_at"] = next_attempt_at
+
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                update(t.messages)
+                .where(t.messages.c.id == message_id, t.messages.c.status.in_(from_statuses))
+                .values(**values)
+            )
+            return int(res.rowcount)
+
+        return bool(await self.write(job))
+
+    async def counts(self, establishment_id: int | None = None) -> dict[str, int]:
+        stmt = select(t.messages.c.status, func.count()).group_by(t.messages.c.status)
+        if establishment_id is not None:
+            stmt = stmt.where(t.messages.c.establishment_id == establishment_id)
+        out = dict.fromkeys(STATUSES, 0)
+        for status, n in await self._read(stmt):
+            out[status] = int(n)
+        return out
+

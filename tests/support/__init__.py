@@ -1,0 +1,1 @@
+"""Shared test infrastructure (fault-injecting SMTP relay, certificates, fixtures)."""
