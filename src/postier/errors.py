@@ -52,6 +52,17 @@ class PostierError(Exception):
             return None
         return translate(lang, self.hint_template, **self.params)
 
+    def dump(self) -> dict[str, Any]:
+        """A JSON-able form that can be rendered later in any language (see :func:`load`)."""
+        return {
+            "code": self.code,
+            "template": self.template,
+            "hint": self.hint_template,
+            "params": {k: v for k, v in self.params.items() if _jsonable(v)},
+            "smtp_code": self.smtp_code,
+            "transient": self.transient,
+        }
+
     def render(self, lang: str = "en") -> dict[str, Any]:
         """The JSON shape every door uses for an error."""
         out: dict[str, Any] = {"code": self.code, "message": self.message(lang)}
@@ -61,6 +72,22 @@ class PostierError(Exception):
         if self.field:
             out["field"] = self.field
         return out
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def load(doc: dict[str, Any]) -> PostierError:
+    """Rebuild an error saved with :meth:`PostierError.dump`."""
+    return PostierError(
+        doc.get("template") or PostierError.default_template,
+        hint=doc.get("hint"),
+        code=doc.get("code", "unexpected"),
+        transient=bool(doc.get("transient", False)),
+        smtp_code=doc.get("smtp_code"),
+        **dict(doc.get("params") or {}),
+    )
 
 
 class InvalidInput(PostierError):
@@ -136,6 +163,7 @@ class DeliveryError(PostierError):
         self.reply = reply
         self.step = step
         kwargs.setdefault("reply", reply)
+        kwargs.setdefault("step", step)
         super().__init__(template, **kwargs)
 
 

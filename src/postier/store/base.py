@@ -267,4 +267,8 @@ class Store(abc.ABC):
         """Change a message's status if it is in one of ``from_statuses``."""
 
     @abc.abstractmethod
+    async def retry_now(self, message_id: str, now: float) -> bool:
+        """Make a waiting or failed message due now; failed recipients are tried again."""
+
+    @abc.abstractmethod
     async def counts(self, establishment_id: int | None = None) -> dict[str, int]: ...

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
@@ -25,6 +25,7 @@ from postier.errors import Conflict, StoreUnavailable
 from postier.store import schema as t
 from postier.store.base import (
     DEFERRED,
+    FAILED,
     QUEUED,
     SENDING,
     STATUSES,
@@ -108,13 +109,13 @@ class _GroupWriter:
             return [await job(conn) for job in jobs]
 
 
-class _EnqueueGroup:
-    """Acceptances waiting for the same insert."""
+class _MergeGroup:
+    """Requests of one kind waiting for the same statement."""
 
     def __init__(self) -> None:
-        self.items: list[NewMessage] = []
+        self.items: list[Any] = []
         self.callers = 0
-        self.future: asyncio.Future[list[EnqueueResult]]
+        self.future: asyncio.Future[Any]
 
 
 def _translate(exc: Exception) -> Exception:
@@ -185,7 +186,7 @@ class SQLStore(Store):
         self.write_engine = write_engine
         self.read_engine = read_engine
         self._writer = _GroupWriter(write_engine)
-        self._open_enqueue: _EnqueueGroup | None = None
+        self._groups: dict[Hashable, _MergeGroup] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def open(self) -> None:
@@ -371,33 +372,43 @@ class SQLStore(Store):
     async def enqueue(self, batch: Sequence[NewMessage]) -> list[EnqueueResult]:
         if not batch:
             return []
-        items = list(batch)
-        # Concurrent acceptances share one insert of many rows (three statements for the
-        # whole group, not three per message): the group is open until its job starts.
-        group = self._open_enqueue
+        result: list[EnqueueResult] = await self._merged(
+            "enqueue", list(batch), self._insert_messages
+        )
+        return result
+
+    async def _merged(
+        self,
+        kind: Hashable,
+        items: list[Any],
+        handler: Callable[[AsyncConnection, list[Any]], Awaitable[list[Any] | None]],
+    ) -> Any:
+        """Run ``handler`` once for the items of all concurrent callers of the same kind.
+
+        Concurrent acceptances (or delivery results) share one multi-row statement instead
+        of three statements each; the group stays open until its job starts.
+        """
+        group = self._groups.get(kind)
         if group is None:
-            group = self._open_enqueue = _EnqueueGroup()
-            group.future = asyncio.ensure_future(self.write(self._enqueue_job(group)))
+            group = self._groups[kind] = _MergeGroup()
+
+            async def job(conn: AsyncConnection) -> list[Any] | None:
+                if self._groups.get(kind) is group:
+                    del self._groups[kind]
+                return await handler(conn, group.items)
+
+            group.future = asyncio.ensure_future(self.write(job))
         start = len(group.items)
         group.items.extend(items)
         group.callers += 1
         try:
-            results: list[EnqueueResult] = await asyncio.shield(group.future)
+            results = await asyncio.shield(group.future)
         except Exception:
             if group.callers == 1:
                 raise
-            # Somebody else's rows broke the shared insert: ours go again, alone.
-            alone = await self.write(lambda conn: self._insert_messages(conn, items))
-            return list(alone)
-        return results[start : start + len(items)]
-
-    def _enqueue_job(self, group: _EnqueueGroup) -> WriteJob:
-        async def job(conn: AsyncConnection) -> list[EnqueueResult]:
-            if self._open_enqueue is group:
-                self._open_enqueue = None
-            return await self._insert_messages(conn, group.items)
-
-        return job
+            # Somebody else's rows broke the shared statement: ours go again, alone.
+            return await self.write(lambda conn: handler(conn, items))
+        return None if results is None else results[start : start + len(items)]
 
     async def _insert_messages(
         self, conn: AsyncConnection, items: list[NewMessage]
@@ -619,83 +630,87 @@ class SQLStore(Store):
     async def record_outcomes(self, worker_id: str, outcomes: Sequence[Outcome]) -> None:
         if not outcomes:
             return
-        items = list(outcomes)
 
-        async def job(conn: AsyncConnection) -> None:
-            now = time.time()
-            rcpt_rows = [
-                {
-                    "b_mid": o.message_id,
-                    "b_pos": r.position,
-                    "b_status": r.status,
-                    "b_code": r.code,
-                    "b_reply": r.reply,
-                    "b_now": now,
-                }
-                for o in items
-                for r in o.recipients
-            ]
-            if rcpt_rows:
-                await conn.execute(
-                    update(t.recipients)
-                    .where(
-                        t.recipients.c.message_id == bindparam("b_mid"),
-                        t.recipients.c.position == bindparam("b_pos"),
-                    )
-                    .values(
-                        status=bindparam("b_status"),
-                        code=bindparam("b_code"),
-                        reply=bindparam("b_reply"),
-                        updated_at=bindparam("b_now"),
-                    ),
-                    rcpt_rows,
-                )
+        async def write_outcomes(conn: AsyncConnection, items: list[Outcome]) -> None:
+            await self._write_outcomes(conn, worker_id, items)
+
+        await self._merged(("outcomes", worker_id), list(outcomes), write_outcomes)
+
+    async def _write_outcomes(
+        self, conn: AsyncConnection, worker_id: str, items: list[Outcome]
+    ) -> None:
+        now = time.time()
+        rcpt_rows = [
+            {
+                "b_mid": o.message_id,
+                "b_pos": r.position,
+                "b_status": r.status,
+                "b_code": r.code,
+                "b_reply": r.reply,
+                "b_now": now,
+            }
+            for o in items
+            for r in o.recipients
+        ]
+        if rcpt_rows:
             await conn.execute(
-                insert(t.attempts),
-                [
-                    {
-                        "message_id": o.message_id,
-                        "started_at": o.attempt.started_at,
-                        "duration_ms": o.attempt.duration_ms,
-                        "relay": o.attempt.relay,
-                        "outcome": o.attempt.outcome,
-                        "code": o.attempt.code,
-                        "detail": o.attempt.detail,
-                    }
-                    for o in items
-                ],
-            )
-            # Only the lease holder decides the message's status: if the lease was lost
-            # (and the message taken by another worker), the recipients' results above
-            # are still true, but the status belongs to the new holder.
-            await conn.execute(
-                update(t.messages)
+                update(t.recipients)
                 .where(
-                    t.messages.c.id == bindparam("b_mid"),
-                    t.messages.c.lease_owner == worker_id,
+                    t.recipients.c.message_id == bindparam("b_mid"),
+                    t.recipients.c.position == bindparam("b_pos"),
                 )
                 .values(
                     status=bindparam("b_status"),
-                    attempts=bindparam("b_attempts"),
-                    next_attempt_at=bindparam("b_next"),
-                    last_error=bindparam("b_error"),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
+                    code=bindparam("b_code"),
+                    reply=bindparam("b_reply"),
+                    updated_at=bindparam("b_now"),
                 ),
-                [
-                    {
-                        "b_mid": o.message_id,
-                        "b_status": o.status,
-                        "b_attempts": o.attempts,
-                        "b_next": o.next_attempt_at,
-                        "b_error": o.last_error,
-                    }
-                    for o in items
-                ],
+                rcpt_rows,
             )
-
-        await self.write(job)
+        await conn.execute(
+            insert(t.attempts),
+            [
+                {
+                    "message_id": o.message_id,
+                    "started_at": o.attempt.started_at,
+                    "duration_ms": o.attempt.duration_ms,
+                    "relay": o.attempt.relay,
+                    "outcome": o.attempt.outcome,
+                    "code": o.attempt.code,
+                    "detail": o.attempt.detail,
+                }
+                for o in items
+            ],
+        )
+        # Only the lease holder decides the message's status: if the lease was lost
+        # (and the message taken by another worker), the recipients' results above
+        # are still true, but the status belongs to the new holder.
+        await conn.execute(
+            update(t.messages)
+            .where(
+                t.messages.c.id == bindparam("b_mid"),
+                t.messages.c.lease_owner == worker_id,
+            )
+            .values(
+                status=bindparam("b_status"),
+                attempts=bindparam("b_attempts"),
+                next_attempt_at=bindparam("b_next"),
+                last_error=bindparam("b_error"),
+                lease_owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+            ),
+            [
+                {
+                    "b_mid": o.message_id,
+                    "b_status": o.status,
+                    "b_attempts": o.attempts,
+                    "b_next": o.next_attempt_at,
+                    "b_error": o.last_error,
+                }
+                for o in items
+            ],
+        )
 
     # -- queue: reading and administration -----------------------------------------------
     async def get_message(self, message_id: str) -> MessageRecord | None:
@@ -767,6 +782,29 @@ class SQLStore(Store):
                 .where(t.messages.c.id == message_id, t.messages.c.status.in_(from_statuses))
                 .values(**values)
             )
+            return int(res.rowcount)
+
+        return bool(await self.write(job))
+
+    async def retry_now(self, message_id: str, now: float) -> bool:
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                update(t.messages)
+                .where(
+                    t.messages.c.id == message_id,
+                    t.messages.c.status.in_((QUEUED, DEFERRED, FAILED)),
+                )
+                .values(status=QUEUED, next_attempt_at=now, updated_at=now)
+            )
+            if res.rowcount:
+                await conn.execute(
+                    update(t.recipients)
+                    .where(
+                        t.recipients.c.message_id == message_id,
+                        t.recipients.c.status == FAILED,
+                    )
+                    .values(status="pending", updated_at=now)
+                )
             return int(res.rowcount)
 
         return bool(await self.write(job))

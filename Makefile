@@ -1,0 +1,43 @@
+# The whole developer interface of Postier. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA_DIR ?= postier-data
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lint bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Postier needs Python 3.11 or newer (found $$($(PYTHON) --version))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install Postier with everything its tests need
+
+run: install ## Start the server on the embedded SQLite store (data in ./postier-data)
+	$(BIN)/postier serve --data-dir $(DATA_DIR)
+
+test: install ## Run the whole test suite
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install ## Unit tests only
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+lint: install ## ruff and mypy (strict on src/)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+bench: install ## Benchmarks (results in bench/results/, summary in docs/performance.md)
+	$(BIN)/python bench/run.py
+
+clean: ## Remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,78 @@
+"""Establishment administration: delivery settings and the sender preview."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body
+from pydantic import BaseModel, Field
+
+from postier.api.deps import Core, CurrentUser, Lang
+from postier.api.views import ErrorResponse
+
+router = APIRouter(prefix="/api/v1/settings", tags=["settings"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+}
+
+
+@router.get("", responses=_ERRORS)
+async def get_settings(user: CurrentUser, core: Core) -> dict[str, Any]:
+    """The establishment's delivery settings; the relay password is shown as
+    ``password_set`` only."""
+    return await core.get_settings(user)
+
+
+@router.put("", responses=_ERRORS)
+async def put_settings(
+    user: CurrentUser,
+    core: Core,
+    payload: dict[str, Any] = Body(  # noqa: B008
+        ...,
+        examples=[
+            {
+                "delegation": True,
+                "sender": {"name": "Collège Jean Moulin", "address": "ne-pas-repondre@ac-lyon.fr"},
+                "allowed_domains": ["ac-lyon.fr", "*.ac-lyon.fr"],
+                "relay": {
+                    "host": "smtp.ac-lyon.fr",
+                    "port": 587,
+                    "security": "starttls",
+                    "auth": "password",
+                    "username": "college",
+                    "password": "secret",
+                    "timeout": 30,
+                },
+                "retry": {"first_delay": 60, "max_delay": 3600, "max_age": 432000},
+            }
+        ],
+    ),
+) -> dict[str, Any]:
+    """Change the settings given (the others stay). Omit ``relay.password`` to keep the
+    stored one. Everything is validated before anything is saved."""
+    return await core.put_settings(user, payload)
+
+
+class PreviewIn(BaseModel):
+    user: str | None = Field(None, description="Username (administrators); default: yourself")
+
+
+class PreviewOut(BaseModel):
+    from_: str = Field(alias="from")
+    reply_to: list[str]
+    envelope_from: str
+    rule: str
+    explanation: str
+
+
+@router.post("/preview", responses=_ERRORS)
+async def preview(body: PreviewIn, user: CurrentUser, core: Core, lang: Lang) -> PreviewOut:
+    """Explain the sender a user's e-mails will carry, and why."""
+    p = await core.preview(user, body.user, lang)
+    return PreviewOut.model_validate(
+        {"from": p.from_, "reply_to": p.reply_to, "envelope_from": p.envelope_from,
+         "rule": p.rule, "explanation": p.explanation}
+    )

@@ -1,0 +1,98 @@
+"""The FastAPI application: error handling, routers, lifespan of the installation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from postier import __version__
+from postier.errors import PostierError
+from postier.i18n import N_, negotiate, translate
+from postier.service import Postier
+
+
+def _lang(request: Request) -> str:
+    return negotiate(request.headers.get("accept-language"))
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+async def postier_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PostierError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    return JSONResponse(
+        {"error": exc.render(_lang(request))}, status_code=exc.http_status, headers=headers
+    )
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError | ValidationError)
+    lang = _lang(request)
+    problems = []
+    for err in exc.errors():
+        field = _field(tuple(err.get("loc", ())))
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, PostierError):
+            body = cause.render(lang)
+            body["field"] = field
+        else:
+            text = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            body = {
+                "code": "invalid",
+                "field": field,
+                "message": translate(lang, N_("{field}: {problem}"), field=field, problem=text),
+            }
+        problems.append(body)
+    first = dict(problems[0]) if problems else {"code": "invalid", "message": "invalid"}
+    first["problems"] = problems
+    return JSONResponse({"error": first}, status_code=422)
+
+
+def create_app(
+    core: Postier,
+    *,
+    on_startup: Callable[[], Any] | None = None,
+    on_shutdown: Callable[[], Any] | None = None,
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if on_startup is not None:
+            await on_startup()
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await on_shutdown()
+
+    app = FastAPI(
+        title="Postier",
+        version=__version__,
+        description="Outgoing e-mail for school software: a durable queue, the "
+        "establishment's sender policy, delivery through its SMTP relay.",
+        lifespan=lifespan,
+    )
+    app.state.core = core
+    app.add_exception_handler(PostierError, postier_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ValidationError, validation_error)
+
+    from postier.api import admin, messages
+
+    app.include_router(messages.router)
+    app.include_router(admin.router)
+
+    @app.get("/api/v1/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers. No authentication."""
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,39 @@
+"""Shared request plumbing: the installation, the caller's language, the caller."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from postier.i18n import negotiate
+from postier.service import Postier
+from postier.store.base import User
+
+bearer = HTTPBearer(auto_error=False, description="An API token (postier tokens create USER)")
+
+
+def get_core(request: Request) -> Postier:
+    core: Postier = request.app.state.core
+    return core
+
+
+def get_lang(request: Request) -> str:
+    return negotiate(request.headers.get("accept-language"))
+
+
+async def get_user(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> User:
+    core = get_core(request)
+    token = credentials.credentials if credentials else None
+    user = await core.authenticate_token(token)
+    request.state.user = user
+    return user
+
+
+Core = Annotated[Postier, Depends(get_core)]
+Lang = Annotated[str, Depends(get_lang)]
+CurrentUser = Annotated[User, Depends(get_user)]

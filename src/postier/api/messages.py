@@ -1,0 +1,90 @@
+"""Submitting e-mails and following what became of them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, status
+from pydantic import BaseModel, Field
+
+from postier.api.deps import Core, CurrentUser, Lang
+from postier.api.views import (
+    Accepted,
+    BatchAccepted,
+    ErrorResponse,
+    MessageView,
+    message_view,
+)
+from postier.message import MessageIn
+
+router = APIRouter(prefix="/api/v1/messages", tags=["messages"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    409: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+    507: {"model": ErrorResponse},
+}
+
+
+class BatchIn(BaseModel):
+    messages: list[MessageIn] = Field(min_length=1, max_length=5000)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+async def submit(msg: MessageIn, user: CurrentUser, core: Core) -> Accepted:
+    """Accept an e-mail: answered once it is durably stored; delivery happens later."""
+    (result,) = await core.submit(user, [msg])
+    return Accepted(id=result.id, status=result.status, duplicate=result.duplicate)
+
+
+@router.post("/batch", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+async def submit_batch(batch: BatchIn, user: CurrentUser, core: Core) -> BatchAccepted:
+    """Accept many e-mails in one durable commit: all are stored, or none."""
+    results = await core.submit(user, batch.messages)
+    return BatchAccepted(
+        messages=[Accepted(id=r.id, status=r.status, duplicate=r.duplicate) for r in results]
+    )
+
+
+@router.get("", responses=_ERRORS)
+async def list_messages(
+    user: CurrentUser,
+    core: Core,
+    lang: Lang,
+    status_: Annotated[
+        Literal["queued", "sending", "deferred", "sent", "failed", "cancelled"] | None,
+        Query(alias="status"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    mine: bool = False,
+) -> list[MessageView]:
+    """Recent e-mails, newest first: a user's own, or all of the establishment's for an
+    administrator (``mine=true`` to see only one's own)."""
+    records = await core.list_messages(user, status_, limit, mine)
+    return [MessageView.model_validate(message_view(r, lang)) for r in records]
+
+
+@router.get("/{message_id}", responses=_ERRORS)
+async def get_message(message_id: str, user: CurrentUser, core: Core, lang: Lang) -> MessageView:
+    """One e-mail with its recipients' results and every delivery attempt."""
+    record = await core.get_message(user, message_id)
+    return MessageView.model_validate(message_view(record, lang, history=True))
+
+
+@router.post("/{message_id}/retry", responses=_ERRORS)
+async def retry(message_id: str, user: CurrentUser, core: Core, lang: Lang) -> MessageView:
+    """Try a waiting or failed e-mail again now."""
+    record = await core.retry(user, message_id)
+    return MessageView.model_validate(message_view(record, lang, history=True))
+
+
+@router.post("/{message_id}/cancel", responses=_ERRORS)
+async def cancel(message_id: str, user: CurrentUser, core: Core, lang: Lang) -> MessageView:
+    """Stop an e-mail that has not been sent yet."""
+    record = await core.cancel(user, message_id)
+    return MessageView.model_validate(message_view(record, lang, history=True))

@@ -1,0 +1,105 @@
+"""JSON shapes of the API's answers (also their OpenAPI description)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from postier.service import explain_error
+from postier.store.base import FINAL_STATUSES, MessageRecord
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code")
+    message: str = Field(description="What happened, in the caller's language")
+    hint: str | None = Field(None, description="What to do about it")
+    field: str | None = Field(None, description="The input field at fault, if any")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Accepted(BaseModel):
+    id: str
+    status: str
+    duplicate: bool = Field(False, description="True when the idempotency key was seen before")
+
+
+class BatchAccepted(BaseModel):
+    messages: list[Accepted]
+
+
+class RecipientView(BaseModel):
+    address: str
+    status: str = Field(description="pending | sent | deferred | failed")
+    code: int | None = None
+    reply: str | None = None
+
+
+class AttemptView(BaseModel):
+    at: str
+    duration_ms: int
+    relay: str
+    outcome: str
+    code: int | None = None
+    detail: str | None = None
+
+
+class MessageView(BaseModel):
+    id: str
+    status: str = Field(description="queued | sending | deferred | sent | failed | cancelled")
+    subject: str
+    sender: str = Field(description="The From header after the sender policy")
+    envelope_from: str
+    message_id: str
+    size: int
+    attempts: int
+    created_at: str
+    updated_at: str
+    next_attempt_at: str | None
+    last_error: ErrorBody | None
+    recipients: list[RecipientView]
+    history: list[AttemptView] | None = None
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def message_view(r: MessageRecord, lang: str, *, history: bool = False) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "status": r.status,
+        "subject": r.subject,
+        "sender": r.header_from,
+        "envelope_from": r.envelope_from,
+        "message_id": r.message_id,
+        "size": r.size,
+        "attempts": r.attempts,
+        "created_at": iso(r.created_at),
+        "updated_at": iso(r.updated_at),
+        "next_attempt_at": None if r.status in FINAL_STATUSES else iso(r.next_attempt_at),
+        "last_error": explain_error(r.last_error, lang),
+        "recipients": [
+            {"address": x.address, "status": x.status, "code": x.code, "reply": x.reply}
+            for x in r.recipients
+        ],
+        "history": [
+            {
+                "at": iso(a.started_at),
+                "duration_ms": a.duration_ms,
+                "relay": a.relay,
+                "outcome": a.outcome,
+                "code": a.code,
+                "detail": a.detail,
+            }
+            for a in r.history
+        ]
+        if history
+        else None,
+    }

@@ -1,0 +1,39 @@
+"""Server configuration: one typed model fed by defaults, environment and command line.
+
+Every option can be set as ``POSTIER_<NAME>`` (e.g. ``POSTIER_DATA_DIR``); command-line
+flags override the environment.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="POSTIER_", extra="ignore")
+
+    data_dir: Path = Field(Path("postier-data"), description="Where the queue and keys live")
+    database_url: str | None = Field(None, description="Default: SQLite in the data dir")
+    http: str = Field("127.0.0.1:8025", description="HOST:PORT of the HTTP API")
+    hostname: str = Field(default_factory=socket.getfqdn, description="Name used in Message-IDs")
+    max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
+    delivery: bool = Field(True, description="Run delivery workers in this process")
+    relay_concurrency: int = Field(4, ge=1, le=100, description="Connections per relay")
+    claim_batch: int = Field(64, ge=1, le=1000)
+    lease_seconds: float = Field(120.0, ge=2)
+    poll_interval: float = Field(1.0, gt=0, description="Seconds between queue polls")
+    idle_timeout: float = Field(30.0, gt=0, description="Close idle relay connections after")
+
+    def http_host_port(self) -> tuple[str, int]:
+        return split_host_port(self.http, 8025)
+
+
+def split_host_port(value: str, default_port: int) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host:
+        return value or "127.0.0.1", default_port
+    return host.strip("[]"), int(port)

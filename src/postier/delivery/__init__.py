@@ -1,0 +1,1 @@
+"""Delivery: the worker that drains the queue, the relay connection pool, retries."""

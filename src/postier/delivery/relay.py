@@ -1,0 +1,543 @@
+"""Talking to an SMTP relay: connection steps, per-recipient transactions, error diagnosis.
+
+The same code serves delivery (through :class:`RelayPool`, which reuses connections and
+bounds how many are open per relay) and the test-send, which watches each step through the
+``on_step`` callback. Every failure becomes a :class:`~postier.errors.DeliveryError` with a
+stable code, a message and a remedy, and whether trying again later may help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+
+from postier.errors import DeliveryError
+from postier.i18n import N_
+from postier.settings import AuthMethod, RelaySettings, Security
+
+StepCallback = Callable[[str, bool, int, str], None]
+
+# Reply texts that mean "slow down" rather than "this recipient is wrong".
+_RATE_WORDS = ("rate", "limit", "exceeded", "too many", "throttl", "4.7.0", "4.4.2", "4.2.1")
+
+
+@dataclass
+class RcptResult:
+    address: str
+    status: str  # sent | deferred | failed
+    code: int | None
+    reply: str
+
+
+@dataclass
+class TransactionResult:
+    recipients: list[RcptResult]
+    error: DeliveryError | None = None  # set when the whole message could not go through
+    reusable: bool = True  # whether the connection may carry another message
+    steps: list[tuple[str, bool, int, str]] = field(default_factory=list)
+
+
+def relay_label(relay: RelaySettings) -> str:
+    return f"{relay.host}:{relay.port}"
+
+
+def tls_context(relay: RelaySettings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    extra = os.environ.get("POSTIER_CA_FILE")
+    if extra:
+        # Academic relays often use an internal CA: trust it in addition to the system's.
+        ctx.load_verify_locations(cafile=extra)
+    if not relay.verify_tls:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# -- diagnosis -------------------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _reply(exc: BaseException) -> tuple[int | None, str]:
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return exc.code, exc.message
+    return None, str(exc)
+
+
+def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryError:
+    """Explain a failure at ``step`` of a conversation with ``relay``."""
+    if isinstance(exc, DeliveryError):
+        return exc
+    params: dict[str, Any] = {
+        "host": relay.host,
+        "port": relay.port,
+        "timeout": relay.timeout,
+    }
+    chain = _chain(exc)
+    code, reply = _reply(exc)
+    for e in chain:
+        if isinstance(e, socket.gaierror):
+            return DeliveryError(
+                N_("The SMTP server name {host} cannot be found."),
+                hint=N_("Check the server name (for example smtp.ac-lyon.fr) and this "
+                        "computer's network connection."),
+                code="dns", transient=True, step=step, reply=str(e), **params,
+            )
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return DeliveryError(
+                N_("The TLS certificate of {host} cannot be verified: {reason}."),
+                hint=N_("Check the server name (it must match the certificate), or ask the "
+                        "relay's administrator for a valid certificate."),
+                code="tls_certificate", transient=True, step=step,
+                reply=str(e), reason=e.verify_message or str(e), **params,
+            )
+    for e in chain:
+        if isinstance(e, ssl.SSLError):
+            text = str(e).lower()
+            if relay.security == Security.TLS and (
+                "wrong version" in text or "record layer" in text or "packet length" in text
+            ):
+                return DeliveryError(
+                    N_("{host}:{port} does not speak implicit TLS."),
+                    hint=N_("Choose STARTTLS security (usually port 587), or the port of "
+                            "the server's implicit TLS (usually 465)."),
+                    code="tls_unexpected", transient=True, step=step, reply=str(e), **params,
+                )
+            return DeliveryError(
+                N_("The TLS handshake with {host} failed: {reason}."),
+                hint=N_("Check the security setting (STARTTLS or TLS) matches the port."),
+                code="tls_failed", transient=True, step=step, reply=str(e), reason=str(e),
+                **params,
+            )
+        if isinstance(e, ConnectionRefusedError):
+            return DeliveryError(
+                N_("Nothing answers at {host}:{port} (connection refused)."),
+                hint=N_("Check the port number and that the SMTP server is running."),
+                code="refused", transient=True, step=step, reply=str(e), **params,
+            )
+    if any(isinstance(e, TimeoutError | asyncio.TimeoutError) for e in chain):
+        if relay.port == 465 and relay.security != Security.TLS and step in (
+            "greeting", "connect", "ehlo",
+        ):
+            return DeliveryError(
+                N_("Port {port} expects implicit TLS, but the security setting is "
+                   "{security}."),
+                hint=N_("Choose TLS security for port 465, or use STARTTLS on port 587."),
+                code="tls_expected", transient=True, step=step, reply=str(exc),
+                security=relay.security.value, **params,
+            )
+        return DeliveryError(
+            N_("Timed out: {host} did not answer within {timeout} s (at step {step})."),
+            hint=N_("Increase the server timeout (now {timeout} s), or check the host and "
+                    "port."),
+            code="timeout", transient=True, step=step, reply=str(exc), **params,
+        )
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError) or (
+        step == "auth" and code is not None
+    ):
+        return DeliveryError(
+            N_("The SMTP server refused the username or password ({reply_code} {reply})."),
+            hint=N_("Check the username and password of the SMTP account; some providers "
+                    "need an application password or OAuth2."),
+            code="auth_failed", transient=True, step=step, smtp_code=code, reply=reply,
+            reply_code=code, **params,
+        )
+    if code == 530 or (code is not None and "authentication required" in reply.lower()):
+        return DeliveryError(
+            N_("The SMTP server requires authentication ({reply_code} {reply})."),
+            hint=N_("Choose password authentication and enter the SMTP account's username "
+                    "and password."),
+            code="auth_required", transient=True, step=step, smtp_code=code, reply=reply,
+            reply_code=code, **params,
+        )
+    if code is not None and 400 <= code < 500 and any(w in reply.lower() for w in _RATE_WORDS):
+        return DeliveryError(
+            N_("The SMTP server asks to slow down ({reply_code} {reply})."),
+            hint=N_("Nothing to do: Postier waits and tries again. If it lasts, lower the "
+                    "sending rate or ask the provider for a higher limit."),
+            code="rate_limited", transient=True, step=step, smtp_code=code, reply=reply,
+            reply_code=code, **params,
+        )
+    if step == "mail_from" and code is not None:
+        return DeliveryError(
+            N_("The SMTP server refuses the sender address ({reply_code} {reply})."),
+            hint=N_("Check the allowed domains and the sender address in the settings: the "
+                    "relay only accepts addresses it is allowed to send for."),
+            code="sender_refused", transient=code < 500, step=step, smtp_code=code,
+            reply=reply, reply_code=code, **params,
+        )
+    if step == "rcpt_to" and code is not None:
+        return DeliveryError(
+            N_("The SMTP server refuses the recipient ({reply_code} {reply})."),
+            hint=N_("Check the recipient's address."),
+            code="recipient_refused", transient=code < 500, step=step, smtp_code=code,
+            reply=reply, reply_code=code, **params,
+        )
+    if step == "starttls" and isinstance(exc, aiosmtplib.SMTPException) and code is None:
+        return DeliveryError(
+            N_("{host}:{port} does not offer STARTTLS."),
+            hint=N_("Choose TLS security if the port is 465, or ask for a port that offers "
+                    "STARTTLS; choose no security only on a trusted network."),
+            code="starttls_unavailable", transient=True, step=step, reply=str(exc), **params,
+        )
+    if isinstance(exc, ConnectionError | aiosmtplib.SMTPServerDisconnected | OSError):
+        return DeliveryError(
+            N_("The connection to {host}:{port} was lost ({reason})."),
+            hint=N_("Postier will try again. If it keeps happening, check the security "
+                    "setting and the server's limits."),
+            code="disconnected", transient=True, step=step, reply=str(exc),
+            reason=str(exc) or type(exc).__name__, **params,
+        )
+    if code is not None:
+        return DeliveryError(
+            N_("The SMTP server answered {reply_code} {reply} (at step {step})."),
+            hint=N_("Postier will try again later.") if code < 500 else None,
+            code="smtp_error" if code < 500 else "rejected", transient=code < 500,
+            step=step, smtp_code=code, reply=reply, reply_code=code, **params,
+        )
+    return DeliveryError(
+        N_("Unexpected error at step {step}: {reason}."),
+        code="unexpected", transient=True, step=step, reply=str(exc),
+        reason=str(exc) or type(exc).__name__, **params,
+    )
+
+
+# -- one connection --------------------------------------------------------------------------
+
+
+class _Steps:
+    """Times steps and reports them; re-raises failures as classified errors."""
+
+    def __init__(self, relay: RelaySettings, on_step: StepCallback | None) -> None:
+        self.relay = relay
+        self.on_step = on_step
+
+    @contextlib.asynccontextmanager
+    async def step(self, name: str) -> AsyncIterator[list[str]]:
+        detail: list[str] = []
+        start = time.perf_counter()
+        try:
+            yield detail
+        except Exception as exc:
+            err = classify(exc, name, self.relay)
+            if self.on_step:
+                self.on_step(name, False, _ms(start), err.reply or str(exc))
+            raise err from exc
+        if self.on_step:
+            self.on_step(name, True, _ms(start), " ".join(detail))
+
+
+def _ms(start: float) -> int:
+    return int((time.perf_counter() - start) * 1000)
+
+
+async def open_smtp(
+    relay: RelaySettings,
+    *,
+    local_hostname: str | None = None,
+    on_step: StepCallback | None = None,
+) -> aiosmtplib.SMTP:
+    """Connect, greet, secure and authenticate, step by step; return a ready connection."""
+    if not relay.host:
+        raise DeliveryError(
+            N_("No SMTP server is configured."),
+            hint=N_("An administrator must enter the SMTP server in Paramètres d'envoi des "
+                    "e-mails."),
+            code="not_configured", transient=True, step="resolve",
+        )
+    steps = _Steps(relay, on_step)
+    loop = asyncio.get_running_loop()
+    timeout = float(relay.timeout)
+    async with steps.step("resolve") as d:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM), timeout
+        )
+        family, _, _, _, address = infos[0]
+        d.append(str(address[0]))
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with steps.step("connect") as d:
+            await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
+            d.append(f"{address[0]}:{address[1]}")
+        smtp = aiosmtplib.SMTP(
+            hostname=relay.host,
+            local_hostname=local_hostname,
+            timeout=timeout,
+            use_tls=relay.security == Security.TLS,
+            start_tls=False,
+            tls_context=tls_context(relay),
+            sock=sock,
+        )
+        async with steps.step("tls" if relay.security == Security.TLS else "greeting") as d:
+            greeting = await smtp.connect()
+            d.append(f"{greeting.code} {greeting.message}")
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        async with steps.step("ehlo") as d:
+            ehlo = await smtp.ehlo()
+            d.append(f"{ehlo.code} {ehlo.message.splitlines()[0] if ehlo.message else ''}")
+        if relay.security == Security.STARTTLS:
+            async with steps.step("starttls") as d:
+                if not smtp.supports_extension("starttls"):
+                    # Never fall back to clear text: the administrator asked for TLS.
+                    raise aiosmtplib.SMTPNotSupported("STARTTLS not advertised")
+                resp = await smtp.starttls()
+                d.append(f"{resp.code} {resp.message}")
+                await smtp.ehlo()
+        if relay.auth == AuthMethod.PASSWORD:
+            async with steps.step("auth") as d:
+                resp = await smtp.login(relay.username, relay.password or "")
+                d.append(f"{resp.code} {resp.message}")
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+async def transact(
+    smtp: aiosmtplib.SMTP,
+    relay: RelaySettings,
+    envelope_from: str,
+    recipients: Sequence[str],
+    data: bytes,
+    *,
+    smtputf8: bool = False,
+    on_step: StepCallback | None = None,
+) -> TransactionResult:
+    """Send one message to some recipients; return one result per recipient.
+
+    Connection-level failures are reported in ``error`` with every recipient that has no
+    final answer yet deferred (or failed, when the failure is permanent).
+    """
+    steps = _Steps(relay, on_step)
+    results: dict[str, RcptResult] = {}
+    accepted: list[str] = []
+    options: list[str] = []
+    if smtputf8:
+        if not smtp.supports_extension("smtputf8"):
+            err = DeliveryError(
+                N_("The SMTP server does not accept international (non-ASCII) addresses."),
+                hint=N_("Use ASCII addresses, or a relay that supports SMTPUTF8."),
+                code="smtputf8_unsupported", transient=False, step="mail_from",
+            )
+            return _all(recipients, err, reusable=True)
+        options.append("SMTPUTF8")
+    if smtp.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
+    if smtp.supports_extension("size"):
+        options.append(f"SIZE={len(data)}")
+    encoding = "utf-8" if smtputf8 else "ascii"
+    try:
+        async with steps.step("mail_from") as d:
+            resp = await smtp.mail(envelope_from, options=options, encoding=encoding)
+            d.append(f"{resp.code} {resp.message}")
+    except DeliveryError as err:
+        return await _abort(smtp, recipients, err)
+    for rcpt in recipients:
+        try:
+            async with steps.step("rcpt_to") as d:
+                resp = await smtp.rcpt(rcpt, encoding=encoding)
+                d.append(f"{resp.code} {resp.message}")
+            accepted.append(rcpt)
+        except DeliveryError as err:
+            if err.smtp_code is None:  # the connection broke: nothing more on it
+                for r in recipients:
+                    results.setdefault(r, RcptResult(r, "deferred", None, err.reply))
+                return TransactionResult(
+                    [results[r] for r in recipients], error=err, reusable=False
+                )
+            results[rcpt] = RcptResult(
+                rcpt, "deferred" if err.transient else "failed", err.smtp_code, err.reply
+            )
+    if not accepted:
+        with contextlib.suppress(Exception):
+            await smtp.rset()
+        return TransactionResult([results[r] for r in recipients], reusable=smtp.is_connected)
+    try:
+        async with steps.step("data") as d:
+            resp = await smtp.data(data)
+            d.append(f"{resp.code} {resp.message}")
+    except DeliveryError as err:
+        if err.smtp_code is not None:
+            status = "deferred" if err.transient else "failed"
+            for r in accepted:
+                results[r] = RcptResult(r, status, err.smtp_code, err.reply)
+            return TransactionResult(
+                [results[r] for r in recipients], error=err, reusable=smtp.is_connected
+            )
+        # Lost during or after DATA: the relay may or may not have the message. Retrying
+        # risks a duplicate; not retrying risks a loss. We never lose: retry.
+        for r in accepted:
+            results[r] = RcptResult(r, "deferred", None, err.reply)
+        return TransactionResult([results[r] for r in recipients], error=err, reusable=False)
+    for r in accepted:
+        results[r] = RcptResult(r, "sent", resp.code, resp.message)
+    return TransactionResult([results[r] for r in recipients])
+
+
+def _all(recipients: Sequence[str], err: DeliveryError, *, reusable: bool) -> TransactionResult:
+    status = "deferred" if err.transient else "failed"
+    return TransactionResult(
+        [RcptResult(r, status, err.smtp_code, err.reply or err.message()) for r in recipients],
+        error=err,
+        reusable=reusable,
+    )
+
+
+async def _abort(
+    smtp: aiosmtplib.SMTP, recipients: Sequence[str], err: DeliveryError
+) -> TransactionResult:
+    reusable = err.smtp_code is not None and smtp.is_connected
+    if reusable:
+        try:
+            await smtp.rset()
+        except Exception:
+            reusable = False
+    return _all(recipients, err, reusable=reusable)
+
+
+# -- the pool --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Idle:
+    smtp: aiosmtplib.SMTP
+    since: float
+
+
+class _RelayState:
+    def __init__(self, concurrency: int) -> None:
+        self.slots = asyncio.Semaphore(concurrency)
+        self.idle: list[_Idle] = []
+        self.down_until = 0.0
+        self.down_error: DeliveryError | None = None
+
+
+class RelayPool:
+    """Open connections per relay, reused across messages, at most ``concurrency`` each.
+
+    A relay whose connection attempts fail is marked down for ``down_for`` seconds: the
+    messages waiting for it are deferred at once with the same explanation instead of each
+    waiting out its own timeout (what Postfix calls a dead destination).
+    """
+
+    def __init__(
+        self,
+        *,
+        concurrency: int = 4,
+        idle_timeout: float = 30.0,
+        down_for: float = 10.0,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.concurrency = concurrency
+        self.idle_timeout = idle_timeout
+        self.down_for = down_for
+        self.local_hostname = local_hostname
+        self._relays: dict[tuple[Any, ...], _RelayState] = {}
+
+    def _state(self, relay: RelaySettings) -> _RelayState:
+        key = relay.key()
+        state = self._relays.get(key)
+        if state is None:
+            state = self._relays[key] = _RelayState(self.concurrency)
+        return state
+
+    async def send(
+        self,
+        relay: RelaySettings,
+        envelope_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        smtputf8: bool = False,
+    ) -> TransactionResult:
+        state = self._state(relay)
+        async with state.slots:
+            for attempt in range(2):
+                now = time.monotonic()
+                if state.down_error is not None and now < state.down_until:
+                    return _all(recipients, state.down_error, reusable=False)
+                smtp, reused = await self._checkout(state, relay)
+                if smtp is None:
+                    assert state.down_error is not None
+                    return _all(recipients, state.down_error, reusable=False)
+                try:
+                    result = await transact(
+                        smtp, relay, envelope_from, recipients, data, smtputf8=smtputf8
+                    )
+                except BaseException:
+                    # Cancelled (shutdown, whole-delivery timeout): the conversation is in
+                    # an unknown state, so the connection cannot be reused.
+                    smtp.close()
+                    raise
+                if result.reusable and smtp.is_connected:
+                    state.idle.append(_Idle(smtp, time.monotonic()))
+                else:
+                    smtp.close()
+                    # A reused connection the server had quietly closed: one fresh try.
+                    if reused and attempt == 0 and _nothing_happened(result):
+                        continue
+                return result
+        raise AssertionError("unreachable")
+
+    async def _checkout(
+        self, state: _RelayState, relay: RelaySettings
+    ) -> tuple[aiosmtplib.SMTP | None, bool]:
+        while state.idle:
+            idle = state.idle.pop()
+            if idle.smtp.is_connected and time.monotonic() - idle.since < self.idle_timeout:
+                return idle.smtp, True
+            idle.smtp.close()
+        try:
+            smtp = await open_smtp(relay, local_hostname=self.local_hostname)
+        except DeliveryError as err:
+            state.down_error = err
+            state.down_until = time.monotonic() + self.down_for
+            return None, False
+        state.down_error = None
+        return smtp, False
+
+    async def close_idle(self, older_than: float | None = None) -> None:
+        limit = self.idle_timeout if older_than is None else older_than
+        now = time.monotonic()
+        for state in self._relays.values():
+            keep = []
+            for idle in state.idle:
+                if now - idle.since >= limit or not idle.smtp.is_connected:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(idle.smtp.quit(), 2)
+                    idle.smtp.close()
+                else:
+                    keep.append(idle)
+            state.idle = keep
+
+    async def close(self) -> None:
+        await self.close_idle(older_than=0)
+
+
+def _nothing_happened(result: TransactionResult) -> bool:
+    return (
+        result.error is not None
+        and result.error.smtp_code is None
+        and result.error.step in ("mail_from", "rcpt_to")
+        and all(r.status == "deferred" for r in result.recipients)
+    )

@@ -1,0 +1,315 @@
+"""The delivery worker: claims due messages under a lease and sends them through the relay.
+
+One worker runs many deliveries at once (bounded by ``max_in_flight`` and by the relay
+pool's per-relay concurrency). Leases are renewed while a delivery runs; a worker that dies
+stops renewing and its messages return to the queue when the lease expires. Results are
+written back per recipient, so a retry only goes to the recipients that have no final
+answer yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from postier.delivery.relay import (
+    RcptResult,
+    RelayPool,
+    TransactionResult,
+    classify,
+    relay_label,
+)
+from postier.delivery.retry import RetryPolicy
+from postier.errors import DeliveryError, PostierError
+from postier.i18n import N_
+from postier.settings import DeliverySettings
+from postier.store.base import (
+    DEFERRED,
+    FAILED,
+    SENT,
+    AttemptRecord,
+    Claimed,
+    Outcome,
+    RecipientState,
+    Store,
+)
+
+log = logging.getLogger("postier.delivery")
+
+SettingsFor = Callable[[int], Awaitable[DeliverySettings]]
+
+
+def decide(
+    claimed: Claimed,
+    attempted: list[RecipientState],
+    result: TransactionResult,
+    retry: RetryPolicy,
+    *,
+    now: float,
+    started_at: float,
+    duration_ms: int,
+    relay: str,
+) -> Outcome:
+    """Turn one attempt's per-recipient answers into the message's next state."""
+    answers = {r.address: r for r in result.recipients}
+    changed: list[RecipientState] = []
+    states = {r.position: r for r in claimed.recipients}
+    for rs in attempted:
+        ans = answers.get(rs.address)
+        if ans is None:
+            continue
+        new = RecipientState(rs.position, rs.address, ans.status, ans.code, ans.reply)
+        states[rs.position] = new
+        changed.append(new)
+    attempts = claimed.attempts + 1
+    error: PostierError | None = result.error
+    if error is None:
+        bad = [r for r in changed if r.status != SENT]
+        if bad:
+            error = DeliveryError(
+                N_("The SMTP server refused {address}: {reply_code} {reply}"),
+                hint=N_("Check the recipient's address.")
+                if bad[0].status == FAILED
+                else N_("Postier will try again later."),
+                code="recipient_refused" if bad[0].status == FAILED else "smtp_error",
+                address=bad[0].address,
+                reply_code=bad[0].code,
+                reply=bad[0].reply or "",
+                smtp_code=bad[0].code,
+                transient=bad[0].status != FAILED,
+            )
+    waiting = [r for r in states.values() if r.status in ("pending", DEFERRED)]
+    next_at = now
+    status: str
+    if waiting:
+        nxt = retry.next_attempt(attempts, claimed.created_at, now)
+        if nxt is None:
+            days = round(retry.max_age / 86400, 1)
+            for r in waiting:
+                expired = RecipientState(
+                    r.position,
+                    r.address,
+                    FAILED,
+                    r.code,
+                    f"gave up after {days:g} days of trying; last reply: {r.reply or '-'}",
+                )
+                states[r.position] = expired
+                changed = [c for c in changed if c.position != r.position] + [expired]
+            reason = error.message("en") if error else "no answer"
+            error = PostierError(
+                N_("Gave up after {days} days of trying: {reason}"),
+                code="expired",
+                hint=N_("Check the relay settings and the recipients' addresses, then send "
+                        "the e-mail again."),
+                days=f"{days:g}",
+                reason=reason,
+            )
+        else:
+            next_at = nxt
+    if not any(r.status in ("pending", DEFERRED) for r in states.values()):
+        status = SENT if any(r.status == SENT for r in states.values()) else FAILED
+    else:
+        status = DEFERRED
+    codes = [r.code for r in changed if r.code is not None]
+    return Outcome(
+        message_id=claimed.id,
+        status=status,
+        attempts=attempts,
+        next_attempt_at=next_at,
+        last_error=json.dumps(error.dump()) if error is not None else None,
+        recipients=changed,
+        attempt=AttemptRecord(
+            started_at=started_at,
+            duration_ms=duration_ms,
+            relay=relay,
+            outcome=status,
+            code=(error.smtp_code if error is not None else None) or (codes[-1] if codes else None),
+            detail=error.message("en") if error is not None else _summary(changed),
+        ),
+    )
+
+
+def _summary(changed: list[RecipientState]) -> str:
+    return "; ".join(f"{r.address}: {r.code} {r.reply or ''}".strip() for r in changed)
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        store: Store,
+        settings_for: SettingsFor,
+        *,
+        pool: RelayPool,
+        worker_id: str | None = None,
+        claim_batch: int = 64,
+        max_in_flight: int = 256,
+        lease_seconds: float = 120.0,
+        poll_interval: float = 1.0,
+        on_final: Callable[[Outcome], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings_for = settings_for
+        self.pool = pool
+        self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:12]}"
+        self.claim_batch = claim_batch
+        self.max_in_flight = max_in_flight
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.on_final = on_final
+        self._wake = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.running = False
+
+    def notify(self) -> None:
+        """New work may be due (called by the doors after an acceptance)."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        # Messages left "sending" by a previous crash of this or another worker come back
+        # as soon as their lease has expired.
+        await self.store.release_expired_leases(time.time())
+        self._stopping = False
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="postier-claim"),
+            asyncio.create_task(self._maintenance_loop(), name="postier-maintenance"),
+        ]
+        self.running = True
+        log.info("delivery worker %s started", self.worker_id)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; let deliveries in flight finish for ``grace`` seconds, then
+        return what is left to the queue."""
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._in_flight:
+            _, pending = await asyncio.wait(list(self._in_flight.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        returned = await self.store.release_worker(self.worker_id)
+        if returned:
+            log.info("returned %d unfinished deliveries to the queue", returned)
+        await self.pool.close()
+        self.running = False
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            free = self.max_in_flight - len(self._in_flight)
+            want = min(free, self.claim_batch)
+            claimed: list[Claimed] = []
+            if want > 0:
+                try:
+                    claimed = await self.store.claim(
+                        self.worker_id, want, self.lease_seconds, time.time()
+                    )
+                except PostierError as exc:
+                    log.warning("cannot claim messages: %s", exc)
+                for c in claimed:
+                    task = asyncio.create_task(self._deliver(c), name=f"deliver-{c.id}")
+                    self._in_flight[c.id] = task
+                    task.add_done_callback(self._done)
+                if claimed and len(claimed) == want:
+                    continue  # more may be due right now
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        name = task.get_name().removeprefix("deliver-")
+        self._in_flight.pop(name, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
+        self._wake.set()  # a slot is free
+
+    async def _maintenance_loop(self) -> None:
+        interval = max(1.0, self.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            try:
+                await self.store.renew_leases(
+                    self.worker_id, list(self._in_flight), self.lease_seconds, now
+                )
+                if await self.store.release_expired_leases(now):
+                    self._wake.set()
+                await self.pool.close_idle()
+            except Exception:
+                log.exception("queue maintenance failed; will try again")
+
+    async def _deliver(self, claimed: Claimed) -> None:
+        settings = await self.settings_for(claimed.establishment_id)
+        relay = settings.relay
+        attempted = [r for r in claimed.recipients if r.status in ("pending", DEFERRED)]
+        started_at = time.time()
+        t0 = time.perf_counter()
+        # A bound on the whole conversation, beyond each command's own timeout, so a relay
+        # that answers one byte at a time cannot hold a delivery forever.
+        whole = relay.timeout * (6 + len(attempted)) + len(claimed.data) / 50_000
+        try:
+            result = await asyncio.wait_for(
+                self.pool.send(
+                    relay,
+                    claimed.envelope_from,
+                    [r.address for r in attempted],
+                    claimed.data,
+                    smtputf8=claimed.smtputf8,
+                ),
+                whole,
+            )
+        except Exception as exc:
+            # Whatever went wrong, the message must not stay stuck "sending": it is
+            # deferred with the reason, and the worker goes on.
+            if not isinstance(exc, TimeoutError):
+                log.exception("unexpected error delivering %s", claimed.id)
+            err = classify(exc, "data", relay)
+            result = TransactionResult(
+                [RcptResult(r.address, DEFERRED, None, err.reply or err.message())
+                 for r in attempted],
+                error=err,
+                reusable=False,
+            )
+        duration_ms = int((time.perf_counter() - t0) * 1000)
+        outcome = decide(
+            claimed,
+            attempted,
+            result,
+            RetryPolicy.from_settings(settings.retry),
+            now=time.time(),
+            started_at=started_at,
+            duration_ms=duration_ms,
+            relay=relay_label(relay),
+        )
+        await self.store.record_outcomes(self.worker_id, [outcome])
+        _log_outcome(claimed, outcome)
+        if outcome.status in (SENT, FAILED) and self.on_final is not None:
+            self.on_final(outcome)
+
+
+def _log_outcome(claimed: Claimed, outcome: Outcome) -> None:
+    detail = outcome.attempt.detail or ""
+    if outcome.status == SENT:
+        log.info("message %s sent (%s)", claimed.id, detail)
+    elif outcome.status == FAILED:
+        log.warning("message %s failed: %s", claimed.id, detail)
+    else:
+        log.info(
+            "message %s deferred (attempt %d, next in %.0f s): %s",
+            claimed.id,
+            outcome.attempts,
+            max(0.0, outcome.next_attempt_at - time.time()),
+            detail,
+        )

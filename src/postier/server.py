@@ -1,0 +1,128 @@
+"""``postier serve``: the HTTP API and the delivery workers in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO
+
+import uvicorn
+
+from postier.api import create_app
+from postier.config import ServerConfig
+from postier.delivery.relay import RelayPool
+from postier.delivery.worker import DeliveryWorker
+from postier.errors import PostierError
+from postier.i18n import N_
+from postier.service import Postier
+
+log = logging.getLogger("postier")
+
+
+class AlreadyRunning(PostierError):
+    code = "already_running"
+    default_template = N_(
+        "Another Postier server is already delivering from {path} (process {pid}); stop it "
+        "first, or give this one another --data-dir."
+    )
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Only one delivering process per embedded store: it then knows that any message
+    left "sending" belongs to a crashed predecessor and can go out again at once."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "serve.lock"
+    fh = path.open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise AlreadyRunning(path=str(data_dir), pid=pid) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    core = Postier(config)
+    embedded = core.store.__class__.__name__ == "SQLiteStore"
+    lock = lock_data_dir(Path(config.data_dir)) if (embedded and config.delivery) else None
+    worker: DeliveryWorker | None = None
+    if config.delivery:
+        worker = DeliveryWorker(
+            core.store,
+            core.delivery_settings,
+            pool=RelayPool(
+                concurrency=config.relay_concurrency,
+                idle_timeout=config.idle_timeout,
+                local_hostname=config.hostname,
+            ),
+            claim_batch=config.claim_batch,
+            lease_seconds=config.lease_seconds,
+            poll_interval=config.poll_interval,
+        )
+    host, port = config.http_host_port()
+
+    async def startup() -> None:
+        await core.open()
+        if worker is not None:
+            if lock is not None:
+                back = await core.store.release_expired_leases(float("inf"))
+                if back:
+                    log.info("%d e-mails interrupted by a previous stop go out again", back)
+            core.on_accept(worker.notify)
+            await worker.start()
+        users = await core.store.list_users(1)
+        log.info("Postier listening on http://%s:%d (API description: /docs); data in %s",
+                 host, port, Path(config.data_dir).resolve())
+        if not users:
+            log.info(
+                "No user yet. Create the first administrator with:\n"
+                "  postier users add admin --email you@example.org --role admin "
+                "--data-dir %s\n  postier tokens create admin --data-dir %s",
+                config.data_dir, config.data_dir,
+            )
+
+    async def shutdown() -> None:
+        t0 = time.monotonic()
+        if worker is not None:
+            await worker.stop()
+        await core.close()
+        log.info("Postier stopped cleanly in %.1f s", time.monotonic() - t0)
+
+    app = create_app(core, on_startup=startup, on_shutdown=shutdown)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=15,
+        )
+    )
+    try:
+        await server.serve()
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def run(config: ServerConfig) -> None:
+    asyncio.run(serve(config))

@@ -1,0 +1,351 @@
+"""The service layer: what every door (HTTP API, SMTP submission, CLI, web) calls.
+
+It applies authentication, roles, validation, the sender policy and the queue; a door only
+translates between its protocol and these methods, so policy is decided in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from postier import accounts, policy
+from postier.config import ServerConfig
+from postier.crypto import SecretBox
+from postier.errors import (
+    AuthenticationRequired,
+    Conflict,
+    DelegationOff,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PostierError,
+    load,
+)
+from postier.i18n import N_
+from postier.message import MessageIn, build_message, make_message_id
+from postier.settings import DeliverySettings
+from postier.store import create_store, database_url
+from postier.store.base import (
+    CANCELLED,
+    DEFERRED,
+    FAILED,
+    PRIORITIES,
+    QUEUED,
+    SENDING,
+    EnqueueResult,
+    MessageRecord,
+    NewMessage,
+    Store,
+    TokenInfo,
+    User,
+)
+
+log = logging.getLogger("postier")
+
+SETTINGS_TTL = 2.0  # seconds a process trusts its cached copy of another process's change
+
+
+def new_message_id() -> str:
+    """Time-ordered 32-hex id: recent messages sit together in the index."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+@dataclass
+class Preview:
+    from_: str
+    reply_to: list[str]
+    envelope_from: str
+    rule: str
+    explanation: str
+
+
+class Postier:
+    """One installation: its store, its secrets, its settings; shared by all doors."""
+
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.store = store or create_store(database_url(self.data_dir, config.database_url))
+        self.secrets = SecretBox.for_data_dir(self.data_dir)
+        self._settings: dict[int, tuple[DeliverySettings, float]] = {}
+        self._notify: list[Any] = []
+
+    async def open(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        # A process with the wrong key must say so now, not at the first delivery.
+        doc = await self.store.load_settings(1)
+        if doc is not None and doc[0].get("relay", {}).get("password_enc"):
+            self.secrets.decrypt(doc[0]["relay"]["password_enc"])
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    def on_accept(self, callback: Any) -> None:
+        """Register a callable run after each acceptance (the worker's wake-up)."""
+        self._notify.append(callback)
+
+    # -- authentication -----------------------------------------------------------------
+    async def authenticate_token(self, token: str | None) -> User:
+        if not token:
+            raise AuthenticationRequired()
+        user = await self.store.user_for_token(accounts.token_hash(token))
+        if user is None:
+            raise AuthenticationRequired(
+                N_("This API token is not valid (unknown, revoked, or its user is disabled).")
+            )
+        return user
+
+    async def authenticate_password(
+        self, username: str, password: str, establishment_id: int = 1
+    ) -> User:
+        user = await self.store.get_user(establishment_id=establishment_id, username=username)
+        if (
+            user is None
+            or user.disabled
+            or not await asyncio.to_thread(
+                accounts.verify_password, user.password_hash, password
+            )
+        ):
+            raise AuthenticationRequired(N_("Wrong username or password."))
+        return user
+
+    # -- users and tokens ----------------------------------------------------------------
+    async def add_user(
+        self,
+        username: str,
+        email: str,
+        *,
+        display_name: str = "",
+        role: str = "user",
+        password: str | None = None,
+        establishment_id: int = 1,
+    ) -> User:
+        if role not in accounts.ROLES:
+            raise InvalidInput(
+                N_("Unknown role {role!r}: choose admin or user."), field="role", role=role
+            )
+        username = username.strip()
+        if not username or len(username) > 100 or any(c.isspace() for c in username):
+            raise InvalidInput(
+                N_("A username is 1 to 100 characters without spaces."), field="username"
+            )
+        address = policy.normalize_address(email)
+        if any(c in display_name for c in "\r\n\0"):
+            raise InvalidInput(N_("The name cannot contain line breaks."), field="name")
+        pw_hash = await asyncio.to_thread(accounts.hash_password, password) if password else None
+        return await self.store.create_user(
+            establishment_id=establishment_id,
+            username=username,
+            email=address,
+            display_name=display_name.strip(),
+            role=role,
+            password_hash=pw_hash,
+        )
+
+    async def find_user(self, username: str, establishment_id: int = 1) -> User:
+        user = await self.store.get_user(establishment_id=establishment_id, username=username)
+        if user is None:
+            raise NotFound(N_("There is no user named {username}."), username=username)
+        return user
+
+    async def create_token(self, user: User, name: str = "") -> tuple[str, TokenInfo]:
+        token = accounts.new_token()
+        info = await self.store.create_token(user.id, name, accounts.token_hash(token))
+        return token, info
+
+    # -- settings ------------------------------------------------------------------------
+    async def delivery_settings(self, establishment_id: int) -> DeliverySettings:
+        """Current settings with secrets decrypted (for delivery; never shown)."""
+        cached = self._settings.get(establishment_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < SETTINGS_TTL:
+            return cached[0]
+        doc = await self.store.load_settings(establishment_id)
+        settings = self._decode_settings(doc[0]) if doc else DeliverySettings()
+        self._settings[establishment_id] = (settings, now)
+        return settings
+
+    def _decode_settings(self, doc: dict[str, Any]) -> DeliverySettings:
+        doc = json.loads(json.dumps(doc))
+        relay = doc.get("relay", {})
+        enc = relay.pop("password_enc", None)
+        relay["password"] = self.secrets.decrypt(enc) if enc else None
+        return DeliverySettings.model_validate(doc)
+
+    def _encode_settings(self, settings: DeliverySettings) -> dict[str, Any]:
+        doc = settings.model_dump(mode="json")
+        password = doc["relay"].pop("password", None)
+        if password:
+            doc["relay"]["password_enc"] = self.secrets.encrypt(password)
+        return doc
+
+    async def get_settings(self, user: User) -> dict[str, Any]:
+        _require_admin(user)
+        return (await self.delivery_settings(user.establishment_id)).public()
+
+    async def put_settings(self, user: User, payload: dict[str, Any]) -> dict[str, Any]:
+        """Replace the parts of the settings given in ``payload`` (validated whole first,
+        so nothing is half-saved); the relay password is kept when none is given."""
+        _require_admin(user)
+        update = DeliverySettings.model_validate(payload)
+        current = await self.delivery_settings(user.establishment_id)
+        merged = current.merged_with(update, set(payload))
+        await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
+        self._settings.pop(user.establishment_id, None)
+        log.info("settings of establishment %s changed by %s", user.establishment_id,
+                 user.username)
+        return merged.public()
+
+    # -- sender policy -------------------------------------------------------------------
+    def decide_sender(
+        self,
+        user: User,
+        settings: DeliverySettings,
+        requested_from: str | None = None,
+        reply_to: Sequence[str] = (),
+    ) -> policy.SenderDecision:
+        return policy.decide_sender(
+            user_address=user.email,
+            user_name=user.display_name,
+            allowed_domains=settings.allowed_domains,
+            establishment_name=settings.sender.name,
+            establishment_address=settings.sender.address,
+            requested_from=requested_from,
+            message_reply_to=reply_to,
+            granted_addresses=user.granted_senders,
+        )
+
+    async def preview(self, user: User, username: str | None, lang: str) -> Preview:
+        target = user
+        if username and username != user.username:
+            _require_admin(user)
+            target = await self.find_user(username, user.establishment_id)
+        settings = await self.delivery_settings(user.establishment_id)
+        d = self.decide_sender(target, settings)
+        return Preview(d.formatted_from, list(d.reply_to), d.envelope_from, d.rule,
+                       d.explain(lang))
+
+    # -- submission ----------------------------------------------------------------------
+    async def submit(self, user: User, messages: Sequence[MessageIn]) -> list[EnqueueResult]:
+        """Accept messages: policy, render, store durably in one commit, then return."""
+        settings = await self.delivery_settings(user.establishment_id)
+        if not settings.delegation:
+            raise DelegationOff(
+                hint=N_("Send from your workstation with your own parameters, or ask an "
+                        "administrator to turn central sending on.")
+            )
+        batch = [self._prepare(user, settings, m, index if len(messages) > 1 else None)
+                 for index, m in enumerate(messages)]
+        results = await self.store.enqueue(batch)
+        for notify in self._notify:
+            notify()
+        return results
+
+    def _prepare(
+        self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None
+    ) -> NewMessage:
+        try:
+            decision = self.decide_sender(user, settings, msg.from_, msg.reply_to)
+            built = build_message(
+                msg,
+                decision,
+                message_id=make_message_id(self.config.hostname),
+                max_size=self.config.max_message_size,
+            )
+        except PostierError as exc:
+            if index is not None and exc.field is None:
+                exc.field = f"messages.{index}"
+            elif index is not None:
+                exc.field = f"messages.{index}.{exc.field}"
+            raise
+        return NewMessage(
+            id=new_message_id(),
+            establishment_id=user.establishment_id,
+            user_id=user.id,
+            priority=PRIORITIES[msg.priority],
+            envelope_from=built.envelope_from,
+            header_from=decision.formatted_from,
+            message_id=built.message_id,
+            subject=built.subject,
+            data=built.data,
+            recipients=built.recipients,
+            smtputf8=built.smtputf8,
+            idempotency_key=msg.idempotency_key,
+        )
+
+    # -- the queue -----------------------------------------------------------------------
+    async def get_message(self, user: User, message_id: str) -> MessageRecord:
+        record = await self.store.get_message(message_id)
+        # Another establishment's or another user's message does not exist for this user.
+        if (
+            record is None
+            or record.establishment_id != user.establishment_id
+            or (not user.is_admin and record.user_id != user.id)
+        ):
+            raise NotFound(N_("There is no e-mail {id} for you."), id=message_id)
+        return record
+
+    async def list_messages(
+        self, user: User, status: str | None = None, limit: int = 100, mine: bool = False
+    ) -> list[MessageRecord]:
+        return await self.store.list_messages(
+            establishment_id=user.establishment_id,
+            user_id=None if (user.is_admin and not mine) else user.id,
+            status=status,
+            limit=limit,
+        )
+
+    async def retry(self, user: User, message_id: str) -> MessageRecord:
+        record = await self.get_message(user, message_id)
+        if record.status not in (QUEUED, DEFERRED, FAILED):
+            raise Conflict(
+                N_("This e-mail is {status}: only waiting or failed e-mails can be retried."),
+                status=record.status,
+            )
+        await self.store.retry_now(message_id, time.time())
+        for notify in self._notify:
+            notify()
+        return await self.get_message(user, message_id)
+
+    async def cancel(self, user: User, message_id: str) -> MessageRecord:
+        record = await self.get_message(user, message_id)
+        ok = await self.store.set_status(
+            message_id, CANCELLED, from_statuses=(QUEUED, DEFERRED), now=time.time()
+        )
+        if not ok:
+            hint = (
+                N_("It is being sent right now; try again in a moment.")
+                if record.status == SENDING
+                else None
+            )
+            raise Conflict(
+                N_("This e-mail is {status} and can no longer be cancelled."),
+                hint=hint,
+                status=record.status,
+            )
+        return await self.get_message(user, message_id)
+
+
+def explain_error(last_error: str | None, lang: str) -> dict[str, Any] | None:
+    """Render a stored error in the reader's language."""
+    if not last_error:
+        return None
+    try:
+        return load(json.loads(last_error)).render(lang)
+    except (ValueError, TypeError):
+        return {"code": "unexpected", "message": last_error}
+
+
+def _require_admin(user: User) -> None:
+    if not user.is_admin:
+        raise Forbidden(N_("Only an administrator of the establishment may do this."))
+

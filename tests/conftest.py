@@ -1,0 +1,3 @@
+"""Fixtures shared by every test: real relays (support.fixtures) and a real server."""
+
+pytest_plugins = ["support.fixtures"]

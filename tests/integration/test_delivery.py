@@ -1,0 +1,275 @@
+"""The delivery engine against a real SMTP relay: store + worker + relay pool, in process.
+
+Each test stores messages in a real SQLite queue, runs a real worker, and checks what a
+real relay (support.relay.FaultRelay) received and what the queue says about each message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.relay import FaultRelay
+
+from postier.delivery.relay import RelayPool
+from postier.delivery.worker import DeliveryWorker
+from postier.settings import DeliverySettings, RelaySettings, RetrySettings
+from postier.store import create_store, database_url
+from postier.store.base import NewMessage, Store
+
+RAW = (
+    b"From: Alice <alice@ac-lyon.fr>\r\nTo: parents@example.org\r\n"
+    b"Subject: Conseil de classe\r\nMessage-ID: <m1@test>\r\n\r\nBonjour.\r\n"
+)
+
+
+class Engine:
+    def __init__(self, store: Store, settings: DeliverySettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.worker: DeliveryWorker | None = None
+        self._n = 0
+
+    async def settings_for(self, _est: int) -> DeliverySettings:
+        return self.settings
+
+    async def start(self, **kw: Any) -> DeliveryWorker:
+        self.worker = DeliveryWorker(
+            self.store,
+            self.settings_for,
+            pool=RelayPool(concurrency=kw.pop("concurrency", 4), down_for=0.2),
+            poll_interval=0.05,
+            **kw,
+        )
+        await self.worker.start()
+        return self.worker
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop(grace=5)
+            self.worker = None
+
+    async def put(self, *recipients: str, data: bytes = RAW, key: str | None = None) -> str:
+        self._n += 1
+        mid = f"{time.time_ns():020d}{self._n:012d}"
+        (res,) = await self.store.enqueue(
+            [
+                NewMessage(
+                    id=mid, establishment_id=1, user_id=1, priority=0,
+                    envelope_from="alice@ac-lyon.fr", header_from="Alice <alice@ac-lyon.fr>",
+                    message_id="<m1@test>", subject="Conseil de classe", data=data,
+                    recipients=list(recipients or ("parents@example.org",)),
+                    idempotency_key=key,
+                )
+            ]
+        )
+        if self.worker:
+            self.worker.notify()
+        return res.id
+
+    async def wait(self, mid: str, status: str, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        rec = None
+        while time.monotonic() < deadline:
+            rec = await self.store.get_message(mid)
+            if rec is not None and rec.status == status:
+                return rec
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"message {mid} is not {status} after {timeout} s: {rec}")
+
+
+def _settings(relay: FaultRelay, **relay_kw: Any) -> DeliverySettings:
+    return DeliverySettings(
+        relay=RelaySettings(host=relay.host, port=relay.port, security="none", timeout=2,
+                            **relay_kw),
+        retry=RetrySettings(first_delay=1, max_delay=1, max_age=3600),
+    )
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, relay: FaultRelay) -> AsyncIterator[Engine]:
+    store = create_store(database_url(tmp_path))
+    await store.open()
+    eng = Engine(store, _settings(relay))
+    yield eng
+    await eng.stop()
+    await store.close()
+
+
+async def test_message_reaches_relay_unchanged(engine: Engine, relay: FaultRelay) -> None:
+    await engine.start()
+    mid = await engine.put("parents@example.org", "prof@ac-lyon.fr")
+    rec = await engine.wait(mid, "sent")
+    (got,) = await relay.wait_for_async(1)
+    assert got.mail_from == "alice@ac-lyon.fr"
+    assert sorted(got.rcpt_tos) == ["parents@example.org", "prof@ac-lyon.fr"]
+    assert got.data.replace(b"\r\n", b"\n") == RAW.replace(b"\r\n", b"\n")
+    assert [r.status for r in rec.recipients] == ["sent", "sent"]
+    assert rec.attempts == 1 and rec.history[0].outcome == "sent"
+
+
+async def test_relay_down_then_up_delivers_each_message_once(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    relay.down()
+    await engine.start()
+    ids = [await engine.put(f"eleve{i}@example.org") for i in range(20)]
+    # While the relay is down, nothing is lost and every message says why it waits.
+    rec = await engine.wait(ids[0], "deferred")
+    err = json.loads(rec.last_error)
+    assert err["code"] == "refused", err
+    relay.up()
+    for mid in ids:
+        await engine.wait(mid, "sent", timeout=15)
+    got = relay.messages
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted(
+        f"eleve{i}@example.org" for i in range(20)
+    ), "every message exactly once"
+
+
+async def test_permanent_failure_for_one_recipient_others_sent_once(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    relay.rcpt_replies = {"inconnu@example.org": "550 5.1.1 No such user"}
+    await engine.start()
+    mid = await engine.put("a@example.org", "inconnu@example.org", "b@example.org")
+    rec = await engine.wait(mid, "sent")
+    by = {r.address: r for r in rec.recipients}
+    assert by["inconnu@example.org"].status == "failed"
+    assert by["inconnu@example.org"].code == 550
+    assert "No such user" in (by["inconnu@example.org"].reply or "")
+    assert by["a@example.org"].status == by["b@example.org"].status == "sent"
+    await asyncio.sleep(1.5)  # past a retry delay: nothing is sent again
+    assert len(relay.messages) == 1
+    assert sorted(relay.messages[0].rcpt_tos) == ["a@example.org", "b@example.org"]
+
+
+async def test_transient_failure_retries_only_the_waiting_recipient(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    relay.rcpt_replies = {"plein@example.org": "452 4.2.2 Mailbox full"}
+    await engine.start()
+    mid = await engine.put("a@example.org", "plein@example.org")
+    rec = await engine.wait(mid, "deferred")
+    assert {r.address: r.status for r in rec.recipients} == {
+        "a@example.org": "sent", "plein@example.org": "deferred",
+    }
+    relay.rcpt_replies = {}
+    rec = await engine.wait(mid, "sent", timeout=10)
+    rcpts = [r for m in relay.messages for r in m.rcpt_tos]
+    assert sorted(rcpts) == ["a@example.org", "plein@example.org"], "a@ must not get it twice"
+    assert rec.attempts == 2
+
+
+async def test_all_recipients_refused_fails_message(engine: Engine, relay: FaultRelay) -> None:
+    relay.rcpt_reply_default = "550 5.1.1 No such user"
+    await engine.start()
+    mid = await engine.put("x@example.org")
+    rec = await engine.wait(mid, "failed")
+    assert json.loads(rec.last_error)["code"] == "recipient_refused"
+
+
+async def test_message_gives_up_after_max_age(engine: Engine, relay: FaultRelay) -> None:
+    engine.settings = engine.settings.model_copy(
+        update={"retry": RetrySettings(first_delay=1, max_delay=1, max_age=60)}
+    )
+    relay.rcpt_reply_default = "451 4.3.0 Try again later"
+    mid = await engine.put("x@example.org")
+    # Make the message older than its maximum age, as if the relay had refused for days.
+    from sqlalchemy import update
+
+    from postier.store import schema
+
+    async with engine.store.write_engine.begin() as conn:  # type: ignore[attr-defined]
+        await conn.execute(
+            update(schema.messages).where(schema.messages.c.id == mid)
+            .values(created_at=time.time() - 120)
+        )
+    await engine.start()
+    rec = await engine.wait(mid, "failed")
+    err = json.loads(rec.last_error)
+    assert err["code"] == "expired" and "451" in err["params"]["reason"]
+    assert rec.recipients[0].status == "failed"
+
+
+async def test_stalled_relay_times_out_and_is_retried(engine: Engine, relay: FaultRelay) -> None:
+    relay.stall = ("data", 30.0)
+    await engine.start()
+    t0 = time.monotonic()
+    mid = await engine.put("x@example.org")
+    rec = await engine.wait(mid, "deferred", timeout=10)
+    assert time.monotonic() - t0 < 8, "the 2 s timeout bounds the attempt"
+    assert json.loads(rec.last_error)["code"] == "timeout"
+    relay.stall = None
+    await engine.wait(mid, "sent", timeout=10)
+
+
+async def test_connections_are_reused(engine: Engine, relay: FaultRelay) -> None:
+    await engine.start(concurrency=2)
+    ids = [await engine.put(f"p{i}@example.org") for i in range(30)]
+    for mid in ids:
+        await engine.wait(mid, "sent")
+    assert len(relay.messages) == 30
+    assert relay.connections <= 4, f"{relay.connections} connections for 30 messages"
+
+
+async def test_expired_lease_returns_message_to_queue(engine: Engine, relay: FaultRelay) -> None:
+    mid = await engine.put("x@example.org")
+    # A worker that claimed the message and died: its lease runs out.
+    claimed = await engine.store.claim("dead-worker", 10, lease_seconds=0.5, now=time.time())
+    assert [c.id for c in claimed] == [mid]
+    await engine.start()
+    await asyncio.sleep(0.1)
+    assert (await engine.store.get_message(mid)).status == "sending"
+    await asyncio.sleep(0.6)
+    assert await engine.store.release_expired_leases(time.time()) == 1
+    engine.worker.notify()  # type: ignore[union-attr]
+    await engine.wait(mid, "sent")
+    assert len(relay.messages) == 1
+
+
+async def test_auth_relay_with_password(tmp_path: Path, auth_relay: FaultRelay) -> None:
+    store = create_store(database_url(tmp_path))
+    await store.open()
+    eng = Engine(store, _settings(auth_relay, auth="password", username="teacher",
+                                  password="s3cret"))
+    try:
+        await eng.start()
+        mid = await eng.put("x@example.org")
+        await eng.wait(mid, "sent")
+        assert auth_relay.messages[0].auth_user == "teacher"
+        eng.settings = _settings(auth_relay, auth="password", username="teacher",
+                                 password="wrong")
+        mid = await eng.put("y@example.org")
+        rec = await eng.wait(mid, "deferred")
+        assert json.loads(rec.last_error)["code"] == "auth_failed"
+    finally:
+        await eng.stop()
+        await store.close()
+
+
+async def test_idempotency_key_stores_once(engine: Engine) -> None:
+    a = await engine.put("x@example.org", key="convocation-42")
+    b = await engine.put("x@example.org", key="convocation-42")
+    assert a == b
+    assert (await engine.store.counts())["queued"] == 1
+
+
+async def test_graceful_stop_returns_in_flight_to_queue(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    relay.stall = ("data", 30.0)
+    await engine.start()
+    mid = await engine.put("x@example.org")
+    await engine.wait(mid, "sending")
+    await asyncio.sleep(0.2)
+    assert engine.worker is not None
+    await engine.worker.stop(grace=0.2)
+    engine.worker = None
+    rec = await engine.store.get_message(mid)
+    assert rec.status == "deferred", "an interrupted delivery goes back to the queue"
