@@ -22,7 +22,7 @@ KEY_FILE = "secret.key"
 _CHECK_PLAINTEXT = "postier-key-check"
 
 
-class KeyError_(PostierError):  # noqa: N801 - not the builtin KeyError
+class KeyError_(PostierError):
     code = "secret_key"
     default_template = N_("The secret key cannot be used: {reason}.")
 

@@ -45,7 +45,11 @@ class PostierError(Exception):
         super().__init__(self.message("en"))
 
     def message(self, lang: str = "en") -> str:
-        return translate(lang, self.template, **self.params)
+        params = self.params
+        if isinstance(params.get("reason"), str):
+            # Reasons are fixed phrases marked for translation where they are raised.
+            params = {**params, "reason": translate(lang, params["reason"])}
+        return translate(lang, self.template, **params)
 
     def hint(self, lang: str = "en") -> str | None:
         if self.hint_template is None:

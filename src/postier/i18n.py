@@ -19,7 +19,7 @@ DEFAULT_LANGUAGE = "en"
 _LOCALE_DIR = Path(__file__).parent / "locale"
 
 
-def N_(text: str) -> str:  # noqa: N802 - the gettext convention
+def N_(text: str) -> str:
     """Mark a string for extraction; it is translated later, when rendered."""
     return text
 

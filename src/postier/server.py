@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -51,6 +54,22 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
     return fh
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but a SIGTERM or SIGINT ends the process with status 0 after the graceful
+    shutdown, as a service manager expects of a clean stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -77,19 +96,20 @@ async def serve(config: ServerConfig) -> None:
             poll_interval=config.poll_interval,
         )
     host, port = config.http_host_port()
+    data_dir = config.data_dir
 
     async def startup() -> None:
         await core.open()
         if worker is not None:
             if lock is not None:
-                back = await core.store.release_expired_leases(float("inf"))
+                back = await core.store.release_expired_leases(time.time(), everything=True)
                 if back:
                     log.info("%d e-mails interrupted by a previous stop go out again", back)
             core.on_accept(worker.notify)
             await worker.start()
         users = await core.store.list_users(1)
         log.info("Postier listening on http://%s:%d (API description: /docs); data in %s",
-                 host, port, Path(config.data_dir).resolve())
+                 host, port, data_dir)
         if not users:
             log.info(
                 "No user yet. Create the first administrator with:\n"
@@ -106,7 +126,7 @@ async def serve(config: ServerConfig) -> None:
         log.info("Postier stopped cleanly in %.1f s", time.monotonic() - t0)
 
     app = create_app(core, on_startup=startup, on_shutdown=shutdown)
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             app,
             host=host,
@@ -125,4 +145,5 @@ async def serve(config: ServerConfig) -> None:
 
 
 def run(config: ServerConfig) -> None:
+    config.data_dir = config.data_dir.resolve()
     asyncio.run(serve(config))

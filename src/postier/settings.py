@@ -9,11 +9,14 @@ shows, with ``password_set`` in place of the value.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from postier import policy
+
+# Each pattern is checked on its own so an error names its position (allowed_domains.2).
+DomainPattern = Annotated[str, AfterValidator(policy.normalize_domain_pattern)]
 
 
 class Security(StrEnum):
@@ -24,7 +27,7 @@ class Security(StrEnum):
 
 class AuthMethod(StrEnum):
     NONE = "none"
-    PASSWORD = "password"
+    PASSWORD = "password"  # noqa: S105 - a method name
 
 
 class _Model(BaseModel):
@@ -107,19 +110,14 @@ class DeliverySettings(_Model):
         True, description="Déléguer l'envoi de tous les e-mails au serveur (central sending)"
     )
     sender: SenderSettings = Field(default_factory=SenderSettings)
-    allowed_domains: list[str] = Field(default_factory=list, max_length=500)
+    allowed_domains: list[DomainPattern] = Field(default_factory=list, max_length=500)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
 
     @field_validator("allowed_domains")
     @classmethod
     def _domains(cls, value: list[str]) -> list[str]:
-        out: list[str] = []
-        for item in value:
-            pattern = policy.normalize_domain_pattern(item)
-            if pattern not in out:
-                out.append(pattern)
-        return out
+        return list(dict.fromkeys(value))  # duplicates dropped, order kept
 
     def public(self) -> dict[str, Any]:
         out = self.model_dump(mode="json", exclude={"relay"})

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.relay import FaultRelay
 
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.store import create_store, database_url
 from postier.store.base import NewMessage, Store
+from support.relay import FaultRelay
 
 RAW = (
     b"From: Alice <alice@ac-lyon.fr>\r\nTo: parents@example.org\r\n"
@@ -72,7 +72,7 @@ class Engine:
             self.worker.notify()
         return res.id
 
-    async def wait(self, mid: str, status: str, timeout: float = 10.0) -> Any:
+    async def wait(self, mid: str, status: str, timeout: float = 10.0) -> Any:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
         rec = None
         while time.monotonic() < deadline:
@@ -273,3 +273,15 @@ async def test_graceful_stop_returns_in_flight_to_queue(
     engine.worker = None
     rec = await engine.store.get_message(mid)
     assert rec.status == "deferred", "an interrupted delivery goes back to the queue"
+
+
+async def test_restart_releases_every_lease_as_due_now(engine: Engine, relay: FaultRelay) -> None:
+    """What `postier serve` does at start-up on the embedded store: the previous process
+    died mid-delivery; its messages must go out at once, not after their lease."""
+    mid = await engine.put("x@example.org")
+    await engine.store.claim("crashed", 10, lease_seconds=3600, now=time.time())
+    assert await engine.store.release_expired_leases(time.time(), everything=True) == 1
+    rec = await engine.store.get_message(mid)
+    assert rec.status == "deferred" and rec.next_attempt_at <= time.time()
+    await engine.start()
+    await engine.wait(mid, "sent", timeout=3)

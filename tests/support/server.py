@@ -114,13 +114,13 @@ class ServerProcess:
         h = {"Authorization": f"Bearer {self.tokens[user]}", **headers}
         return httpx.Client(base_url=self.url, headers=h, timeout=10)
 
-    def configure_relay(self, relay: Any, **overrides: Any) -> dict[str, Any]:
+    def configure_relay(self, test_relay: Any, /, **overrides: Any) -> dict[str, Any]:
         """Point the establishment at a test relay, with quick retries."""
         settings: dict[str, Any] = {
             "delegation": True,
             "sender": {"name": "Collège Jean Moulin", "address": "ne-pas-repondre@ac-lyon.fr"},
             "allowed_domains": ["ac-lyon.fr"],
-            "relay": {"host": relay.host, "port": relay.port, "security": "none",
+            "relay": {"host": test_relay.host, "port": test_relay.port, "security": "none",
                       "auth": "none", "timeout": 5},
             "retry": {"first_delay": 1, "max_delay": 2, "max_age": 3600},
         }

@@ -30,7 +30,7 @@ async def get_settings(user: CurrentUser, core: Core) -> dict[str, Any]:
 async def put_settings(
     user: CurrentUser,
     core: Core,
-    payload: dict[str, Any] = Body(  # noqa: B008
+    payload: dict[str, Any] = Body(
         ...,
         examples=[
             {

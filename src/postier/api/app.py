@@ -52,7 +52,7 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
                 "message": translate(lang, N_("{field}: {problem}"), field=field, problem=text),
             }
         problems.append(body)
-    first = dict(problems[0]) if problems else {"code": "invalid", "message": "invalid"}
+    first: dict[str, Any] = dict(problems[0]) if problems else {"code": "invalid"}
     first["problems"] = problems
     return JSONResponse({"error": first}, status_code=422)
 

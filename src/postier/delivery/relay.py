@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import ssl
 import time
@@ -26,8 +27,9 @@ from postier.settings import AuthMethod, RelaySettings, Security
 
 StepCallback = Callable[[str, bool, int, str], None]
 
-# Reply texts that mean "slow down" rather than "this recipient is wrong".
-_RATE_WORDS = ("rate", "limit", "exceeded", "too many", "throttl", "4.7.0", "4.4.2", "4.2.1")
+# Reply texts that mean "slow down" rather than "this recipient is wrong" (Exchange Online:
+# "4.4.2 message submission rate ... exceeded"; Google: "peak SMTP relay limit exceeded").
+_RATE = re.compile(r"\brate\b|\btoo many\b|\bthrottl|\blimit exceeded\b|\b4\.4\.2\b", re.I)
 
 
 @dataclass
@@ -158,6 +160,13 @@ def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryErr
             code="auth_failed", transient=True, step=step, smtp_code=code, reply=reply,
             reply_code=code, **params,
         )
+    if code == 530 and "starttls" in reply.lower():
+        return DeliveryError(
+            N_("{host}:{port} requires STARTTLS before sending ({reply_code} {reply})."),
+            hint=N_("Choose STARTTLS security (or TLS if the port is 465)."),
+            code="tls_required", transient=True, step=step, smtp_code=code, reply=reply,
+            reply_code=code, **params,
+        )
     if code == 530 or (code is not None and "authentication required" in reply.lower()):
         return DeliveryError(
             N_("The SMTP server requires authentication ({reply_code} {reply})."),
@@ -166,7 +175,7 @@ def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryErr
             code="auth_required", transient=True, step=step, smtp_code=code, reply=reply,
             reply_code=code, **params,
         )
-    if code is not None and 400 <= code < 500 and any(w in reply.lower() for w in _RATE_WORDS):
+    if code is not None and 400 <= code < 500 and _RATE.search(reply):
         return DeliveryError(
             N_("The SMTP server asks to slow down ({reply_code} {reply})."),
             hint=N_("Nothing to do: Postier waits and tries again. If it lasts, lower the "
@@ -189,14 +198,16 @@ def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryErr
             code="recipient_refused", transient=code < 500, step=step, smtp_code=code,
             reply=reply, reply_code=code, **params,
         )
-    if step == "starttls" and isinstance(exc, aiosmtplib.SMTPException) and code is None:
+    if isinstance(exc, aiosmtplib.SMTPNotSupported) and step == "tls":
         return DeliveryError(
             N_("{host}:{port} does not offer STARTTLS."),
             hint=N_("Choose TLS security if the port is 465, or ask for a port that offers "
                     "STARTTLS; choose no security only on a trusted network."),
             code="starttls_unavailable", transient=True, step=step, reply=str(exc), **params,
         )
-    if isinstance(exc, ConnectionError | aiosmtplib.SMTPServerDisconnected | OSError):
+    if code is None and isinstance(
+        exc, ConnectionError | aiosmtplib.SMTPServerDisconnected | OSError
+    ):
         return DeliveryError(
             N_("The connection to {host}:{port} was lost ({reason})."),
             hint=N_("Postier will try again. If it keeps happening, check the security "
@@ -269,13 +280,13 @@ async def open_smtp(
             loop.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM), timeout
         )
         family, _, _, _, address = infos[0]
-        d.append(str(address[0]))
+        d.append(f"{address[0]!s}")
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         async with steps.step("connect") as d:
             await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
-            d.append(f"{address[0]}:{address[1]}")
+            d.append(f"{address[0]!s}:{address[1]!s}")
         smtp = aiosmtplib.SMTP(
             hostname=relay.host,
             local_hostname=local_hostname,
@@ -296,7 +307,7 @@ async def open_smtp(
             ehlo = await smtp.ehlo()
             d.append(f"{ehlo.code} {ehlo.message.splitlines()[0] if ehlo.message else ''}")
         if relay.security == Security.STARTTLS:
-            async with steps.step("starttls") as d:
+            async with steps.step("tls") as d:
                 if not smtp.supports_extension("starttls"):
                     # Never fall back to clear text: the administrator asked for TLS.
                     raise aiosmtplib.SMTPNotSupported("STARTTLS not advertised")
@@ -435,9 +446,10 @@ class _RelayState:
 class RelayPool:
     """Open connections per relay, reused across messages, at most ``concurrency`` each.
 
-    A relay whose connection attempts fail is marked down for ``down_for`` seconds: the
-    messages waiting for it are deferred at once with the same explanation instead of each
-    waiting out its own timeout (what Postfix calls a dead destination).
+    A relay whose connection attempt fails is marked down for ``down_for`` seconds: the
+    messages already waiting for it are deferred at once with the same explanation instead
+    of each waiting out its own timeout (what Postfix calls a dead destination). The window
+    is short so that a retry asked for after the relay is fixed really tries.
     """
 
     def __init__(
@@ -445,7 +457,7 @@ class RelayPool:
         *,
         concurrency: int = 4,
         idle_timeout: float = 30.0,
-        down_for: float = 10.0,
+        down_for: float = 2.0,
         local_hostname: str | None = None,
     ) -> None:
         self.concurrency = concurrency

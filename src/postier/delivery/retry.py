@@ -27,7 +27,7 @@ class RetryPolicy:
 
     def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1 for the first)."""
-        base = min(self.max_delay, self.first_delay * 2 ** max(0, attempts - 1))
+        base: float = min(self.max_delay, self.first_delay * 2.0 ** max(0, attempts - 1))
         return base * (1.0 - self.jitter + 2.0 * self.jitter * rand())
 
     def next_attempt(

@@ -236,8 +236,12 @@ class Store(abc.ABC):
     ) -> None: ...
 
     @abc.abstractmethod
-    async def release_expired_leases(self, now: float) -> int:
-        """Return messages whose lease expired (a crashed worker's) to the queue."""
+    async def release_expired_leases(self, now: float, *, everything: bool = False) -> int:
+        """Return messages whose lease expired (a crashed worker's) to the queue, due now.
+
+        ``everything`` releases every lease: only for a process that knows it is the sole
+        worker of the store (the embedded store's server, holding the data-dir lock).
+        """
 
     @abc.abstractmethod
     async def release_worker(self, worker_id: str) -> int:

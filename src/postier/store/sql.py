@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from postier.errors import Conflict, StoreUnavailable
+from postier.i18n import N_
 from postier.store import schema as t
 from postier.store.base import (
     DEFERRED,
@@ -63,8 +64,8 @@ class _GroupWriter:
     async def stop(self) -> None:
         if self._task is not None:
             # Let queued jobs finish before stopping: they were promised an answer.
-            while self._pending:
-                await asyncio.sleep(0.01)
+            if self._pending:
+                await asyncio.gather(*(f for _, f in self._pending), return_exceptions=True)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -245,13 +246,13 @@ class SQLStore(Store):
 
         async def job(conn: AsyncConnection) -> int:
             res = await conn.execute(insert(t.users).values(**values))
-            return int(res.inserted_primary_key[0])
+            return int(res.inserted_primary_key[0])  # type: ignore[index]
 
         try:
             user_id = await self.write(job)
         except Conflict as exc:
             raise Conflict(
-                "A user named {username} already exists.", username=username
+                N_("A user named {username} already exists."), username=username
             ) from exc
         user = await self.get_user(user_id=user_id)
         assert user is not None
@@ -300,7 +301,7 @@ class SQLStore(Store):
                     user_id=user_id, name=name, token_hash=token_hash, created_at=now
                 )
             )
-            return int(res.inserted_primary_key[0])
+            return int(res.inserted_primary_key[0])  # type: ignore[index]
 
         token_id = await self.write(job)
         return TokenInfo(token_id, user_id, name, now, None, None)
@@ -538,7 +539,7 @@ class SQLStore(Store):
                 rcpts[r.message_id].append(
                     RecipientState(r.position, r.address, r.status, r.code, r.reply)
                 )
-            rows.sort(key=lambda r: (r.priority, r.next_attempt_at))
+            rows = sorted(rows, key=lambda r: (r.priority, r.next_attempt_at))
             claimed = []
             for r in rows:
                 data = bodies.get(r.id)
@@ -590,11 +591,14 @@ class SQLStore(Store):
 
         await self.write(job)
 
-    async def release_expired_leases(self, now: float) -> int:
+    async def release_expired_leases(self, now: float, *, everything: bool = False) -> int:
         async def job(conn: AsyncConnection) -> int:
+            expired = t.messages.c.status == SENDING
+            if not everything:
+                expired = expired & (t.messages.c.lease_expires_at < now)
             res = await conn.execute(
                 update(t.messages)
-                .where(t.messages.c.status == SENDING, t.messages.c.lease_expires_at < now)
+                .where(expired)
                 .values(
                     status=DEFERRED,
                     lease_owner=None,

@@ -1,0 +1,309 @@
+"""The server as a user meets it: a real ``postier serve`` process, real HTTP, a real relay.
+
+alice.martin@ac-lyon.fr is inside the allowed domain ac-lyon.fr; bob.durand@gmail.com is
+outside it, so his e-mails leave with the establishment's sender and his address as
+Reply-To.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from support.relay import FaultRelay
+from support.server import ServerProcess
+
+MSG: dict[str, Any] = {
+    "to": ["parent.eleve@example.org"],
+    "subject": "Changement d'emploi du temps",
+    "text": "Le cours de mathématiques de jeudi est déplacé en salle 12.",
+}
+
+
+def test_health_without_authentication(server: ServerProcess) -> None:
+    r = httpx.get(server.url + "/api/v1/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert "/api/v1/messages" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+def test_inside_allowed_domain_sender_kept(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    with server.client("alice") as c:
+        r = c.post("/api/v1/messages", json=MSG)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued"
+    server.wait_status(r.json()["id"], "sent", user="alice")
+    (got,) = relay.wait_for(1)
+    assert got.mail_from == "alice.martin@ac-lyon.fr"
+    assert got.message["From"] == "Alice Martin <alice.martin@ac-lyon.fr>"
+    assert got.message["Reply-To"] is None
+    assert got.message["Subject"] == MSG["subject"]
+    assert got.rcpt_tos == ["parent.eleve@example.org"]
+
+
+def test_outside_allowed_domains_uses_establishment_sender(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay)
+    with server.client("bob") as c:
+        r = c.post("/api/v1/messages", json={**MSG, "bcc": ["cachee@example.org"]})
+    assert r.status_code == 202, r.text
+    (got,) = relay.wait_for(1)
+    assert got.mail_from == "ne-pas-repondre@ac-lyon.fr"
+    assert "ne-pas-repondre@ac-lyon.fr" in got.message["From"]
+    assert "Coll" in got.message["From"]
+    assert got.message["Reply-To"] == "bob.durand@gmail.com"
+    assert sorted(got.rcpt_tos) == ["cachee@example.org", "parent.eleve@example.org"]
+    assert got.message["Bcc"] is None and b"cachee@example.org" not in got.data
+
+
+def test_cannot_send_as_someone_else(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    with server.client("alice", **{"Accept-Language": "fr-FR,fr;q=0.9"}) as c:
+        r = c.post("/api/v1/messages", json={**MSG, "from": "direction@ac-lyon.fr"})
+        assert r.status_code == 403
+        err = r.json()["error"]
+        assert err["code"] == "sender_forbidden"
+        assert "direction@ac-lyon.fr" in err["message"]
+        assert "alice.martin@ac-lyon.fr" in err["message"]
+        assert c.get("/api/v1/messages").json() == []
+
+
+def test_bad_input_is_refused_and_nothing_stored(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    with server.client("alice") as c:
+        bad = ["parent@example.org", "pas une adresse"]
+        r = c.post("/api/v1/messages", json={**MSG, "to": bad})
+        assert r.status_code == 422
+        err = r.json()["error"]
+        assert err["field"] == "to.1", err
+        assert "pas une adresse" in err["message"]
+        r = c.post("/api/v1/messages", json={**MSG, "subject": "Hi\r\nBcc: victim@example.org"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "subject"
+        r = c.post("/api/v1/messages", json={**MSG, "headers": {"Bcc": "x@example.org"}})
+        assert r.status_code == 422
+        r = c.post("/api/v1/messages", json={"subject": "no recipient"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "to"
+        assert c.get("/api/v1/messages").json() == []
+    time.sleep(0.5)
+    assert relay.messages == []
+
+
+def test_batch_is_all_or_nothing(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    good = [{**MSG, "to": [f"famille{i}@example.org"]} for i in range(50)]
+    with server.client("alice") as c:
+        r = c.post("/api/v1/messages/batch", json={"messages": [*good, {**MSG, "to": ["@@"]}]})
+        assert r.status_code == 422
+        assert r.json()["error"]["field"].startswith("messages.50")
+        assert c.get("/api/v1/messages").json() == []
+        r = c.post("/api/v1/messages/batch", json={"messages": good})
+        assert r.status_code == 202, r.text
+        ids = [m["id"] for m in r.json()["messages"]]
+    assert len(set(ids)) == 50
+    relay.wait_for(50)
+    for mid in ids[-3:]:
+        server.wait_status(mid, "sent", user="alice")
+
+
+def test_message_status_shows_recipients_and_attempts(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay)
+    relay.rcpt_replies = {"inconnu@example.org": "550 5.1.1 No such user here"}
+    with server.client("alice", **{"Accept-Language": "fr"}) as c:
+        r = c.post("/api/v1/messages", json={**MSG, "to": ["ok@example.org",
+                                                             "inconnu@example.org"]})
+        mid = r.json()["id"]
+        m = server.wait_status(mid, "sent", user="alice")
+    by = {x["address"]: x for x in m["recipients"]}
+    assert by["ok@example.org"]["status"] == "sent"
+    assert by["inconnu@example.org"]["status"] == "failed"
+    assert by["inconnu@example.org"]["code"] == 550
+    assert "No such user here" in by["inconnu@example.org"]["reply"]
+    assert m["attempts"] == 1 and len(m["history"]) == 1
+    assert m["history"][0]["relay"] == f"{relay.host}:{relay.port}"
+    assert m["last_error"]["code"] == "recipient_refused"
+    assert m["next_attempt_at"] is None
+
+
+def test_relay_down_nothing_lost_and_no_waiting(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    relay.down()
+    ids = []
+    with server.client("alice") as c:
+        for i in range(20):
+            t0 = time.monotonic()
+            r = c.post("/api/v1/messages", json={**MSG, "to": [f"p{i}@example.org"]})
+            assert r.status_code == 202
+            assert time.monotonic() - t0 < 1.0, "acceptance must not wait for the relay"
+            ids.append(r.json()["id"])
+        m = server.wait_status(ids[0], "deferred")
+        assert m["last_error"]["code"] == "refused"
+        assert m["next_attempt_at"] is not None
+    relay.up()
+    relay.wait_for(20, timeout=20)
+    for mid in ids:
+        server.wait_status(mid, "sent")
+    assert sorted(r for m in relay.messages for r in m.rcpt_tos) == sorted(
+        f"p{i}@example.org" for i in range(20)
+    )
+
+
+def test_kill_9_after_acceptance_then_restart_delivers(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay)
+    relay.down()
+    with server.client("alice") as c:
+        ids = [c.post("/api/v1/messages", json={**MSG, "to": [f"k{i}@example.org"]}).json()["id"]
+               for i in range(10)]
+    server.kill()
+    relay.up()
+    server.start()
+    relay.wait_for(10, timeout=20)
+    for mid in ids:
+        server.wait_status(mid, "sent")
+    assert len(relay.messages) == 10
+
+
+def test_sigterm_stops_cleanly(server: ServerProcess) -> None:
+    t0 = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - t0 < 10
+    assert "stopped cleanly" in server.log()
+
+
+def test_authorisation(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    assert httpx.post(server.url + "/api/v1/messages", json=MSG).status_code == 401
+    bad = httpx.get(server.url + "/api/v1/messages", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthenticated"
+    with server.client("alice") as alice, server.client("bob") as bob, server.client() as admin:
+        assert alice.get("/api/v1/settings").status_code == 403
+        assert alice.put("/api/v1/settings", json={"delegation": False}).status_code == 403
+        mid = alice.post("/api/v1/messages", json=MSG).json()["id"]
+        # Another user's message does not exist for bob; the administrator sees it.
+        assert bob.get(f"/api/v1/messages/{mid}").status_code == 404
+        assert bob.post(f"/api/v1/messages/{mid}/cancel").status_code == 404
+        assert bob.get("/api/v1/messages").json() == []
+        assert admin.get(f"/api/v1/messages/{mid}").status_code == 200
+        assert [m["id"] for m in alice.get("/api/v1/messages").json()] == [mid]
+        assert mid in [m["id"] for m in admin.get("/api/v1/messages").json()]
+
+
+def test_settings_password_is_write_only_and_encrypted(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    secret = "Tr3s-S3cret-Password"
+    out = server.configure_relay(
+        relay, relay={"host": relay.host, "port": relay.port, "security": "none",
+                      "auth": "password", "username": "college", "password": secret,
+                      "timeout": 5}
+    )
+    assert "password" not in out["relay"] and out["relay"]["password_set"] is True
+    with server.client() as c:
+        got = c.get("/api/v1/settings").json()
+        assert secret not in str(got) and got["relay"]["password_set"] is True
+        # Changing another part keeps the stored password.
+        c.put("/api/v1/settings", json={"relay": {**got["relay"], "timeout": 9}})
+        assert c.get("/api/v1/settings").json()["relay"]["password_set"] is True
+    db = (server.data_dir / "postier.db").read_bytes()
+    wal = server.data_dir / "postier.db-wal"
+    assert secret.encode() not in db + (wal.read_bytes() if wal.exists() else b"")
+    key = server.data_dir / "secret.key"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+
+
+def test_settings_validation_names_the_field(server: ServerProcess) -> None:
+    with server.client(**{"Accept-Language": "en"}) as c:
+        before = c.get("/api/v1/settings").json()
+        for body, field in [
+            ({"relay": {"host": "smtp.ac-lyon.fr", "port": 70000}}, "relay.port"),
+            ({"relay": {"host": "smtp.ac-lyon.fr", "security": "ssl"}}, "relay.security"),
+            ({"relay": {"host": "smtp.ac-lyon.fr", "timeout": 0}}, "relay.timeout"),
+            ({"allowed_domains": ["ac-lyon.fr", "https://ac-lyon.fr"]}, "allowed_domains.1"),
+            ({"sender": {"address": "pas-une-adresse"}}, "sender.address"),
+        ]:
+            r = c.put("/api/v1/settings", json={**body, "delegation": False})
+            assert r.status_code == 422, (body, r.text)
+            assert r.json()["error"]["field"] == field, r.json()
+        assert c.get("/api/v1/settings").json() == before, "nothing half-saved"
+
+
+def test_delegation_off_refuses_with_explanation(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay, delegation=False)
+    with server.client("alice", **{"Accept-Language": "fr"}) as c:
+        r = c.post("/api/v1/messages", json=MSG)
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "delegation_off"
+    assert r.json()["error"]["hint"]
+
+
+def test_idempotency_key(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    body = {**MSG, "idempotency_key": "convocation-2026-42"}
+    with server.client("alice") as alice, server.client("bob") as bob:
+        a = alice.post("/api/v1/messages", json=body).json()
+        b = alice.post("/api/v1/messages", json=body).json()
+        assert a["id"] == b["id"] and b["duplicate"] is True
+        # The key is per user: bob's identical key is his own message.
+        c = bob.post("/api/v1/messages", json=body).json()
+        assert c["id"] != a["id"]
+    relay.wait_for(2)
+    time.sleep(0.5)
+    assert len(relay.messages) == 2
+
+
+def test_cancel_and_retry(server: ServerProcess, relay: FaultRelay) -> None:
+    server.configure_relay(relay)
+    relay.down()
+    with server.client("alice") as c:
+        a = c.post("/api/v1/messages", json=MSG).json()["id"]
+        b = c.post("/api/v1/messages", json=MSG).json()["id"]
+        server.wait_status(a, "deferred", user="alice")
+        r = c.post(f"/api/v1/messages/{a}/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "cancelled"
+        server.wait_status(b, "deferred", user="alice")
+        relay.up()
+        r = c.post(f"/api/v1/messages/{b}/retry")
+        assert r.status_code == 200
+        server.wait_status(b, "sent", user="alice", timeout=5)
+        r = c.post(f"/api/v1/messages/{b}/cancel")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+        assert c.get(f"/api/v1/messages/{a}").json()["status"] == "cancelled"
+    assert len(relay.messages) == 1
+
+
+def test_cli_creates_users_and_tokens_while_server_runs(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay)
+    env = {**os.environ, "POSTIER_DATA_DIR": str(server.data_dir)}
+    cli = [sys.executable, "-m", "postier"]
+    r = subprocess.run(
+        [*cli, "users", "add", "claire", "--email", "claire.petit@ac-lyon.fr",
+         "--name", "Claire Petit", "--password-stdin"],
+        input="un-mot-de-passe\n", capture_output=True, text=True, env=env, timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "tokens", "create", "claire"], capture_output=True, text=True,
+                       env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.strip().splitlines()[-1]
+    resp = httpx.post(server.url + "/api/v1/messages", json=MSG,
+                      headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 202, resp.text
+    (got,) = relay.wait_for(1)
+    assert got.mail_from == "claire.petit@ac-lyon.fr"
+    r = subprocess.run(
+        [*cli, "users", "add", "claire", "--email", "c@ac-lyon.fr"],
+        capture_output=True, text=True, env={**env, "LANG": "fr_FR.UTF-8"}, timeout=30,
+    )
+    assert r.returncode == 1 and "claire" in r.stderr
