@@ -23,6 +23,7 @@ from postier.config import ServerConfig
 from postier.errors import PostierError
 from postier.i18n import system_language
 from postier.service import Postier
+from postier.store.base import User
 
 T = TypeVar("T")
 
@@ -34,8 +35,21 @@ app = typer.Typer(
 )
 users_app = typer.Typer(help="Accounts of the establishment.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+settings_app = typer.Typer(
+    help="Delivery settings of the establishment (Paramètres d'envoi des e-mails).",
+    no_args_is_help=True,
+)
+profiles_app = typer.Typer(help="Sending profiles (profils d'envoi d'e-mails).",
+                           no_args_is_help=True)
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(settings_app, name="settings")
+app.add_typer(profiles_app, name="profiles")
+
+# Commands run at the server's console act as this administrator in the audit log: whoever
+# can read the data directory already holds every key.
+CONSOLE = User(id=0, establishment_id=1, username="console", email="", display_name="",
+               role="admin", disabled=False)
 
 out = Console()
 err = Console(stderr=True)
@@ -185,6 +199,216 @@ def tokens_list(
     for t in _run(_config(data_dir, database_url), action):
         state = "revoked" if t.revoked_at else "active"
         out.print(json.dumps({"id": t.id, "name": t.name, "state": state}))
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    if key == "allowed_domains":
+        return [d.strip() for d in raw.replace(",", " ").split() if d.strip()]
+    if raw.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return raw.lower() in ("true", "yes", "on")
+    if raw.isdigit():
+        return int(raw)
+    return raw
+
+
+@settings_app.command("show")
+def settings_show(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Show the settings (the relay password only as password_set)."""
+    doc = _run(_config(data_dir, database_url), lambda core: core.get_settings(CONSOLE))
+    out.print_json(json.dumps(doc, ensure_ascii=False))
+
+
+@settings_app.command("set")
+def settings_set(
+    key: Annotated[str, typer.Argument(help="Dotted key, e.g. relay.host, sender.address, "
+                                            "allowed_domains, delegation, retry.max_age")],
+    value: Annotated[str, typer.Argument(help="The value; allowed_domains: comma-separated")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Change one setting; the whole settings are validated before anything is saved."""
+
+    async def action(core: Postier) -> dict[str, Any]:
+        current = (await core.delivery_settings(1)).model_dump(mode="json")
+        section, _, leaf = key.partition(".")
+        if section not in current or (leaf and not isinstance(current[section], dict)) or (
+            leaf and leaf not in current[section]
+        ):
+            names = [
+                f"{sec}.{k}" for sec, sub in current.items() if isinstance(sub, dict)
+                for k in sub
+            ] + [sec for sec, sub in current.items() if not isinstance(sub, dict)]
+            _fail(f"Unknown setting {key!r}.", "Settings: " + ", ".join(sorted(names)))
+        if leaf:
+            current[section][leaf] = _parse_value(leaf, value)
+            payload = {section: current[section]}
+        else:
+            payload = {section: _parse_value(section, value)}
+        return await core.put_settings(CONSOLE, payload)
+
+    try:
+        doc = _run(_config(data_dir, database_url), action)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        _fail(f"{key}: {first['msg'].removeprefix('Value error, ')}")
+        raise
+    out.print_json(json.dumps(doc, ensure_ascii=False))
+
+
+@settings_app.command("test")
+def settings_test(
+    to: Annotated[str, typer.Option("--to", help="Who receives the test e-mail")],
+    check_senders: Annotated[
+        bool, typer.Option("--check-senders", help="Also check the policy's sender addresses")
+    ] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Tester l'envoi d'e-mails: send a real test e-mail with the saved settings and
+    report every step."""
+    lang = system_language()
+    report = _run(
+        _config(data_dir, database_url),
+        lambda core: core.admin.test_settings(CONSOLE, to, None, lang,
+                                              check_senders=check_senders),
+    )
+    print_report(report.as_dict())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """Show a test-send report as a person reads it."""
+    table = Table("", "step", "ms", "detail")
+    for s in report["steps"]:
+        table.add_row("[green]✓[/]" if s["ok"] else "[red]✗[/]", s["step"], str(s["ms"]),
+                      s["detail"])
+    out.print(table)
+    if report.get("error"):
+        e = report["error"]
+        err.print(f"[bold red]{e['message']}[/]", highlight=False)
+        if e.get("hint"):
+            err.print(e["hint"], highlight=False)
+    else:
+        out.print(f"[green]OK[/] ({report.get('latency_ms')} ms)")
+        if report.get("suggestion"):
+            out.print(report["suggestion"], highlight=False)
+    for c in report.get("sender_checks") or []:
+        mark = "[green]✓[/]" if c["ok"] else "[red]✗[/]"
+        out.print(f"{mark} MAIL FROM:<{c['address']}> {c.get('code') or ''} {c.get('reply') or ''}",
+                  highlight=False)
+
+
+ProfileOpt = Annotated[str | None, typer.Option(help="SMTP server host")]
+
+
+def _profile_payload(
+    label: str, host: str | None, port: int | None, security: str | None, auth: str | None,
+    username: str | None, password_stdin: bool, timeout: int | None,
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {k: v for k, v in (base or {}).items()
+                               if k not in ("id", "password_set")}
+    payload["label"] = label
+    for k, v in (("host", host), ("port", port), ("security", security), ("auth", auth),
+                 ("username", username), ("timeout", timeout)):
+        if v is not None:
+            payload[k] = v
+    payload["password"] = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
+    return payload
+
+
+@profiles_app.command("list")
+def profiles_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """List the establishment's sending profiles (no password shown)."""
+    rows = _run(_config(data_dir, database_url), lambda core: core.admin.list_profiles(CONSOLE))
+    table = Table("id", "label", "server", "security", "auth", "username", "password")
+    for p in rows:
+        table.add_row(str(p["id"]), p["label"], f"{p['host']}:{p['port']}", p["security"],
+                      p["auth"], p["username"], "stored" if p["password_set"] else "-")
+    out.print(table)
+
+
+@profiles_app.command("add")
+def profiles_add(
+    label: str,
+    host: Annotated[str, typer.Option(help="SMTP server host")],
+    port: Annotated[int, typer.Option(help="SMTP port")] = 587,
+    security: Annotated[str, typer.Option(help="none, starttls or tls")] = "starttls",
+    auth: Annotated[str, typer.Option(help="none or password")] = "none",
+    username: Annotated[str, typer.Option(help="Shared username (optional)")] = "",
+    password_stdin: Annotated[bool, typer.Option("--password-stdin",
+                                                 help="Read a shared password from stdin")] = False,
+    timeout: Annotated[int, typer.Option(help="Server timeout in seconds")] = 30,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Create a sending profile."""
+    payload = _profile_payload(label, host, port, security, auth, username, password_stdin,
+                               timeout)
+    p = _run_validated(_config(data_dir, database_url),
+                       lambda core: core.admin.create_profile(CONSOLE, payload))
+    out.print(f"Profile {p['id']} {p['label']!r} created.", highlight=False)
+
+
+@profiles_app.command("edit")
+def profiles_edit(
+    label: str,
+    new_label: Annotated[str | None, typer.Option(help="Rename the profile")] = None,
+    host: ProfileOpt = None,
+    port: Annotated[int | None, typer.Option(help="SMTP port")] = None,
+    security: Annotated[str | None, typer.Option(help="none, starttls or tls")] = None,
+    auth: Annotated[str | None, typer.Option(help="none or password")] = None,
+    username: Annotated[str | None, typer.Option(help="Shared username")] = None,
+    password_stdin: Annotated[bool, typer.Option("--password-stdin",
+                                                 help="Read a new shared password")] = False,
+    timeout: Annotated[int | None, typer.Option(help="Server timeout in seconds")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Change a sending profile (options not given stay as they are)."""
+
+    async def action(core: Postier) -> dict[str, Any]:
+        current = await _find_profile(core, label)
+        payload = _profile_payload(new_label or label, host, port, security, auth, username,
+                                   password_stdin, timeout, base=current)
+        return await core.admin.update_profile(CONSOLE, current["id"], payload)
+
+    p = _run_validated(_config(data_dir, database_url), action)
+    out.print(f"Profile {p['label']!r} updated.", highlight=False)
+
+
+@profiles_app.command("remove")
+def profiles_remove(label: str, data_dir: DataDir = None,
+                    database_url: DatabaseUrl = None) -> None:
+    """Delete a sending profile."""
+
+    async def action(core: Postier) -> None:
+        await core.admin.delete_profile(CONSOLE, (await _find_profile(core, label))["id"])
+
+    _run(_config(data_dir, database_url), action)
+    out.print(f"Profile {label!r} removed.", highlight=False)
+
+
+async def _find_profile(core: Postier, label: str) -> dict[str, Any]:
+    for p in await core.admin.list_profiles(CONSOLE):
+        if p["label"] == label or str(p["id"]) == label:
+            return p
+    from postier.errors import NotFound
+
+    raise NotFound("There is no sending profile {id}.", id=label)
+
+
+def _run_validated(config: ServerConfig, action: Callable[[Postier], Awaitable[T]]) -> T:
+    try:
+        return _run(config, action)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        _fail(problems)
+        raise
 
 
 def main() -> None:

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from postier import accounts, policy
+from postier.administration import Administration, require_admin
 from postier.config import ServerConfig
 from postier.crypto import SecretBox
 from postier.errors import (
     AuthenticationRequired,
     Conflict,
     DelegationOff,
-    Forbidden,
     InvalidInput,
     NotFound,
     PostierError,
@@ -77,6 +77,7 @@ class Postier:
         self.secrets = SecretBox.for_data_dir(self.data_dir)
         self._settings: dict[int, tuple[DeliverySettings, float]] = {}
         self._notify: list[Any] = []
+        self.admin = Administration(self)
 
     async def open(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -189,18 +190,19 @@ class Postier:
         return doc
 
     async def get_settings(self, user: User) -> dict[str, Any]:
-        _require_admin(user)
+        require_admin(user)
         return (await self.delivery_settings(user.establishment_id)).public()
 
     async def put_settings(self, user: User, payload: dict[str, Any]) -> dict[str, Any]:
         """Replace the parts of the settings given in ``payload`` (validated whole first,
         so nothing is half-saved); the relay password is kept when none is given."""
-        _require_admin(user)
+        require_admin(user)
         update = DeliverySettings.model_validate(payload)
         current = await self.delivery_settings(user.establishment_id)
         merged = current.merged_with(update, set(payload))
         await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
         self._settings.pop(user.establishment_id, None)
+        await self.admin.audit_settings_change(user, current, merged)
         log.info("settings of establishment %s changed by %s", user.establishment_id,
                  user.username)
         return merged.public()
@@ -227,7 +229,7 @@ class Postier:
     async def preview(self, user: User, username: str | None, lang: str) -> Preview:
         target = user
         if username and username != user.username:
-            _require_admin(user)
+            require_admin(user)
             target = await self.find_user(username, user.establishment_id)
         settings = await self.delivery_settings(user.establishment_id)
         d = self.decide_sender(target, settings)
@@ -343,9 +345,3 @@ def explain_error(last_error: str | None, lang: str) -> dict[str, Any] | None:
         return load(json.loads(last_error)).render(lang)
     except (ValueError, TypeError):
         return {"code": "unexpected", "message": last_error}
-
-
-def _require_admin(user: User) -> None:
-    if not user.is_admin:
-        raise Forbidden(N_("Only an administrator of the establishment may do this."))
-

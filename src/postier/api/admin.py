@@ -1,4 +1,4 @@
-"""Establishment administration: delivery settings and the sender preview."""
+"""Establishment administration: delivery settings, test-send and the sender preview."""
 
 from __future__ import annotations
 
@@ -76,3 +76,44 @@ async def preview(body: PreviewIn, user: CurrentUser, core: Core, lang: Lang) ->
         {"from": p.from_, "reply_to": p.reply_to, "envelope_from": p.envelope_from,
          "rule": p.rule, "explanation": p.explanation}
     )
+
+
+class TestIn(BaseModel):
+    to: str = Field(description="Who receives the test e-mail")
+    settings: dict[str, Any] | None = Field(
+        None,
+        description="Unsaved settings to test (any part of the settings, same shape as "
+        "PUT /api/v1/settings); omitted: the saved settings",
+    )
+    check_senders: bool = Field(
+        False,
+        description="Also check that the relay accepts MAIL FROM for the sender addresses "
+        "the policy will use (no e-mail sent for these)",
+    )
+
+
+class StepOut(BaseModel):
+    step: str
+    ok: bool
+    ms: int
+    detail: str
+
+
+class TestOut(BaseModel):
+    ok: bool
+    steps: list[StepOut]
+    error: dict[str, Any] | None
+    latency_ms: int | None
+    suggestion: str | None
+    sender_checks: list[dict[str, Any]]
+
+
+@router.post("/test", responses=_ERRORS)
+async def test_settings(body: TestIn, user: CurrentUser, core: Core, lang: Lang) -> TestOut:
+    """"Tester l'envoi d'e-mails": send a real test e-mail and report every step, with
+    its timing and the server's replies; a failure comes with its explanation and remedy
+    in the caller's language. Never longer than three times the configured timeout."""
+    report = await core.admin.test_settings(
+        user, body.to, body.settings, lang, check_senders=body.check_senders
+    )
+    return TestOut.model_validate(report.as_dict())

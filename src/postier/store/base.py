@@ -156,6 +156,26 @@ class MessageRecord:
     history: list[AttemptRecord] = field(default_factory=list)
 
 
+@dataclass
+class ProfileRecord:
+    id: int
+    establishment_id: int
+    label: str
+    data: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    details: dict[str, Any]
+
+
 class Store(abc.ABC):
     """Durable storage of accounts, settings and the queue."""
 
@@ -206,6 +226,45 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def revoke_token(self, user_id: int, token_id: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def revoke_all_tokens(self, user_id: int) -> int: ...
+
+    # -- profiles and audit ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_profile(
+        self, establishment_id: int, label: str, data: dict[str, Any]
+    ) -> ProfileRecord:
+        """Raises Conflict when the label is taken in the establishment."""
+
+    @abc.abstractmethod
+    async def update_profile(self, profile_id: int, label: str, data: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_profile(self, profile_id: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def get_profile(self, profile_id: int) -> ProfileRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_profiles(self, establishment_id: int) -> list[ProfileRecord]: ...
+
+    @abc.abstractmethod
+    async def record_retrieval(self, profile_id: int, user_id: int) -> None: ...
+
+    @abc.abstractmethod
+    async def audit(
+        self,
+        establishment_id: int,
+        actor: str,
+        action: str,
+        target: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """Append to the audit log (never give it a secret's value)."""
+
+    @abc.abstractmethod
+    async def list_audit(self, establishment_id: int, limit: int = 200) -> list[AuditEntry]: ...
 
     # -- settings ------------------------------------------------------------------------
     @abc.abstractmethod

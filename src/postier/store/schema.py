@@ -146,3 +146,38 @@ attempts = Table(
     Column("detail", Text),
     Index("ix_attempts_message", "message_id"),
 )
+
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, ForeignKey("establishments.id"), nullable=False),
+    Column("label", String(100), nullable=False),
+    Column("data", Text, nullable=False),  # SMTP settings; the password encrypted
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ux_profiles_label", "establishment_id", "label", unique=True),
+)
+
+profile_retrievals = Table(
+    "profile_retrievals",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("profile_id", Integer, nullable=False),
+    Column("user_id", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_profile_retrievals_profile", "profile_id"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("actor", String(100), nullable=False),
+    Column("action", String(50), nullable=False),
+    Column("target", String(200), nullable=False, server_default=""),
+    Column("details", Text, nullable=False, server_default="{}"),
+    Index("ix_audit_establishment", "establishment_id", "at"),
+)

@@ -17,11 +17,11 @@ import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from postier.errors import Conflict, StoreUnavailable
+from postier.errors import Conflict, InvalidInput, StoreUnavailable
 from postier.i18n import N_
 from postier.store import schema as t
 from postier.store.base import (
@@ -31,12 +31,14 @@ from postier.store.base import (
     SENDING,
     STATUSES,
     AttemptRecord,
+    AuditEntry,
     Claimed,
     EnqueueResult,
     Establishment,
     MessageRecord,
     NewMessage,
     Outcome,
+    ProfileRecord,
     RecipientState,
     Store,
     TokenInfo,
@@ -157,6 +159,21 @@ def _token(row: Any) -> TokenInfo:
         created_at=row.created_at,
         last_used_at=row.last_used_at,
         revoked_at=row.revoked_at,
+    )
+
+
+def _profile(row: Any) -> ProfileRecord:
+    return ProfileRecord(
+        row.id, row.establishment_id, row.label, json.loads(row.data), row.created_at,
+        row.updated_at,
+    )
+
+
+def _label_taken(label: str) -> InvalidInput:
+    return InvalidInput(
+        N_("A profile labelled {label!r} already exists: choose another label."),
+        field="label",
+        label=label,
     )
 
 
@@ -338,6 +355,118 @@ class SQLStore(Store):
             return int(res.rowcount)
 
         return bool(await self.write(job))
+
+    async def revoke_all_tokens(self, user_id: int) -> int:
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                update(t.tokens)
+                .where(t.tokens.c.user_id == user_id, t.tokens.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+            return int(res.rowcount)
+
+        result: int = await self.write(job)
+        return result
+
+    # -- profiles and audit ----------------------------------------------------------------
+    async def create_profile(
+        self, establishment_id: int, label: str, data: dict[str, Any]
+    ) -> ProfileRecord:
+        now = time.time()
+        doc = json.dumps(data, sort_keys=True)
+
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                insert(t.profiles).values(
+                    establishment_id=establishment_id, label=label, data=doc,
+                    created_at=now, updated_at=now,
+                )
+            )
+            return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+        try:
+            profile_id = await self.write(job)
+        except Conflict as exc:
+            raise _label_taken(label) from exc
+        return ProfileRecord(profile_id, establishment_id, label, data, now, now)
+
+    async def update_profile(self, profile_id: int, label: str, data: dict[str, Any]) -> None:
+        doc = json.dumps(data, sort_keys=True)
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(t.profiles)
+                .where(t.profiles.c.id == profile_id)
+                .values(label=label, data=doc, updated_at=time.time())
+            )
+
+        try:
+            await self.write(job)
+        except Conflict as exc:
+            raise _label_taken(label) from exc
+
+    async def delete_profile(self, profile_id: int) -> bool:
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(delete(t.profiles).where(t.profiles.c.id == profile_id))
+            return int(res.rowcount)
+
+        return bool(await self.write(job))
+
+    async def get_profile(self, profile_id: int) -> ProfileRecord | None:
+        rows = await self._read(select(t.profiles).where(t.profiles.c.id == profile_id))
+        return _profile(rows[0]) if rows else None
+
+    async def list_profiles(self, establishment_id: int) -> list[ProfileRecord]:
+        rows = await self._read(
+            select(t.profiles)
+            .where(t.profiles.c.establishment_id == establishment_id)
+            .order_by(t.profiles.c.label)
+        )
+        return [_profile(r) for r in rows]
+
+    async def record_retrieval(self, profile_id: int, user_id: int) -> None:
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(
+                insert(t.profile_retrievals).values(
+                    profile_id=profile_id, user_id=user_id, at=time.time()
+                )
+            )
+
+        await self.write(job)
+
+    async def audit(
+        self,
+        establishment_id: int,
+        actor: str,
+        action: str,
+        target: str = "",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        row = {
+            "establishment_id": establishment_id,
+            "at": time.time(),
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "details": json.dumps(details or {}, sort_keys=True),
+        }
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(insert(t.audit_log).values(**row))
+
+        await self.write(job)
+
+    async def list_audit(self, establishment_id: int, limit: int = 200) -> list[AuditEntry]:
+        rows = await self._read(
+            select(t.audit_log)
+            .where(t.audit_log.c.establishment_id == establishment_id)
+            .order_by(t.audit_log.c.id.desc())
+            .limit(limit)
+        )
+        return [
+            AuditEntry(r.id, r.at, r.actor, r.action, r.target, json.loads(r.details))
+            for r in rows
+        ]
 
     # -- settings ------------------------------------------------------------------------
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:

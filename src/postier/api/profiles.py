@@ -1,0 +1,74 @@
+"""Sending profiles ("profils d'envoi d'e-mails"): administrators define them, users
+retrieve one into their workstation settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, status
+
+from postier.api.deps import Core, CurrentUser
+from postier.api.views import ErrorResponse
+
+router = APIRouter(prefix="/api/v1/profiles", tags=["profiles"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (401, 403, 404, 422)
+}
+_EXAMPLE = {
+    "label": "Messagerie académique",
+    "host": "smtp.ac-lyon.fr",
+    "port": 587,
+    "security": "starttls",
+    "auth": "password",
+    "username": "",
+    "password": None,
+    "timeout": 30,
+}
+
+
+@router.get("", responses=_ERRORS)
+async def list_profiles(user: CurrentUser, core: Core) -> list[dict[str, Any]]:
+    """Every profile of the establishment (no password in any listing)."""
+    return await core.admin.list_profiles(user)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
+async def create_profile(
+    user: CurrentUser,
+    core: Core,
+    payload: dict[str, Any] = Body(..., examples=[_EXAMPLE]),
+) -> dict[str, Any]:
+    """Create a profile (administrators). The label must be unique; the username and the
+    shared password are optional, the password write-only."""
+    return await core.admin.create_profile(user, payload)
+
+
+@router.get("/{profile_id}", responses=_ERRORS)
+async def get_profile(profile_id: int, user: CurrentUser, core: Core) -> dict[str, Any]:
+    return await core.admin.get_profile(user, profile_id)
+
+
+@router.put("/{profile_id}", responses=_ERRORS)
+async def update_profile(
+    profile_id: int,
+    user: CurrentUser,
+    core: Core,
+    payload: dict[str, Any] = Body(..., examples=[_EXAMPLE]),
+) -> dict[str, Any]:
+    """Replace a profile (administrators); omit ``password`` to keep the stored one,
+    give ``""`` to remove it."""
+    return await core.admin.update_profile(user, profile_id, payload)
+
+
+@router.delete("/{profile_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+async def delete_profile(profile_id: int, user: CurrentUser, core: Core) -> None:
+    await core.admin.delete_profile(user, profile_id)
+
+
+@router.post("/{profile_id}/retrieve", responses=_ERRORS)
+async def retrieve_profile(profile_id: int, user: CurrentUser, core: Core) -> dict[str, Any]:
+    """"Récupérer un profil d'envoi d'e-mails": what a workstation needs to send with
+    this profile, including the shared password if the administrator stored one. Each
+    retrieval is recorded."""
+    return await core.admin.retrieve_profile(user, profile_id)
