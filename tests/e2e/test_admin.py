@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import httpx
+
 from support.relay import FaultRelay
 from support.server import ServerProcess
 

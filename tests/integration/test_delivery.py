@@ -20,6 +20,7 @@ from postier.delivery.worker import DeliveryWorker
 from postier.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.store import create_store, database_url
 from postier.store.base import NewMessage, Store
+
 from support.relay import FaultRelay
 
 RAW = (

@@ -18,6 +18,7 @@ import postier.i18n
 from postier import diagnose
 from postier.diagnose import TestReport
 from postier.settings import RelaySettings
+
 from support.relay import FaultRelay
 
 LOCALE = Path(postier.i18n.__file__).parent / "locale" / "fr" / "LC_MESSAGES"
