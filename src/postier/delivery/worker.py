@@ -252,51 +252,58 @@ class DeliveryWorker:
 
     async def _deliver(self, claimed: Claimed) -> None:
         settings = await self.settings_for(claimed.establishment_id)
-        relay = settings.relay
-        attempted = [r for r in claimed.recipients if r.status in ("pending", DEFERRED)]
-        started_at = time.time()
-        t0 = time.perf_counter()
-        # A bound on the whole conversation, beyond each command's own timeout, so a relay
-        # that answers one byte at a time cannot hold a delivery forever.
-        whole = relay.timeout * (6 + len(attempted)) + len(claimed.data) / 50_000
-        try:
-            result = await asyncio.wait_for(
-                self.pool.send(
-                    relay,
-                    claimed.envelope_from,
-                    [r.address for r in attempted],
-                    claimed.data,
-                    smtputf8=claimed.smtputf8,
-                ),
-                whole,
-            )
-        except Exception as exc:
-            # Whatever went wrong, the message must not stay stuck "sending": it is
-            # deferred with the reason, and the worker goes on.
-            if not isinstance(exc, TimeoutError):
-                log.exception("unexpected error delivering %s", claimed.id)
-            err = classify(exc, "data", relay)
-            result = TransactionResult(
-                [RcptResult(r.address, DEFERRED, None, err.reply or err.message())
-                 for r in attempted],
-                error=err,
-                reusable=False,
-            )
-        duration_ms = int((time.perf_counter() - t0) * 1000)
-        outcome = decide(
-            claimed,
-            attempted,
-            result,
-            RetryPolicy.from_settings(settings.retry),
-            now=time.time(),
-            started_at=started_at,
-            duration_ms=duration_ms,
-            relay=relay_label(relay),
-        )
+        outcome = await deliver_one(claimed, settings, self.pool)
         await self.store.record_outcomes(self.worker_id, [outcome])
         _log_outcome(claimed, outcome)
         if outcome.status in (SENT, FAILED) and self.on_final is not None:
             self.on_final(outcome)
+
+
+async def deliver_one(
+    claimed: Claimed, settings: DeliverySettings, pool: RelayPool
+) -> Outcome:
+    """One delivery attempt of a claimed message through ``settings.relay``: what the
+    server's workers and a workstation's outbox both do."""
+    relay = settings.relay
+    attempted = [r for r in claimed.recipients if r.status in ("pending", DEFERRED)]
+    started_at = time.time()
+    t0 = time.perf_counter()
+    # A bound on the whole conversation, beyond each command's own timeout, so a relay
+    # that answers one byte at a time cannot hold a delivery forever.
+    whole = relay.timeout * (6 + len(attempted)) + len(claimed.data) / 50_000
+    try:
+        result = await asyncio.wait_for(
+            pool.send(
+                relay,
+                claimed.envelope_from,
+                [r.address for r in attempted],
+                claimed.data,
+                smtputf8=claimed.smtputf8,
+            ),
+            whole,
+        )
+    except Exception as exc:
+        # Whatever went wrong, the message must not stay stuck "sending": it is deferred
+        # with the reason, and the caller goes on.
+        if not isinstance(exc, TimeoutError):
+            log.exception("unexpected error delivering %s", claimed.id)
+        err = classify(exc, "data", relay)
+        result = TransactionResult(
+            [RcptResult(r.address, DEFERRED, None, err.reply or err.message())
+             for r in attempted],
+            error=err,
+            reusable=False,
+        )
+    return decide(
+        claimed,
+        attempted,
+        result,
+        RetryPolicy.from_settings(settings.retry),
+        now=time.time(),
+        started_at=started_at,
+        duration_ms=int((time.perf_counter() - t0) * 1000),
+        relay=relay_label(relay),
+    )
 
 
 def _log_outcome(claimed: Claimed, outcome: Outcome) -> None:

@@ -1,106 +1,41 @@
-"""The ``postier`` command: run the server and administer it.
+"""Commands for the server side: run it, and administer the establishment from its console.
 
-Administration commands work on the same data as the server (``--data-dir`` or
-``POSTIER_DATA_DIR``, ``--database-url`` or ``POSTIER_DATABASE_URL``), also while it runs.
-Errors are printed in the terminal's language (``LANG``) with what to do about them.
+They work on the same data as the server (``--data-dir`` or ``POSTIER_DATA_DIR``,
+``--database-url`` or ``POSTIER_DATABASE_URL``), also while it runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
+from postier.cli.common import (
+    CONSOLE,
+    DatabaseUrl,
+    DataDir,
+    T,
+    _config,
+    _fail,
+    _run,
+    app,
+    err,
+    fail_with,
+    out,
+    profiles_app,
+    settings_app,
+    tokens_app,
+    users_app,
+)
 from postier.config import ServerConfig
 from postier.errors import PostierError
 from postier.i18n import system_language
 from postier.service import Postier
-from postier.store.base import User
-
-T = TypeVar("T")
-
-app = typer.Typer(
-    help="Postier: outgoing e-mail for school software.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-users_app = typer.Typer(help="Accounts of the establishment.", no_args_is_help=True)
-tokens_app = typer.Typer(help="API tokens.", no_args_is_help=True)
-settings_app = typer.Typer(
-    help="Delivery settings of the establishment (Paramètres d'envoi des e-mails).",
-    no_args_is_help=True,
-)
-profiles_app = typer.Typer(help="Sending profiles (profils d'envoi d'e-mails).",
-                           no_args_is_help=True)
-app.add_typer(users_app, name="users")
-app.add_typer(tokens_app, name="tokens")
-app.add_typer(settings_app, name="settings")
-app.add_typer(profiles_app, name="profiles")
-
-# Commands run at the server's console act as this administrator in the audit log: whoever
-# can read the data directory already holds every key.
-CONSOLE = User(id=0, establishment_id=1, username="console", email="", display_name="",
-               role="admin", disabled=False)
-
-out = Console()
-err = Console(stderr=True)
-
-DataDir = Annotated[
-    Path | None,
-    typer.Option("--data-dir", envvar="POSTIER_DATA_DIR", help="Data directory of the server"),
-]
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option("--database-url", envvar="POSTIER_DATABASE_URL", help="Default: SQLite"),
-]
-
-
-def _config(data_dir: Path | None, database_url: str | None, **extra: Any) -> ServerConfig:
-    values: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
-    if data_dir is not None:
-        values["data_dir"] = data_dir
-    if database_url is not None:
-        values["database_url"] = database_url
-    try:
-        return ServerConfig(**values)
-    except ValidationError as exc:
-        _fail(str(exc))
-        raise
-
-
-def _fail(message: str, hint: str | None = None) -> None:
-    err.print(f"[bold red]Error:[/] {message}", highlight=False)
-    if hint:
-        err.print(hint, highlight=False)
-    raise typer.Exit(1)
-
-
-def _run(config: ServerConfig, action: Callable[[Postier], Awaitable[T]]) -> T:
-    """Open the installation, run one action, close; errors shown in the user's language."""
-
-    async def main() -> T:
-        core = Postier(config)
-        await core.open()
-        try:
-            return await action(core)
-        finally:
-            await core.close()
-
-    try:
-        return asyncio.run(main())
-    except PostierError as exc:
-        lang = system_language()
-        _fail(exc.message(lang), exc.hint(lang))
-        raise
 
 
 @app.command()
@@ -126,8 +61,7 @@ def serve(
     try:
         server.run(config)
     except PostierError as exc:
-        lang = system_language()
-        _fail(exc.message(lang), exc.hint(lang))
+        fail_with(exc)
     except KeyboardInterrupt:
         pass
 
@@ -320,7 +254,13 @@ def _profile_payload(
 
 @profiles_app.command("list")
 def profiles_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
-    """List the establishment's sending profiles (no password shown)."""
+    """List the establishment's sending profiles (no password shown): from the server's
+    data (--data-dir) at its console, or through the server from a workstation."""
+    if data_dir is None and database_url is None:
+        from postier.cli.workstation import list_server_profiles
+
+        list_server_profiles()
+        return
     rows = _run(_config(data_dir, database_url), lambda core: core.admin.list_profiles(CONSOLE))
     table = Table("id", "label", "server", "security", "auth", "username", "password")
     for p in rows:
@@ -409,11 +349,3 @@ def _run_validated(config: ServerConfig, action: Callable[[Postier], Awaitable[T
         )
         _fail(problems)
         raise
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

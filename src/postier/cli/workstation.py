@@ -1,0 +1,269 @@
+"""Commands of a workstation: its sending settings, sending, following, the local outbox.
+
+They follow the workstation's settings file (``postier config show``): through the
+Postier server (``server`` mode) or directly with the user's own or a profile's SMTP
+server (``own`` / ``profile`` modes). Exit status: 0 when the e-mail is sent or queued,
+75 (try again later) when it is kept in the outbox, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from postier import diagnose, outbox, workstation
+from postier.cli.admin import print_report
+from postier.cli.common import (
+    _fail,
+    app,
+    err,
+    fail_with,
+    out,
+    outbox_app,
+    profiles_app,
+    workstation_config_app,
+)
+from postier.client import SendResult, client_for, send
+from postier.errors import InvalidInput, PostierError
+from postier.i18n import system_language
+from postier.workstation import Mode, WorkstationSettings
+
+EX_TEMPFAIL = 75
+
+
+def _settings() -> WorkstationSettings:
+    try:
+        return workstation.load()
+    except PostierError as exc:
+        fail_with(exc)
+
+
+@workstation_config_app.command("show")
+def config_show() -> None:
+    """Show this workstation's settings (secrets masked) and where they are kept."""
+    s = _settings()
+    err.print(f"# {workstation.config_path()}", highlight=False)
+    out.print_json(json.dumps(s.public(), ensure_ascii=False))
+
+
+@workstation_config_app.command("set")
+def config_set(
+    key: Annotated[str, typer.Argument(help="mode, server.url, server.token, identity.name, "
+                                            "identity.address, smtp.host, smtp.port, ...")],
+    value: Annotated[str, typer.Argument(help="The value (mode: server, own or profile)")],
+) -> None:
+    """Change one setting of this workstation; refused with the allowed values if wrong."""
+    s = _settings()
+    try:
+        s.set(key, value)
+    except PostierError as exc:
+        fail_with(exc)
+    path = workstation.save(s)
+    out.print(f"{key} set ({path}).", highlight=False)
+
+
+@workstation_config_app.command("import")
+def config_import(
+    file: Annotated[Path, typer.Argument(help="A profile file (JSON) given by the server")],
+) -> None:
+    """Use a sending profile saved from the web interface (mode becomes profile)."""
+    try:
+        profile = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(profile, dict) or "host" not in profile:
+            raise ValueError("no SMTP server in this file")
+    except (OSError, ValueError) as exc:
+        _fail(f"{file}: {exc}", "Give the profile file downloaded from the Postier server.")
+    try:
+        s = workstation.apply_profile(_settings(), profile)
+    except PostierError as exc:
+        fail_with(exc)
+    workstation.save(s)
+    out.print(f"Profile {s.profile.label!r} imported: this workstation now sends with it.",
+              highlight=False)
+
+
+@profiles_app.command("pull")
+def profiles_pull(
+    label: Annotated[str, typer.Argument(help="The profile's label (see postier profiles list)")],
+) -> None:
+    """"Récupérer un profil d'envoi d'e-mails": retrieve a profile from the server into this
+    workstation's settings (your own username and password are kept if it has none)."""
+    from postier.client import pull_profile
+
+    try:
+        s = pull_profile(label, _settings())
+    except PostierError as exc:
+        fail_with(exc)
+    workstation.save(s)
+    out.print(f"Profile {s.profile.label!r} retrieved: this workstation sends through "
+              f"{s.smtp.host}:{s.smtp.port}.", highlight=False)
+
+
+def list_server_profiles() -> None:
+    """``postier profiles list`` on a workstation: the server's profiles."""
+    try:
+        with client_for(_settings()) as c:
+            rows = c.profiles()
+    except PostierError as exc:
+        fail_with(exc)
+    table = Table("label", "server", "security", "auth")
+    for p in rows:
+        table.add_row(p["label"], f"{p['host']}:{p['port']}", p["security"], p["auth"])
+    out.print(table)
+
+
+def _show(result: SendResult, lang: str) -> None:
+    if result.status in ("sent", "queued"):
+        out.print(f"{result.status}: {result.id}", highlight=False)
+        for r in result.recipients:
+            if r.status == "failed":
+                err.print(f"{r.address}: {r.code} {r.reply}", highlight=False)
+        return
+    if result.error is not None:
+        err.print(f"[bold red]{result.error.message(lang)}[/]", highlight=False)
+        hint = result.error.hint(lang)
+        if hint:
+            err.print(hint, highlight=False)
+    if result.status == "kept":
+        err.print(f"The e-mail {result.id} is kept in this workstation's outbox: "
+                  "`postier outbox flush` sends it when the server answers again.",
+                  highlight=False)
+
+
+@app.command("send")
+def send_command(
+    to: Annotated[list[str], typer.Option("--to", help="Recipient (repeat for several)")],
+    subject: Annotated[str, typer.Option("--subject")] = "",
+    text: Annotated[str | None, typer.Option("--text", help="The text of the e-mail")] = None,
+    text_file: Annotated[Path | None, typer.Option("--text-file")] = None,
+    html_file: Annotated[Path | None, typer.Option("--html-file")] = None,
+    attach: Annotated[list[Path] | None, typer.Option("--attach", help="File to attach")] = None,
+    cc: Annotated[list[str] | None, typer.Option("--cc")] = None,
+    bcc: Annotated[list[str] | None, typer.Option("--bcc")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Sender, if allowed")] = None,
+) -> None:
+    """Send an e-mail as this workstation is set up (server, own or profile)."""
+    lang = system_language()
+    if text is not None and text_file is not None:
+        _fail("Give --text or --text-file, not both.")
+    try:
+        body = text_file.read_text(encoding="utf-8") if text_file else text
+        html = html_file.read_text(encoding="utf-8") if html_file else None
+        for f in attach or []:
+            if not f.is_file():
+                raise OSError(f"{f}: no such file")
+    except OSError as exc:
+        _fail(str(exc))
+    try:
+        result = send(to, subject, body, html, cc=cc or (), bcc=bcc or (),
+                      attachments=list(attach or []), from_=from_, lang=lang)
+    except PostierError as exc:
+        fail_with(exc)
+    except Exception as exc:  # pydantic validation of the message
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            e = exc.errors()[0]
+            _fail(f"{'.'.join(str(x) for x in e['loc'])}: "
+                  f"{str(e['msg']).removeprefix('Value error, ')}")
+        raise
+    _show(result, lang)
+    if result.status == "kept":
+        raise typer.Exit(EX_TEMPFAIL)
+    if result.status not in ("sent", "queued"):
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_command(message_id: str) -> None:
+    """What became of an e-mail (on the server, or in this workstation's outbox)."""
+    s = _settings()
+    lang = system_language()
+    doc: dict[str, Any]
+    if s.mode == Mode.SERVER:
+        try:
+            with client_for(s, lang) as c:
+                doc = c.status(message_id).raw
+        except PostierError as exc:
+            fail_with(exc)
+    else:
+        record = asyncio.run(outbox.get(message_id))
+        if record is None:
+            _fail(f"There is no e-mail {message_id} in this workstation's outbox.")
+        from postier.api.views import message_view
+
+        doc = message_view(record, lang, history=True)
+    out.print_json(json.dumps(doc, ensure_ascii=False))
+
+
+@app.command("test")
+def test_command(
+    to: Annotated[str, typer.Option("--to", help="Who receives the test e-mail")],
+) -> None:
+    """Tester l'envoi d'e-mails for this workstation: a real test e-mail, step by step
+    (own/profile), or a check of the server and of your account (server mode)."""
+    s = _settings()
+    lang = system_language()
+    if s.mode == Mode.SERVER:
+        try:
+            with client_for(s, lang) as c:
+                me = c.me()
+        except PostierError as exc:
+            fail_with(exc)
+        out.print(f"The server {s.server.url} answers; you are {me['username']} "
+                  f"<{me['email']}>.", highlight=False)
+        result = send([to], "Test Postier", "Test", settings=s, lang=lang)
+        _show(result, lang)
+        return
+    try:
+        s.check_ready()
+        from postier.policy import normalize_address
+
+        address = normalize_address(to)
+    except (PostierError, InvalidInput) as exc:
+        fail_with(exc)
+    report = asyncio.run(diagnose.test_send(
+        s.smtp, to=address, sender_name=s.identity.name, sender_address=s.identity.address,
+        lang=lang, label=s.profile.label if s.mode == Mode.PROFILE else "",
+    ))
+    print_report(report.as_dict())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@outbox_app.command("list")
+def outbox_list() -> None:
+    """E-mails of this workstation's direct sending, newest first, with their state."""
+    lang = system_language()
+    rows = asyncio.run(outbox.listing())
+    table = Table("id", "status", "subject", "recipients", "last error")
+    from postier.service import explain_error
+
+    for m in rows:
+        e = explain_error(m.last_error, lang)
+        table.add_row(m.id, m.status, m.subject, ", ".join(r.address for r in m.recipients),
+                      e["message"] if e else "")
+    out.print(table)
+
+
+@outbox_app.command("flush")
+def outbox_flush() -> None:
+    """Try again now every e-mail waiting in this workstation's outbox."""
+    s = _settings()
+    lang = system_language()
+    try:
+        s.check_ready()
+    except PostierError as exc:
+        fail_with(exc)
+    results = asyncio.run(outbox.flush(s))
+    if not results:
+        out.print("The outbox is empty: nothing to send.")
+    for r in results:
+        _show(r, lang)
+    if any(r.status == "kept" for r in results):
+        raise typer.Exit(EX_TEMPFAIL)
