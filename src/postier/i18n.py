@@ -26,17 +26,17 @@ def N_(text: str) -> str:
 
 @functools.cache
 def _catalog(lang: str) -> dict[str, str]:
-    path = _LOCALE_DIR / lang / "LC_MESSAGES" / "postier.po"
-    if not path.exists():
-        return {}
+    """Every catalogue of the language merged (``postier.po`` for the core, ``web.po`` for
+    the pages, ...), so each part of the code keeps its own file."""
     from babel.messages.pofile import read_po
 
-    with path.open("rb") as fh:
-        catalog = read_po(fh, locale=lang)
     out: dict[str, str] = {}
-    for msg in catalog:
-        if msg.id and msg.string and not msg.fuzzy and isinstance(msg.id, str):
-            out[msg.id] = str(msg.string)
+    for path in sorted((_LOCALE_DIR / lang / "LC_MESSAGES").glob("*.po")):
+        with path.open("rb") as fh:
+            catalog = read_po(fh, locale=lang)
+        for msg in catalog:
+            if msg.id and msg.string and not msg.fuzzy and isinstance(msg.id, str):
+                out[msg.id] = str(msg.string)
     return out
 
 
