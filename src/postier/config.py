@@ -27,6 +27,19 @@ class ServerConfig(BaseSettings):
     lease_seconds: float = Field(120.0, ge=2)
     poll_interval: float = Field(1.0, gt=0, description="Seconds between queue polls")
     idle_timeout: float = Field(30.0, gt=0, description="Close idle relay connections after")
+    smtp: str = Field("127.0.0.1:2587", description="SMTP submission (STARTTLS), or off")
+    smtps: str = Field("off", description="SMTP submission with implicit TLS, or off")
+    tls_cert: Path | None = Field(None, description="Certificate for SMTP submission")
+    tls_key: Path | None = Field(None, description="Its private key")
+    smtp_trusted_networks: list[str] = Field(
+        default_factory=list, description="Networks that may submit without AUTH"
+    )
+    smtp_trusted_account: str | None = Field(
+        None, description="The account trusted networks submit for"
+    )
+    smtp_max_recipients: int = Field(100, ge=1, le=10000)
+    smtp_max_connections: int = Field(200, ge=1)
+    smtp_rate_per_minute: int = Field(600, ge=1, description="Messages per account")
 
     def http_host_port(self) -> tuple[str, int]:
         return split_host_port(self.http, 8025)

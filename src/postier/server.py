@@ -16,7 +16,7 @@ from typing import IO
 import uvicorn
 
 from postier.api import create_app
-from postier.config import ServerConfig
+from postier.config import ServerConfig, split_host_port
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.errors import PostierError
@@ -70,6 +70,37 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
 
+async def start_smtp(core: Postier, config: ServerConfig) -> list[asyncio.Server]:
+    """SMTP submission doors (STARTTLS and implicit TLS), as configured."""
+    from postier import smtp_server
+
+    doors = [(v, implicit) for v, implicit in ((config.smtp, False), (config.smtps, True))
+             if v and v.lower() != "off"]
+    if not doors:
+        return []
+    if config.tls_cert and config.tls_key:
+        cert, key = config.tls_cert, config.tls_key
+    else:
+        cert, key = smtp_server.self_signed(config.data_dir, config.hostname)
+    tls = smtp_server.server_tls_context(cert, key)
+    sub = smtp_server.SubmissionConfig(
+        max_recipients=config.smtp_max_recipients,
+        max_connections=config.smtp_max_connections,
+        rate_per_minute=config.smtp_rate_per_minute,
+        trusted_networks=smtp_server.parse_networks(config.smtp_trusted_networks),
+        trusted_account=config.smtp_trusted_account,
+    )
+    servers = []
+    for value, implicit in doors:
+        host, port = split_host_port(value, 465 if implicit else 2587)
+        servers.append(await smtp_server.start_submission(
+            core, host=host, port=port, implicit_tls=implicit, tls=tls, config=sub))
+        log.info("SMTP submission (%s) on %s:%d", "implicit TLS" if implicit else "STARTTLS",
+                 host, port)
+    log.info("SMTP certificate %s, SHA-256 fingerprint %s", cert, smtp_server.fingerprint(cert))
+    return servers
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -96,6 +127,7 @@ async def serve(config: ServerConfig) -> None:
             poll_interval=config.poll_interval,
         )
     host, port = config.http_host_port()
+    smtp_servers: list[asyncio.Server] = []
     data_dir = config.data_dir
 
     async def startup() -> None:
@@ -107,6 +139,7 @@ async def serve(config: ServerConfig) -> None:
                     log.info("%d e-mails interrupted by a previous stop go out again", back)
             core.on_accept(worker.notify)
             await worker.start()
+        smtp_servers.extend(await start_smtp(core, config))
         users = await core.store.list_users(1)
         log.info("Postier listening on http://%s:%d (API description: /docs); data in %s",
                  host, port, data_dir)
@@ -120,6 +153,8 @@ async def serve(config: ServerConfig) -> None:
 
     async def shutdown() -> None:
         t0 = time.monotonic()
+        for s in smtp_servers:
+            s.close()
         if worker is not None:
             await worker.stop()
         await core.close()

@@ -30,7 +30,13 @@ from postier.errors import (
     load,
 )
 from postier.i18n import N_
-from postier.message import MessageIn, build_message, make_message_id
+from postier.message import (
+    MessageIn,
+    build_message,
+    make_message_id,
+    read_submitted,
+    rewrite_submitted,
+)
 from postier.settings import DeliverySettings
 from postier.store import create_store, database_url
 from postier.store.base import (
@@ -251,6 +257,48 @@ class Postier:
         for notify in self._notify:
             notify()
         return results
+
+    async def submit_raw(
+        self,
+        user: User,
+        mail_from: str,
+        recipients: Sequence[str],
+        raw: bytes,
+        *,
+        smtputf8: bool = False,
+    ) -> EnqueueResult:
+        """Accept a message submitted over SMTP: the envelope sender and the From must be
+        the account's own (or granted) addresses; the policy then rewrites the sender."""
+        settings = await self.delivery_settings(user.establishment_id)
+        if not settings.delegation:
+            raise DelegationOff()
+        headers = read_submitted(raw)
+        for address in (mail_from, *headers.from_addresses):
+            self.decide_sender(user, settings, address)  # SenderForbidden if not theirs
+        requested = headers.from_addresses[0] if headers.from_addresses else mail_from
+        decision = self.decide_sender(user, settings, requested, headers.reply_to)
+        message_id = make_message_id(self.config.hostname)
+        data = rewrite_submitted(raw, decision, message_id=message_id,
+                                 max_size=self.config.max_message_size, smtputf8=smtputf8)
+        wire = (lambda a: a) if smtputf8 else policy.ascii_address
+        (result,) = await self.store.enqueue([
+            NewMessage(
+                id=new_message_id(),
+                establishment_id=user.establishment_id,
+                user_id=user.id,
+                priority=PRIORITIES["normal"],
+                envelope_from=wire(decision.envelope_from),
+                header_from=decision.formatted_from,
+                message_id=headers.message_id or message_id,
+                subject=headers.subject,
+                data=data,
+                recipients=list(dict.fromkeys(recipients)),
+                smtputf8=smtputf8,
+            )
+        ])
+        for notify in self._notify:
+            notify()
+        return result
 
     def _prepare(
         self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None

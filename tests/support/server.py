@@ -58,7 +58,9 @@ class ServerProcess:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        self.smtp_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.args: list[str] = []
         self.env = {**os.environ, "POSTIER_POLL_INTERVAL": "0.2", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / "server.log"
@@ -73,7 +75,8 @@ class ServerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postier", "serve", "--data-dir", str(self.data_dir),
-             "--http", f"127.0.0.1:{self.port}"],
+             "--http", f"127.0.0.1:{self.port}", "--smtp", f"127.0.0.1:{self.smtp_port}",
+             *self.args],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

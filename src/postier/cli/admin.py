@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -48,12 +49,27 @@ def serve(
     no_delivery: Annotated[
         bool, typer.Option("--no-delivery", help="Accept e-mails only; another process delivers")
     ] = False,
+    smtp: Annotated[str | None, typer.Option(
+        help="HOST:PORT for SMTP submission with STARTTLS (default 127.0.0.1:2587), or off")
+    ] = None,
+    smtps: Annotated[str | None, typer.Option(
+        help="HOST:PORT for SMTP submission with implicit TLS (default off)")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Certificate (PEM) for SMTP")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM)")] = None,
+    smtp_trusted_networks: Annotated[list[str] | None, typer.Option(
+        help="Networks (CIDR) that may submit without AUTH, e.g. 127.0.0.0/8")] = None,
+    smtp_trusted_account: Annotated[str | None, typer.Option(
+        help="The account trusted networks submit for")] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
-    """Start the server: the HTTP API and the delivery workers."""
+    """Start the server: the HTTP API, SMTP submission and the delivery workers."""
     from postier import server
 
-    extra: dict[str, Any] = {"http": http}
+    extra: dict[str, Any] = {
+        "http": http, "smtp": smtp, "smtps": smtps, "tls_cert": tls_cert, "tls_key": tls_key,
+        "smtp_trusted_networks": smtp_trusted_networks,
+        "smtp_trusted_account": smtp_trusted_account,
+    }
     if no_delivery:
         extra["delivery"] = False
     config = _config(data_dir, database_url, **extra)

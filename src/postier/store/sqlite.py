@@ -8,6 +8,7 @@ processes (the server and a CLI command) queue for the lock instead of failing h
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy import event
@@ -16,7 +17,9 @@ from sqlalchemy.pool import NullPool
 
 from postier.store.sql import SQLStore
 
-BUSY_TIMEOUT_MS = 10_000
+# How long a writer waits for another process's lock before the request fails with a
+# clear "try again" (503/451) rather than hanging.
+BUSY_TIMEOUT_MS = int(os.environ.get("POSTIER_SQLITE_BUSY_TIMEOUT_MS", "10000"))
 
 
 def _pragmas(immediate: bool) -> tuple[Any, Any]:

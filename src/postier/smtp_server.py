@@ -1,0 +1,387 @@
+"""SMTP submission: applications, scanners and mail clients hand their e-mails to Postier.
+
+The same guarantees as the HTTP API: an account must authenticate (AUTH PLAIN or LOGIN,
+only over TLS) unless it connects from a trusted network on behalf of a named application
+account; the envelope sender and the From must be the account's own; the establishment's
+sender policy is applied; ``250`` is answered only once the message is durably stored.
+Never an open relay: without an account nothing is accepted.
+
+Built on aiosmtpd, which reads the data line by line up to ``<CRLF>.<CRLF>`` only, so a
+bare ``<LF>.<LF>`` can never end a message early; messages holding a bare CR or LF are
+refused (SMTP smuggling), and commands pipelined before a TLS handshake are discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import ssl
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+
+from postier import accounts, policy
+from postier.errors import (
+    DelegationOff,
+    InvalidInput,
+    PostierError,
+    SenderForbidden,
+    StoreUnavailable,
+    TooLarge,
+)
+from postier.service import Postier
+from postier.store.base import User
+
+log = logging.getLogger("postier.smtp")
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class SubmissionConfig:
+    max_recipients: int = 100
+    max_connections: int = 200
+    rate_per_minute: int = 600  # messages per account
+    auth_failures: int = 5  # before an address is made to wait
+    auth_penalty: float = 300.0  # seconds it waits
+    command_timeout: float = 60.0
+    trusted_networks: list[Network] = field(default_factory=list)
+    trusted_account: str | None = None
+
+
+class _Limiter:
+    """Failed authentications per client address and per username; accepted messages per
+    account per minute."""
+
+    def __init__(self, config: SubmissionConfig) -> None:
+        self.config = config
+        self.failures: dict[str, deque[float]] = {}
+        self.sent: dict[int, deque[float]] = {}
+
+    def blocked_for(self, *keys: str) -> float:
+        now = time.monotonic()
+        worst = 0.0
+        for key in keys:
+            q = self.failures.get(key)
+            while q and now - q[0] > self.config.auth_penalty:
+                q.popleft()
+            if q and len(q) >= self.config.auth_failures:
+                worst = max(worst, self.config.auth_penalty - (now - q[0]))
+        return worst
+
+    def failed(self, *keys: str) -> None:
+        for key in keys:
+            self.failures.setdefault(key, deque()).append(time.monotonic())
+
+    def take(self, account: int) -> float:
+        """0 when the account may send now, else seconds to wait."""
+        now = time.monotonic()
+        q = self.sent.setdefault(account, deque())
+        while q and now - q[0] > 60:
+            q.popleft()
+        if len(q) >= self.config.rate_per_minute:
+            return 60 - (now - q[0])
+        q.append(now)
+        return 0.0
+
+
+class SubmissionHandler:
+    """aiosmtpd handler: authentication, sender checks, durable acceptance."""
+
+    def __init__(self, core: Postier, config: SubmissionConfig) -> None:
+        self.core = core
+        self.config = config
+        self.limits = _Limiter(config)
+
+    # -- who is sending ------------------------------------------------------------------
+    def _trusted(self, session: Session) -> bool:
+        if not self.config.trusted_networks or not session.peer:
+            return False
+        try:
+            ip = ipaddress.ip_address(session.peer[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self.config.trusted_networks)
+
+    async def _account(self, session: Session) -> User | None:
+        if isinstance(session.auth_data, User):
+            return session.auth_data
+        if self.config.trusted_account and self._trusted(session):
+            user = await self.core.store.get_user(
+                establishment_id=1, username=self.config.trusted_account
+            )
+            return user if user is not None and not user.disabled else None
+        return None
+
+    async def _check_credentials(
+        self, server: SMTP, login: bytes, password: bytes
+    ) -> AuthResult:
+        peer = str(server.session.peer[0]) if server.session and server.session.peer else "?"
+        username = login.decode("utf-8", "replace")
+        wait = self.limits.blocked_for(peer, username)
+        if wait > 0:
+            log.warning("AUTH refused for %r from %s: too many failures", username, peer)
+            return AuthResult(
+                success=False, handled=False,
+                message=f"454 4.7.0 Too many failed attempts; try again in {int(wait) + 1} s",
+            )
+        secret = password.decode("utf-8", "replace")
+        user: User | None = None
+        if secret.startswith(accounts.TOKEN_PREFIX):
+            user = await self.core.store.user_for_token(accounts.token_hash(secret))
+            if user is not None and user.username != username and user.email != username:
+                user = None
+        else:
+            try:
+                user = await self.core.authenticate_password(username, secret)
+            except PostierError:
+                user = None
+        if user is None:
+            self.limits.failed(peer, username)
+            log.warning("AUTH failed for %r from %s", username, peer)
+            await asyncio.sleep(0.5)  # slows down guessing without holding a worker
+            return AuthResult(success=False, handled=False,
+                              message="535 5.7.8 Authentication credentials invalid")
+        log.info("AUTH %s from %s", user.username, peer)
+        return AuthResult(success=True, auth_data=user)
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot split the credentials")
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth("Username:")
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        if not isinstance(login, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._check_credentials(server, login, password)
+
+    # -- the transaction -----------------------------------------------------------------
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        user = await self._account(session)
+        if user is None:
+            return "530 5.7.0 Authentication required (AUTH after STARTTLS)"
+        if not address:
+            return "553 5.7.1 An empty sender is not accepted for submission"
+        settings = await self.core.delivery_settings(user.establishment_id)
+        try:
+            self.core.decide_sender(user, settings, address)
+        except SenderForbidden:
+            return (f"553 5.7.1 <{address}>: you may send only as {user.email}"
+                    " (the address of your account)")
+        except PostierError as exc:
+            return f"553 5.1.7 <{address}>: {exc.message('en')}"
+        wait = self.limits.take(user.id)
+        if wait > 0:
+            return (f"451 4.7.1 Sending rate limit of {self.config.rate_per_minute} e-mails "
+                    f"per minute reached; try again in {int(wait) + 1} s")
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            return (f"452 4.5.3 Too many recipients: at most {self.config.max_recipients} "
+                    "per message; send the rest in another message")
+        try:
+            normalized = policy.normalize_address(address)
+        except PostierError:
+            return f"553 5.1.3 <{address}>: not a valid recipient address"
+        envelope.rcpt_tos.append(normalized)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        user = await self._account(session)
+        if user is None or envelope.mail_from is None:
+            return "530 5.7.0 Authentication required"
+        raw = envelope.original_content or b""
+        if _BARE.search(raw):
+            return ("550 5.6.0 The message contains a bare CR or LF; lines must end "
+                    "with CRLF")
+        smtputf8 = "SMTPUTF8" in (o.upper() for o in envelope.mail_options)
+        try:
+            result = await self.core.submit_raw(
+                user, envelope.mail_from, envelope.rcpt_tos, raw, smtputf8=smtputf8
+            )
+        except SenderForbidden as exc:
+            return f"553 5.7.1 {exc.message('en')}"
+        except TooLarge as exc:
+            return f"552 5.3.4 {exc.message('en')}"
+        except DelegationOff as exc:
+            return f"550 5.7.1 {exc.message('en')}"
+        except StoreUnavailable as exc:
+            log.error("submission not stored: %s", exc)
+            return f"451 4.3.0 {exc.message('en')}"
+        except InvalidInput as exc:
+            return f"550 5.6.0 {exc.message('en')}"
+        except Exception:
+            log.exception("submission from %s failed", user.username)
+            return "451 4.3.0 Temporary failure; nothing was stored. Try again later"
+        log.info("message %s accepted over SMTP from %s for %d recipient(s)",
+                 result.id, user.username, len(envelope.rcpt_tos))
+        return f"250 2.0.0 OK queued as {result.id}"
+
+
+class _Submission(SMTP):
+    """aiosmtpd's protocol with a cap on simultaneous connections."""
+
+    active = 0
+
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_connections = max_connections
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._counted:
+            if _Submission.active >= self._max_connections:
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
+                transport.close()
+                return
+            _Submission.active += 1
+            self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            _Submission.active -= 1
+            self._counted = False
+        super().connection_lost(exc)
+
+
+# -- TLS material --------------------------------------------------------------------------
+
+
+def self_signed(data_dir: Path, hostname: str) -> tuple[Path, Path]:
+    """A certificate made once for this server (when the operator gave none)."""
+    cert, key = data_dir / "smtp-cert.pem", data_dir / "smtp-key.pem"
+    if cert.exists() and key.exists():
+        return cert, key
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    san = [x509.DNSName(hostname), x509.DNSName("localhost"),
+           x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(private.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def fingerprint(cert: Path) -> str:
+    pem = cert.read_text()
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def start_submission(
+    core: Postier,
+    *,
+    host: str,
+    port: int,
+    implicit_tls: bool,
+    tls: ssl.SSLContext,
+    config: SubmissionConfig,
+) -> asyncio.Server:
+    handler = SubmissionHandler(core, config)
+
+    def protocol() -> SMTP:
+        return _Submission(
+            handler,
+            max_connections=config.max_connections,
+            hostname=core.config.hostname,
+            data_size_limit=core.config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if implicit_tls else tls,
+            # STARTTLS is offered, not imposed: AUTH is only offered over TLS, and without
+            # an account (or a trusted network) MAIL is refused, so nothing is relayed.
+            require_starttls=False,
+            # On the implicit-TLS port the whole connection is encrypted already.
+            auth_require_tls=not implicit_tls,
+            auth_required=False,  # enforced at MAIL, so trusted networks can submit
+            timeout=config.command_timeout,
+            auth_exclude_mechanism=["CRAM-MD5"],
+        )
+
+    return await asyncio.get_running_loop().create_server(
+        protocol, host, port, ssl=tls if implicit_tls else None
+    )
+
+
+def parse_networks(values: Sequence[str]) -> list[Network]:
+    out: list[Network] = []
+    for v in values:
+        for part in v.split(","):
+            if part.strip():
+                out.append(ipaddress.ip_network(part.strip(), strict=False))
+    return out
