@@ -57,16 +57,6 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def require_admin(user: User) -> None:
     if not user.is_admin:
         raise Forbidden(N_("Only an administrator of the establishment may do this."))
@@ -129,6 +119,9 @@ class Administration:
             values["password_hash"] = await asyncio.to_thread(accounts.hash_password, password)
         if values:
             await self.store.update_user(target.id, **values)
+        if disabled:
+            # A disabled account's tokens stop working at once, and stay revoked.
+            await self.store.revoke_all_tokens(target.id)
         details = {k: v for k, v in values.items() if k != "password_hash"}
         if password is not None:
             details["password"] = "reset"  # noqa: S105 - what happened, not the value
@@ -139,9 +132,7 @@ class Administration:
     async def disable_user(self, actor: User, username: str) -> User:
         """A disabled user can no longer sign in and their tokens stop working at once;
         their e-mails stay in the history."""
-        user = await self.update_user(actor, username, disabled=True)
-        await self.store.revoke_all_tokens(user.id)
-        return user
+        return await self.update_user(actor, username, disabled=True)
 
     async def change_own_password(self, user: User, current: str, new: str) -> None:
         if not await asyncio.to_thread(accounts.verify_password, user.password_hash, current):
@@ -221,11 +212,12 @@ class Administration:
         p = ProfileIn.model_validate(payload)
         data = self._encode_profile(p, current)
         await self.store.update_profile(profile_id, p.label, data)
-        after = {**data, "label": p.label, "password_enc": "new" if p.password else None}
-        before = {**current.data, "label": current.label, "password_enc": None}
-        changed = [
-            "password" if k == "password_enc" else k for k in changed_keys(before, after)
-        ]
+        after = {k: v for k, v in data.items() if k != "password_enc"} | {"label": p.label}
+        before = {k: v for k, v in current.data.items() if k != "password_enc"} | {
+            "label": current.label}
+        changed = changed_keys(before, after)
+        if p.password or ("password_enc" in data) != ("password_enc" in current.data):
+            changed.append("password")  # set, changed or removed: never its value
         await self.store.audit(actor.establishment_id, actor.username, "profile.update",
                                p.label, {"id": profile_id, "changed": changed})
         return profile_public(await self._profile(actor, profile_id))
@@ -273,13 +265,7 @@ class Administration:
         ``candidate`` (any part of the settings, merged over the saved ones)."""
         require_admin(actor)
         saved = await self.core.delivery_settings(actor.establishment_id)
-        settings = saved
-        if candidate:
-            merged = deep_merge(saved.model_dump(mode="json"), candidate)
-            relay_update = candidate.get("relay") or {}
-            if "password" not in relay_update or relay_update.get("password") is None:
-                merged["relay"]["password"] = saved.relay.password
-            settings = DeliverySettings.model_validate(merged)
+        settings = saved.updated(candidate) if candidate else saved
         address = policy.normalize_address(to)
         # The test e-mail leaves as the administrator's own e-mails would; from the console
         # (no address of its own), as the establishment's sender.

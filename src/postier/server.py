@@ -17,6 +17,7 @@ import uvicorn
 
 from postier.api import create_app
 from postier.config import ServerConfig, split_host_port
+from postier.crypto import key_file_problem
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.errors import PostierError
@@ -106,6 +107,7 @@ def setup_logging(level: str = "INFO") -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -130,8 +132,14 @@ async def serve(config: ServerConfig) -> None:
     smtp_servers: list[asyncio.Server] = []
     data_dir = config.data_dir
 
+    # Opened before the HTTP server starts, so that a wrong key or an unusable store is
+    # reported as a clear error rather than from inside the web server's start-up.
+    await core.open()
+    problem = key_file_problem(config.data_dir)
+    if problem:
+        log.warning("secret key file: %s", problem)
+
     async def startup() -> None:
-        await core.open()
         if worker is not None:
             if lock is not None:
                 back = await core.store.release_expired_leases(time.time(), everything=True)

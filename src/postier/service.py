@@ -86,8 +86,13 @@ class Postier:
         self.admin = Administration(self)
 
     async def open(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The queue holds pupils' and parents' personal data: only its owner may read it.
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.data_dir.stat().st_mode & 0o077:
+            self.data_dir.chmod(0o700)
         await self.store.open()
+        for path in self.data_dir.glob("postier.db*"):
+            path.chmod(0o600)
         # A process with the wrong key must say so now, not at the first delivery.
         doc = await self.store.load_settings(1)
         if doc is not None and doc[0].get("relay", {}).get("password_enc"):
@@ -200,12 +205,11 @@ class Postier:
         return (await self.delivery_settings(user.establishment_id)).public()
 
     async def put_settings(self, user: User, payload: dict[str, Any]) -> dict[str, Any]:
-        """Replace the parts of the settings given in ``payload`` (validated whole first,
-        so nothing is half-saved); the relay password is kept when none is given."""
+        """Change the settings given in ``payload`` (any part; the rest stays), validated
+        whole before anything is saved; the relay password is kept when none is given."""
         require_admin(user)
-        update = DeliverySettings.model_validate(payload)
         current = await self.delivery_settings(user.establishment_id)
-        merged = current.merged_with(update, set(payload))
+        merged = current.updated(payload)
         await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
         self._settings.pop(user.establishment_id, None)
         await self.admin.audit_settings_change(user, current, merged)
@@ -277,7 +281,7 @@ class Postier:
             self.decide_sender(user, settings, address)  # SenderForbidden if not theirs
         requested = headers.from_addresses[0] if headers.from_addresses else mail_from
         decision = self.decide_sender(user, settings, requested, headers.reply_to)
-        message_id = make_message_id(self.config.hostname)
+        message_id = self._message_id(decision)
         data = rewrite_submitted(raw, decision, message_id=message_id,
                                  max_size=self.config.max_message_size, smtputf8=smtputf8)
         wire = (lambda a: a) if smtputf8 else policy.ascii_address
@@ -300,6 +304,12 @@ class Postier:
             notify()
         return result
 
+    def _message_id(self, decision: policy.SenderDecision) -> str:
+        # The From's domain, as mail programs do: a Message-ID from another domain (or from
+        # "localhost") is one more reason for a filter to doubt the e-mail.
+        domain = policy.ascii_domain(decision.from_address.rpartition("@")[2])
+        return make_message_id(domain or self.config.hostname)
+
     def _prepare(
         self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None
     ) -> NewMessage:
@@ -308,7 +318,7 @@ class Postier:
             built = build_message(
                 msg,
                 decision,
-                message_id=make_message_id(self.config.hostname),
+                message_id=self._message_id(decision),
                 max_size=self.config.max_message_size,
             )
         except PostierError as exc:

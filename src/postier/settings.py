@@ -124,12 +124,31 @@ class DeliverySettings(_Model):
         out["relay"] = self.relay.public()
         return out
 
-    def merged_with(self, update: DeliverySettings, fields_set: set[str]) -> DeliverySettings:
-        """Apply an update, keeping the stored password when the update gives none."""
-        data = self.model_dump()
-        new = update.model_dump()
-        for name in fields_set:
-            data[name] = new[name]
-        if "relay" in fields_set and update.relay.password is None:
-            data["relay"]["password"] = self.relay.password
-        return DeliverySettings.model_validate(data)
+    def updated(self, changes: dict[str, Any]) -> DeliverySettings:
+        """These settings with ``changes`` (any part of them, same shape) applied and the
+        whole validated: fields not given stay as they are; the relay password stays
+        unless a new one is given (``""`` removes it); ``password_set`` as shown by
+        :meth:`public` is accepted and ignored, so what GET shows can be PUT back."""
+        changes = deep_merge({}, changes)
+        relay = changes.get("relay")
+        if isinstance(relay, dict):
+            relay.pop("password_set", None)
+            if relay.get("password") is None:
+                relay.pop("password", None)
+        merged = deep_merge(self.model_dump(mode="json"), changes)
+        if merged["relay"].get("password") == "":
+            merged["relay"]["password"] = None
+        return DeliverySettings.model_validate(merged)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` applied recursively (lists and values replaced)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        elif isinstance(value, dict):
+            out[key] = deep_merge({}, value)
+        else:
+            out[key] = value
+    return out

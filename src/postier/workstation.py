@@ -201,7 +201,7 @@ def apply_profile(
     """Use a retrieved profile: its SMTP server settings, and its shared username and
     password when it has them (else the user's own are kept); mode becomes ``profile``."""
     smtp = settings.smtp.model_dump()
-    for key in ("host", "port", "security", "auth", "timeout"):
+    for key in ("host", "port", "security", "auth", "timeout", "verify_tls"):
         if key in profile:
             smtp[key] = profile[key]
     if profile.get("username"):

@@ -211,9 +211,16 @@ def test_settings_password_is_write_only_and_encrypted(
     with server.client() as c:
         got = c.get("/api/v1/settings").json()
         assert secret not in str(got) and got["relay"]["password_set"] is True
-        # Changing another part keeps the stored password.
-        c.put("/api/v1/settings", json={"relay": {**got["relay"], "timeout": 9}})
-        assert c.get("/api/v1/settings").json()["relay"]["password_set"] is True
+        # What GET shows can be PUT back; changing another part keeps the password.
+        r = c.put("/api/v1/settings", json={"relay": {**got["relay"], "timeout": 9}})
+        assert r.status_code == 200, r.text
+        assert r.json()["relay"]["timeout"] == 9 and r.json()["relay"]["password_set"] is True
+        # A partial change leaves the rest as it was.
+        r = c.put("/api/v1/settings", json={"sender": {"name": "Lycée du Parc"}})
+        assert r.status_code == 200
+        assert r.json()["sender"] == {"name": "Lycée du Parc",
+                                      "address": "ne-pas-repondre@ac-lyon.fr"}
+        assert r.json()["relay"]["password_set"] is True
     db = (server.data_dir / "postier.db").read_bytes()
     wal = server.data_dir / "postier.db-wal"
     assert secret.encode() not in db + (wal.read_bytes() if wal.exists() else b"")
@@ -307,3 +314,28 @@ def test_cli_creates_users_and_tokens_while_server_runs(
         capture_output=True, text=True, env={**env, "LANG": "fr_FR.UTF-8"}, timeout=30,
     )
     assert r.returncode == 1 and "claire" in r.stderr
+
+
+def test_wrong_secret_key_is_reported_at_start_up(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay, relay={"host": relay.host, "port": relay.port,
+                                         "security": "none", "auth": "password",
+                                         "username": "u", "password": "p", "timeout": 5})
+    server.stop()
+    from cryptography.fernet import Fernet
+
+    server.env["POSTIER_SECRET_KEY"] = Fernet.generate_key().decode()
+    try:
+        server.start(timeout=5)
+    except AssertionError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("the server started with the wrong key")
+    assert "secret key" in message.lower() and "encrypted with another" in message
+    assert "Traceback" not in message
+
+
+def test_data_is_private_to_its_owner(server: ServerProcess) -> None:
+    assert stat.S_IMODE(os.stat(server.data_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(server.data_dir / "postier.db").st_mode) == 0o600

@@ -21,7 +21,9 @@ def _lang(request: Request) -> str:
     return negotiate(request.headers.get("accept-language"))
 
 
-def _field(loc: tuple[Any, ...]) -> str:
+def _field(loc: tuple[Any, ...], kind: str = "") -> str:
+    if kind == "json_invalid":
+        return "body"  # the position pydantic gives is a character offset, not a field
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or "body"
 
@@ -39,7 +41,7 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     lang = _lang(request)
     problems = []
     for err in exc.errors():
-        field = _field(tuple(err.get("loc", ())))
+        field = _field(tuple(err.get("loc", ())), str(err.get("type", "")))
         cause = (err.get("ctx") or {}).get("error")
         if isinstance(cause, PostierError):
             body = cause.render(lang)

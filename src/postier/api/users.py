@@ -115,8 +115,6 @@ async def update_user(username: str, body: UserUpdate, user: CurrentUser, core: 
         user, username, email=body.email, display_name=body.name, role=body.role,
         disabled=body.disabled, password=body.password, granted_senders=body.granted_senders,
     )
-    if body.disabled:
-        await core.store.revoke_all_tokens(updated.id)
     return user_out(updated)
 
 

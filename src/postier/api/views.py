@@ -16,6 +16,9 @@ class ErrorBody(BaseModel):
     message: str = Field(description="What happened, in the caller's language")
     hint: str | None = Field(None, description="What to do about it")
     field: str | None = Field(None, description="The input field at fault, if any")
+    problems: list[dict[str, Any]] | None = Field(
+        None, description="Every problem found in the input (422), the first one above"
+    )
 
 
 class ErrorResponse(BaseModel):

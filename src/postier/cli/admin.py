@@ -172,11 +172,15 @@ def settings_show(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
 def settings_set(
     key: Annotated[str, typer.Argument(help="Dotted key, e.g. relay.host, sender.address, "
                                             "allowed_domains, delegation, retry.max_age")],
-    value: Annotated[str, typer.Argument(help="The value; allowed_domains: comma-separated")],
+    value: Annotated[str, typer.Argument(
+        help="The value; allowed_domains: comma-separated; - reads it from standard input "
+        "(for relay.password, so it stays out of the shell history)")],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Change one setting; the whole settings are validated before anything is saved."""
+    if value == "-":
+        value = sys.stdin.readline().rstrip("\r\n")
 
     async def action(core: Postier) -> dict[str, Any]:
         current = (await core.delivery_settings(1)).model_dump(mode="json")

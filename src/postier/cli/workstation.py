@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,9 +56,13 @@ def config_show() -> None:
 def config_set(
     key: Annotated[str, typer.Argument(help="mode, server.url, server.token, identity.name, "
                                             "identity.address, smtp.host, smtp.port, ...")],
-    value: Annotated[str, typer.Argument(help="The value (mode: server, own or profile)")],
+    value: Annotated[str, typer.Argument(
+        help="The value (mode: server, own or profile); - reads it from standard input, "
+        "for smtp.password and server.token")],
 ) -> None:
     """Change one setting of this workstation; refused with the allowed values if wrong."""
+    if value == "-":
+        value = sys.stdin.readline().rstrip("\r\n")
     s = _settings()
     try:
         s.set(key, value)
@@ -265,5 +270,7 @@ def outbox_flush() -> None:
         out.print("The outbox is empty: nothing to send.")
     for r in results:
         _show(r, lang)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
     if any(r.status == "kept" for r in results):
         raise typer.Exit(EX_TEMPFAIL)

@@ -82,6 +82,11 @@ def _reply(exc: BaseException) -> tuple[int | None, str]:
     return None, str(exc)
 
 
+def _reason(exc: BaseException) -> str:
+    # Templates end their sentences themselves: "... (reason)." not "... (reason.)."
+    return (str(exc) or type(exc).__name__).strip().rstrip(".")
+
+
 def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryError:
     """Explain a failure at ``step`` of a conversation with ``relay``."""
     if isinstance(exc, DeliveryError):
@@ -198,6 +203,15 @@ def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryErr
             code="recipient_refused", transient=code < 500, step=step, smtp_code=code,
             reply=reply, reply_code=code, **params,
         )
+    if isinstance(exc, aiosmtplib.SMTPException) and code is None and step == "auth":
+        return DeliveryError(
+            N_("{host}:{port} does not offer authentication ({reason})."),
+            hint=N_("Choose no authentication if this server accepts your e-mails without "
+                    "it; otherwise check the port and the security (many servers offer "
+                    "authentication only after STARTTLS)."),
+            code="auth_unsupported", transient=True, step=step, reply=str(exc),
+            reason=_reason(exc), **params,
+        )
     if isinstance(exc, aiosmtplib.SMTPNotSupported) and step == "tls":
         return DeliveryError(
             N_("{host}:{port} does not offer STARTTLS."),
@@ -213,7 +227,7 @@ def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryErr
             hint=N_("Postier will try again. If it keeps happening, check the security "
                     "setting and the server's limits."),
             code="disconnected", transient=True, step=step, reply=str(exc),
-            reason=str(exc) or type(exc).__name__, **params,
+            reason=_reason(exc), **params,
         )
     if code is not None:
         return DeliveryError(
@@ -225,7 +239,7 @@ def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryErr
     return DeliveryError(
         N_("Unexpected error at step {step}: {reason}."),
         code="unexpected", transient=True, step=step, reply=str(exc),
-        reason=str(exc) or type(exc).__name__, **params,
+        reason=_reason(exc), **params,
     )
 
 
