@@ -102,6 +102,48 @@ async def start_smtp(core: Postier, config: ServerConfig) -> list[asyncio.Server
     return servers
 
 
+async def listen(core: Postier, worker: DeliveryWorker) -> None:
+    """Wake the worker when another process queues e-mails (PostgreSQL's NOTIFY)."""
+    from postier.store.postgres import PostgresStore
+
+    if isinstance(core.store, PostgresStore):
+        await core.store.listen(worker.notify)
+
+
+def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
+    return DeliveryWorker(
+        core.store,
+        core.delivery_settings,
+        pool=RelayPool(
+            concurrency=config.relay_concurrency,
+            idle_timeout=config.idle_timeout,
+            local_hostname=config.hostname,
+        ),
+        claim_batch=config.claim_batch,
+        lease_seconds=config.lease_seconds,
+        poll_interval=config.poll_interval,
+    )
+
+
+async def run_worker(config: ServerConfig) -> None:
+    """``postier worker``: delivery only, on any machine that reaches the database."""
+    core = Postier(config)
+    await core.open()
+    worker = make_worker(core, config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    await listen(core, worker)
+    log.info("delivery worker %s running on %s", worker.worker_id,
+             core.store.__class__.__name__)
+    await stop.wait()
+    await worker.stop()
+    await core.close()
+    log.info("worker stopped cleanly")
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -114,20 +156,7 @@ async def serve(config: ServerConfig) -> None:
     core = Postier(config)
     embedded = core.store.__class__.__name__ == "SQLiteStore"
     lock = lock_data_dir(Path(config.data_dir)) if (embedded and config.delivery) else None
-    worker: DeliveryWorker | None = None
-    if config.delivery:
-        worker = DeliveryWorker(
-            core.store,
-            core.delivery_settings,
-            pool=RelayPool(
-                concurrency=config.relay_concurrency,
-                idle_timeout=config.idle_timeout,
-                local_hostname=config.hostname,
-            ),
-            claim_batch=config.claim_batch,
-            lease_seconds=config.lease_seconds,
-            poll_interval=config.poll_interval,
-        )
+    worker = make_worker(core, config) if config.delivery else None
     host, port = config.http_host_port()
     smtp_servers: list[asyncio.Server] = []
     data_dir = config.data_dir
@@ -147,6 +176,7 @@ async def serve(config: ServerConfig) -> None:
                     log.info("%d e-mails interrupted by a previous stop go out again", back)
             core.on_accept(worker.notify)
             await worker.start()
+            await listen(core, worker)
         smtp_servers.extend(await start_smtp(core, config))
         users = await core.store.list_users(1)
         log.info("Postier listening on http://%s:%d (API description: /docs); data in %s",

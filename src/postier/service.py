@@ -93,10 +93,13 @@ class Postier:
         await self.store.open()
         for path in self.data_dir.glob("postier.db*"):
             path.chmod(0o600)
-        # A process with the wrong key must say so now, not at the first delivery.
-        doc = await self.store.load_settings(1)
-        if doc is not None and doc[0].get("relay", {}).get("password_enc"):
-            self.secrets.decrypt(doc[0]["relay"]["password_enc"])
+        # A process with the wrong key must say so now, not at the first delivery: the first
+        # process to open the store leaves a value only the right key can read.
+        check = await self.store.get_meta("key_check")
+        if check is None:
+            await self.store.set_meta("key_check", self.secrets.fingerprint())
+        else:
+            self.secrets.check(check)
 
     async def close(self) -> None:
         await self.store.close()

@@ -93,8 +93,8 @@ def _settings(relay: FaultRelay, **relay_kw: Any) -> DeliverySettings:
 
 
 @pytest.fixture
-async def engine(tmp_path: Path, relay: FaultRelay) -> AsyncIterator[Engine]:
-    store = create_store(database_url(tmp_path))
+async def engine(store_url: str, relay: FaultRelay) -> AsyncIterator[Engine]:
+    store = create_store(store_url)
     await store.open()
     eng = Engine(store, _settings(relay))
     yield eng
@@ -234,8 +234,8 @@ async def test_expired_lease_returns_message_to_queue(engine: Engine, relay: Fau
     assert len(relay.messages) == 1
 
 
-async def test_auth_relay_with_password(tmp_path: Path, auth_relay: FaultRelay) -> None:
-    store = create_store(database_url(tmp_path))
+async def test_auth_relay_with_password(store_url: str, auth_relay: FaultRelay) -> None:
+    store = create_store(store_url)
     await store.open()
     eng = Engine(store, _settings(auth_relay, auth="password", username="teacher",
                                   password="s3cret"))

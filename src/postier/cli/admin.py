@@ -82,6 +82,31 @@ def serve(
         pass
 
 
+@app.command()
+def worker(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run delivery only (several workers share a PostgreSQL queue; with the embedded
+    SQLite store, `postier serve` already delivers)."""
+    import asyncio
+
+    from postier import server
+
+    config = _config(data_dir, database_url)
+    if not (config.database_url or "").startswith(("postgres", "postgresql")):
+        _fail("postier worker needs a shared PostgreSQL queue (--database-url "
+              "postgresql://...).", "With the embedded store, postier serve delivers itself.")
+    server.setup_logging(log_level)
+    try:
+        asyncio.run(server.run_worker(config))
+    except PostierError as exc:
+        fail_with(exc)
+    except KeyboardInterrupt:
+        pass
+
+
 @users_app.command("add")
 def users_add(
     username: str,

@@ -24,7 +24,7 @@ def create_store(url: str) -> Store:
 
         return SQLiteStore(url)
     if url.startswith("postgresql"):
-        raise ValueError(
-            "PostgreSQL is not supported yet by this version; use the embedded SQLite store."
-        )
+        from postier.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")

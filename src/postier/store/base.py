@@ -266,6 +266,12 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_audit(self, establishment_id: int, limit: int = 200) -> list[AuditEntry]: ...
 
+    @abc.abstractmethod
+    async def get_meta(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def set_meta(self, key: str, value: str) -> None: ...
+
     # -- settings ------------------------------------------------------------------------
     @abc.abstractmethod
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:

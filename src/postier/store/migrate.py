@@ -8,6 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -21,7 +22,12 @@ def _config(connection: Connection) -> Config:
 
 
 def upgrade(connection: Connection) -> None:
-    """Bring the schema to the newest revision (a no-op when it is already there)."""
+    """Bring the schema to the newest revision (a no-op when it is already there).
+
+    On PostgreSQL several processes may start together: an advisory lock held for the
+    transaction lets one migrate while the others wait, then find nothing to do."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(7312026)"))
     command.upgrade(_config(connection), "head")
 
 

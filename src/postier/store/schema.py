@@ -181,3 +181,10 @@ audit_log = Table(
     Column("details", Text, nullable=False, server_default="{}"),
     Index("ix_audit_establishment", "establishment_id", "at"),
 )
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)

@@ -468,6 +468,18 @@ class SQLStore(Store):
             for r in rows
         ]
 
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._read(select(t.meta.c.value).where(t.meta.c.key == key))
+        return str(rows[0].value) if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async def job(conn: AsyncConnection) -> None:
+            res = await conn.execute(update(t.meta).where(t.meta.c.key == key).values(value=value))
+            if res.rowcount == 0:
+                await conn.execute(insert(t.meta).values(key=key, value=value))
+
+        await self.write(job)
+
     # -- settings ------------------------------------------------------------------------
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
         rows = await self._read(

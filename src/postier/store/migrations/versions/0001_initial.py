@@ -138,7 +138,8 @@ def upgrade() -> None:
     # A single school never sees the notion of establishments: one exists from the start.
     op.bulk_insert(
         est,
-        [{"id": 1, "slug": "default", "name": "Default", "created_at": time.time()}],
+        [{"slug": "default", "name": "Default", "hosted": False, "disabled": False,
+          "created_at": time.time()}],
     )
 
 
