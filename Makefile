@@ -8,7 +8,7 @@ DATA_DIR ?= postier-data
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint bench clean
+.PHONY: help install run services test test-fast lint bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install Postier with everything its tests need
@@ -26,7 +27,10 @@ install: $(STAMP) ## Create .venv and install Postier with everything its tests 
 run: install ## Start the server on the embedded SQLite store (data in ./postier-data)
 	$(BIN)/postier serve --data-dir $(DATA_DIR)
 
-test: install ## Run the whole test suite
+services: ## Start PostgreSQL for the tests (installing it if needed)
+	bash scripts/ensure-postgres.sh
+
+test: install services ## Run the whole test suite (SQLite and PostgreSQL)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install ## Unit tests only
