@@ -14,7 +14,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 TOKEN_PREFIX = "pst_"  # noqa: S105 - a prefix, not a secret
-ROLES = ("admin", "user")
+ROLES = ("admin", "user", "operator")
 
 _hasher = PasswordHasher()
 

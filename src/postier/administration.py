@@ -62,6 +62,12 @@ def require_admin(user: User) -> None:
         raise Forbidden(N_("Only an administrator of the establishment may do this."))
 
 
+def _no_escalation(actor: User, role: str | None) -> None:
+    """Only an operator (who serves every establishment) makes operators."""
+    if role == "operator" and not actor.is_operator:
+        raise Forbidden(N_("Only an operator of the installation may give the operator role."))
+
+
 class Administration:
     def __init__(self, core: Postier) -> None:
         self.core = core
@@ -74,6 +80,7 @@ class Administration:
 
     async def create_user(self, actor: User, **fields: Any) -> User:
         require_admin(actor)
+        _no_escalation(actor, fields.get("role"))
         user = await self.core.add_user(establishment_id=actor.establishment_id, **fields)
         await self.store.audit(actor.establishment_id, actor.username, "user.create",
                                user.username, {"role": user.role, "email": user.email})
@@ -100,6 +107,7 @@ class Administration:
             if any(c in display_name for c in "\r\n\0"):
                 raise InvalidInput(N_("The name cannot contain line breaks."), field="name")
             values["display_name"] = display_name.strip()
+        _no_escalation(actor, role)
         if role is not None:
             if role not in accounts.ROLES:
                 raise InvalidInput(N_("Unknown role {role!r}: choose admin or user."),

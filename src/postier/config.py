@@ -6,11 +6,14 @@ flags override the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from postier.settings import RelaySettings
 
 
 class ServerConfig(BaseSettings):
@@ -40,9 +43,45 @@ class ServerConfig(BaseSettings):
     smtp_max_recipients: int = Field(100, ge=1, le=10000)
     smtp_max_connections: int = Field(200, ge=1)
     smtp_rate_per_minute: int = Field(600, ge=1, description="Messages per account")
+    platform_relay: RelaySettings | None = Field(
+        None, description="Hosting: the relay hosted establishments send through (JSON)"
+    )
+    platform_sender_domain: str = Field(
+        "", description="Hosting: domain of hosted establishments' default sender address"
+    )
+
+    # -- operations (issue 11): metrics access and background retention ----------------
+    metrics_token: str | None = Field(
+        None, description="Bearer token that may read GET /metrics from any address"
+    )
+    metrics_allow: str = Field(
+        "127.0.0.1/32,::1/128",
+        description="Addresses (CIDR, comma-separated) that may read GET /metrics without "
+        "the token",
+    )
+    retention_interval: float = Field(
+        3600.0, ge=1, description="Seconds between two background purges of old e-mails"
+    )
+
+    @field_validator("metrics_allow")
+    @classmethod
+    def _metrics_allow(cls, value: str) -> str:
+        metrics_networks(value)  # refuse a bad CIDR at start-up, not at the first scrape
+        return value
+
+    # -- end of operations -------------------------------------------------------------
 
     def http_host_port(self) -> tuple[str, int]:
         return split_host_port(self.http, 8025)
+
+
+def metrics_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of ``POSTIER_METRICS_ALLOW`` (comma- or space-separated CIDR)."""
+    try:
+        return [ipaddress.ip_network(part, strict=False)
+                for part in value.replace(",", " ").split()]
+    except ValueError as exc:
+        raise ValueError(f"POSTIER_METRICS_ALLOW: {exc}") from exc
 
 
 def split_host_port(value: str, default_port: int) -> tuple[str, int]:

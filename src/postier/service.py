@@ -7,8 +7,10 @@ translates between its protocol and these methods, so policy is decided in one p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Sequence
@@ -37,7 +39,7 @@ from postier.message import (
     read_submitted,
     rewrite_submitted,
 )
-from postier.settings import DeliverySettings
+from postier.settings import DeliverySettings, SenderSettings
 from postier.store import create_store, database_url
 from postier.store.base import (
     CANCELLED,
@@ -47,6 +49,7 @@ from postier.store.base import (
     QUEUED,
     SENDING,
     EnqueueResult,
+    Establishment,
     MessageRecord,
     NewMessage,
     Store,
@@ -82,6 +85,7 @@ class Postier:
         self.store = store or create_store(database_url(self.data_dir, config.database_url))
         self.secrets = SecretBox.for_data_dir(self.data_dir)
         self._settings: dict[int, tuple[DeliverySettings, float]] = {}
+        self._establishments: dict[str | int, tuple[Establishment | None, float]] = {}
         self._notify: list[Any] = []
         self.admin = Administration(self)
 
@@ -119,10 +123,33 @@ class Postier:
             )
         return user
 
+    async def find_login(self, login: str) -> User | None:
+        """The account a person names when signing in: ``username``, ``slug:username``
+        (needed when several establishments have that username) or an e-mail address."""
+        login = login.strip()
+        if ":" in login:
+            slug, _, username = login.partition(":")
+            est = await self.establishment(slug)
+            if est is None:
+                return None
+            return await self.store.get_user(establishment_id=est.id, username=username)
+        found = await self.store.find_users(username=login)
+        if not found and "@" in login:
+            found = await self.store.find_users(email=login)
+        return found[0] if len(found) == 1 else None
+
     async def authenticate_password(
-        self, username: str, password: str, establishment_id: int = 1
+        self, username: str, password: str, establishment_id: int | None = None
     ) -> User:
-        user = await self.store.get_user(establishment_id=establishment_id, username=username)
+        if establishment_id is not None:
+            user = await self.store.get_user(establishment_id=establishment_id,
+                                             username=username)
+        else:
+            user = await self.find_login(username)
+        if user is not None and user.disabled is False:
+            est = await self.establishment(user.establishment_id)
+            if est is None or est.disabled:
+                user = None
         if (
             user is None
             or user.disabled
@@ -132,6 +159,25 @@ class Postier:
         ):
             raise AuthenticationRequired(N_("Wrong username or password."))
         return user
+
+    async def act_in(self, user: User, slug: str) -> User:
+        """The operator ``user`` acting in the establishment ``slug``; anybody else may only
+        name their own establishment."""
+        est = await self.establishment(slug)
+        if est is None or (not user.is_operator and est.id != user.establishment_id):
+            # Another establishment does not exist for those who may not see it.
+            raise NotFound(N_("There is no establishment {slug} for you."), slug=slug)
+        return dataclasses.replace(user, establishment_id=est.id)
+
+    async def add_establishment(self, slug: str, name: str, hosted: bool = False) -> Establishment:
+        slug = slug.strip().lower()
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,62}", slug):
+            raise InvalidInput(
+                N_("An establishment's short name is 2 to 63 lower-case letters, digits or "
+                   "hyphens (for example clg-jean-moulin)."),
+                field="slug",
+            )
+        return await self.store.create_establishment(slug, name.strip() or slug, hosted)
 
     # -- users and tokens ----------------------------------------------------------------
     async def add_user(
@@ -178,8 +224,18 @@ class Postier:
         return token, info
 
     # -- settings ------------------------------------------------------------------------
-    async def delivery_settings(self, establishment_id: int) -> DeliverySettings:
-        """Current settings with secrets decrypted (for delivery; never shown)."""
+    async def establishment(self, slug_or_id: str | int) -> Establishment | None:
+        """An establishment, from a short-lived cache (they rarely change)."""
+        now = time.monotonic()
+        cached = self._establishments.get(slug_or_id)
+        if cached is not None and now - cached[1] < SETTINGS_TTL:
+            return cached[0]
+        est = await self.store.get_establishment(slug_or_id)
+        self._establishments[slug_or_id] = (est, now)
+        return est
+
+    async def stored_settings(self, establishment_id: int) -> DeliverySettings:
+        """The establishment's own settings, secrets decrypted (never shown)."""
         cached = self._settings.get(establishment_id)
         now = time.monotonic()
         if cached is not None and now - cached[1] < SETTINGS_TTL:
@@ -188,6 +244,23 @@ class Postier:
         settings = self._decode_settings(doc[0]) if doc else DeliverySettings()
         self._settings[establishment_id] = (settings, now)
         return settings
+
+    async def delivery_settings(self, establishment_id: int) -> DeliverySettings:
+        """The settings e-mails are sent with. A hosted establishment sends through the
+        operator's platform relay with no setup at all: its sender defaults to its name
+        and an address of the platform's domain; its allowed domains still apply."""
+        settings = await self.stored_settings(establishment_id)
+        est = await self.establishment(establishment_id)
+        platform = self.config.platform_relay
+        if est is None or not est.hosted or platform is None:
+            return settings
+        sender = settings.sender
+        if not sender.address and self.config.platform_sender_domain:
+            sender = SenderSettings(
+                name=sender.name or est.name,
+                address=f"{est.slug}@{self.config.platform_sender_domain}",
+            )
+        return settings.model_copy(update={"relay": platform, "sender": sender})
 
     def _decode_settings(self, doc: dict[str, Any]) -> DeliverySettings:
         doc = json.loads(json.dumps(doc))
@@ -205,14 +278,17 @@ class Postier:
 
     async def get_settings(self, user: User) -> dict[str, Any]:
         require_admin(user)
-        return (await self.delivery_settings(user.establishment_id)).public()
+        doc = (await self.stored_settings(user.establishment_id)).public()
+        est = await self.establishment(user.establishment_id)
+        doc["hosted"] = bool(est and est.hosted and self.config.platform_relay is not None)
+        return doc
 
     async def put_settings(self, user: User, payload: dict[str, Any]) -> dict[str, Any]:
         """Change the settings given in ``payload`` (any part; the rest stays), validated
         whole before anything is saved; the relay password is kept when none is given."""
         require_admin(user)
-        current = await self.delivery_settings(user.establishment_id)
-        merged = current.updated(payload)
+        current = await self.stored_settings(user.establishment_id)
+        merged = current.updated({k: v for k, v in payload.items() if k != "hosted"})
         await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
         self._settings.pop(user.establishment_id, None)
         await self.admin.audit_settings_change(user, current, merged)

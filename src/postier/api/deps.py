@@ -11,6 +11,9 @@ from postier.i18n import negotiate
 from postier.service import Postier
 from postier.store.base import User
 
+# An operator serves every establishment: this header says which one a request is about.
+ESTABLISHMENT_HEADER = "X-Postier-Establishment"
+
 bearer = HTTPBearer(auto_error=False, description="An API token (postier tokens create USER)")
 
 
@@ -30,6 +33,9 @@ async def get_user(
     core = get_core(request)
     token = credentials.credentials if credentials else None
     user = await core.authenticate_token(token)
+    slug = request.headers.get(ESTABLISHMENT_HEADER)
+    if slug:
+        user = await core.act_in(user, slug)
     request.state.user = user
     return user
 

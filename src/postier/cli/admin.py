@@ -26,6 +26,7 @@ from postier.cli.common import (
     _run,
     app,
     err,
+    establishments_app,
     fail_with,
     out,
     profiles_app,
@@ -82,6 +83,62 @@ def serve(
         pass
 
 
+Establishment = Annotated[str | None, typer.Option(
+    "--establishment", help="Short name of the establishment (default: the first one)")]
+
+
+async def _establishment_id(core: Postier, slug: str | None) -> int:
+    if not slug:
+        return 1
+    est = await core.establishment(slug)
+    if est is None:
+        from postier.errors import NotFound
+
+        raise NotFound("There is no establishment {slug} for you.", slug=slug)
+    return est.id
+
+
+@establishments_app.command("add")
+def establishments_add(
+    slug: Annotated[str, typer.Argument(help="Short name, e.g. clg-jean-moulin")],
+    name: Annotated[str, typer.Option("--name", help="Full name")] = "",
+    hosted: Annotated[bool, typer.Option("--hosted", help="Sends through the platform relay "
+                                                          "with no setup")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Add an establishment to this installation (hosting several schools)."""
+    est = _run(_config(data_dir, database_url),
+               lambda core: core.add_establishment(slug, name, hosted))
+    out.print(f"Establishment {est.slug} ({est.name}) created"
+              f"{', hosted' if est.hosted else ''}.", highlight=False)
+
+
+@establishments_app.command("list")
+def establishments_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """The establishments of this installation."""
+    rows = _run(_config(data_dir, database_url), lambda core: core.store.list_establishments())
+    table = Table("slug", "name", "hosted", "state")
+    for e in rows:
+        table.add_row(e.slug, e.name, "yes" if e.hosted else "no",
+                      "disabled" if e.disabled else "active")
+    out.print(table)
+
+
+@establishments_app.command("disable")
+def establishments_disable(
+    slug: str, data_dir: DataDir = None, database_url: DatabaseUrl = None
+) -> None:
+    """Disable an establishment: its users can no longer sign in or send."""
+
+    async def action(core: Postier) -> None:
+        await core.store.update_establishment(await _establishment_id(core, slug),
+                                              disabled=True)
+
+    _run(_config(data_dir, database_url), action)
+    out.print(f"Establishment {slug} disabled.", highlight=False)
+
+
 @app.command()
 def worker(
     data_dir: DataDir = None,
@@ -112,30 +169,37 @@ def users_add(
     username: str,
     email: Annotated[str, typer.Option("--email", help="The user's e-mail address")],
     name: Annotated[str, typer.Option("--name", help="Display name")] = "",
-    role: Annotated[str, typer.Option("--role", help="admin or user")] = "user",
+    role: Annotated[str, typer.Option("--role", help="admin, user or operator")] = "user",
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from standard input")
     ] = False,
+    establishment: Establishment = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Create a user of the establishment."""
+    """Create a user of the establishment (an operator serves every establishment)."""
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
     if password_stdin and not password:
         _fail("No password on standard input.", "Example: echo 'secret' | postier users add ...")
-    user = _run(
-        _config(data_dir, database_url),
-        lambda core: core.add_user(
-            username, email, display_name=name, role=role, password=password
-        ),
-    )
+
+    async def action(core: Postier) -> Any:
+        est_id = await _establishment_id(core, establishment)
+        return await core.add_user(username, email, display_name=name, role=role,
+                                   password=password, establishment_id=est_id)
+
+    user = _run(_config(data_dir, database_url), action)
     out.print(f"User {user.username} <{user.email}> created ({user.role}).", highlight=False)
 
 
 @users_app.command("list")
-def users_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+def users_list(establishment: Establishment = None, data_dir: DataDir = None,
+               database_url: DatabaseUrl = None) -> None:
     """List the users of the establishment."""
-    users = _run(_config(data_dir, database_url), lambda core: core.store.list_users(1))
+
+    async def action(core: Postier) -> Any:
+        return await core.store.list_users(await _establishment_id(core, establishment))
+
+    users = _run(_config(data_dir, database_url), action)
     table = Table("username", "e-mail", "name", "role", "state")
     for u in users:
         table.add_row(u.username, u.email, u.display_name, u.role,

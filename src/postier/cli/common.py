@@ -33,6 +33,9 @@ settings_app = typer.Typer(
 )
 profiles_app = typer.Typer(help="Sending profiles (profils d'envoi d'e-mails).",
                            no_args_is_help=True)
+establishments_app = typer.Typer(
+    help="Establishments of a hosted installation (operators).", no_args_is_help=True)
+app.add_typer(establishments_app, name="establishments")
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(settings_app, name="settings")

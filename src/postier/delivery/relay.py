@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import os
 import re
 import socket
@@ -449,9 +450,45 @@ class _Idle:
     since: float
 
 
+class PrioritySlots:
+    """A semaphore whose waiters are served most urgent first (lowest priority number),
+    then in arrival order: an establishment's bulk mailing waiting for the relay does not
+    hold back another's normal e-mail."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._counter = 0
+
+    async def acquire(self, priority: int = 0) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._counter += 1
+        heapq.heappush(self._waiters, (priority, self._counter, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # it was handed a slot just as it was cancelled
+            else:
+                self._waiters = [w for w in self._waiters if w[2] is not fut]
+                heapq.heapify(self._waiters)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to the next waiter
+                return
+        self._free += 1
+
+
 class _RelayState:
     def __init__(self, concurrency: int) -> None:
-        self.slots = asyncio.Semaphore(concurrency)
+        self.slots = PrioritySlots(concurrency)
         self.idle: list[_Idle] = []
         self.down_until = 0.0
         self.down_error: DeliveryError | None = None
@@ -495,34 +532,49 @@ class RelayPool:
         data: bytes,
         *,
         smtputf8: bool = False,
+        priority: int = 0,
     ) -> TransactionResult:
         state = self._state(relay)
-        async with state.slots:
-            for attempt in range(2):
-                now = time.monotonic()
-                if state.down_error is not None and now < state.down_until:
-                    return _all(recipients, state.down_error, reusable=False)
-                smtp, reused = await self._checkout(state, relay)
-                if smtp is None:
-                    assert state.down_error is not None
-                    return _all(recipients, state.down_error, reusable=False)
-                try:
-                    result = await transact(
-                        smtp, relay, envelope_from, recipients, data, smtputf8=smtputf8
-                    )
-                except BaseException:
-                    # Cancelled (shutdown, whole-delivery timeout): the conversation is in
-                    # an unknown state, so the connection cannot be reused.
-                    smtp.close()
-                    raise
-                if result.reusable and smtp.is_connected:
-                    state.idle.append(_Idle(smtp, time.monotonic()))
-                else:
-                    smtp.close()
-                    # A reused connection the server had quietly closed: one fresh try.
-                    if reused and attempt == 0 and _nothing_happened(result):
-                        continue
-                return result
+        await state.slots.acquire(priority)
+        try:
+            return await self._send(state, relay, envelope_from, recipients, data, smtputf8)
+        finally:
+            state.slots.release()
+
+    async def _send(
+        self,
+        state: _RelayState,
+        relay: RelaySettings,
+        envelope_from: str,
+        recipients: Sequence[str],
+        data: bytes,
+        smtputf8: bool,
+    ) -> TransactionResult:
+        for attempt in range(2):
+            now = time.monotonic()
+            if state.down_error is not None and now < state.down_until:
+                return _all(recipients, state.down_error, reusable=False)
+            smtp, reused = await self._checkout(state, relay)
+            if smtp is None:
+                assert state.down_error is not None
+                return _all(recipients, state.down_error, reusable=False)
+            try:
+                result = await transact(
+                    smtp, relay, envelope_from, recipients, data, smtputf8=smtputf8
+                )
+            except BaseException:
+                # Cancelled (shutdown, whole-delivery timeout): the conversation is in
+                # an unknown state, so the connection cannot be reused.
+                smtp.close()
+                raise
+            if result.reusable and smtp.is_connected:
+                state.idle.append(_Idle(smtp, time.monotonic()))
+            else:
+                smtp.close()
+                # A reused connection the server had quietly closed: one fresh try.
+                if reused and attempt == 0 and _nothing_happened(result):
+                    continue
+            return result
         raise AssertionError("unreachable")
 
     async def _checkout(

@@ -279,6 +279,7 @@ async def deliver_one(
                 [r.address for r in attempted],
                 claimed.data,
                 smtputf8=claimed.smtputf8,
+                priority=claimed.priority,
             ),
             whole,
         )

@@ -50,7 +50,12 @@ class User:
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        """Administers its establishment (an operator administers every establishment)."""
+        return self.role in ("admin", "operator")
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == "operator"
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class Claimed:
     attempts: int
     created_at: float
     recipients: list[RecipientState]
+    priority: int = 0
 
 
 @dataclass
@@ -189,6 +195,22 @@ class Store(abc.ABC):
     # -- establishments, users, tokens ---------------------------------------------------
     @abc.abstractmethod
     async def get_establishment(self, slug_or_id: str | int) -> Establishment | None: ...
+
+    @abc.abstractmethod
+    async def create_establishment(self, slug: str, name: str, hosted: bool) -> Establishment:
+        """Raises Conflict when the slug is taken."""
+
+    @abc.abstractmethod
+    async def list_establishments(self) -> list[Establishment]: ...
+
+    @abc.abstractmethod
+    async def update_establishment(self, establishment_id: int, **values: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def find_users(
+        self, *, username: str | None = None, email: str | None = None
+    ) -> list[User]:
+        """Users of every establishment with this username or e-mail address."""
 
     @abc.abstractmethod
     async def create_user(

@@ -239,6 +239,46 @@ class SQLStore(Store):
         r = rows[0]
         return Establishment(r.id, r.slug, r.name, bool(r.hosted), bool(r.disabled))
 
+    async def create_establishment(self, slug: str, name: str, hosted: bool) -> Establishment:
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(
+                insert(t.establishments).values(
+                    slug=slug, name=name, hosted=hosted, disabled=False, created_at=time.time()
+                )
+            )
+            return int(res.inserted_primary_key[0])  # type: ignore[index]
+
+        try:
+            est_id = await self.write(job)
+        except Conflict as exc:
+            raise Conflict(N_("An establishment {slug} already exists."), slug=slug) from exc
+        return Establishment(est_id, slug, name, hosted, False)
+
+    async def list_establishments(self) -> list[Establishment]:
+        rows = await self._read(select(t.establishments).order_by(t.establishments.c.slug))
+        return [Establishment(r.id, r.slug, r.name, bool(r.hosted), bool(r.disabled))
+                for r in rows]
+
+    async def update_establishment(self, establishment_id: int, **values: Any) -> None:
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(t.establishments)
+                .where(t.establishments.c.id == establishment_id)
+                .values(**values)
+            )
+
+        await self.write(job)
+
+    async def find_users(
+        self, *, username: str | None = None, email: str | None = None
+    ) -> list[User]:
+        stmt = select(t.users)
+        if username is not None:
+            stmt = stmt.where(t.users.c.username == username)
+        if email is not None:
+            stmt = stmt.where(func.lower(t.users.c.email) == email.lower())
+        return [_user(r) for r in await self._read(stmt.order_by(t.users.c.id))]
+
     async def create_user(
         self,
         *,
@@ -327,10 +367,12 @@ class SQLStore(Store):
         rows = await self._read(
             select(t.users)
             .join(t.tokens, t.tokens.c.user_id == t.users.c.id)
+            .join(t.establishments, t.establishments.c.id == t.users.c.establishment_id)
             .where(
                 t.tokens.c.token_hash == token_hash,
                 t.tokens.c.revoked_at.is_(None),
                 t.users.c.disabled.is_(False),
+                t.establishments.c.disabled.is_(False),
             )
         )
         return _user(rows[0]) if rows else None
@@ -709,6 +751,7 @@ class SQLStore(Store):
                         attempts=r.attempts,
                         created_at=r.created_at,
                         recipients=rcpts[r.id],
+                        priority=r.priority,
                     )
                 )
             return claimed
