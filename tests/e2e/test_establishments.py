@@ -60,7 +60,8 @@ def test_nothing_crosses_between_establishments(
 ) -> None:
     server, other = two
     with server.client() as admin_a, server.client("alice") as alice:
-        mid = alice.post("/api/v1/messages", json={"to": ["p@example.org"], "text": "a"}).json()["id"]
+        sent = alice.post("/api/v1/messages", json={"to": ["p@example.org"], "text": "a"})
+        mid = sent.json()["id"]
         pid = admin_a.post("/api/v1/profiles", json={"label": "Relais A", "host": "smtp.a.fr"}
                            ).json()["id"]
         settings_a = admin_a.get("/api/v1/settings").json()
