@@ -14,7 +14,9 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 TOKEN_PREFIX = "pst_"  # noqa: S105 - a prefix, not a secret
-ROLES = ("admin", "user", "operator")
+# "relay": the account another Postier server hands its e-mails on with; it may send as
+# any address (the downstream server applied its own policy), this server's policy applies.
+ROLES = ("admin", "user", "operator", "relay")
 
 _hasher = PasswordHasher()
 

@@ -29,6 +29,13 @@ class ProfileIn(RelaySettings):
 
     label: str = Field(min_length=1, max_length=100, description="Label shown to users")
 
+    @field_validator("kind")
+    @classmethod
+    def _smtp_only(cls, value: Any) -> Any:
+        if str(value) != "smtp":
+            raise ValueError("a sending profile describes an SMTP server")
+        return value
+
     @field_validator("label")
     @classmethod
     def _label(cls, value: str) -> str:

@@ -304,6 +304,9 @@ class Postier:
         requested_from: str | None = None,
         reply_to: Sequence[str] = (),
     ) -> policy.SenderDecision:
+        granted = user.granted_senders
+        if user.role == "relay" and requested_from:
+            granted = (*granted, requested_from)
         return policy.decide_sender(
             user_address=user.email,
             user_name=user.display_name,
@@ -312,7 +315,7 @@ class Postier:
             establishment_address=settings.sender.address,
             requested_from=requested_from,
             message_reply_to=reply_to,
-            granted_addresses=user.granted_senders,
+            granted_addresses=granted,
         )
 
     async def preview(self, user: User, username: str | None, lang: str) -> Preview:
@@ -349,6 +352,7 @@ class Postier:
         raw: bytes,
         *,
         smtputf8: bool = False,
+        idempotency_key: str | None = None,
     ) -> EnqueueResult:
         """Accept a message submitted over SMTP: the envelope sender and the From must be
         the account's own (or granted) addresses; the policy then rewrites the sender."""
@@ -377,6 +381,7 @@ class Postier:
                 data=data,
                 recipients=list(dict.fromkeys(recipients)),
                 smtputf8=smtputf8,
+                idempotency_key=idempotency_key,
             )
         ])
         for notify in self._notify:

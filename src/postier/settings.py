@@ -11,7 +11,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from postier import policy
 
@@ -34,9 +41,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class RelaySettings(_Model):
-    """How to reach the SMTP server that sends the establishment's e-mails."""
+class RelayKind(StrEnum):
+    SMTP = "smtp"
+    POSTIER = "postier"  # another Postier server (the original product's "shared base")
 
+
+class RelaySettings(_Model):
+    """How to reach the SMTP server that sends the establishment's e-mails — or the
+    Postier server this one hands its e-mails on to (``kind: postier``, with ``url`` and
+    an API token of that server in ``password``)."""
+
+    kind: RelayKind = RelayKind.SMTP
+    url: str = Field("", max_length=500, description="kind postier: the upstream server's URL")
     host: str = Field("", max_length=253, description="Host name or address of the SMTP server")
     port: int = Field(587, ge=1, le=65535)
     security: Security = Security.STARTTLS
@@ -56,10 +72,27 @@ class RelaySettings(_Model):
             raise ValueError("a host name has no spaces or slashes (example: smtp.ac-lyon.fr)")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("the server address starts with http:// or https://")
+        return value
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.url if self.kind == RelayKind.POSTIER else self.host)
+
+    def describe(self) -> str:
+        return self.url if self.kind == RelayKind.POSTIER else f"{self.host}:{self.port}"
+
     def key(self) -> tuple[Any, ...]:
         """Identity of a relay for connection pooling (secrets included, so a new
         password opens new connections)."""
         return (
+            self.kind,
+            self.url,
             self.host.lower(),
             self.port,
             self.security,
@@ -105,6 +138,34 @@ class RetrySettings(_Model):
     )
 
 
+# -- retention of personal data (RGPD): issue 11, see postier.retention -----------------
+class RetentionSettings(_Model):
+    """How long the e-mails of the establishment are kept once they are sent, failed or
+    cancelled: the content briefly, the delivery record longer."""
+
+    body_days: int = Field(
+        30, ge=0, le=3650,
+        description="Days the body and attachments of an e-mail are kept after it was sent, "
+        "failed or was cancelled (0: removed at the next purge)",
+    )
+    metadata_days: int = Field(
+        365, ge=1, le=3650,
+        description="Days the record of an e-mail (sender, recipients, subject, status, "
+        "attempts) is kept after it was sent, failed or was cancelled",
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> RetentionSettings:
+        if self.body_days > self.metadata_days:
+            raise ValueError(
+                "body_days cannot be longer than metadata_days: the body goes with its record"
+            )
+        return self
+
+
+# -- end of retention ----------------------------------------------------------------------
+
+
 class DeliverySettings(_Model):
     delegation: bool = Field(
         True, description="Déléguer l'envoi de tous les e-mails au serveur (central sending)"
@@ -113,6 +174,7 @@ class DeliverySettings(_Model):
     allowed_domains: list[DomainPattern] = Field(default_factory=list, max_length=500)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @field_validator("allowed_domains")
     @classmethod

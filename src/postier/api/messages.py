@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from postier import policy
 from postier.api.deps import Core, CurrentUser, Lang
 from postier.api.views import (
     Accepted,
@@ -31,6 +34,32 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+class RawIn(BaseModel):
+    """An e-mail already written (RFC 5322 bytes), as SMTP submission receives it."""
+
+    envelope_from: str = Field(description="The envelope sender (MAIL FROM)")
+    recipients: list[str] = Field(min_length=1, max_length=1000)
+    data: str = Field(description="The message, base64; lines end with CRLF")
+    smtputf8: bool = False
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, value: list[str]) -> list[str]:
+        return [policy.normalize_address(a) for a in value]
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: str) -> str:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except ValueError as exc:
+            raise ValueError("data is not valid base64") from exc
+        if re.search(rb"\r(?!\n)|(?<!\r)\n", raw):
+            raise ValueError("the message has a bare CR or LF; lines must end with CRLF")
+        return value
+
+
 class BatchIn(BaseModel):
     messages: list[MessageIn] = Field(min_length=1, max_length=5000)
 
@@ -49,6 +78,18 @@ async def submit_batch(batch: BatchIn, user: CurrentUser, core: Core) -> BatchAc
     return BatchAccepted(
         messages=[Accepted(id=r.id, status=r.status, duplicate=r.duplicate) for r in results]
     )
+
+
+@router.post("/raw", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+async def submit_raw(body: RawIn, user: CurrentUser, core: Core) -> Accepted:
+    """Accept an e-mail already written, with the same checks as SMTP submission (the
+    envelope sender and the From must be yours) and the sender policy. This is how a
+    Postier server hands its e-mails on to another (its account has the ``relay`` role)."""
+    result = await core.submit_raw(
+        user, body.envelope_from, body.recipients, base64.b64decode(body.data),
+        smtputf8=body.smtputf8, idempotency_key=body.idempotency_key,
+    )
+    return Accepted(id=result.id, status=result.status, duplicate=result.duplicate)
 
 
 @router.get("", responses=_ERRORS)

@@ -50,7 +50,7 @@ class TransactionResult:
 
 
 def relay_label(relay: RelaySettings) -> str:
-    return f"{relay.host}:{relay.port}"
+    return relay.describe()
 
 
 def tls_context(relay: RelaySettings) -> ssl.SSLContext:
@@ -280,7 +280,7 @@ async def open_smtp(
     on_step: StepCallback | None = None,
 ) -> aiosmtplib.SMTP:
     """Connect, greet, secure and authenticate, step by step; return a ready connection."""
-    if not relay.host:
+    if not relay.configured:
         raise DeliveryError(
             N_("No SMTP server is configured."),
             hint=N_("An administrator must enter the SMTP server in Paramètres d'envoi des "

@@ -27,7 +27,7 @@ from postier.delivery.relay import (
 from postier.delivery.retry import RetryPolicy
 from postier.errors import DeliveryError, PostierError
 from postier.i18n import N_
-from postier.settings import DeliverySettings
+from postier.settings import DeliverySettings, RelayKind
 from postier.store.base import (
     DEFERRED,
     FAILED,
@@ -272,17 +272,23 @@ async def deliver_one(
     # that answers one byte at a time cannot hold a delivery forever.
     whole = relay.timeout * (6 + len(attempted)) + len(claimed.data) / 50_000
     try:
-        result = await asyncio.wait_for(
-            pool.send(
-                relay,
-                claimed.envelope_from,
-                [r.address for r in attempted],
-                claimed.data,
-                smtputf8=claimed.smtputf8,
-                priority=claimed.priority,
-            ),
-            whole,
-        )
+        if relay.kind == RelayKind.POSTIER:
+            from postier.delivery.upstream import hand_on
+
+            result = await asyncio.wait_for(
+                hand_on(relay, claimed, [r.address for r in attempted]), whole)
+        else:
+            result = await asyncio.wait_for(
+                pool.send(
+                    relay,
+                    claimed.envelope_from,
+                    [r.address for r in attempted],
+                    claimed.data,
+                    smtputf8=claimed.smtputf8,
+                    priority=claimed.priority,
+                ),
+                whole,
+            )
     except Exception as exc:
         # Whatever went wrong, the message must not stay stuck "sending": it is deferred
         # with the reason, and the caller goes on.

@@ -1,0 +1,76 @@
+"""A Postier server handing its e-mails on to another Postier server (the original
+product's shared base): acknowledged by the upstream's durable commit, final status
+flowing back so the sender sees "sent" or "failed" end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from postier.config import ServerConfig
+from postier.service import Postier
+
+from support.relay import FaultRelay
+from support.server import ServerProcess
+
+
+async def _relay_account(data_dir: Path) -> str:
+    core = Postier(ServerConfig(data_dir=data_dir))
+    await core.open()
+    try:
+        user = await core.add_user("serveur-edt", "serveur-edt@ac-lyon.fr", role="relay")
+        token, _ = await core.create_token(user, "downstream server")
+        return token
+    finally:
+        await core.close()
+
+
+def _pair(server_factory: Any, relay: FaultRelay) -> tuple[ServerProcess, ServerProcess]:
+    upstream: ServerProcess = server_factory()
+    token = asyncio.run(_relay_account(upstream.data_dir))
+    upstream.start()
+    upstream.configure_relay(relay)
+    downstream: ServerProcess = server_factory()
+    downstream.start()
+    downstream.configure_relay(relay, relay={"kind": "postier", "url": upstream.url,
+                                             "password": token, "timeout": 5})
+    return upstream, downstream
+
+
+def test_e_mail_handed_on_and_its_result_flows_back(
+    server_factory: Any, relay: FaultRelay
+) -> None:
+    upstream, downstream = _pair(server_factory, relay)
+    relay.rcpt_replies = {"inconnu@example.org": "550 5.1.1 No such user"}
+    with downstream.client("alice") as alice:
+        r = alice.post("/api/v1/messages", json={
+            "to": ["parent@example.org", "inconnu@example.org"],
+            "subject": "Via le serveur PRONOTE", "text": "Bonjour"})
+        assert r.status_code == 202
+        mid = r.json()["id"]
+    (got,) = relay.wait_for(1)
+    assert got.mail_from == "alice.martin@ac-lyon.fr"
+    assert got.message["Subject"] == "Via le serveur PRONOTE"
+    final = downstream.wait_status(mid, "sent", user="alice", timeout=20)
+    by = {x["address"]: x for x in final["recipients"]}
+    assert by["parent@example.org"]["status"] == "sent"
+    assert by["inconnu@example.org"]["status"] == "failed"
+    assert "No such user" in by["inconnu@example.org"]["reply"]
+    assert len(relay.messages) == 1, "handed on once, whatever the follow-ups"
+    with upstream.client() as admin:
+        assert len(admin.get("/api/v1/messages").json()) == 1
+
+
+def test_upstream_down_then_up_delivers_once(server_factory: Any, relay: FaultRelay) -> None:
+    upstream, downstream = _pair(server_factory, relay)
+    upstream.stop()
+    with downstream.client("alice") as alice:
+        mid = alice.post("/api/v1/messages", json={"to": ["p@example.org"], "text": "x"}
+                         ).json()["id"]
+    state = downstream.wait_status(mid, "deferred", user="alice")
+    assert state["last_error"]["code"] == "upstream_unreachable"
+    upstream.start()
+    relay.wait_for(1, timeout=20)
+    downstream.wait_status(mid, "sent", user="alice", timeout=20)
+    assert len(relay.messages) == 1
