@@ -20,6 +20,7 @@ from cryptography.fernet import Fernet
 from postier.config import ServerConfig
 from postier.message import MessageIn
 from postier.service import Postier
+
 from support.relay import FaultRelay
 
 

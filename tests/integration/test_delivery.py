@@ -10,7 +10,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.settings import DeliverySettings, RelaySettings, RetrySettings
-from postier.store import create_store, database_url
+from postier.store import create_store
 from postier.store.base import NewMessage, Store
 
 from support.relay import FaultRelay
