@@ -300,6 +300,7 @@ class Administration:
         if check_senders:
             senders = await self._sender_identities(actor, settings)
         started = time.monotonic()
+        keys = await self.core.dkim_keys(actor.establishment_id)
         report = await diagnose.test_send(
             settings.relay,
             to=address,
@@ -308,6 +309,7 @@ class Administration:
             lang=lang,
             local_hostname=self.core.config.hostname,
             check_senders=senders,
+            dkim_key=keys.get(sender_address.rpartition("@")[2].lower()),
             label=translate(
                 lang,
                 N_("the establishment's delivery settings, not saved yet")

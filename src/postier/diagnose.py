@@ -33,7 +33,9 @@ from typing import Any
 import aiosmtplib
 from babel.numbers import format_decimal
 
+from postier import dkim_signing
 from postier.delivery.relay import classify, open_smtp, transact
+from postier.dkim_signing import DkimKey
 from postier.errors import DeliveryError
 from postier.i18n import N_, normalize, translate
 from postier.settings import AuthMethod, RelaySettings, Security
@@ -105,6 +107,7 @@ class TestReport:
     latency_ms: int | None
     suggestion: str | None
     sender_checks: list[dict[str, Any]] = field(default_factory=list)
+    dkim: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +117,7 @@ class TestReport:
             "latency_ms": self.latency_ms,
             "suggestion": self.suggestion,
             "sender_checks": [dict(c) for c in self.sender_checks],
+            "dkim": self.dkim,
         }
 
 
@@ -127,6 +131,7 @@ async def test_send(
     local_hostname: str | None = None,
     check_senders: Sequence[str] = (),
     label: str = "",
+    dkim_key: DkimKey | None = None,
 ) -> TestReport:
     """Send a real test e-mail to ``to`` through ``relay`` and report every step.
 
@@ -171,6 +176,17 @@ async def test_send(
         relay, to=to, sender_name=sender_name, sender_address=sender_address,
         lang=lang, label=label,
     )
+    dkim_report: dict[str, Any] | None = None
+    if dkim_key is not None:
+        # Signed as deliveries are, and checked against the record to publish, so the
+        # administrator knows the key works before the first real e-mail.
+        data = await asyncio.to_thread(dkim_signing.sign, data, dkim_key)
+        dkim_report = {
+            "domain": dkim_key.domain,
+            "selector": dkim_key.selector,
+            "record": dkim_key.record_name,
+            "verified": await asyncio.to_thread(dkim_signing.verify, data, dkim_key),
+        }
     smtputf8 = not (to.isascii() and sender_address.isascii())
     budget = float(BUDGET_FACTOR * relay.timeout)
     start = time.perf_counter()
@@ -216,6 +232,7 @@ async def test_send(
         latency_ms=latency_ms,
         suggestion=None if error is not None else run.suggestion(),
         sender_checks=[asdict(c) for c in checks],
+        dkim=dkim_report,
     )
 
 

@@ -122,6 +122,7 @@ def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
         claim_batch=config.claim_batch,
         lease_seconds=config.lease_seconds,
         poll_interval=config.poll_interval,
+        sign=core.dkim_sign,
     )
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postier import accounts, policy
+from postier import accounts, dkim_signing, policy
 from postier.administration import Administration, require_admin
 from postier.config import ServerConfig
 from postier.crypto import SecretBox
+from postier.dkim_signing import DkimKey
 from postier.errors import (
     AuthenticationRequired,
     Conflict,
@@ -86,6 +87,7 @@ class Postier:
         self.secrets = SecretBox.for_data_dir(self.data_dir)
         self._settings: dict[int, tuple[DeliverySettings, float]] = {}
         self._establishments: dict[str | int, tuple[Establishment | None, float]] = {}
+        self._dkim: dict[int, tuple[dict[str, DkimKey], float]] = {}
         self._notify: list[Any] = []
         self.admin = Administration(self)
 
@@ -178,6 +180,65 @@ class Postier:
                 field="slug",
             )
         return await self.store.create_establishment(slug, name.strip() or slug, hosted)
+
+    # -- DKIM ------------------------------------------------------------------------------
+    async def dkim_keys(self, establishment_id: int) -> dict[str, DkimKey]:
+        cached = self._dkim.get(establishment_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < SETTINGS_TTL:
+            return cached[0]
+        keys = {
+            row["domain"]: DkimKey(row["domain"], row["selector"],
+                                   self.secrets.decrypt(row["private_key_enc"]).encode(),
+                                   row["public_key"])
+            for row in await self.store.list_dkim_keys(establishment_id)
+        }
+        self._dkim[establishment_id] = (keys, now)
+        return keys
+
+    async def dkim_generate(self, user: User, domain: str, selector: str = "postier") -> DkimKey:
+        """Make (or replace) the DKIM key of one of the establishment's domains."""
+        require_admin(user)
+        try:
+            domain = policy.normalize_domain_pattern(domain)
+        except InvalidInput as exc:
+            exc.field = "domain"
+            raise
+        settings = await self.stored_settings(user.establishment_id)
+        own = {settings.sender.address.rpartition("@")[2].lower()} - {""}
+        if domain.startswith("*.") or not (
+            domain in own or policy.matching_pattern(f"x@{domain}", settings.allowed_domains)
+        ):
+            raise InvalidInput(
+                N_("{domain} is neither an allowed domain nor the domain of the sender "
+                   "address: Postier would never sign for it."),
+                hint=N_("Add it to the allowed domains first."), field="domain", domain=domain,
+            )
+        if not dkim_signing.valid_selector(selector):
+            raise InvalidInput(N_("A selector is made of letters, digits and hyphens."),
+                               field="selector")
+        key = await asyncio.to_thread(dkim_signing.generate, domain, selector)
+        await self.store.save_dkim_key(user.establishment_id, domain, selector,
+                                       self.secrets.encrypt(key.private_pem.decode()),
+                                       key.public_b64)
+        self._dkim.pop(user.establishment_id, None)
+        await self.store.audit(user.establishment_id, user.username, "dkim.generate", domain,
+                               {"selector": selector})
+        return key
+
+    def forget_dkim(self, establishment_id: int) -> None:
+        self._dkim.pop(establishment_id, None)
+
+    async def dkim_sign(self, establishment_id: int, data: bytes) -> bytes:
+        """Sign stored bytes when the From's domain has a key (at delivery)."""
+        keys = await self.dkim_keys(establishment_id)
+        if not keys:
+            return data
+        domain = dkim_signing.from_domain(data)
+        key = keys.get(domain or "")
+        if key is None:
+            return data
+        return await asyncio.to_thread(dkim_signing.sign, data, key)
 
     # -- users and tokens ----------------------------------------------------------------
     async def add_user(

@@ -87,12 +87,13 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
 
-    from postier.api import admin, messages, profiles, users
+    from postier.api import admin, dkim, messages, profiles, users
 
     app.include_router(messages.router)
     app.include_router(admin.router)
     app.include_router(profiles.router)
     app.include_router(users.router)
+    app.include_router(dkim.router)
 
     @app.get("/api/v1/health", tags=["operations"])
     async def health() -> dict[str, str]:

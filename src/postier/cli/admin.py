@@ -6,6 +6,7 @@ They work on the same data as the server (``--data-dir`` or ``POSTIER_DATA_DIR``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from postier.cli.common import (
     _fail,
     _run,
     app,
+    dkim_app,
     err,
     establishments_app,
     fail_with,
@@ -137,6 +139,41 @@ def establishments_disable(
 
     _run(_config(data_dir, database_url), action)
     out.print(f"Establishment {slug} disabled.", highlight=False)
+
+
+@dkim_app.command("generate")
+def dkim_generate(
+    domain: Annotated[str, typer.Argument(help="An allowed domain, e.g. ac-lyon.fr")],
+    selector: Annotated[str, typer.Option(help="DNS selector")] = "postier",
+    establishment: Establishment = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Make the DKIM key of a domain and print the DNS TXT record to publish."""
+
+    async def action(core: Postier) -> Any:
+        actor = dataclasses.replace(CONSOLE,
+                                    establishment_id=await _establishment_id(core, establishment))
+        return await core.dkim_generate(actor, domain, selector)
+
+    key = _run(_config(data_dir, database_url), action)
+    err.print("Publish this TXT record in the domain's DNS, then e-mails from "
+              f"{key.domain} are signed:", highlight=False)
+    out.print(f"{key.record_name}. IN TXT \"{key.record_value}\"", highlight=False,
+              soft_wrap=True)
+
+
+@dkim_app.command("list")
+def dkim_list(establishment: Establishment = None, data_dir: DataDir = None,
+              database_url: DatabaseUrl = None) -> None:
+    """The domains e-mails are signed for, with their DNS records."""
+
+    async def action(core: Postier) -> Any:
+        return await core.dkim_keys(await _establishment_id(core, establishment))
+
+    for key in _run(_config(data_dir, database_url), action).values():
+        out.print(f"{key.record_name}. IN TXT \"{key.record_value}\"", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()

@@ -36,6 +36,9 @@ profiles_app = typer.Typer(help="Sending profiles (profils d'envoi d'e-mails).",
 establishments_app = typer.Typer(
     help="Establishments of a hosted installation (operators).", no_args_is_help=True)
 app.add_typer(establishments_app, name="establishments")
+dkim_app = typer.Typer(help="DKIM signing of the establishment's domains.",
+                       no_args_is_help=True)
+app.add_typer(dkim_app, name="dkim")
 app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(settings_app, name="settings")

@@ -294,6 +294,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_meta(self, key: str, value: str) -> None: ...
 
+    @abc.abstractmethod
+    async def save_dkim_key(
+        self, establishment_id: int, domain: str, selector: str, private_enc: str,
+        public_b64: str,
+    ) -> None:
+        """Create or replace the key of a domain."""
+
+    @abc.abstractmethod
+    async def list_dkim_keys(self, establishment_id: int) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    async def delete_dkim_key(self, establishment_id: int, domain: str) -> bool: ...
+
     # -- settings ------------------------------------------------------------------------
     @abc.abstractmethod
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:

@@ -188,3 +188,16 @@ meta = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+dkim_keys = Table(
+    "dkim_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("domain", String(253), nullable=False),
+    Column("selector", String(63), nullable=False),
+    Column("private_key_enc", Text, nullable=False),
+    Column("public_key", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Index("ux_dkim_domain", "establishment_id", "domain", unique=True),
+)

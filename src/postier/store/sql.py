@@ -522,6 +522,34 @@ class SQLStore(Store):
 
         await self.write(job)
 
+    async def save_dkim_key(
+        self, establishment_id: int, domain: str, selector: str, private_enc: str,
+        public_b64: str,
+    ) -> None:
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(delete(t.dkim_keys).where(
+                t.dkim_keys.c.establishment_id == establishment_id,
+                t.dkim_keys.c.domain == domain))
+            await conn.execute(insert(t.dkim_keys).values(
+                establishment_id=establishment_id, domain=domain, selector=selector,
+                private_key_enc=private_enc, public_key=public_b64, created_at=time.time()))
+
+        await self.write(job)
+
+    async def list_dkim_keys(self, establishment_id: int) -> list[dict[str, Any]]:
+        rows = await self._read(select(t.dkim_keys).where(
+            t.dkim_keys.c.establishment_id == establishment_id).order_by(t.dkim_keys.c.domain))
+        return [dict(r._mapping) for r in rows]
+
+    async def delete_dkim_key(self, establishment_id: int, domain: str) -> bool:
+        async def job(conn: AsyncConnection) -> int:
+            res = await conn.execute(delete(t.dkim_keys).where(
+                t.dkim_keys.c.establishment_id == establishment_id,
+                t.dkim_keys.c.domain == domain))
+            return int(res.rowcount)
+
+        return bool(await self.write(job))
+
     # -- settings ------------------------------------------------------------------------
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
         rows = await self._read(
