@@ -106,6 +106,7 @@ class TestOut(BaseModel):
     latency_ms: int | None
     suggestion: str | None
     sender_checks: list[dict[str, Any]]
+    dkim: dict[str, Any] | None = None
 
 
 @router.post("/test", responses=_ERRORS)
