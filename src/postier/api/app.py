@@ -100,4 +100,7 @@ def create_app(
         """Liveness: the process answers. No authentication."""
         return {"status": "ok"}
 
+    from postier import web
+
+    web.install(app)
     return app

@@ -1,0 +1,211 @@
+"""The queue (administrators), one e-mail's detail with its attempts, and "My e-mails" for
+every user. Each page refreshes itself by polling a small JSON endpoint that returns the
+same fragments, rendered by the same templates."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from postier.i18n import N_
+from postier.service import explain_error
+from postier.store.base import FINAL_STATUSES, STATUSES, MessageRecord
+from postier.web import stats
+from postier.web.context import (
+    AdminPage,
+    Page,
+    UserPage,
+    checked_form,
+    flash_url,
+    json_response,
+    redirect,
+    render,
+    render_fragment,
+)
+
+router = APIRouter(include_in_schema=False)
+
+PERIOD_LABELS = {"24h": N_("Last 24 hours"), "7d": N_("Last 7 days"),
+                 "30d": N_("Last 30 days")}
+OUTCOME_LABELS = {"sent": N_("Sent"), "deferred": N_("Deferred"), "failed": N_("Failed")}
+LIST_LIMIT = 200
+
+
+@dataclass
+class QueueQuery:
+    status: str = ""
+    sender: str = ""
+    recipient: str = ""
+    since: str = ""  # YYYY-MM-DD, local date
+    until: str = ""
+    period: str = "24h"
+
+    def filters(self) -> stats.Filters:
+        return stats.Filters(
+            status=self.status if self.status in STATUSES else None,
+            sender=self.sender.strip() or None,
+            recipient=self.recipient.strip() or None,
+            since=_day_start(self.since, 0),
+            until=_day_start(self.until, 1),
+        )
+
+    def params(self, **changes: str) -> dict[str, str]:
+        values = {**self.__dict__, **changes}
+        return {k: v for k, v in values.items() if v and not (k == "period" and v == "24h")}
+
+
+def _day_start(value: str, plus_days: int) -> float | None:
+    try:
+        day = dt.date.fromisoformat(value)
+    except ValueError:
+        return None
+    return dt.datetime.combine(day + dt.timedelta(days=plus_days), dt.time()).timestamp()
+
+
+def chart(p: Page, buckets: list[stats.Bucket], period: str) -> dict[str, Any]:
+    """Geometry of the stacked bar chart (drawn as SVG by the template)."""
+    width, height, left, bottom, top = 720, 200, 36, 24, 8
+    peak = max([b.total for b in buckets] + [1])
+    # A round upper bound for the axis: 1, 2, 5, 10, 20, 50...
+    scale = 1
+    while scale < peak:
+        scale = scale * 5 // 2 if str(scale)[0] == "2" else scale * 2
+    step = (width - left) / max(len(buckets), 1)
+    plot = height - bottom - top
+    bars = []
+    every = 3 if len(buckets) > 12 else 1
+    for i, b in enumerate(buckets):
+        y = float(height - bottom)
+        parts = []
+        for outcome in stats.OUTCOMES:
+            h = plot * b.counts[outcome] / scale
+            if h:
+                y -= h
+                parts.append({"outcome": outcome, "y": round(y, 1), "h": round(h, 1),
+                              "n": b.counts[outcome]})
+        if period == "24h":
+            label, title = p.datetime(b.start, "HH"), p.datetime(b.start, "short")
+        else:
+            label, title = p.datetime(b.start, "d MMM"), p.datetime(b.start, "EEEE d MMMM")
+        bars.append({"x": round(left + i * step + step * 0.15, 1), "w": round(step * 0.7, 1),
+                     "parts": parts, "label": label if i % every == 0 else "",
+                     "title": title, "counts": b.counts,
+                     "tx": round(left + i * step + step / 2, 1)})
+    totals = {o: sum(b.counts[o] for b in buckets) for o in stats.OUTCOMES}
+    return {"width": width, "height": height, "left": left, "bottom": height - bottom,
+            "top": top, "scale": scale, "mid": (height - bottom + top) / 2, "bars": bars,
+            "totals": totals, "outcome_labels": OUTCOME_LABELS,
+            "period_label": PERIOD_LABELS.get(period, PERIOD_LABELS["24h"])}
+
+
+def explain(p: Page, last_error: str | None) -> dict[str, Any] | None:
+    return explain_error(last_error, p.lang)
+
+
+async def _queue_data(p: Page, q: QueueQuery) -> dict[str, Any]:
+    core, eid = p.core, p.me.establishment_id
+    period = q.period if q.period in stats.PERIODS else "24h"
+    counts = await core.store.counts(eid)
+    buckets = await stats.activity(core.store, eid, period, time.time())
+    rows = await stats.search(core.store, eid, q.filters(), LIST_LIMIT)
+    return {"counts": counts, "chart": chart(p, buckets, period), "rows": rows, "q": q,
+            "period": period, "explain": lambda e: explain(p, e), "limit": LIST_LIMIT,
+            "updated": p.datetime(time.time(), "medium")}
+
+
+def _query(status: str, sender: str, recipient: str, since: str, until: str,
+           period: str) -> QueueQuery:
+    return QueueQuery(status, sender, recipient, since, until, period)
+
+
+@router.get("/queue")
+async def queue(p: AdminPage, status: str = "", sender: str = "", recipient: str = "",
+                since: str = "", until: str = "", period: str = "24h") -> Response:
+    data = await _queue_data(p, _query(status, sender, recipient, since, until, period))
+    return render(p, "queue.html", title=p._("Queue"), statuses=STATUSES,
+                  periods=PERIOD_LABELS, **data)
+
+
+@router.get("/queue/live.json")
+async def queue_live(p: AdminPage, status: str = "", sender: str = "", recipient: str = "",
+                     since: str = "", until: str = "", period: str = "24h") -> Response:
+    data = await _queue_data(p, _query(status, sender, recipient, since, until, period))
+    return json_response({
+        "counts": data["counts"],
+        "regions": {
+            "queue-counts": render_fragment(p, "_queue_counts.html", **data),
+            "queue-chart": render_fragment(p, "_queue_chart.html", **data),
+            "queue-rows": render_fragment(p, "_queue_rows.html", **data),
+        },
+        "updated": data["updated"],
+    })
+
+
+# -- one e-mail ----------------------------------------------------------------------------
+
+
+def _message_data(p: Page, record: MessageRecord) -> dict[str, Any]:
+    return {"m": record, "error": explain(p, record.last_error),
+            "final": record.status in FINAL_STATUSES,
+            "can_retry": record.status in ("queued", "deferred", "failed"),
+            "can_cancel": record.status in ("queued", "deferred"),
+            "outcome_labels": OUTCOME_LABELS, "updated": p.datetime(time.time(), "medium")}
+
+
+@router.get("/messages/{message_id}")
+async def message_detail(message_id: str, p: UserPage) -> Response:
+    record = await p.core.get_message(p.me, message_id)
+    back = "/queue" if p.me.is_admin and record.user_id != p.me.id else "/mine"
+    return render(p, "message.html", title=record.subject or p._("(no subject)"),
+                  back=back, **_message_data(p, record))
+
+
+@router.get("/messages/{message_id}/live.json")
+async def message_live(message_id: str, p: UserPage) -> Response:
+    record = await p.core.get_message(p.me, message_id)
+    data = _message_data(p, record)
+    return json_response({"status": record.status, "updated": data["updated"],
+                          "regions": {"message-live": render_fragment(
+                              p, "_message_live.html", **data)}})
+
+
+@router.post("/messages/{message_id}/retry")
+async def retry(message_id: str, p: UserPage) -> Response:
+    await checked_form(p)
+    await p.core.retry(p.me, message_id)
+    return redirect(flash_url(f"/messages/{message_id}", "retried"))
+
+
+@router.post("/messages/{message_id}/cancel")
+async def cancel(message_id: str, p: UserPage) -> Response:
+    await checked_form(p)
+    await p.core.cancel(p.me, message_id)
+    return redirect(flash_url(f"/messages/{message_id}", "cancelled"))
+
+
+# -- my e-mails ----------------------------------------------------------------------------
+
+
+async def _mine_data(p: Page, status: str) -> dict[str, Any]:
+    chosen = status if status in STATUSES else None
+    records = await p.core.list_messages(p.me, chosen, LIST_LIMIT, mine=True)
+    return {"messages": records, "status": chosen or "",
+            "explain": lambda e: explain(p, e), "updated": p.datetime(time.time(), "medium")}
+
+
+@router.get("/mine")
+async def my_messages(p: UserPage, status: str = "") -> Response:
+    data = await _mine_data(p, status)
+    return render(p, "mine.html", title=p._("My e-mails"), statuses=STATUSES, **data)
+
+
+@router.get("/mine/live.json")
+async def my_messages_live(p: UserPage, status: str = "") -> Response:
+    data = await _mine_data(p, status)
+    return json_response({"updated": data["updated"], "regions": {
+        "mine-rows": render_fragment(p, "_mine_rows.html", **data)}})

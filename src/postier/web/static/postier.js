@@ -1,0 +1,207 @@
+/* Postier — the little script of the pages. Every page works without it; with it:
+   - "Tester l'envoi d'e-mails" runs without leaving the page and shows its steps one by one;
+   - the queue, "My e-mails" and an e-mail's detail refresh themselves (JSON polling);
+   - confirmations before deleting, copying a new token, focus on an error summary.
+   Texts come from the page (data-* attributes), so they are translated with the page. */
+(function () {
+  "use strict";
+
+  var csrf = (document.querySelector('meta[name="csrf-token"]') || {}).content || "";
+
+  function post(url, body) {
+    return fetch(url, {
+      method: "POST",
+      body: body,
+      credentials: "same-origin",
+      headers: { "X-CSRF-Token": csrf, "Accept": "application/json" }
+    });
+  }
+
+  /* -- field errors, as the server renders them ---------------------------------------- */
+  function clearErrors(form) {
+    form.querySelectorAll("[data-field]").forEach(function (box) {
+      var name = box.getAttribute("data-field");
+      var err = document.getElementById("e-" + name);
+      var control = document.getElementById("f-" + name);
+      box.classList.remove("invalid");
+      if (err) { err.hidden = true; err.textContent = ""; }
+      if (control) {
+        control.removeAttribute("aria-invalid");
+        var ids = (control.getAttribute("aria-describedby") || "").split(" ")
+          .filter(function (id) { return id && id !== "e-" + name; });
+        if (ids.length) { control.setAttribute("aria-describedby", ids.join(" ")); }
+        else { control.removeAttribute("aria-describedby"); }
+      }
+    });
+  }
+
+  function showErrors(form, errors) {
+    var first = null;
+    Object.keys(errors).forEach(function (name) {
+      var box = form.querySelector('[data-field="' + name + '"]');
+      var err = document.getElementById("e-" + name);
+      var control = document.getElementById("f-" + name);
+      if (!box || !err || !control) { return; }
+      box.classList.add("invalid");
+      err.textContent = errors[name];
+      err.hidden = false;
+      control.setAttribute("aria-invalid", "true");
+      var ids = (control.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
+      if (ids.indexOf("e-" + name) < 0) { ids.push("e-" + name); }
+      control.setAttribute("aria-describedby", ids.join(" "));
+      if (!first) { first = control; }
+    });
+    return first;
+  }
+
+  /* -- Tester l'envoi d'e-mails -------------------------------------------------------- */
+  function revealSteps(result, done) {
+    var steps = Array.prototype.slice.call(result.querySelectorAll("[data-step]"));
+    var outcome = result.querySelector("[data-outcome]");
+    steps.forEach(function (li) { li.classList.add("hidden"); });
+    if (outcome) { outcome.classList.add("hidden"); }
+    var i = 0;
+    (function next() {
+      if (i < steps.length) {
+        var li = steps[i++];
+        li.classList.remove("hidden");
+        // Paced on the step's real duration, within bounds that keep it readable.
+        var ms = Math.min(600, Math.max(150, parseInt(li.getAttribute("data-ms"), 10) || 0));
+        window.setTimeout(next, ms);
+      } else {
+        if (outcome) { outcome.classList.remove("hidden"); }
+        done();
+      }
+    })();
+  }
+
+  function setupTest(button) {
+    var form = button.form;
+    var status = form.querySelector("[data-test-status]");
+    var result = document.getElementById("test-result");
+    var to = document.getElementById("f-test_to");
+    var timer = null;
+
+    function finish() {
+      window.clearInterval(timer);
+      button.disabled = false;
+      button.removeAttribute("aria-busy");
+    }
+
+    function run(event) {
+      if (event) { event.preventDefault(); }
+      if (button.disabled) { return; }
+      clearErrors(form);
+      result.innerHTML = "";
+      var started = Date.now();
+      button.disabled = true;
+      button.setAttribute("aria-busy", "true");
+      status.textContent = button.getAttribute("data-running");
+      timer = window.setInterval(function () {
+        var s = Math.floor((Date.now() - started) / 1000);
+        status.textContent = button.getAttribute("data-running") + " " + s + " s";
+      }, 1000);
+      post(button.getAttribute("formaction"), new FormData(form))
+        .then(function (response) { return response.json(); })
+        .then(function (data) {
+          window.clearInterval(timer);
+          if (data.errors && Object.keys(data.errors).length) {
+            var first = showErrors(form, data.errors);
+            status.textContent = data.message || button.getAttribute("data-nothing");
+            finish();
+            if (first) { first.focus(); }
+            return;
+          }
+          if (data.error) {
+            status.textContent = data.error.message;
+            finish();
+            return;
+          }
+          status.textContent = "";
+          result.innerHTML = data.html;
+          revealSteps(result, function () {
+            finish();
+            var title = result.querySelector(".report-title");
+            status.textContent = title ? title.textContent : "";
+            result.focus();
+          });
+        })
+        .catch(function () {
+          status.textContent = button.getAttribute("data-failed");
+          finish();
+        });
+    }
+
+    button.addEventListener("click", run);
+    if (to) {
+      to.addEventListener("keydown", function (event) {
+        if (event.key === "Enter") { run(event); }
+      });
+    }
+  }
+
+  /* -- live refresh --------------------------------------------------------------------- */
+  function setupLive(box) {
+    var url = box.getAttribute("data-live");
+    var every = parseInt(box.getAttribute("data-live-every"), 10) || 5000;
+    var toggle = document.querySelector("[data-live-toggle]");
+    var updated = document.querySelector("[data-live-updated]");
+    var busy = false;
+
+    function tick() {
+      if (busy || document.hidden || (toggle && !toggle.checked)) { return; }
+      busy = true;
+      fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (response) {
+          if (response.status === 401) { window.location.reload(); }
+          return response.ok ? response.json() : null;
+        })
+        .then(function (data) {
+          if (!data) { return; }
+          Object.keys(data.regions || {}).forEach(function (id) {
+            var region = document.getElementById(id);
+            // Never pull the content from under the reader's keyboard focus.
+            if (region && !region.contains(document.activeElement)) {
+              region.innerHTML = data.regions[id];
+            }
+          });
+          if (updated && data.updated) { updated.textContent = data.updated; }
+        })
+        .catch(function () { /* offline for a moment: the next tick tries again */ })
+        .then(function () { busy = false; });
+    }
+
+    window.setInterval(tick, every);
+  }
+
+  /* -- small helpers -------------------------------------------------------------------- */
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    var question = form.getAttribute && form.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) { event.preventDefault(); }
+  });
+
+  document.addEventListener("click", function (event) {
+    // A click anywhere on a line such as the profiles' creation line goes to its field.
+    var line = event.target.closest && event.target.closest("[data-focus]");
+    if (line && !event.target.closest("input, button, a, select, textarea")) {
+      var field = document.getElementById(line.getAttribute("data-focus"));
+      if (field) { field.focus(); }
+    }
+    var button = event.target.closest && event.target.closest("[data-copy]");
+    if (!button) { return; }
+    var source = document.getElementById(button.getAttribute("data-copy"));
+    if (source && navigator.clipboard) {
+      navigator.clipboard.writeText(source.textContent.trim()).then(function () {
+        button.textContent = button.getAttribute("data-copied");
+      });
+    }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-test-button]").forEach(setupTest);
+    document.querySelectorAll("[data-live]").forEach(setupLive);
+    var summary = document.querySelector("[data-autofocus]");
+    if (summary) { summary.focus(); }
+  });
+})();
