@@ -63,6 +63,11 @@ class RelaySettings(_Model):
     )
     timeout: int = Field(30, ge=1, le=600, description="Server timeout in seconds")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate")
+    max_per_minute: int | None = Field(
+        None, ge=1, le=100_000,
+        description="At most this many e-mails per minute to this server (its sending "
+        "limit, e.g. 30 for an Exchange Online mailbox); empty: no limit",
+    )
 
     @field_validator("host")
     @classmethod

@@ -239,3 +239,14 @@ def test_settings_changes_are_audited_without_secrets(
         assert "Secret-123" not in admin.get("/api/v1/audit").text
     with server.client("alice") as alice:
         assert alice.get("/api/v1/audit").status_code == 403
+
+
+def test_relay_presets_fill_the_settings(server: ServerProcess) -> None:
+    with server.client(**FR) as admin:
+        presets = {p["id"]: p for p in admin.get("/api/v1/relay-presets").json()}
+        m365 = presets["microsoft365"]
+        assert m365["relay"]["host"] == "smtp.office365.com"
+        assert m365["relay"]["max_per_minute"] == 30
+        assert "30 messages par minute" in m365["limits"] and m365["source"].startswith("https")
+        r = admin.put("/api/v1/settings", json={"relay": m365["relay"]})
+        assert r.status_code == 200 and r.json()["relay"]["max_per_minute"] == 30

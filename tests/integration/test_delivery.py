@@ -285,3 +285,49 @@ async def test_restart_releases_every_lease_as_due_now(engine: Engine, relay: Fa
     assert rec.status == "deferred" and rec.next_attempt_at <= time.time()
     await engine.start()
     await engine.wait(mid, "sent", timeout=3)
+
+
+async def test_rate_limit_reply_pauses_the_relay_without_counting_attempts(
+    store_url: str, relay: FaultRelay
+) -> None:
+    store = create_store(store_url)
+    await store.open()
+    eng = Engine(store, _settings(relay))
+    relay.mail_reply = "421 4.7.0 Message submission rate for this client has exceeded"
+    try:
+        eng.worker = DeliveryWorker(store, eng.settings_for, poll_interval=0.05,
+                                    pool=RelayPool(concurrency=2, down_for=0.2,
+                                                   rate_pause=1.5))
+        await eng.worker.start()
+        ids = [await eng.put(f"p{i}@example.org") for i in range(6)]
+        first = await eng.wait(ids[0], "deferred")
+        assert json.loads(first.last_error)["code"] == "rate_limited"
+        assert first.attempts == 0, "slowing down is not a failure of the e-mail"
+        knocks = relay.connections
+        await asyncio.sleep(0.8)
+        assert relay.connections == knocks, "paused: no new connection to the relay"
+        relay.mail_reply = None
+        for mid in ids:
+            await eng.wait(mid, "sent", timeout=15)
+    finally:
+        await eng.stop()
+        await store.close()
+    assert len(relay.messages) == 6
+
+
+async def test_max_per_minute_paces_the_relay(store_url: str, relay: FaultRelay) -> None:
+    store = create_store(store_url)
+    await store.open()
+    eng = Engine(store, _settings(relay, max_per_minute=240))  # one every 0.25 s
+    try:
+        await eng.start(concurrency=4)
+        for i in range(5):
+            await eng.put(f"p{i}@example.org")
+        got = await relay.wait_for_async(5, timeout=15)
+    finally:
+        await eng.stop()
+        await store.close()
+    times = sorted(m.at for m in got)
+    # Five starts 0.25 s apart span at least a second (the first conversation also opens
+    # the connection, so single gaps vary; the span does not lie).
+    assert times[-1] - times[0] >= 0.9, f"sent faster than the relay's limit: {times}"

@@ -118,3 +118,15 @@ async def test_settings(body: TestIn, user: CurrentUser, core: Core, lang: Lang)
         user, body.to, body.settings, lang, check_senders=body.check_senders
     )
     return TestOut.model_validate(report.as_dict())
+
+
+presets_router = APIRouter(prefix="/api/v1/relay-presets", tags=["settings"])
+
+
+@presets_router.get("", responses=_ERRORS)
+async def relay_presets(user: CurrentUser, lang: Lang) -> list[dict[str, Any]]:
+    """Usual SMTP servers (Microsoft 365, Google Workspace, academy relay) with the values
+    to put in the relay settings and the provider's documented sending limits."""
+    from postier.presets import presets
+
+    return presets(lang)

@@ -91,6 +91,7 @@ def create_app(
 
     app.include_router(messages.router)
     app.include_router(admin.router)
+    app.include_router(admin.presets_router)
     app.include_router(profiles.router)
     app.include_router(users.router)
     app.include_router(dkim.router)

@@ -335,6 +335,24 @@ def settings_set(
     out.print_json(json.dumps(doc, ensure_ascii=False))
 
 
+@settings_app.command("preset")
+def settings_preset(
+    name: Annotated[str, typer.Argument(
+        help="microsoft365, google-workspace, google-relay or academy")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Fill the SMTP server settings from a preset (username and password are kept)."""
+    from postier.presets import PRESETS
+
+    if name not in PRESETS:
+        _fail(f"Unknown preset {name!r}.", "Presets: " + ", ".join(PRESETS))
+    relay = {k: v for k, v in PRESETS[name]["relay"].items() if v != "" or k != "host"}
+    doc = _run(_config(data_dir, database_url),
+               lambda core: core.put_settings(CONSOLE, {"relay": relay}))
+    out.print_json(json.dumps(doc["relay"], ensure_ascii=False))
+
+
 @settings_app.command("test")
 def settings_test(
     to: Annotated[str, typer.Option("--to", help="Who receives the test e-mail")],

@@ -487,11 +487,41 @@ class PrioritySlots:
 
 
 class _RelayState:
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, rate_pause: float) -> None:
         self.slots = PrioritySlots(concurrency)
         self.idle: list[_Idle] = []
         self.down_until = 0.0
         self.down_error: DeliveryError | None = None
+        # Pace: the earliest time the next message may start (max_per_minute), and a pause
+        # after the relay asked to slow down, longer each time it asks again in a row.
+        self.next_start = 0.0
+        self.paused_until = 0.0
+        self.rate_pause = rate_pause
+        self.pause = rate_pause
+        self.pause_error: DeliveryError | None = None
+
+    async def pace(self, per_minute: int | None) -> None:
+        if not per_minute:
+            return
+        now = time.monotonic()
+        start = max(now, self.next_start)
+        self.next_start = start + 60.0 / per_minute
+        if start > now:
+            await asyncio.sleep(start - now)
+
+    def slowed_down(self, err: DeliveryError) -> None:
+        now = time.monotonic()
+        if now >= self.paused_until:
+            self.paused_until = now + self.pause
+            self.pause = min(self.pause * 2, max(RATE_PAUSE_MAX, self.rate_pause))
+        self.pause_error = err
+
+    def went_through(self) -> None:
+        self.pause = self.rate_pause
+
+
+RATE_PAUSE_MIN = 15.0
+RATE_PAUSE_MAX = 600.0
 
 
 class RelayPool:
@@ -510,7 +540,9 @@ class RelayPool:
         idle_timeout: float = 30.0,
         down_for: float = 2.0,
         local_hostname: str | None = None,
+        rate_pause: float = RATE_PAUSE_MIN,
     ) -> None:
+        self.rate_pause = rate_pause
         self.concurrency = concurrency
         self.idle_timeout = idle_timeout
         self.down_for = down_for
@@ -521,7 +553,7 @@ class RelayPool:
         key = relay.key()
         state = self._relays.get(key)
         if state is None:
-            state = self._relays[key] = _RelayState(self.concurrency)
+            state = self._relays[key] = _RelayState(self.concurrency, self.rate_pause)
         return state
 
     async def send(
@@ -554,6 +586,10 @@ class RelayPool:
             now = time.monotonic()
             if state.down_error is not None and now < state.down_until:
                 return _all(recipients, state.down_error, reusable=False)
+            if state.pause_error is not None and now < state.paused_until:
+                # The relay asked to slow down: wait here without knocking on its door.
+                return _all(recipients, state.pause_error, reusable=False)
+            await state.pace(relay.max_per_minute)
             smtp, reused = await self._checkout(state, relay)
             if smtp is None:
                 assert state.down_error is not None
@@ -567,6 +603,10 @@ class RelayPool:
                 # an unknown state, so the connection cannot be reused.
                 smtp.close()
                 raise
+            if result.error is not None and result.error.code == "rate_limited":
+                state.slowed_down(result.error)
+            elif any(r.status == "sent" for r in result.recipients):
+                state.went_through()
             if result.reusable and smtp.is_connected:
                 state.idle.append(_Idle(smtp, time.monotonic()))
             else:
@@ -590,6 +630,8 @@ class RelayPool:
         except DeliveryError as err:
             state.down_error = err
             state.down_until = time.monotonic() + self.down_for
+            if err.code == "rate_limited":
+                state.slowed_down(err)
             return None, False
         state.down_error = None
         return smtp, False

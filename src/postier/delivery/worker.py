@@ -88,7 +88,13 @@ def decide(
     waiting = [r for r in states.values() if r.status in ("pending", DEFERRED)]
     next_at = now
     status: str
-    if waiting:
+    slow_down = result.error is not None and result.error.code == "rate_limited"
+    if slow_down and waiting and now < claimed.created_at + retry.max_age:
+        # The relay asked to slow down: not a failure of this e-mail. It waits without the
+        # attempt counting towards its backoff.
+        attempts = claimed.attempts
+        next_at = min(now + retry.first_delay, claimed.created_at + retry.max_age)
+    elif waiting:
         nxt = retry.next_attempt(attempts, claimed.created_at, now)
         if nxt is None:
             days = round(retry.max_age / 86400, 1)
