@@ -123,6 +123,7 @@ def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
         lease_seconds=config.lease_seconds,
         poll_interval=config.poll_interval,
         sign=core.dkim_sign,
+        on_failure=core.failure_notice,
     )
 
 

@@ -32,7 +32,7 @@ from postier.errors import (
     PostierError,
     load,
 )
-from postier.i18n import N_
+from postier.i18n import N_, translate
 from postier.message import (
     MessageIn,
     build_message,
@@ -60,6 +60,13 @@ from postier.store.base import (
 
 log = logging.getLogger("postier")
 
+NOTICE_PREFIX = "notice:"
+NOTICE_SUBJECT = N_("Undelivered")
+NOTICE_BODY = N_(
+    "Your e-mail \"{subject}\" could not be delivered to:\n{recipients}\n\nWhat to do: "
+    "{hint}"
+)
+NOTICE_HINT = N_("Check the addresses, then send the e-mail again to these recipients.")
 SETTINGS_TTL = 2.0  # seconds a process trusts its cached copy of another process's change
 
 
@@ -486,6 +493,57 @@ class Postier:
             smtputf8=built.smtputf8,
             idempotency_key=msg.idempotency_key,
         )
+
+    # -- failure notices -------------------------------------------------------------------
+    async def failure_notice(self, message_id: str) -> str | None:
+        """Tell the sender, by e-mail, which recipients an e-mail could not reach for good,
+        the relay's reply and what to do — in French and English, since the notice may be
+        read anywhere. Sent once per e-mail; never about a notice itself."""
+        record = await self.store.get_message(message_id)
+        if record is None or (record.idempotency_key or "").startswith(NOTICE_PREFIX):
+            return None
+        failed = [r for r in record.recipients if r.status == FAILED]
+        user = await self.store.get_user(user_id=record.user_id) if failed else None
+        if user is None or user.disabled or not user.email:
+            return None
+        settings = await self.delivery_settings(record.establishment_id)
+        error = explain_error(record.last_error, "fr") or {}
+        error_en = explain_error(record.last_error, "en") or {}
+        lines = "\n".join(f"  - {r.address} : {r.code or ''} {r.reply or ''}".rstrip()
+                          for r in failed)
+        text = "\n\n".join([
+            translate("fr", NOTICE_BODY, subject=record.subject, recipients=lines,
+                      hint=error.get("hint") or translate("fr", NOTICE_HINT)),
+            "-- English --",
+            translate("en", NOTICE_BODY, subject=record.subject, recipients=lines,
+                      hint=error_en.get("hint") or NOTICE_HINT),
+        ])
+        notice = MessageIn.model_validate({
+            "to": [user.email],
+            "subject": f"{translate('fr', NOTICE_SUBJECT)} / {NOTICE_SUBJECT} : "
+                       f"{record.subject}"[:900],
+            "text": text,
+            "headers": {"X-Postier-Notice": "failure", "X-Postier-Message": record.id},
+            "idempotency_key": NOTICE_PREFIX + record.id,
+        })
+        decision = policy.SenderDecision(
+            from_name=settings.sender.name or "Postier",
+            from_address=settings.sender.address or user.email,
+            reply_to=(), envelope_from=settings.sender.address or user.email,
+            rule="outside_allowed", user_address=user.email, matched_pattern=None,
+            allowed_domains=tuple(settings.allowed_domains),
+        )
+        built = build_message(notice, decision, message_id=self._message_id(decision))
+        (result,) = await self.store.enqueue([NewMessage(
+            id=new_message_id(), establishment_id=record.establishment_id, user_id=user.id,
+            priority=PRIORITIES["normal"], envelope_from=built.envelope_from,
+            header_from=decision.formatted_from, message_id=built.message_id,
+            subject=built.subject, data=built.data, recipients=built.recipients,
+            smtputf8=built.smtputf8, idempotency_key=notice.idempotency_key,
+        )])
+        for notify in self._notify:
+            notify()
+        return result.id
 
     # -- the queue -----------------------------------------------------------------------
     async def get_message(self, user: User, message_id: str) -> MessageRecord:

@@ -339,3 +339,23 @@ def test_wrong_secret_key_is_reported_at_start_up(
 def test_data_is_private_to_its_owner(server: ServerProcess) -> None:
     assert stat.S_IMODE(os.stat(server.data_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(server.data_dir / "postier.db").st_mode) == 0o600
+
+
+def test_sender_is_told_when_an_e_mail_fails_for_good(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay)
+    relay.rcpt_replies = {"inconnu@example.org": "550 5.1.1 No such user here"}
+    with server.client("alice") as c:
+        mid = c.post("/api/v1/messages", json={**MSG, "to": ["inconnu@example.org",
+                                                             "ok@example.org"]}).json()["id"]
+    got = relay.wait_for(2)
+    notice = next(m for m in got if m.message["X-Postier-Notice"] == "failure")
+    assert notice.rcpt_tos == ["alice.martin@ac-lyon.fr"]
+    assert notice.mail_from == "ne-pas-repondre@ac-lyon.fr"
+    body = notice.message.get_body(("plain",)).get_content()
+    assert "inconnu@example.org" in body and "No such user here" in body
+    assert "Changement d'emploi du temps" in body and "-- English --" in body
+    assert notice.message["X-Postier-Message"] == mid
+    time.sleep(1.0)
+    assert len(relay.messages) == 2, "one notice, and none about the notice"

@@ -158,7 +158,7 @@ class DeliveryWorker:
         max_in_flight: int = 256,
         lease_seconds: float = 120.0,
         poll_interval: float = 1.0,
-        on_final: Callable[[Outcome], None] | None = None,
+        on_failure: Callable[[str], Awaitable[object]] | None = None,
         sign: Signer | None = None,
     ) -> None:
         self.sign = sign
@@ -170,7 +170,7 @@ class DeliveryWorker:
         self.max_in_flight = max_in_flight
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
-        self.on_final = on_final
+        self.on_failure = on_failure
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -265,8 +265,11 @@ class DeliveryWorker:
         outcome = await deliver_one(claimed, settings, self.pool, self.sign)
         await self.store.record_outcomes(self.worker_id, [outcome])
         _log_outcome(claimed, outcome)
-        if outcome.status in (SENT, FAILED) and self.on_final is not None:
-            self.on_final(outcome)
+        if self.on_failure is not None and any(r.status == FAILED for r in outcome.recipients):
+            try:
+                await self.on_failure(claimed.id)
+            except Exception:
+                log.exception("could not tell the sender that %s failed", claimed.id)
 
 
 async def deliver_one(

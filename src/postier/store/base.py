@@ -160,6 +160,7 @@ class MessageRecord:
     last_error: str | None
     recipients: list[RecipientState] = field(default_factory=list)
     history: list[AttemptRecord] = field(default_factory=list)
+    idempotency_key: str | None = None
 
 
 @dataclass

@@ -194,6 +194,7 @@ def _message(row: Any) -> MessageRecord:
         next_attempt_at=row.next_attempt_at,
         attempts=row.attempts,
         last_error=row.last_error,
+        idempotency_key=row.idempotency_key,
     )
 
 
