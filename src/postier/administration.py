@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from postier import accounts, diagnose, policy
 from postier.errors import Forbidden, InvalidInput, NotFound, SenderNotConfigured
 from postier.i18n import N_, translate
-from postier.settings import DeliverySettings, RelaySettings
+from postier.settings import SECRET_FIELDS, DeliverySettings, RelaySettings
 from postier.store.base import AuditEntry, ProfileRecord, TokenInfo, User
 
 if TYPE_CHECKING:
@@ -28,6 +28,13 @@ class ProfileIn(RelaySettings):
     """A sending profile: a label users recognise and SMTP server settings."""
 
     label: str = Field(min_length=1, max_length=100, description="Label shown to users")
+
+    @field_validator("auth")
+    @classmethod
+    def _no_oauth2(cls, value: Any) -> Any:
+        if str(value) == "oauth2":
+            raise ValueError("OAuth2 is set in the server's settings, not in a profile")
+        return value
 
     @field_validator("kind")
     @classmethod
@@ -190,7 +197,7 @@ class Administration:
 
     # -- profiles ------------------------------------------------------------------------
     def _encode_profile(self, p: ProfileIn, keep: ProfileRecord | None) -> dict[str, Any]:
-        data = p.model_dump(mode="json", exclude={"label", "password"})
+        data = p.model_dump(mode="json", exclude={"label", *SECRET_FIELDS})
         if p.password:
             data["password_enc"] = self.core.secrets.encrypt(p.password)
         elif p.password is None and keep is not None and "password_enc" in keep.data:
@@ -260,12 +267,13 @@ class Administration:
     async def audit_settings_change(
         self, actor: User, before: DeliverySettings, after: DeliverySettings
     ) -> None:
-        changed = changed_keys(before.public(), after.public())
-        if before.relay.password != after.relay.password:
-            changed.append("relay.password")
-        changed = sorted(set(changed) - {"relay.password_set"})
+        changed = set(changed_keys(before.public(), after.public()))
+        for name in SECRET_FIELDS:
+            changed.discard(f"relay.{name}_set")
+            if getattr(before.relay, name) != getattr(after.relay, name):
+                changed.add(f"relay.{name}")  # that it changed, never the value
         await self.store.audit(actor.establishment_id, actor.username, "settings.update",
-                               "settings", {"changed": changed})
+                               "settings", {"changed": sorted(changed)})
 
     async def test_settings(
         self,

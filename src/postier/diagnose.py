@@ -72,6 +72,7 @@ _SECURITY_LABELS: dict[str, str] = {
 _AUTH_LABELS: dict[str, str] = {
     AuthMethod.NONE.value: N_("none"),
     AuthMethod.PASSWORD.value: N_("password"),
+    AuthMethod.OAUTH2.value: N_("OAuth2 (XOAUTH2)"),
 }
 
 

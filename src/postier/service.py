@@ -40,7 +40,7 @@ from postier.message import (
     read_submitted,
     rewrite_submitted,
 )
-from postier.settings import DeliverySettings, SenderSettings
+from postier.settings import SECRET_FIELDS, DeliverySettings, SenderSettings
 from postier.store import create_store, database_url
 from postier.store.base import (
     CANCELLED,
@@ -333,15 +333,17 @@ class Postier:
     def _decode_settings(self, doc: dict[str, Any]) -> DeliverySettings:
         doc = json.loads(json.dumps(doc))
         relay = doc.get("relay", {})
-        enc = relay.pop("password_enc", None)
-        relay["password"] = self.secrets.decrypt(enc) if enc else None
+        for name in SECRET_FIELDS:
+            enc = relay.pop(f"{name}_enc", None)
+            relay[name] = self.secrets.decrypt(enc) if enc else None
         return DeliverySettings.model_validate(doc)
 
     def _encode_settings(self, settings: DeliverySettings) -> dict[str, Any]:
         doc = settings.model_dump(mode="json")
-        password = doc["relay"].pop("password", None)
-        if password:
-            doc["relay"]["password_enc"] = self.secrets.encrypt(password)
+        for name in SECRET_FIELDS:
+            value = doc["relay"].pop(name, None)
+            if value:
+                doc["relay"][f"{name}_enc"] = self.secrets.encrypt(value)
         return doc
 
     async def get_settings(self, user: User) -> dict[str, Any]:
@@ -349,6 +351,7 @@ class Postier:
         doc = (await self.stored_settings(user.establishment_id)).public()
         est = await self.establishment(user.establishment_id)
         doc["hosted"] = bool(est and est.hosted and self.config.platform_relay is not None)
+        doc["warnings"] = settings_warnings(await self.stored_settings(user.establishment_id))
         return doc
 
     async def put_settings(self, user: User, payload: dict[str, Any]) -> dict[str, Any]:
@@ -606,3 +609,19 @@ def explain_error(last_error: str | None, lang: str) -> dict[str, Any] | None:
         return load(json.loads(last_error)).render(lang)
     except (ValueError, TypeError):
         return {"code": "unexpected", "message": last_error}
+
+
+def settings_warnings(settings: DeliverySettings, lang: str = "en") -> list[str]:
+    """What will stop e-mails from leaving soon: an OAuth2 client secret about to expire."""
+    out: list[str] = []
+    expires = settings.relay.oauth2_secret_expires
+    if settings.relay.auth == "oauth2" and expires:
+        import datetime
+
+        if datetime.date.fromisoformat(expires) - datetime.date.today() <= datetime.timedelta(
+            days=30
+        ):
+            out.append(translate(lang, N_(
+                "The OAuth2 client secret expires on {date}: renew it before then, or "
+                "e-mails will stop leaving."), date=expires))
+    return out

@@ -8,6 +8,7 @@ shows, with ``password_set`` in place of the value.
 
 from __future__ import annotations
 
+import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -35,6 +36,12 @@ class Security(StrEnum):
 class AuthMethod(StrEnum):
     NONE = "none"
     PASSWORD = "password"  # noqa: S105 - a method name
+    OAUTH2 = "oauth2"  # XOAUTH2: Microsoft 365, Google Workspace
+
+
+class OAuth2Provider(StrEnum):
+    MICROSOFT = "microsoft"  # client-credentials flow (tenant, client id, secret)
+    GOOGLE = "google"  # refresh token (client id, secret, refresh token)
 
 
 class _Model(BaseModel):
@@ -63,6 +70,18 @@ class RelaySettings(_Model):
     )
     timeout: int = Field(30, ge=1, le=600, description="Server timeout in seconds")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate")
+    oauth2_provider: OAuth2Provider = OAuth2Provider.MICROSOFT
+    oauth2_tenant: str = Field("", max_length=100, description="Microsoft: the tenant id")
+    oauth2_client_id: str = Field("", max_length=200)
+    oauth2_client_secret: str | None = Field(None, max_length=2000,
+                                             description="Write-only; never returned")
+    oauth2_refresh_token: str | None = Field(None, max_length=4000,
+                                             description="Google: write-only")
+    oauth2_token_url: str = Field("", max_length=500,
+                                  description="Token endpoint, when not the provider's")
+    oauth2_secret_expires: str = Field(
+        "", max_length=10, description="YYYY-MM-DD when the client secret expires (warned)"
+    )
     max_per_minute: int | None = Field(
         None, ge=1, le=100_000,
         description="At most this many e-mails per minute to this server (its sending "
@@ -77,7 +96,14 @@ class RelaySettings(_Model):
             raise ValueError("a host name has no spaces or slashes (example: smtp.ac-lyon.fr)")
         return value
 
-    @field_validator("url")
+    @field_validator("oauth2_secret_expires")
+    @classmethod
+    def _expires(cls, value: str) -> str:
+        if value:
+            datetime.date.fromisoformat(value)  # its ValueError says what is wrong
+        return value
+
+    @field_validator("url", "oauth2_token_url")
     @classmethod
     def _url(cls, value: str) -> str:
         value = value.strip().rstrip("/")
@@ -104,13 +130,21 @@ class RelaySettings(_Model):
             self.auth,
             self.username,
             self.password,
+            self.oauth2_client_id,
+            self.oauth2_client_secret,
+            self.oauth2_refresh_token,
             self.verify_tls,
         )
 
     def public(self) -> dict[str, Any]:
-        out = self.model_dump(mode="json", exclude={"password"})
-        out["password_set"] = bool(self.password)
+        out = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        for name in SECRET_FIELDS:
+            out[f"{name}_set"] = bool(getattr(self, name))
         return out
+
+
+# Write-only fields of a relay: encrypted at rest, shown as ``<name>_set`` only.
+SECRET_FIELDS = ("password", "oauth2_client_secret", "oauth2_refresh_token")
 
 
 class SenderSettings(_Model):
@@ -199,12 +233,14 @@ class DeliverySettings(_Model):
         changes = deep_merge({}, changes)
         relay = changes.get("relay")
         if isinstance(relay, dict):
-            relay.pop("password_set", None)
-            if relay.get("password") is None:
-                relay.pop("password", None)
+            for name in SECRET_FIELDS:
+                relay.pop(f"{name}_set", None)
+                if relay.get(name) is None:
+                    relay.pop(name, None)
         merged = deep_merge(self.model_dump(mode="json"), changes)
-        if merged["relay"].get("password") == "":
-            merged["relay"]["password"] = None
+        for name in SECRET_FIELDS:
+            if merged["relay"].get(name) == "":
+                merged["relay"][name] = None
         return DeliverySettings.model_validate(merged)
 
 

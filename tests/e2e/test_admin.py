@@ -250,3 +250,22 @@ def test_relay_presets_fill_the_settings(server: ServerProcess) -> None:
         assert "30 messages par minute" in m365["limits"] and m365["source"].startswith("https")
         r = admin.put("/api/v1/settings", json={"relay": m365["relay"]})
         assert r.status_code == 200 and r.json()["relay"]["max_per_minute"] == 30
+
+
+def test_oauth2_secrets_are_write_only_and_encrypted(server: ServerProcess) -> None:
+    secret, refresh = "Cl13nt-S3cret-XYZ", "R3fresh-T0ken-XYZ"
+    with server.client() as admin:
+        r = admin.put("/api/v1/settings", json={"relay": {
+            "host": "smtp.office365.com", "port": 587, "security": "starttls",
+            "auth": "oauth2", "username": "secretariat@ac-lyon.fr", "oauth2_tenant": "t",
+            "oauth2_client_id": "app", "oauth2_client_secret": secret,
+            "oauth2_refresh_token": refresh, "oauth2_secret_expires": "2020-01-01"}})
+        assert r.status_code == 200, r.text
+        doc = admin.get("/api/v1/settings").json()
+        assert doc["relay"]["oauth2_client_secret_set"] and doc["relay"]["oauth2_refresh_token_set"]
+        assert secret not in str(doc) and refresh not in str(doc)
+        assert any("2020-01-01" in w for w in doc["warnings"]), "expiry is warned"
+        audit = admin.get("/api/v1/audit").text
+        assert "relay.oauth2_client_secret" in audit and secret not in audit
+    raw = b"".join(p.read_bytes() for p in server.data_dir.glob("postier.db*"))
+    assert secret.encode() not in raw and refresh.encode() not in raw

@@ -52,6 +52,7 @@ Unexpected exceptions inside the relay are collected in ``relay.errors``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email
 import email.policy
@@ -253,6 +254,21 @@ class _FaultSMTP(SMTP):
     def _create_session(self) -> Session:
         return _Session(self.loop)
 
+    async def auth_XOAUTH2(self, _: Any, args: list[str]) -> AuthResult:
+        """XOAUTH2 (RFC 7628 style, as Microsoft 365 and Google speak it): the client sends
+        user=...^Aauth=Bearer TOKEN^A^A; accepted when the token is in relay.oauth_tokens."""
+        blob = base64.b64decode(args[1]) if len(args) > 1 else b""
+        fields = dict(
+            part.split("=", 1) for part in blob.decode("utf-8", "replace").split("\x01")
+            if "=" in part
+        )
+        user = fields.get("user", "")
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        if self._relay.oauth_tokens.get(user) == token:
+            return AuthResult(success=True, auth_data=user)
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.3 Authentication unsuccessful")
+
     # -- connection tracking (so down()/stop() can abort live sessions) --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -343,6 +359,8 @@ class FaultRelay:
             raise ValueError(f"tls must be 'none', 'starttls' or 'implicit', not {tls!r}")
         self.tls: TLSMode = tls
         self.auth = dict(auth) if auth is not None else None
+        # username -> access token accepted by AUTH XOAUTH2
+        self.oauth_tokens: dict[str, str] = {}
         self.hostname = hostname
         self.require_starttls = require_starttls
         cert_path, key_path = cert if cert is not None else make_self_signed(default_cert_dir())

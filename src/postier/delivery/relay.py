@@ -220,6 +220,17 @@ def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryErr
                     "STARTTLS; choose no security only on a trusted network."),
             code="starttls_unavailable", transient=True, step=step, reply=str(exc), **params,
         )
+    if code is None and step == "tls" and isinstance(
+        exc, ConnectionError | aiosmtplib.SMTPServerDisconnected | OSError
+    ):
+        # Cut during the TLS handshake: the relay refused it (an aborted handshake shows
+        # as a reset, not as an ssl.SSLError).
+        return DeliveryError(
+            N_("The TLS handshake with {host} failed: {reason}."),
+            hint=N_("Check the security setting (STARTTLS or TLS) matches the port."),
+            code="tls_failed", transient=True, step=step, reply=str(exc),
+            reason=_reason(exc), **params,
+        )
     if code is None and isinstance(
         exc, ConnectionError | aiosmtplib.SMTPServerDisconnected | OSError
     ):
@@ -332,6 +343,17 @@ async def open_smtp(
         if relay.auth == AuthMethod.PASSWORD:
             async with steps.step("auth") as d:
                 resp = await smtp.login(relay.username, relay.password or "")
+                d.append(f"{resp.code} {resp.message}")
+        elif relay.auth == AuthMethod.OAUTH2:
+            from postier.delivery import oauth2
+
+            async with steps.step("auth") as d:
+                token = await oauth2.access_token(relay)
+                try:
+                    resp = await smtp.auth_xoauth2(relay.username, token)
+                except aiosmtplib.SMTPAuthenticationError:
+                    oauth2.forget(relay)
+                    raise
                 d.append(f"{resp.code} {resp.message}")
     except BaseException:
         smtp.close()

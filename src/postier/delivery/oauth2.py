@@ -1,0 +1,107 @@
+"""OAuth2 access tokens for XOAUTH2 (Microsoft 365, Google Workspace), whose basic SMTP
+authentication is being retired.
+
+Microsoft 365 uses the client-credentials flow (tenant, application id and secret; the
+application needs the SMTP.SendAsApp permission with an administrator's consent, and the
+mailbox must allow it); Google Workspace a refresh token (client id and secret). Tokens
+are cached per process and refreshed two minutes before they expire, so a relay
+conversation never waits for the token service when it does not have to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import httpx
+
+from postier.errors import DeliveryError
+from postier.i18n import N_
+from postier.settings import OAuth2Provider, RelaySettings
+
+MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"  # noqa: S105 - an address
+REFRESH_AHEAD = 120.0
+
+_cache: dict[str, tuple[str, float]] = {}
+
+
+def token_url(relay: RelaySettings) -> str:
+    if relay.oauth2_token_url:
+        return relay.oauth2_token_url
+    if relay.oauth2_provider == OAuth2Provider.GOOGLE:
+        return GOOGLE_TOKEN_URL
+    return f"https://login.microsoftonline.com/{relay.oauth2_tenant}/oauth2/v2.0/token"
+
+
+def _form(relay: RelaySettings) -> dict[str, str]:
+    if relay.oauth2_provider == OAuth2Provider.GOOGLE:
+        return {"grant_type": "refresh_token", "client_id": relay.oauth2_client_id,
+                "client_secret": relay.oauth2_client_secret or "",
+                "refresh_token": relay.oauth2_refresh_token or ""}
+    return {"grant_type": "client_credentials", "client_id": relay.oauth2_client_id,
+            "client_secret": relay.oauth2_client_secret or "", "scope": MICROSOFT_SCOPE}
+
+
+def _key(relay: RelaySettings) -> str:
+    parts = [token_url(relay), relay.oauth2_client_id, relay.oauth2_client_secret or "",
+             relay.oauth2_refresh_token or ""]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _refused(relay: RelaySettings, doc: dict[str, Any], status: int) -> DeliveryError:
+    error = str(doc.get("error") or f"HTTP {status}")
+    description = str(doc.get("error_description") or "").split("\r\n")[0][:300]
+    if "consent" in description.lower() or "AADSTS65001" in description \
+            or error == "unauthorized_client":
+        hint = N_("An administrator of the tenant must grant consent to the application "
+                  "(permission SMTP.SendAsApp) and allow it on the mailbox.")
+    elif error == "invalid_grant":
+        hint = N_("The refresh token was revoked or has expired: create a new one.")
+    else:
+        hint = N_("Check the application (client) id and its secret; a client secret "
+                  "expires and must then be renewed.")
+    return DeliveryError(
+        N_("The OAuth2 token service refused this server's credentials: {error} "
+           "{description}"),
+        hint=hint, code="oauth2_refused", transient=True, step="auth",
+        reply=f"{error} {description}".strip(), error=error, description=description,
+    )
+
+
+async def access_token(relay: RelaySettings) -> str:
+    """A valid access token for ``relay`` (cached until shortly before it expires)."""
+    key = _key(relay)
+    cached = _cache.get(key)
+    now = time.time()
+    if cached is not None and cached[1] - REFRESH_AHEAD > now:
+        return cached[0]
+    from postier.delivery.relay import tls_context
+
+    url = token_url(relay)
+    try:
+        async with httpx.AsyncClient(timeout=float(relay.timeout),
+                                     verify=tls_context(relay)) as client:
+            r = await client.post(url, data=_form(relay))
+    except httpx.HTTPError as exc:
+        raise DeliveryError(
+            N_("The OAuth2 token service {url} cannot be reached: {reason}."),
+            hint=N_("Check this server's connection to the Internet and the token URL."),
+            code="oauth2_unreachable", transient=True, step="auth",
+            reply=str(exc), url=url, reason=str(exc) or type(exc).__name__,
+        ) from exc
+    try:
+        doc = r.json()
+    except ValueError:
+        doc = {}
+    if r.status_code != 200 or "access_token" not in doc:
+        raise _refused(relay, doc if isinstance(doc, dict) else {}, r.status_code)
+    token = str(doc["access_token"])
+    _cache[key] = (token, now + float(doc.get("expires_in", 3600)))
+    return token
+
+
+def forget(relay: RelaySettings) -> None:
+    """Drop a token the relay refused (it may have been revoked before it expired)."""
+    _cache.pop(_key(relay), None)
