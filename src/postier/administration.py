@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from postier import accounts, diagnose, policy
 from postier.errors import Forbidden, InvalidInput, NotFound, SenderNotConfigured
 from postier.i18n import N_, translate
-from postier.settings import SECRET_FIELDS, DeliverySettings, RelaySettings
+from postier.settings import RELAY_SECTIONS, SECRET_FIELDS, DeliverySettings, RelaySettings
 from postier.store.base import AuditEntry, ProfileRecord, TokenInfo, User
 
 if TYPE_CHECKING:
@@ -268,10 +268,12 @@ class Administration:
         self, actor: User, before: DeliverySettings, after: DeliverySettings
     ) -> None:
         changed = set(changed_keys(before.public(), after.public()))
-        for name in SECRET_FIELDS:
-            changed.discard(f"relay.{name}_set")
-            if getattr(before.relay, name) != getattr(after.relay, name):
-                changed.add(f"relay.{name}")  # that it changed, never the value
+        for section in RELAY_SECTIONS:
+            old, new = getattr(before, section), getattr(after, section)
+            for name in SECRET_FIELDS:
+                changed.discard(f"{section}.{name}_set")
+                if getattr(old, name, None) != getattr(new, name, None):
+                    changed.add(f"{section}.{name}")  # that it changed, never the value
         await self.store.audit(actor.establishment_id, actor.username, "settings.update",
                                "settings", {"changed": sorted(changed)})
 
@@ -283,12 +285,18 @@ class Administration:
         lang: str,
         *,
         check_senders: bool = False,
+        backup: bool = False,
     ) -> diagnose.TestReport:
         """Send a real test e-mail with the saved settings, or with unsaved ones given in
         ``candidate`` (any part of the settings, merged over the saved ones)."""
         require_admin(actor)
         saved = await self.core.delivery_settings(actor.establishment_id)
         settings = saved.updated(candidate) if candidate else saved
+        if backup:
+            if settings.backup_relay is None or not settings.backup_relay.configured:
+                raise InvalidInput(N_("No backup relay is set: there is nothing to test."),
+                                   field="backup_relay")
+            settings = settings.model_copy(update={"relay": settings.backup_relay})
         address = policy.normalize_address(to)
         # The test e-mail leaves as the administrator's own e-mails would; from the console
         # (no address of its own), as the establishment's sender.

@@ -40,7 +40,12 @@ from postier.message import (
     read_submitted,
     rewrite_submitted,
 )
-from postier.settings import SECRET_FIELDS, DeliverySettings, SenderSettings
+from postier.settings import (
+    RELAY_SECTIONS,
+    SECRET_FIELDS,
+    DeliverySettings,
+    SenderSettings,
+)
 from postier.store import create_store, database_url
 from postier.store.base import (
     CANCELLED,
@@ -332,18 +337,24 @@ class Postier:
 
     def _decode_settings(self, doc: dict[str, Any]) -> DeliverySettings:
         doc = json.loads(json.dumps(doc))
-        relay = doc.get("relay", {})
-        for name in SECRET_FIELDS:
-            enc = relay.pop(f"{name}_enc", None)
-            relay[name] = self.secrets.decrypt(enc) if enc else None
+        for section in RELAY_SECTIONS:
+            relay = doc.get(section)
+            if not isinstance(relay, dict):
+                continue
+            for name in SECRET_FIELDS:
+                enc = relay.pop(f"{name}_enc", None)
+                relay[name] = self.secrets.decrypt(enc) if enc else None
         return DeliverySettings.model_validate(doc)
 
     def _encode_settings(self, settings: DeliverySettings) -> dict[str, Any]:
         doc = settings.model_dump(mode="json")
-        for name in SECRET_FIELDS:
-            value = doc["relay"].pop(name, None)
-            if value:
-                doc["relay"][f"{name}_enc"] = self.secrets.encrypt(value)
+        for section in RELAY_SECTIONS:
+            if not isinstance(doc.get(section), dict):
+                continue
+            for name in SECRET_FIELDS:
+                value = doc[section].pop(name, None)
+                if value:
+                    doc[section][f"{name}_enc"] = self.secrets.encrypt(value)
         return doc
 
     async def get_settings(self, user: User) -> dict[str, Any]:

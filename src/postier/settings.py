@@ -145,6 +145,7 @@ class RelaySettings(_Model):
 
 # Write-only fields of a relay: encrypted at rest, shown as ``<name>_set`` only.
 SECRET_FIELDS = ("password", "oauth2_client_secret", "oauth2_refresh_token")
+RELAY_SECTIONS = ("relay", "backup_relay")
 
 
 class SenderSettings(_Model):
@@ -214,6 +215,13 @@ class DeliverySettings(_Model):
     relay: RelaySettings = Field(default_factory=RelaySettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    backup_relay: RelaySettings | None = Field(
+        None, description="Takes over while the main relay keeps failing (same shape)"
+    )
+    failover_after: int = Field(
+        300, ge=1, le=86400,
+        description="Seconds of failures of the main relay before the backup takes over",
+    )
 
     @field_validator("allowed_domains")
     @classmethod
@@ -221,8 +229,9 @@ class DeliverySettings(_Model):
         return list(dict.fromkeys(value))  # duplicates dropped, order kept
 
     def public(self) -> dict[str, Any]:
-        out = self.model_dump(mode="json", exclude={"relay"})
+        out = self.model_dump(mode="json", exclude={"relay", "backup_relay"})
         out["relay"] = self.relay.public()
+        out["backup_relay"] = self.backup_relay.public() if self.backup_relay else None
         return out
 
     def updated(self, changes: dict[str, Any]) -> DeliverySettings:
@@ -231,16 +240,18 @@ class DeliverySettings(_Model):
         unless a new one is given (``""`` removes it); ``password_set`` as shown by
         :meth:`public` is accepted and ignored, so what GET shows can be PUT back."""
         changes = deep_merge({}, changes)
-        relay = changes.get("relay")
-        if isinstance(relay, dict):
-            for name in SECRET_FIELDS:
-                relay.pop(f"{name}_set", None)
-                if relay.get(name) is None:
-                    relay.pop(name, None)
+        for section in RELAY_SECTIONS:
+            relay = changes.get(section)
+            if isinstance(relay, dict):
+                for name in SECRET_FIELDS:
+                    relay.pop(f"{name}_set", None)
+                    if relay.get(name) is None:
+                        relay.pop(name, None)
         merged = deep_merge(self.model_dump(mode="json"), changes)
-        for name in SECRET_FIELDS:
-            if merged["relay"].get(name) == "":
-                merged["relay"][name] = None
+        for section in RELAY_SECTIONS:
+            for name in SECRET_FIELDS:
+                if isinstance(merged.get(section), dict) and merged[section].get(name) == "":
+                    merged[section][name] = None
         return DeliverySettings.model_validate(merged)
 
 

@@ -269,3 +269,16 @@ def test_oauth2_secrets_are_write_only_and_encrypted(server: ServerProcess) -> N
         assert "relay.oauth2_client_secret" in audit and secret not in audit
     raw = b"".join(p.read_bytes() for p in server.data_dir.glob("postier.db*"))
     assert secret.encode() not in raw and refresh.encode() not in raw
+
+
+def test_backup_relay_can_be_tested(server: ServerProcess, relay: FaultRelay) -> None:
+    with FaultRelay() as backup:
+        server.configure_relay(relay, backup_relay=_relay(backup), failover_after=60)
+        with server.client() as admin:
+            shown = admin.get("/api/v1/settings").json()
+            assert shown["backup_relay"]["port"] == backup.port
+            r = admin.post("/api/v1/settings/test",
+                           json={"to": "verif@example.org", "relay": "backup"})
+            assert r.json()["ok"] is True
+        backup.wait_for(1)
+        assert relay.messages == []

@@ -331,3 +331,61 @@ async def test_max_per_minute_paces_the_relay(store_url: str, relay: FaultRelay)
     # Five starts 0.25 s apart span at least a second (the first conversation also opens
     # the connection, so single gaps vary; the span does not lie).
     assert times[-1] - times[0] >= 0.9, f"sent faster than the relay's limit: {times}"
+
+
+async def test_backup_relay_takes_over_then_hands_back(store_url: str, relay: FaultRelay) -> None:
+    store = create_store(store_url)
+    await store.open()
+    with FaultRelay() as backup:
+        main_settings = _settings(relay)
+        eng = Engine(store, main_settings.model_copy(update={
+            "backup_relay": RelaySettings(host=backup.host, port=backup.port,
+                                          security="none", timeout=2),
+            "failover_after": 1,
+        }))
+        try:
+            relay.down()
+            await eng.start()
+            first = await eng.put("a@example.org")
+            rec = await eng.wait(first, "sent", timeout=15)
+            assert [h.relay for h in rec.history][0] == f"{relay.host}:{relay.port}"
+            assert rec.history[-1].relay == f"{backup.host}:{backup.port}", rec.history
+            assert len(backup.messages) == 1 and relay.messages == []
+            # The main relay answers again: the background check notices, and new e-mails
+            # go through it.
+            relay.up()
+            deadline = time.monotonic() + 15
+            while eng.worker.pool.failing_for(main_settings.relay) > 0:  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the main relay was never checked again"
+                await eng.put("probe@example.org")
+                await asyncio.sleep(0.5)
+            later = await eng.put("b@example.org")
+            rec = await eng.wait(later, "sent")
+            assert rec.history[-1].relay == f"{relay.host}:{relay.port}"
+        finally:
+            await eng.stop()
+            await store.close()
+
+
+async def test_permanent_refusal_is_never_fixed_by_failover(
+    store_url: str, relay: FaultRelay
+) -> None:
+    store = create_store(store_url)
+    await store.open()
+    with FaultRelay() as backup:
+        relay.rcpt_reply_default = "550 5.1.1 No such user"
+        eng = Engine(store, _settings(relay).model_copy(update={
+            "backup_relay": RelaySettings(host=backup.host, port=backup.port,
+                                          security="none", timeout=2),
+            "failover_after": 1,
+        }))
+        try:
+            await eng.start()
+            for i in range(3):
+                mid = await eng.put(f"x{i}@example.org")
+                await eng.wait(mid, "failed")
+                await asyncio.sleep(0.6)
+            assert backup.messages == [] and backup.connections == 0
+        finally:
+            await eng.stop()
+            await store.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Body
 from pydantic import BaseModel, Field
@@ -85,6 +85,9 @@ class TestIn(BaseModel):
         description="Unsaved settings to test (any part of the settings, same shape as "
         "PUT /api/v1/settings); omitted: the saved settings",
     )
+    relay: Literal["main", "backup"] = Field(
+        "main", description="Which relay to test: the main one or the backup relay"
+    )
     check_senders: bool = Field(
         False,
         description="Also check that the relay accepts MAIL FROM for the sender addresses "
@@ -115,7 +118,8 @@ async def test_settings(body: TestIn, user: CurrentUser, core: Core, lang: Lang)
     its timing and the server's replies; a failure comes with its explanation and remedy
     in the caller's language. Never longer than three times the configured timeout."""
     report = await core.admin.test_settings(
-        user, body.to, body.settings, lang, check_senders=body.check_senders
+        user, body.to, body.settings, lang, check_senders=body.check_senders,
+        backup=body.relay == "backup",
     )
     return TestOut.model_validate(report.as_dict())
 

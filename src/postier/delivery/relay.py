@@ -521,6 +521,17 @@ class _RelayState:
         self.rate_pause = rate_pause
         self.pause = rate_pause
         self.pause_error: DeliveryError | None = None
+        # Since when the relay keeps failing (connection, TLS, authentication): what the
+        # backup relay's failover looks at. None while it answers.
+        self.failing_since: float | None = None
+        self.last_probe = 0.0
+
+    def failed(self, err: DeliveryError) -> None:
+        if err.transient and err.code in FAILOVER_CODES and self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def answered(self) -> None:
+        self.failing_since = None
 
     async def pace(self, per_minute: int | None) -> None:
         if not per_minute:
@@ -542,6 +553,14 @@ class _RelayState:
         self.pause = self.rate_pause
 
 
+# Failures that say the relay itself is unusable (not a refusal of this e-mail).
+FAILOVER_CODES = frozenset({
+    "refused", "timeout", "dns", "tls_failed", "tls_certificate", "tls_expected",
+    "tls_unexpected", "tls_required", "starttls_unavailable", "auth_failed",
+    "auth_required", "auth_unsupported", "disconnected", "oauth2_refused",
+    "oauth2_unreachable", "unexpected", "smtp_error",
+})
+PROBE_EVERY = 5.0
 RATE_PAUSE_MIN = 15.0
 RATE_PAUSE_MAX = 600.0
 
@@ -570,6 +589,7 @@ class RelayPool:
         self.down_for = down_for
         self.local_hostname = local_hostname
         self._relays: dict[tuple[Any, ...], _RelayState] = {}
+        self._probes: set[asyncio.Task[None]] = set()
 
     def _state(self, relay: RelaySettings) -> _RelayState:
         key = relay.key()
@@ -629,6 +649,10 @@ class RelayPool:
                 state.slowed_down(result.error)
             elif any(r.status == "sent" for r in result.recipients):
                 state.went_through()
+            if result.error is not None and result.error.smtp_code is None:
+                state.failed(result.error)
+            else:
+                state.answered()  # it replied: whatever it said, it is up
             if result.reusable and smtp.is_connected:
                 state.idle.append(_Idle(smtp, time.monotonic()))
             else:
@@ -654,9 +678,42 @@ class RelayPool:
             state.down_until = time.monotonic() + self.down_for
             if err.code == "rate_limited":
                 state.slowed_down(err)
+            else:
+                state.failed(err)
             return None, False
         state.down_error = None
         return smtp, False
+
+    def failing_for(self, relay: RelaySettings) -> float:
+        """Seconds the relay has kept failing (0 when it answers)."""
+        state = self._relays.get(relay.key())
+        if state is None or state.failing_since is None:
+            return 0.0
+        return time.monotonic() - state.failing_since
+
+    def probe_later(self, relay: RelaySettings) -> None:
+        """While the backup relay stands in, check in the background whether the main one
+        answers again (connection, TLS, greeting, authentication; nothing is sent)."""
+        state = self._state(relay)
+        now = time.monotonic()
+        if now - state.last_probe < PROBE_EVERY:
+            return
+        state.last_probe = now
+
+        async def probe() -> None:
+            try:
+                smtp = await open_smtp(relay, local_hostname=self.local_hostname)
+            except DeliveryError:
+                return
+            state.answered()
+            state.down_error = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(smtp.quit(), 2)
+            smtp.close()
+
+        task = asyncio.get_running_loop().create_task(probe())
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     async def close_idle(self, older_than: float | None = None) -> None:
         limit = self.idle_timeout if older_than is None else older_than

@@ -282,6 +282,13 @@ async def deliver_one(
     server's workers and a workstation's outbox both do. ``sign`` may add a DKIM
     signature to the bytes (the stored message itself stays as accepted)."""
     relay = settings.relay
+    backup = settings.backup_relay
+    if backup is not None and backup.configured and (
+        pool.failing_for(relay) >= settings.failover_after
+    ):
+        # The main relay has kept failing: the backup takes over until it answers again.
+        pool.probe_later(relay)
+        relay = backup
     if sign is not None:
         try:
             signed = await sign(claimed.establishment_id, claimed.data)
