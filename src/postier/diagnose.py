@@ -50,7 +50,7 @@ TIGHT_SHARE = 1 / 3
 # Highest timeout the settings accept (RelaySettings.timeout).
 MAX_TIMEOUT = 600
 
-_STEP_LABELS: dict[str, str] = {
+STEP_LABELS: dict[str, str] = {
     "resolve": N_("name resolution"),
     "connect": N_("connection"),
     "greeting": N_("server greeting"),
@@ -375,7 +375,7 @@ class _Run:
             N_("The slowest step ({step}) took {seconds} s, more than a third of the server "
                "timeout ({timeout} s): set the server timeout to {suggested} s so that a "
                "busy server does not end in \"Timed out\"."),
-            step=translate(self.lang, _STEP_LABELS.get(slowest.step, slowest.step)),
+            step=translate(self.lang, STEP_LABELS.get(slowest.step, slowest.step)),
             seconds=seconds, timeout=timeout, suggested=suggested,
         )
 
@@ -384,7 +384,7 @@ def _render(err: DeliveryError, lang: str) -> dict[str, Any]:
     """``{code, message, hint}`` in ``lang``, with the step and security named in it."""
     params = dict(err.params)
     if isinstance(params.get("step"), str):
-        params["step"] = translate(lang, _STEP_LABELS.get(params["step"], params["step"]))
+        params["step"] = translate(lang, STEP_LABELS.get(params["step"], params["step"]))
     if isinstance(params.get("security"), str):
         params["security"] = translate(
             lang, _SECURITY_LABELS.get(params["security"], params["security"])

@@ -29,7 +29,7 @@ import binascii
 import functools
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy as email_policy
@@ -336,7 +336,7 @@ class MessageIn(BaseModel):
 
     @model_validator(mode="after")
     def _recipient_count(self) -> MessageIn:
-        count = len(_dedupe([*self.to, *self.cc, *self.bcc]))
+        count = len(policy.dedupe_addresses([*self.to, *self.cc, *self.bcc]))
         if count > MAX_RECIPIENTS:
             raise InvalidMessageField(_TOO_MANY_RECIPIENTS, count=count, limit=MAX_RECIPIENTS)
         return self
@@ -403,7 +403,7 @@ def build_message(
     elif date.tzinfo is None:
         date = date.replace(tzinfo=UTC)
 
-    everyone = _dedupe([*msg.to, *msg.cc, *msg.bcc])
+    everyone = list(policy.dedupe_addresses([*msg.to, *msg.cc, *msg.bcc]))
     smtputf8 = any(
         _needs_smtputf8(a)
         for a in (decision.envelope_from, decision.from_address, *decision.reply_to, *everyone)
@@ -453,19 +453,6 @@ def _identity(value: str) -> str:
 def _needs_smtputf8(address: str) -> bool:
     # Domains can always be written as IDNA; only a non-ASCII local part needs SMTPUTF8.
     return not address.rpartition("@")[0].isascii()
-
-
-def _dedupe(addresses: Iterable[str]) -> list[str]:
-    # Same mailbox, different case: one copy is enough (RFC 5321 leaves local-part case to
-    # the receiving server, and in practice none distinguishes it).
-    seen: set[str] = set()
-    out: list[str] = []
-    for address in addresses:
-        key = address.lower()
-        if key not in seen:
-            seen.add(key)
-            out.append(address)
-    return out
 
 
 # --------------------------------------------------------------------------- body

@@ -412,7 +412,7 @@ def decide_sender(
                 raise SenderForbidden(address=requested, own=own, field="from")
         address = requested
 
-    reply_to = _dedupe(
+    reply_to = dedupe_addresses(
         _normalize_field(value, f"reply_to.{index}") for index, value in enumerate(message_reply_to)
     )
     domains = tuple(normalize_domain_pattern(p) for p in allowed_domains)
@@ -460,7 +460,9 @@ def _normalized_granted(granted: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _dedupe(addresses: Iterable[str]) -> tuple[str, ...]:
+def dedupe_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
+    """The same mailbox written with other case once only (RFC 5321 leaves local-part case
+    to the receiving server, and in practice none distinguishes it); order kept."""
     seen: set[str] = set()
     out: list[str] = []
     for address in addresses:

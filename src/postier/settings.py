@@ -27,6 +27,14 @@ from postier import policy
 DomainPattern = Annotated[str, AfterValidator(policy.normalize_domain_pattern)]
 
 
+def http_url(value: str) -> str:
+    """A server address given by a person: trimmed, without its final slash."""
+    value = value.strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError("the server address starts with http:// or https://")
+    return value
+
+
 class Security(StrEnum):
     NONE = "none"
     STARTTLS = "starttls"
@@ -106,10 +114,7 @@ class RelaySettings(_Model):
     @field_validator("url", "oauth2_token_url")
     @classmethod
     def _url(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("the server address starts with http:// or https://")
-        return value
+        return http_url(value)
 
     @property
     def configured(self) -> bool:

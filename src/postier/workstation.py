@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from postier import policy
 from postier.errors import InvalidInput
 from postier.i18n import N_
-from postier.settings import RelaySettings
+from postier.settings import RelaySettings, http_url
 
 
 class Mode(StrEnum):
@@ -47,10 +47,7 @@ class ServerLink(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("the server address starts with http:// or https://")
-        return value
+        return http_url(value)
 
 
 class Identity(_Model):

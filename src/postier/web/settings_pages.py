@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from postier.diagnose import TestReport
+from postier.diagnose import STEP_LABELS, TestReport
 from postier.errors import InvalidAddress, PostierError
 from postier.i18n import N_
 from postier.web.context import (
@@ -36,20 +36,6 @@ from postier.web.forms import (
 
 router = APIRouter(include_in_schema=False)
 
-# The test-send's steps, as diagnose names them (same English as its own labels, so the
-# core catalogue translates them).
-STEP_LABELS = {
-    "resolve": N_("name resolution"),
-    "connect": N_("connection"),
-    "greeting": N_("server greeting"),
-    "tls": "TLS",
-    "starttls": "STARTTLS",
-    "ehlo": "EHLO",
-    "auth": N_("authentication"),
-    "mail_from": N_("sender (MAIL FROM)"),
-    "rcpt_to": N_("recipient (RCPT TO)"),
-    "data": N_("message (DATA)"),
-}
 
 FIELDS = {
     "delegation", "sender.name", "sender.address", "allowed_domains", "relay.host",
