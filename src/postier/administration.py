@@ -124,8 +124,9 @@ class Administration:
         _no_escalation(actor, role)
         if role is not None:
             if role not in accounts.ROLES:
-                raise InvalidInput(N_("Unknown role {role!r}: choose admin or user."),
-                                   field="role", role=role)
+                raise InvalidInput(
+                    N_("Unknown role {role!r}: choose admin, user, operator or relay."),
+                    field="role", role=role)
             values["role"] = role
         if granted_senders is not None:
             values["granted_senders"] = [policy.normalize_address(a) for a in granted_senders]

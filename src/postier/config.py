@@ -34,8 +34,8 @@ class ServerConfig(BaseSettings):
     smtps: str = Field("off", description="SMTP submission with implicit TLS, or off")
     tls_cert: Path | None = Field(None, description="Certificate for SMTP submission")
     tls_key: Path | None = Field(None, description="Its private key")
-    smtp_trusted_networks: list[str] = Field(
-        default_factory=list, description="Networks that may submit without AUTH"
+    smtp_trusted_networks: str = Field(
+        "", description="Networks that may submit without AUTH, comma-separated CIDR"
     )
     smtp_trusted_account: str | None = Field(
         None, description="The account trusted networks submit for"

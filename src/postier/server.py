@@ -88,7 +88,7 @@ async def start_smtp(core: Postier, config: ServerConfig) -> list[asyncio.Server
         max_recipients=config.smtp_max_recipients,
         max_connections=config.smtp_max_connections,
         rate_per_minute=config.smtp_rate_per_minute,
-        trusted_networks=smtp_server.parse_networks(config.smtp_trusted_networks),
+        trusted_networks=smtp_server.parse_networks([config.smtp_trusted_networks]),
         trusted_account=config.smtp_trusted_account,
     )
     servers = []
@@ -152,6 +152,8 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # aiosmtpd logs every SMTP command at INFO: addresses of every e-mail, too much.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -162,6 +164,9 @@ async def serve(config: ServerConfig) -> None:
     host, port = config.http_host_port()
     smtp_servers: list[asyncio.Server] = []
     data_dir = config.data_dir
+    from postier.retention import RetentionTask  # issue 11: purge of old e-mails (RGPD)
+
+    retention = RetentionTask(core, config.retention_interval)
 
     # Opened before the HTTP server starts, so that a wrong key or an unusable store is
     # reported as a clear error rather than from inside the web server's start-up.
@@ -180,6 +185,7 @@ async def serve(config: ServerConfig) -> None:
             await worker.start()
             await listen(core, worker)
         smtp_servers.extend(await start_smtp(core, config))
+        retention.start()
         users = await core.store.list_users(1)
         log.info("Postier listening on http://%s:%d (API description: /docs); data in %s",
                  host, port, data_dir)
@@ -195,12 +201,14 @@ async def serve(config: ServerConfig) -> None:
         t0 = time.monotonic()
         for s in smtp_servers:
             s.close()
+        await retention.stop()
         if worker is not None:
             await worker.stop()
         await core.close()
         log.info("Postier stopped cleanly in %.1f s", time.monotonic() - t0)
 
     app = create_app(core, on_startup=startup, on_shutdown=shutdown)
+    app.state.worker = worker  # for GET /api/v1/ready and /metrics
     server = _Server(
         uvicorn.Config(
             app,

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from postier import accounts, dkim_signing, policy
 from postier.administration import Administration, require_admin
 from postier.config import ServerConfig
@@ -30,6 +32,7 @@ from postier.errors import (
     InvalidInput,
     NotFound,
     PostierError,
+    StoreUnavailable,
     load,
 )
 from postier.i18n import N_, translate
@@ -108,7 +111,14 @@ class Postier:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.data_dir.stat().st_mode & 0o077:
             self.data_dir.chmod(0o700)
-        await self.store.open()
+        try:
+            await self.store.open()
+        except (OSError, DBAPIError) as exc:
+            raise StoreUnavailable(
+                reason=f"the database cannot be opened: {getattr(exc, 'orig', None) or exc}",
+                hint=N_("Check --database-url (or POSTIER_DATABASE_URL) and that the "
+                        "database server is running."),
+            ) from exc
         for path in self.data_dir.glob("postier.db*"):
             path.chmod(0o600)
         # A process with the wrong key must say so now, not at the first delivery: the first
@@ -265,7 +275,8 @@ class Postier:
     ) -> User:
         if role not in accounts.ROLES:
             raise InvalidInput(
-                N_("Unknown role {role!r}: choose admin or user."), field="role", role=role
+                N_("Unknown role {role!r}: choose admin, user, operator or relay."),
+                field="role", role=role,
             )
         username = username.strip()
         if not username or len(username) > 100 or any(c.isspace() for c in username):
@@ -370,7 +381,10 @@ class Postier:
         whole before anything is saved; the relay password is kept when none is given."""
         require_admin(user)
         current = await self.stored_settings(user.establishment_id)
-        merged = current.updated({k: v for k, v in payload.items() if k != "hosted"})
+        # What GET adds for reading (hosted, warnings) may come back: it is not a setting.
+        merged = current.updated(
+            {k: v for k, v in payload.items() if k not in ("hosted", "warnings")}
+        )
         await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
         self._settings.pop(user.establishment_id, None)
         await self.admin.audit_settings_change(user, current, merged)
@@ -518,7 +532,8 @@ class Postier:
             return None
         failed = [r for r in record.recipients if r.status == FAILED]
         user = await self.store.get_user(user_id=record.user_id) if failed else None
-        if user is None or user.disabled or not user.email:
+        if user is None or user.disabled or not user.email or user.role == "relay":
+            # A downstream Postier server tells its own user; it needs no e-mail from us.
             return None
         settings = await self.delivery_settings(record.establishment_id)
         error = explain_error(record.last_error, "fr") or {}
@@ -587,6 +602,12 @@ class Postier:
             raise Conflict(
                 N_("This e-mail is {status}: only waiting or failed e-mails can be retried."),
                 status=record.status,
+            )
+        if not await self.store.has_body(message_id):
+            raise Conflict(
+                N_("The content of this e-mail is no longer kept (retention of personal "
+                   "data): it cannot be sent again from here."),
+                hint=N_("Send it again from the application that wrote it."),
             )
         await self.store.retry_now(message_id, time.time())
         for notify in self._notify:

@@ -40,6 +40,7 @@ from postier.errors import (
     StoreUnavailable,
     TooLarge,
 )
+from postier.i18n import N_
 from postier.service import Postier
 from postier.store.base import User
 
@@ -141,8 +142,9 @@ class SubmissionHandler:
         user: User | None = None
         if secret.startswith(accounts.TOKEN_PREFIX):
             user = await self.core.store.user_for_token(accounts.token_hash(secret))
-            if user is not None and user.username != username and user.email != username:
-                user = None
+            named = await self.core.find_login(username) if user is not None else None
+            if user is None or named is None or named.id != user.id:
+                user = None  # the token must be the named account's
         else:
             try:
                 user = await self.core.authenticate_password(username, secret)
@@ -198,7 +200,7 @@ class SubmissionHandler:
         user = await self._account(session)
         if user is None:
             return "530 5.7.0 Authentication required (AUTH after STARTTLS)"
-        if not address:
+        if address in ("", "<>"):
             return "553 5.7.1 An empty sender is not accepted for submission"
         settings = await self.core.delivery_settings(user.establishment_id)
         try:
@@ -383,5 +385,11 @@ def parse_networks(values: Sequence[str]) -> list[Network]:
     for v in values:
         for part in v.split(","):
             if part.strip():
-                out.append(ipaddress.ip_network(part.strip(), strict=False))
+                try:
+                    out.append(ipaddress.ip_network(part.strip(), strict=False))
+                except ValueError as exc:
+                    raise InvalidInput(
+                        N_("{network!r} is not a network: write it as 192.168.1.0/24."),
+                        field="smtp_trusted_networks", network=part.strip(),
+                    ) from exc
     return out

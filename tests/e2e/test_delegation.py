@@ -57,9 +57,14 @@ def test_e_mail_handed_on_and_its_result_flows_back(
     assert by["parent@example.org"]["status"] == "sent"
     assert by["inconnu@example.org"]["status"] == "failed"
     assert "No such user" in by["inconnu@example.org"]["reply"]
-    assert len(relay.messages) == 1, "handed on once, whatever the follow-ups"
+    handed_on = [m for m in relay.messages if m.message["X-Postier-Notice"] is None]
+    assert len(handed_on) == 1, "handed on once, whatever the follow-ups"
+    # The sender is told by her own server about the recipient that failed, once.
+    notices = [m for m in relay.messages if m.message["X-Postier-Notice"] == "failure"]
+    assert [n.rcpt_tos for n in notices] == [["alice.martin@ac-lyon.fr"]]
     with upstream.client() as admin:
-        assert len(admin.get("/api/v1/messages").json()) == 1
+        subjects = [m["subject"] for m in admin.get("/api/v1/messages").json()]
+        assert subjects.count("Via le serveur PRONOTE") == 1
 
 
 def test_upstream_down_then_up_delivers_once(server_factory: Any, relay: FaultRelay) -> None:

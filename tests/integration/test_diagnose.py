@@ -90,7 +90,8 @@ async def test_plain_relay_receives_the_test_email_in_french(relay: FaultRelay) 
 async def test_report_has_the_api_shape(relay: FaultRelay) -> None:
     doc = (await run(settings(relay.port), check_senders=[SENDER])).as_dict()
 
-    assert set(doc) == {"ok", "steps", "error", "latency_ms", "suggestion", "sender_checks"}
+    assert set(doc) == {"ok", "steps", "error", "latency_ms", "suggestion", "sender_checks",
+                        "dkim"}
     assert all(set(s) == {"step", "ok", "ms", "detail"} for s in doc["steps"])
     assert doc["ok"] is True and doc["error"] is None
     assert doc["sender_checks"] == [

@@ -96,6 +96,10 @@ def create_app(
     app.include_router(users.router)
     app.include_router(dkim.router)
 
+    from postier.api import operations  # readiness, metrics, personal data (issue 11)
+
+    app.include_router(operations.router)
+
     @app.get("/api/v1/health", tags=["operations"])
     async def health() -> dict[str, str]:
         """Liveness: the process answers. No authentication."""

@@ -5,7 +5,11 @@ Errors are printed in the terminal's language (``LANG``) with what to do about t
 
 from __future__ import annotations
 
-from postier.cli import admin, workstation  # noqa: F401 - they register their commands
+from postier.cli import (  # noqa: F401 - they register their commands
+    admin,
+    operations,  # doctor, purge (issue 11)
+    workstation,
+)
 from postier.cli.common import app
 
 

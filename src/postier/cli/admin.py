@@ -70,7 +70,8 @@ def serve(
 
     extra: dict[str, Any] = {
         "http": http, "smtp": smtp, "smtps": smtps, "tls_cert": tls_cert, "tls_key": tls_key,
-        "smtp_trusted_networks": smtp_trusted_networks,
+        "smtp_trusted_networks": ",".join(smtp_trusted_networks)
+        if smtp_trusted_networks else None,
         "smtp_trusted_account": smtp_trusted_account,
     }
     if no_delivery:
@@ -83,6 +84,16 @@ def serve(
         fail_with(exc)
     except KeyboardInterrupt:
         pass
+
+
+async def _login(core: Postier, login: str) -> Any:
+    """A user named as at sign-in: username, slug:username or e-mail address."""
+    user = await core.find_login(login)
+    if user is None:
+        from postier.errors import NotFound
+
+        raise NotFound("There is no user named {username}.", username=login)
+    return user
 
 
 Establishment = Annotated[str | None, typer.Option(
@@ -254,7 +265,7 @@ def tokens_create(
     """Create an API token for a user; the token is printed once, as the last line."""
 
     async def action(core: Postier) -> str:
-        user = await core.find_user(username)
+        user = await _login(core, username)
         token, _ = await core.create_token(user, name)
         return token
 
@@ -270,7 +281,7 @@ def tokens_list(
     """List a user's tokens (never their values)."""
 
     async def action(core: Postier) -> list[Any]:
-        return await core.store.list_tokens((await core.find_user(username)).id)
+        return await core.store.list_tokens((await _login(core, username)).id)
 
     for t in _run(_config(data_dir, database_url), action):
         state = "revoked" if t.revoked_at else "active"

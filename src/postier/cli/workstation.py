@@ -222,7 +222,10 @@ def test_command(
             fail_with(exc)
         out.print(f"The server {s.server.url} answers; you are {me['username']} "
                   f"<{me['email']}>.", highlight=False)
-        result = send([to], "Test Postier", "Test", settings=s, lang=lang)
+        try:
+            result = send([to], "Test Postier", "Test", settings=s, lang=lang)
+        except PostierError as exc:
+            fail_with(exc)
         _show(result, lang)
         return
     try:

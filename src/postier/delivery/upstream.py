@@ -73,6 +73,13 @@ async def hand_on(
             [RcptResult(a, "deferred", None, err.reply) for a in recipients], error=err,
             reusable=False)
     by_address = {x["address"].lower(): x for x in state.get("recipients", [])}
+    waiting = DeliveryError(
+        N_("Handed on to {url} (as {id}): waiting for its result."),
+        hint=N_("Nothing to do: the upstream server delivers it and its result comes back "
+                "here."),
+        code="upstream_pending", transient=True, reply="", url=relay.url, id=upstream_id,
+        step="data",
+    )
     results = []
     for address in recipients:
         up = by_address.get(address.lower(), {})
@@ -84,7 +91,8 @@ async def hand_on(
             results.append(RcptResult(
                 address, "deferred", None,
                 f"handed on to {relay.url} as {upstream_id}: waiting for its result"))
-    return TransactionResult(results)
+    pending = any(r.status == "deferred" for r in results)
+    return TransactionResult(results, error=waiting if pending else None)
 
 
 def _detail(r: httpx.Response) -> str:

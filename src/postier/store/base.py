@@ -372,6 +372,10 @@ class Store(abc.ABC):
         """Change a message's status if it is in one of ``from_statuses``."""
 
     @abc.abstractmethod
+    async def has_body(self, message_id: str) -> bool:
+        """Whether the message's content is still kept (retention removes it)."""
+
+    @abc.abstractmethod
     async def retry_now(self, message_id: str, now: float) -> bool:
         """Make a waiting or failed message due now; failed recipients are tried again."""
 

@@ -1003,6 +1003,12 @@ class SQLStore(Store):
 
         return bool(await self.write(job))
 
+    async def has_body(self, message_id: str) -> bool:
+        rows = await self._read(
+            select(t.bodies.c.message_id).where(t.bodies.c.message_id == message_id)
+        )
+        return bool(rows)
+
     async def retry_now(self, message_id: str, now: float) -> bool:
         async def job(conn: AsyncConnection) -> int:
             res = await conn.execute(
