@@ -8,7 +8,7 @@ DATA_DIR ?= postier-data
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run services test test-fast lint bench clean
+.PHONY: help install run services test test-fast lint bench screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -40,8 +40,11 @@ lint: install ## ruff and mypy (strict on src/)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-bench: install ## Benchmarks (results in bench/results/, summary in docs/performance.md)
-	$(BIN)/python bench/run.py
+bench: install services ## Benchmarks against Postfix and the Python ceiling (bench/results/, docs/performance.md)
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+screenshots: install ## Refresh the pictures of the web pages in docs/screenshots/
+	POSTIER_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/e2e/test_web.py
 
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
