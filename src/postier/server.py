@@ -191,10 +191,12 @@ async def serve(config: ServerConfig) -> None:
                  host, port, data_dir)
         if not users:
             log.info(
-                "No user yet. Create the first administrator with:\n"
+                "No user yet. Create the first administrator (the password lets them sign "
+                "in at http://%s:%d/):\n"
                 "  postier users add admin --email you@example.org --role admin "
-                "--data-dir %s\n  postier tokens create admin --data-dir %s",
-                config.data_dir, config.data_dir,
+                "--password-stdin --data-dir %s\n"
+                "and an API token for programs:\n  postier tokens create admin --data-dir %s",
+                host, port, config.data_dir, config.data_dir,
             )
 
     async def shutdown() -> None:
