@@ -124,6 +124,7 @@ def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
         poll_interval=config.poll_interval,
         sign=core.dkim_sign,
         on_failure=core.failure_notice,
+        on_delay=core.delay_notice,
     )
 
 

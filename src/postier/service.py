@@ -75,6 +75,15 @@ NOTICE_BODY = N_(
     "{hint}"
 )
 NOTICE_HINT = N_("Check the addresses, then send the e-mail again to these recipients.")
+DELAY_SUBJECT = N_("Delayed")
+DELAY_BODY = N_(
+    "Your e-mail \"{subject}\" has not reached these recipients yet:\n{recipients}\n\n"
+    "{hint}"
+)
+DELAY_HINT = N_(
+    "Nothing is lost: Postier keeps trying and tells you again only if it gives up. If it "
+    "is urgent, reach these people another way."
+)
 SETTINGS_TTL = 2.0  # seconds a process trusts its cached copy of another process's change
 
 
@@ -527,33 +536,43 @@ class Postier:
         """Tell the sender, by e-mail, which recipients an e-mail could not reach for good,
         the relay's reply and what to do — in French and English, since the notice may be
         read anywhere. Sent once per e-mail; never about a notice itself."""
+        return await self._notice(message_id, "failure", FAILED, NOTICE_SUBJECT, NOTICE_BODY,
+                                  NOTICE_HINT)
+
+    async def delay_notice(self, message_id: str) -> str | None:
+        """Warn the sender once that an e-mail is still waiting (Postfix's
+        delay_warning_time): it is not lost, Postier keeps trying."""
+        return await self._notice(message_id, "delay", DEFERRED, DELAY_SUBJECT, DELAY_BODY,
+                                  DELAY_HINT)
+
+    async def _notice(
+        self, message_id: str, kind: str, status: str, subject: str, body: str, hint: str
+    ) -> str | None:
         record = await self.store.get_message(message_id)
         if record is None or (record.idempotency_key or "").startswith(NOTICE_PREFIX):
             return None
-        failed = [r for r in record.recipients if r.status == FAILED]
-        user = await self.store.get_user(user_id=record.user_id) if failed else None
+        concerned = [r for r in record.recipients
+                     if r.status == status or (status == DEFERRED and r.status == "pending")]
+        user = await self.store.get_user(user_id=record.user_id) if concerned else None
         if user is None or user.disabled or not user.email or user.role == "relay":
             # A downstream Postier server tells its own user; it needs no e-mail from us.
             return None
         settings = await self.delivery_settings(record.establishment_id)
-        error = explain_error(record.last_error, "fr") or {}
-        error_en = explain_error(record.last_error, "en") or {}
         lines = "\n".join(f"  - {r.address} : {r.code or ''} {r.reply or ''}".rstrip()
-                          for r in failed)
-        text = "\n\n".join([
-            translate("fr", NOTICE_BODY, subject=record.subject, recipients=lines,
-                      hint=error.get("hint") or translate("fr", NOTICE_HINT)),
-            "-- English --",
-            translate("en", NOTICE_BODY, subject=record.subject, recipients=lines,
-                      hint=error_en.get("hint") or NOTICE_HINT),
-        ])
+                          for r in concerned)
+
+        def text(lang: str) -> str:
+            error = explain_error(record.last_error, lang) or {}
+            return translate(lang, body, subject=record.subject, recipients=lines,
+                             hint=error.get("hint") if kind == "failure" and error.get("hint")
+                             else translate(lang, hint))
+
         notice = MessageIn.model_validate({
             "to": [user.email],
-            "subject": f"{translate('fr', NOTICE_SUBJECT)} / {NOTICE_SUBJECT} : "
-                       f"{record.subject}"[:900],
-            "text": text,
-            "headers": {"X-Postier-Notice": "failure", "X-Postier-Message": record.id},
-            "idempotency_key": NOTICE_PREFIX + record.id,
+            "subject": f"{translate('fr', subject)} / {subject} : {record.subject}"[:900],
+            "text": "\n\n".join([text("fr"), "-- English --", text("en")]),
+            "headers": {"X-Postier-Notice": kind, "X-Postier-Message": record.id},
+            "idempotency_key": f"{NOTICE_PREFIX}{kind}:{record.id}",
         })
         decision = policy.SenderDecision(
             from_name=settings.sender.name or "Postier",
@@ -570,8 +589,9 @@ class Postier:
             subject=built.subject, data=built.data, recipients=built.recipients,
             smtputf8=built.smtputf8, idempotency_key=notice.idempotency_key,
         )])
-        for notify in self._notify:
-            notify()
+        if not result.duplicate:
+            for notify in self._notify:
+                notify()
         return result.id
 
     # -- the queue -----------------------------------------------------------------------

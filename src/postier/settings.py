@@ -181,6 +181,11 @@ class RetrySettings(_Model):
     max_age: int = Field(
         5 * 86400, ge=60, le=30 * 86400, description="Give up after this many seconds"
     )
+    delay_warning: int = Field(
+        4 * 3600, ge=0, le=30 * 86400,
+        description="Warn the sender once when an e-mail still waits after this many "
+        "seconds (0: never)",
+    )
 
 
 # -- retention of personal data (RGPD): issue 11, see postier.retention -----------------

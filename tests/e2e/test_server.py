@@ -359,3 +359,22 @@ def test_sender_is_told_when_an_e_mail_fails_for_good(
     assert notice.message["X-Postier-Message"] == mid
     time.sleep(1.0)
     assert len(relay.messages) == 2, "one notice, and none about the notice"
+
+
+def test_sender_is_warned_once_when_an_e_mail_is_delayed(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay, retry={"first_delay": 1, "max_delay": 1, "max_age": 3600,
+                                         "delay_warning": 1})
+    relay.rcpt_replies = {"plein@example.org": "452 4.2.2 Mailbox full"}
+    with server.client("alice") as c:
+        mid = c.post("/api/v1/messages", json={**MSG, "to": ["plein@example.org"]}).json()["id"]
+    (notice,) = relay.wait_for(1, timeout=15)
+    assert notice.message["X-Postier-Notice"] == "delay"
+    assert notice.rcpt_tos == ["alice.martin@ac-lyon.fr"]
+    body = notice.message.get_body(("plain",)).get_content()
+    assert "plein@example.org" in body and "Mailbox full" in body and "Nothing is lost" in body
+    time.sleep(3.5)  # several more attempts: still one warning
+    assert len(relay.messages) == 1
+    relay.rcpt_replies = {}
+    server.wait_status(mid, "sent", user="alice", timeout=10)

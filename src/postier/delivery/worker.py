@@ -159,6 +159,7 @@ class DeliveryWorker:
         lease_seconds: float = 120.0,
         poll_interval: float = 1.0,
         on_failure: Callable[[str], Awaitable[object]] | None = None,
+        on_delay: Callable[[str], Awaitable[object]] | None = None,
         sign: Signer | None = None,
     ) -> None:
         self.sign = sign
@@ -171,6 +172,7 @@ class DeliveryWorker:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.on_failure = on_failure
+        self.on_delay = on_delay
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -265,11 +267,17 @@ class DeliveryWorker:
         outcome = await deliver_one(claimed, settings, self.pool, self.sign)
         await self.store.record_outcomes(self.worker_id, [outcome])
         _log_outcome(claimed, outcome)
-        if self.on_failure is not None and any(r.status == FAILED for r in outcome.recipients):
-            try:
+        try:
+            if self.on_failure is not None and any(
+                r.status == FAILED for r in outcome.recipients
+            ):
                 await self.on_failure(claimed.id)
-            except Exception:
-                log.exception("could not tell the sender that %s failed", claimed.id)
+            warn_after = settings.retry.delay_warning
+            if (self.on_delay is not None and outcome.status == DEFERRED and warn_after
+                    and time.time() - claimed.created_at >= warn_after):
+                await self.on_delay(claimed.id)  # once: the notice has an idempotency key
+        except Exception:
+            log.exception("could not tell the sender about %s", claimed.id)
 
 
 async def deliver_one(
