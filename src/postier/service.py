@@ -69,6 +69,7 @@ from postier.store.base import (
 log = logging.getLogger("postier")
 
 NOTICE_PREFIX = "notice:"
+SYSTEM_USER = 0  # the author of the notices Postier itself sends
 NOTICE_SUBJECT = N_("Undelivered")
 NOTICE_BODY = N_(
     "Your e-mail \"{subject}\" could not be delivered to:\n{recipients}\n\nWhat to do: "
@@ -582,8 +583,9 @@ class Postier:
             allowed_domains=tuple(settings.allowed_domains),
         )
         built = build_message(notice, decision, message_id=self._message_id(decision))
+        # Sent by the establishment, not by the user: it is not one of "my e-mails".
         (result,) = await self.store.enqueue([NewMessage(
-            id=new_message_id(), establishment_id=record.establishment_id, user_id=user.id,
+            id=new_message_id(), establishment_id=record.establishment_id, user_id=SYSTEM_USER,
             priority=PRIORITIES["normal"], envelope_from=built.envelope_from,
             header_from=decision.formatted_from, message_id=built.message_id,
             subject=built.subject, data=built.data, recipients=built.recipients,
@@ -659,7 +661,7 @@ def explain_error(last_error: str | None, lang: str) -> dict[str, Any] | None:
         return None
     try:
         return load(json.loads(last_error)).render(lang)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):  # a damaged row must not break a listing
         return {"code": "unexpected", "message": last_error}
 
 

@@ -283,6 +283,10 @@ def test_my_emails_and_the_queue_show_what_became_of_each_e_mail(
                                                "subject": "Convocation", "text": "t"})
     web_server.wait_status(ok.json()["id"], "sent")
     web_server.wait_status(bad.json()["id"], "failed")
+    # Alice is told about the failure by a notice the establishment sends (not one of
+    # her e-mails, but one more sent e-mail in the queue).
+    notice = next(m for m in relay.wait_for(2) if m.message["X-Postier-Notice"])
+    assert notice.rcpt_tos == ["alice.martin@ac-lyon.fr"]
 
     alice = web.sign_in("alice")
     rows = alice.locator("#mine-rows tr")
@@ -297,14 +301,14 @@ def test_my_emails_and_the_queue_show_what_became_of_each_e_mail(
     admin = web.sign_in("admin")
     assert "/queue" in admin.url
     count_sent = admin.locator(".count.s-sent .n")
-    assert count_sent.inner_text() == "1"
+    expect(count_sent).to_have_text("2", timeout=12_000)  # the e-mail and the notice
     assert admin.locator(".count.s-failed .n").inner_text() == "1"
     assert admin.locator(".chart svg rect.bar").count() >= 2
     with web_server.client("alice") as c:
         third = c.post("/api/v1/messages", json={"to": ["autre@example.org"],
                                                  "subject": "Sortie scolaire", "text": "t"})
     web_server.wait_status(third.json()["id"], "sent")
-    expect(count_sent).to_have_text("2", timeout=12_000)
+    expect(count_sent).to_have_text("3", timeout=12_000)
     assert admin.locator("#queue-rows tr", has_text="Sortie scolaire").count() == 1
     web.screenshot(admin, "queue")
 
