@@ -246,6 +246,7 @@ class Postier:
                    "address: Postier would never sign for it."),
                 hint=N_("Add it to the allowed domains first."), field="domain", domain=domain,
             )
+        selector = selector.strip().lower()
         if not dkim_signing.valid_selector(selector):
             raise InvalidInput(N_("A selector is made of letters, digits and hyphens."),
                                field="selector")

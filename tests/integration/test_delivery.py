@@ -389,3 +389,15 @@ async def test_permanent_refusal_is_never_fixed_by_failover(
         finally:
             await eng.stop()
             await store.close()
+
+
+async def test_recipient_level_slow_down_is_not_a_failure(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    relay.rcpt_reply_default = ("450 4.2.1 The user you are trying to contact is receiving "
+                                "mail at a rate that prevents additional messages")
+    await engine.start()
+    mid = await engine.put("busy@example.org")
+    rec = await engine.wait(mid, "deferred")
+    assert json.loads(rec.last_error)["code"] == "rate_limited"
+    assert rec.attempts == 0, "a slow-down is not counted against the e-mail"

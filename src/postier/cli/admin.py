@@ -168,10 +168,10 @@ def dkim_generate(
         return await core.dkim_generate(actor, domain, selector)
 
     key = _run(_config(data_dir, database_url), action)
-    err.print("Publish this TXT record in the domain's DNS, then e-mails from "
-              f"{key.domain} are signed:", highlight=False)
-    out.print(f"{key.record_name}. IN TXT \"{key.record_value}\"", highlight=False,
-              soft_wrap=True)
+    err.print(f"E-mails from {key.domain} are signed from now on. Publish this TXT record "
+              "in the domain's DNS so that receivers can check the signatures:",
+              highlight=False)
+    out.print(zone_line(key), highlight=False, soft_wrap=True)
 
 
 @dkim_app.command("list")
@@ -183,8 +183,15 @@ def dkim_list(establishment: Establishment = None, data_dir: DataDir = None,
         return await core.dkim_keys(await _establishment_id(core, establishment))
 
     for key in _run(_config(data_dir, database_url), action).values():
-        out.print(f"{key.record_name}. IN TXT \"{key.record_value}\"", highlight=False,
-                  soft_wrap=True)
+        out.print(zone_line(key), highlight=False, soft_wrap=True)
+
+
+def zone_line(key: Any) -> str:
+    """The record as a zone file line: TXT strings hold 255 characters at most, so a
+    2048-bit key is written as several strings that resolvers join again."""
+    value = key.record_value
+    parts = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    return f"{key.record_name}. IN TXT {parts}"
 
 
 @app.command()
@@ -320,7 +327,7 @@ def settings_set(
         value = sys.stdin.readline().rstrip("\r\n")
 
     async def action(core: Postier) -> dict[str, Any]:
-        current = (await core.delivery_settings(1)).model_dump(mode="json")
+        current = (await core.stored_settings(1)).model_dump(mode="json")
         section, _, leaf = key.partition(".")
         if section not in current or (leaf and not isinstance(current[section], dict)) or (
             leaf and leaf not in current[section]

@@ -379,6 +379,7 @@ async def transact(
     steps = _Steps(relay, on_step)
     results: dict[str, RcptResult] = {}
     accepted: list[str] = []
+    slow_down: DeliveryError | None = None
     options: list[str] = []
     if smtputf8:
         if not smtp.supports_extension("smtputf8"):
@@ -416,10 +417,13 @@ async def transact(
             results[rcpt] = RcptResult(
                 rcpt, "deferred" if err.transient else "failed", err.smtp_code, err.reply
             )
+            if err.code == "rate_limited":
+                slow_down = err  # a recipient-level "slow down" (Google's 450 4.2.1)
     if not accepted:
         with contextlib.suppress(Exception):
             await smtp.rset()
-        return TransactionResult([results[r] for r in recipients], reusable=smtp.is_connected)
+        return TransactionResult([results[r] for r in recipients], error=slow_down,
+                                 reusable=smtp.is_connected)
     try:
         async with steps.step("data") as d:
             resp = await smtp.data(data)
@@ -439,7 +443,7 @@ async def transact(
         return TransactionResult([results[r] for r in recipients], error=err, reusable=False)
     for r in accepted:
         results[r] = RcptResult(r, "sent", resp.code, resp.message)
-    return TransactionResult([results[r] for r in recipients])
+    return TransactionResult([results[r] for r in recipients], error=slow_down)
 
 
 def _all(recipients: Sequence[str], err: DeliveryError, *, reusable: bool) -> TransactionResult:
@@ -607,11 +611,18 @@ class RelayPool:
         *,
         smtputf8: bool = False,
         priority: int = 0,
+        limit: float | None = None,
     ) -> TransactionResult:
+        """Deliver one message. ``limit`` bounds the conversation itself — not the wait
+        for a free connection or for the relay's pace, which are Postier's own doing."""
         state = self._state(relay)
         await state.slots.acquire(priority)
         try:
-            return await self._send(state, relay, envelope_from, recipients, data, smtputf8)
+            await state.pace(relay.max_per_minute)
+            conversation = self._send(state, relay, envelope_from, recipients, data, smtputf8)
+            if limit is None:
+                return await conversation
+            return await asyncio.wait_for(conversation, limit)
         finally:
             state.slots.release()
 
@@ -631,7 +642,6 @@ class RelayPool:
             if state.pause_error is not None and now < state.paused_until:
                 # The relay asked to slow down: wait here without knocking on its door.
                 return _all(recipients, state.pause_error, reusable=False)
-            await state.pace(relay.max_per_minute)
             smtp, reused = await self._checkout(state, relay)
             if smtp is None:
                 assert state.down_error is not None

@@ -317,16 +317,14 @@ async def deliver_one(
             result = await asyncio.wait_for(
                 hand_on(relay, claimed, [r.address for r in attempted]), whole)
         else:
-            result = await asyncio.wait_for(
-                pool.send(
-                    relay,
-                    claimed.envelope_from,
-                    [r.address for r in attempted],
-                    claimed.data,
-                    smtputf8=claimed.smtputf8,
-                    priority=claimed.priority,
-                ),
-                whole,
+            result = await pool.send(
+                relay,
+                claimed.envelope_from,
+                [r.address for r in attempted],
+                claimed.data,
+                smtputf8=claimed.smtputf8,
+                priority=claimed.priority,
+                limit=whole,
             )
     except Exception as exc:
         # Whatever went wrong, the message must not stay stuck "sending": it is deferred
