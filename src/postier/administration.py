@@ -142,9 +142,11 @@ class Administration:
             values["password_hash"] = await asyncio.to_thread(accounts.hash_password, password)
         if values:
             await self.store.update_user(target.id, **values)
+            self.core.forget_tokens()
         if disabled:
             # A disabled account's tokens stop working at once, and stay revoked.
             await self.store.revoke_all_tokens(target.id)
+            self.core.forget_tokens()
         details = {k: v for k, v in values.items() if k != "password_hash"}
         if password is not None:
             details["password"] = "reset"  # noqa: S105 - what happened, not the value
@@ -190,7 +192,9 @@ class Administration:
 
     async def revoke_token(self, actor: User, token_id: int, username: str | None = None) -> None:
         owner = await self._token_owner(actor, username)
-        if not await self.store.revoke_token(owner.id, token_id):
+        revoked = await self.store.revoke_token(owner.id, token_id)
+        self.core.forget_tokens()
+        if not revoked:
             raise NotFound(N_("There is no active token {id} for {username}."),
                            id=token_id, username=owner.username)
         await self.store.audit(actor.establishment_id, actor.username, "token.revoke",

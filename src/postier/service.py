@@ -113,6 +113,7 @@ class Postier:
         self._settings: dict[int, tuple[DeliverySettings, float]] = {}
         self._establishments: dict[str | int, tuple[Establishment | None, float]] = {}
         self._dkim: dict[int, tuple[dict[str, DkimKey], float]] = {}
+        self._tokens: dict[str, tuple[User, float]] = {}
         self._notify: list[Any] = []
         self.admin = Administration(self)
 
@@ -150,12 +151,30 @@ class Postier:
     async def authenticate_token(self, token: str | None) -> User:
         if not token:
             raise AuthenticationRequired()
-        user = await self.store.user_for_token(accounts.token_hash(token))
+        digest = accounts.token_hash(token)
+        now = time.monotonic()
+        cached = self._tokens.get(digest)
+        if cached is not None and now - cached[1] < SETTINGS_TTL:
+            user: User | None = cached[0]
+        else:
+            # One indexed query per token every few seconds rather than per request: the
+            # hot path of submission. Changes made here forget the cache at once (see
+            # forget_tokens); another process's changes count after SETTINGS_TTL.
+            user = await self.store.user_for_token(digest)
+            if user is not None:
+                if len(self._tokens) > 10_000:
+                    self._tokens.clear()
+                self._tokens[digest] = (user, now)
         if user is None:
             raise AuthenticationRequired(
                 N_("This API token is not valid (unknown, revoked, or its user is disabled).")
             )
         return user
+
+    def forget_tokens(self) -> None:
+        """A user, a token or an establishment changed: check every token again."""
+        self._tokens.clear()
+        self._establishments.clear()
 
     async def find_login(self, login: str) -> User | None:
         """The account a person names when signing in: ``username``, ``slug:username``
