@@ -8,7 +8,7 @@ DATA_DIR ?= postier-data
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run services test test-fast lint bench screenshots clean
+.PHONY: help install run services test test-fast lint bench soak screenshots clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -42,6 +42,9 @@ lint: install ## ruff and mypy (strict on src/)
 
 bench: install services ## Benchmarks against Postfix and the Python ceiling (bench/results/, docs/performance.md)
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+soak: install services ## Long fault run: kills and relay outages for SOAK_MINUTES (default 10)
+	$(BIN)/python bench/soak.py --minutes $(or $(SOAK_MINUTES),10)
 
 screenshots: install ## Refresh the pictures of the web pages in docs/screenshots/
 	POSTIER_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/e2e/test_web.py

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import datetime
 import hashlib
 import ipaddress
@@ -27,7 +28,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
@@ -54,6 +55,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class SubmissionConfig:
     max_recipients: int = 100
     max_connections: int = 200
+    max_per_client: int = 20  # connections from one address (Postfix: 50 per client)
     rate_per_minute: int = 600  # messages per account
     auth_failures: int = 5  # before an address is made to wait
     auth_penalty: float = 300.0  # seconds it waits
@@ -268,30 +270,42 @@ class SubmissionHandler:
 
 
 class _Submission(SMTP):
-    """aiosmtpd's protocol with a cap on simultaneous connections."""
+    """aiosmtpd's protocol with caps on simultaneous connections, in all and per client
+    address (so one client holding idle connections cannot lock every other out)."""
 
     active = 0
+    per_client: ClassVar[collections.Counter[str]] = collections.Counter()
 
-    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_connections: int, max_per_client: int,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_connections = max_connections
-        self._counted = False
+        # Like Postfix (50 of 100): one client never holds more than half of the slots.
+        self._max_per_client = max(1, min(max_per_client, max_connections // 2))
+        self._counted: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._counted:
-            if _Submission.active >= self._max_connections:
+        if self._counted is None:
+            peer = transport.get_extra_info("peername")
+            client = str(peer[0]) if peer else "?"
+            if (_Submission.active >= self._max_connections
+                    or _Submission.per_client[client] >= self._max_per_client):
                 if isinstance(transport, asyncio.WriteTransport):
                     transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
                 transport.close()
                 return
             _Submission.active += 1
-            self._counted = True
+            _Submission.per_client[client] += 1
+            self._counted = client
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._counted:
+        if self._counted is not None:
             _Submission.active -= 1
-            self._counted = False
+            _Submission.per_client[self._counted] -= 1
+            if _Submission.per_client[self._counted] <= 0:
+                del _Submission.per_client[self._counted]
+            self._counted = None
         super().connection_lost(exc)
 
 
@@ -360,6 +374,7 @@ async def start_submission(
         return _Submission(
             handler,
             max_connections=config.max_connections,
+            max_per_client=config.max_per_client,
             hostname=core.config.hostname,
             data_size_limit=core.config.max_message_size,
             enable_SMTPUTF8=True,

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postier import __version__
 from postier.errors import PostierError
@@ -59,6 +60,25 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": first}, status_code=422)
 
 
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own errors (a body that is not JSON, an unknown path, a wrong method) in
+    the API's error shape and the caller's language."""
+    assert isinstance(exc, StarletteHTTPException)
+    lang = _lang(request)
+    messages = {
+        400: N_("The request body cannot be read: send JSON (Content-Type: "
+                "application/json)."),
+        404: N_("There is nothing at this address."),
+        405: N_("This address does not accept this method."),
+    }
+    template = messages.get(exc.status_code)
+    message = translate(lang, template) if template else str(exc.detail)
+    return JSONResponse({"error": {"code": "invalid" if exc.status_code == 400 else
+                                   "not_found" if exc.status_code == 404 else "http",
+                                   "message": message}},
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 def create_app(
     core: Postier,
     *,
@@ -86,6 +106,7 @@ def create_app(
     app.add_exception_handler(PostierError, postier_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
     from postier.api import admin, dkim, messages, profiles, users
 

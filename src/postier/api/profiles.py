@@ -3,14 +3,16 @@ retrieve one into their workstation settings."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, status
+from fastapi import APIRouter, Body, Path, status
 
 from postier.api.deps import Core, CurrentUser
 from postier.api.views import ErrorResponse
 
 router = APIRouter(prefix="/api/v1/profiles", tags=["profiles"])
+# Database ids are 64-bit: anything beyond is no profile (and must not reach the driver).
+ProfileId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (401, 403, 404, 422)
@@ -45,13 +47,13 @@ async def create_profile(
 
 
 @router.get("/{profile_id}", responses=_ERRORS)
-async def get_profile(profile_id: int, user: CurrentUser, core: Core) -> dict[str, Any]:
+async def get_profile(profile_id: ProfileId, user: CurrentUser, core: Core) -> dict[str, Any]:
     return await core.admin.get_profile(user, profile_id)
 
 
 @router.put("/{profile_id}", responses=_ERRORS)
 async def update_profile(
-    profile_id: int,
+    profile_id: ProfileId,
     user: CurrentUser,
     core: Core,
     payload: dict[str, Any] = Body(..., examples=[_EXAMPLE]),
@@ -62,12 +64,12 @@ async def update_profile(
 
 
 @router.delete("/{profile_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
-async def delete_profile(profile_id: int, user: CurrentUser, core: Core) -> None:
+async def delete_profile(profile_id: ProfileId, user: CurrentUser, core: Core) -> None:
     await core.admin.delete_profile(user, profile_id)
 
 
 @router.post("/{profile_id}/retrieve", responses=_ERRORS)
-async def retrieve_profile(profile_id: int, user: CurrentUser, core: Core) -> dict[str, Any]:
+async def retrieve_profile(profile_id: ProfileId, user: CurrentUser, core: Core) -> dict[str, Any]:
     """"Récupérer un profil d'envoi d'e-mails": what a workstation needs to send with
     this profile, including the shared password if the administrator stored one. Each
     retrieval is recorded."""

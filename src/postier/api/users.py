@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Path, status
 from pydantic import BaseModel, Field
 
 from postier.api.deps import Core, CurrentUser
@@ -140,7 +140,8 @@ async def create_token(body: TokenIn, user: CurrentUser, core: Core) -> TokenCre
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
 async def revoke_token(
-    token_id: int, user: CurrentUser, core: Core, username: str | None = None
+    token_id: Annotated[int, Path(ge=1, le=2**63 - 1)], user: CurrentUser, core: Core,
+    username: str | None = None,
 ) -> None:
     await core.admin.revoke_token(user, token_id, username)
 

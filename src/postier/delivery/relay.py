@@ -476,6 +476,10 @@ class _Idle:
     since: float
 
 
+class LeaseLost(Exception):
+    """The worker no longer holds the message: another worker may be sending it."""
+
+
 class PrioritySlots:
     """A semaphore whose waiters are served most urgent first (lowest priority number),
     then in arrival order: an establishment's bulk mailing waiting for the relay does not
@@ -612,13 +616,18 @@ class RelayPool:
         smtputf8: bool = False,
         priority: int = 0,
         limit: float | None = None,
+        still_ours: Callable[[], bool] | None = None,
     ) -> TransactionResult:
         """Deliver one message. ``limit`` bounds the conversation itself — not the wait
-        for a free connection or for the relay's pace, which are Postier's own doing."""
+        for a free connection or for the relay's pace, which are Postier's own doing.
+        ``still_ours`` is asked once the turn has come: a message whose lease was lost
+        meanwhile is not sent (:class:`LeaseLost`)."""
         state = self._state(relay)
         await state.slots.acquire(priority)
         try:
             await state.pace(relay.max_per_minute)
+            if still_ours is not None and not still_ours():
+                raise LeaseLost()
             conversation = self._send(state, relay, envelope_from, recipients, data, smtputf8)
             if limit is None:
                 return await conversation

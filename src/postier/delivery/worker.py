@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from postier.delivery.relay import (
+    LeaseLost,
     RcptResult,
     RelayPool,
     TransactionResult,
@@ -175,6 +176,7 @@ class DeliveryWorker:
         self.on_delay = on_delay
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._lease_until: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.running = False
@@ -218,6 +220,13 @@ class DeliveryWorker:
         await self.pool.close()
         self.running = False
 
+    async def _record(self, claimed: Claimed, outcome: Outcome) -> None:
+        # While the lease holds, nobody else takes the message: keep trying until then.
+        await _retry_write(
+            lambda: self.store.record_outcomes(self.worker_id, [outcome]),
+            self._lease_until.get(claimed.id, time.time() + self.lease_seconds),
+        )
+
     async def _claim_loop(self) -> None:
         while not self._stopping:
             free = self.max_in_flight - len(self._in_flight)
@@ -225,9 +234,12 @@ class DeliveryWorker:
             claimed: list[Claimed] = []
             if want > 0:
                 try:
+                    claimed_at = time.time()
                     claimed = await self.store.claim(
-                        self.worker_id, want, self.lease_seconds, time.time()
+                        self.worker_id, want, self.lease_seconds, claimed_at
                     )
+                    for c in claimed:
+                        self._lease_until[c.id] = claimed_at + self.lease_seconds
                 except PostierError as exc:
                     log.warning("cannot claim messages: %s", exc)
                 for c in claimed:
@@ -253,9 +265,12 @@ class DeliveryWorker:
             await asyncio.sleep(interval)
             now = time.time()
             try:
-                await self.store.renew_leases(
+                held = await self.store.renew_leases(
                     self.worker_id, list(self._in_flight), self.lease_seconds, now
                 )
+                for mid in list(self._lease_until):
+                    # A lease another worker took back is lost for good.
+                    self._lease_until[mid] = now + self.lease_seconds if mid in held else 0.0
                 if await self.store.release_expired_leases(now):
                     self._wake.set()
                 await self.pool.close_idle()
@@ -263,9 +278,25 @@ class DeliveryWorker:
                 log.exception("queue maintenance failed; will try again")
 
     async def _deliver(self, claimed: Claimed) -> None:
+        try:
+            await self._deliver_held(claimed)
+        finally:
+            self._lease_until.pop(claimed.id, None)
+
+    async def _deliver_held(self, claimed: Claimed) -> None:
         settings = await self.settings_for(claimed.establishment_id)
-        outcome = await deliver_one(claimed, settings, self.pool, self.sign)
-        await self.store.record_outcomes(self.worker_id, [outcome])
+        def still_ours() -> bool:
+            # False when this worker was frozen or cut off from the database past its
+            # lease: the message may already be another worker's; sending would repeat it.
+            return time.time() < self._lease_until.get(claimed.id, 0.0)
+
+        try:
+            outcome = await deliver_one(claimed, settings, self.pool, self.sign, still_ours)
+        except LeaseLost:
+            log.warning("lease on %s lost before sending; leaving it to the queue",
+                        claimed.id)
+            return
+        await self._record(claimed, outcome)
         _log_outcome(claimed, outcome)
         try:
             if self.on_failure is not None and any(
@@ -285,6 +316,7 @@ async def deliver_one(
     settings: DeliverySettings,
     pool: RelayPool,
     sign: Signer | None = None,
+    still_ours: Callable[[], bool] | None = None,
 ) -> Outcome:
     """One delivery attempt of a claimed message through ``settings.relay``: what the
     server's workers and a workstation's outbox both do. ``sign`` may add a DKIM
@@ -325,7 +357,10 @@ async def deliver_one(
                 smtputf8=claimed.smtputf8,
                 priority=claimed.priority,
                 limit=whole,
+                still_ours=still_ours,
             )
+    except LeaseLost:
+        raise
     except Exception as exc:
         # Whatever went wrong, the message must not stay stuck "sending": it is deferred
         # with the reason, and the caller goes on.
@@ -348,6 +383,23 @@ async def deliver_one(
         duration_ms=int((time.perf_counter() - t0) * 1000),
         relay=relay_label(relay),
     )
+
+
+async def _retry_write(write: Callable[[], Awaitable[None]], give_up_at: float) -> bool:
+    """Write a result the relay already gave, trying again while the store is unavailable
+    (disk full, database locked or restarting): dropping it would send the e-mail twice."""
+    delay = 0.5
+    while True:
+        try:
+            await write()
+            return True
+        except PostierError as exc:
+            if not exc.transient or time.time() + delay >= give_up_at:
+                log.error("could not record a delivery result: %s", exc)
+                return False
+            log.warning("could not record a delivery result yet (%s); trying again", exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
 
 
 def _log_outcome(claimed: Claimed, outcome: Outcome) -> None:

@@ -334,7 +334,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def renew_leases(
         self, worker_id: str, ids: Sequence[str], lease_seconds: float, now: float
-    ) -> None: ...
+    ) -> set[str]:
+        """Extend the worker's leases; returns the ids it still held (the others were
+        taken back after the lease expired)."""
 
     @abc.abstractmethod
     async def release_expired_leases(self, now: float, *, everything: bool = False) -> int:

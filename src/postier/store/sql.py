@@ -790,19 +790,22 @@ class SQLStore(Store):
 
     async def renew_leases(
         self, worker_id: str, ids: Sequence[str], lease_seconds: float, now: float
-    ) -> None:
+    ) -> set[str]:
         if not ids:
-            return
+            return set()
         id_list = list(ids)
 
-        async def job(conn: AsyncConnection) -> None:
-            await conn.execute(
+        async def job(conn: AsyncConnection) -> set[str]:
+            rows = await conn.execute(
                 update(t.messages)
                 .where(t.messages.c.id.in_(id_list), t.messages.c.lease_owner == worker_id)
                 .values(lease_expires_at=now + lease_seconds)
+                .returning(t.messages.c.id)
             )
+            return {r.id for r in rows}
 
-        await self.write(job)
+        held: set[str] = await self.write(job)
+        return held
 
     async def release_expired_leases(self, now: float, *, everything: bool = False) -> int:
         async def job(conn: AsyncConnection) -> int:

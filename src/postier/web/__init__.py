@@ -92,12 +92,16 @@ def install(app: FastAPI) -> None:
         """An unknown page is a page too (the API keeps FastAPI's JSON)."""
         assert isinstance(exc, StarletteHTTPException)
         if request.url.path.startswith(_API_PREFIXES) or exc.status_code != 404:
+            if api_http is not None and request.url.path.startswith("/api/"):
+                answer = api_http(request, exc)
+                return await answer if inspect.isawaitable(answer) else answer
             return await http_exception_handler(request, exc)
         lang = page_lang(request)
         return await _render_error(request, 404, translate(
             lang, N_("There is no page at this address.")), None)
 
     api_validation = app.exception_handlers.get(RequestValidationError)
+    api_http = app.exception_handlers.get(StarletteHTTPException)
 
     async def bad_address(request: Request, exc: Exception) -> Response:
         """A page address with a malformed part (/profiles/abc) is no page."""
