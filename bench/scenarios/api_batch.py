@@ -1,0 +1,65 @@
+"""``api_batch``: batches of 1,000 e-mails per request (``POST /api/v1/messages/batch``).
+
+What an integrator's mass mailing looks like. Two clients send their batches back to back,
+so that the server always has a batch to parse while the previous one commits. Baselines:
+the same batches against a FastAPI/uvicorn app that parses the JSON and answers 1,000 ids
+(the ceiling), and one that also INSERTs the batch in one transaction (naive SQLite).
+"""
+
+from __future__ import annotations
+
+import json
+
+from harness import Measurement, Ratio, Scenario, System, make_template, message_json, text_body
+from loadgen import build_request
+from targets import Load, measure_baseline, measure_postier
+
+ORDER = 20
+PATH = "/api/v1/messages/batch"
+
+
+class ApiBatch(Scenario):
+    name = "api_batch"
+    description = "POST /api/v1/messages/batch, 1,000 e-mails of 2 KiB per request, 2 clients"
+
+    def prepare(self) -> None:
+        quick = self.ctx.quick
+        self.params = {"batches": 4 if quick else 20, "batch_size": 1000, "warmup_batches": 1,
+                       "concurrency": 2, "body_bytes": 2048}
+        self.template, token = make_template(self.ctx, self.name)
+        body = text_body(self.params["body_bytes"])
+        size = self.params["batch_size"]
+        total = self.params["batches"] + self.params["warmup_batches"]
+        reqs = []
+        for b in range(total):
+            messages = [message_json(b * size + i, body) for i in range(size)]
+            reqs.append(build_request("http://127.0.0.1", PATH,
+                                      json.dumps({"messages": messages}).encode(), token))
+        w = self.params["warmup_batches"]
+        self.load = Load(PATH, reqs[:w], reqs[w:], self.params["concurrency"],
+                         messages_per_request=size, timeout=120.0)
+        self.params["request_bytes"] = len(reqs[0])
+
+    def systems(self) -> list[System]:
+        def postier(r: int) -> Measurement:
+            profile = f"{self.name}-postier" if r == 0 else None
+            return measure_postier(self.ctx, self.template, f"{self.name}-r{r}", self.load,
+                                   profile)
+
+        return [
+            System("postier", "postier", postier,
+                   "postier serve --no-delivery (SQLite, group commit)"),
+            System("ceiling", "baseline",
+                   lambda r: measure_baseline(self.ctx, "ceiling", "ceiling", self.load),
+                   "FastAPI/uvicorn: json.loads, answer 1,000 ids"),
+            System("naive-sqlite", "baseline",
+                   lambda r: measure_baseline(self.ctx, "sqlite", "naive", self.load),
+                   "FastAPI/uvicorn: json.loads, INSERT 1,000 rows, one COMMIT"),
+        ]
+
+    def ratios(self) -> list[Ratio]:
+        return [Ratio("Postier / ceiling (JSON parse only)", "postier", "ceiling"),
+                Ratio("Postier / naive SQLite", "postier", "naive-sqlite")]
+
+
+SCENARIO = ApiBatch
