@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -623,14 +623,3 @@ def dump_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(to_jsonable(data), indent=2, ensure_ascii=False) + "\n")
     tmp.replace(path)
-
-
-@contextlib.contextmanager
-def stopping(*things: Any) -> Iterator[None]:
-    """Stop every started thing (anything with ``stop()``) on the way out."""
-    try:
-        yield
-    finally:
-        for thing in reversed(things):
-            with contextlib.suppress(Exception):
-                thing.stop()

@@ -289,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stamp}.json"
     dump_json(path, results)
-    with contextlib.suppress(OSError):
-        shutil.copyfile(path, args.out / "latest.json")
+    if not args.profile:  # a profiled run's figures are slower: not the latest results
+        with contextlib.suppress(OSError):
+            shutil.copyfile(path, args.out / "latest.json")
     print_report(results)
     print(f"results: {path}" + (f"; profiles: {profile_dir}" if profile_dir else ""))
     failed = any(sc.get("error") or any("throughput" not in s for s in sc["systems"].values())
