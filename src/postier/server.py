@@ -232,4 +232,15 @@ async def serve(config: ServerConfig) -> None:
 
 def run(config: ServerConfig) -> None:
     config.data_dir = config.data_dir.resolve()
+    use_fast_loop()
     asyncio.run(serve(config))
+
+
+def use_fast_loop() -> None:
+    """uvloop when it is installed (uvicorn[standard] brings it): the same asyncio, a
+    fifth faster on acceptance (docs/performance.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

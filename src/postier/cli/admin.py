@@ -212,6 +212,7 @@ def worker(
               "postgresql://...).", "With the embedded store, postier serve delivers itself.")
     server.setup_logging(log_level)
     try:
+        server.use_fast_loop()
         asyncio.run(server.run_worker(config))
     except PostierError as exc:
         fail_with(exc)

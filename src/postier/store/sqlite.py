@@ -42,7 +42,9 @@ def _pragmas(immediate: bool) -> tuple[Any, Any]:
 class SQLiteStore(SQLStore):
     def __init__(self, url: str) -> None:
         write = create_async_engine(url, poolclass=NullPool if ":memory:" in url else None)
-        read = create_async_engine(url)
+        # A steady pool: SQLAlchemy's default closes every connection beyond five after use,
+        # and each new aiosqlite connection is a thread and four PRAGMAs.
+        read = create_async_engine(url, pool_size=20, max_overflow=0)
         for engine, immediate in ((write, True), (read, False)):
             on_connect, on_begin = _pragmas(immediate)
             event.listen(engine.sync_engine, "connect", on_connect)
