@@ -22,10 +22,10 @@ from postier.delivery.worker import deliver_one
 from postier.errors import PostierError, load
 from postier.message import MessageIn, build_message, make_message_id
 from postier.policy import SenderDecision
-from postier.service import new_message_id
+from postier.service import queued
 from postier.settings import DeliverySettings
 from postier.store import create_store, database_url
-from postier.store.base import DEFERRED, QUEUED, MessageRecord, NewMessage, Store
+from postier.store.base import DEFERRED, QUEUED, MessageRecord, Store
 from postier.workstation import WorkstationSettings, outbox_dir
 
 WORKSTATION_USER = 0
@@ -74,20 +74,15 @@ async def send_direct(
 ) -> SendResult:
     """Store the e-mail in the outbox, then deliver what is due (this one first)."""
     msg = MessageIn.model_validate(payload)
+    decision = _decision(settings, msg)
     built = build_message(
-        msg, _decision(settings, msg),
+        msg, decision,
         message_id=make_message_id(settings.identity.address.rpartition("@")[2] or "localhost"),
     )
     async with open_outbox() as store:
         (res,) = await store.enqueue([
-            NewMessage(
-                id=new_message_id(), establishment_id=1, user_id=WORKSTATION_USER,
-                priority=0, envelope_from=built.envelope_from,
-                header_from=_decision(settings, msg).formatted_from,
-                message_id=built.message_id, subject=built.subject, data=built.data,
-                recipients=built.recipients, smtputf8=built.smtputf8,
-                idempotency_key=msg.idempotency_key,
-            )
+            queued(built, decision.formatted_from, establishment_id=1,
+                   user_id=WORKSTATION_USER, idempotency_key=msg.idempotency_key)
         ])
         await _deliver_due(store, settings)
         record = await store.get_message(res.id)

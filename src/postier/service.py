@@ -37,6 +37,7 @@ from postier.errors import (
 )
 from postier.i18n import N_, translate
 from postier.message import (
+    BuiltMessage,
     MessageIn,
     build_message,
     make_message_id,
@@ -91,6 +92,25 @@ SETTINGS_TTL = 2.0  # seconds a process trusts its cached copy of another proces
 def new_message_id() -> str:
     """Time-ordered 32-hex id: recent messages sit together in the index."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+def queued(
+    built: BuiltMessage,
+    header_from: str,
+    *,
+    establishment_id: int,
+    user_id: int,
+    priority: int = PRIORITIES["normal"],
+    idempotency_key: str | None = None,
+) -> NewMessage:
+    """A rendered message as the queue stores it (a fresh queue id)."""
+    return NewMessage(
+        id=new_message_id(), establishment_id=establishment_id, user_id=user_id,
+        priority=priority, envelope_from=built.envelope_from, header_from=header_from,
+        message_id=built.message_id, subject=built.subject, data=built.data,
+        recipients=built.recipients, smtputf8=built.smtputf8,
+        idempotency_key=idempotency_key,
+    )
 
 
 @dataclass
@@ -537,20 +557,9 @@ class Postier:
             elif index is not None:
                 exc.field = f"messages.{index}.{exc.field}"
             raise
-        return NewMessage(
-            id=new_message_id(),
-            establishment_id=user.establishment_id,
-            user_id=user.id,
-            priority=PRIORITIES[msg.priority],
-            envelope_from=built.envelope_from,
-            header_from=decision.formatted_from,
-            message_id=built.message_id,
-            subject=built.subject,
-            data=built.data,
-            recipients=built.recipients,
-            smtputf8=built.smtputf8,
-            idempotency_key=msg.idempotency_key,
-        )
+        return queued(built, decision.formatted_from, establishment_id=user.establishment_id,
+                      user_id=user.id, priority=PRIORITIES[msg.priority],
+                      idempotency_key=msg.idempotency_key)
 
     # -- failure notices -------------------------------------------------------------------
     async def failure_notice(self, message_id: str) -> str | None:
@@ -604,12 +613,9 @@ class Postier:
         )
         built = build_message(notice, decision, message_id=self._message_id(decision))
         # Sent by the establishment, not by the user: it is not one of "my e-mails".
-        (result,) = await self.store.enqueue([NewMessage(
-            id=new_message_id(), establishment_id=record.establishment_id, user_id=SYSTEM_USER,
-            priority=PRIORITIES["normal"], envelope_from=built.envelope_from,
-            header_from=decision.formatted_from, message_id=built.message_id,
-            subject=built.subject, data=built.data, recipients=built.recipients,
-            smtputf8=built.smtputf8, idempotency_key=notice.idempotency_key,
+        (result,) = await self.store.enqueue([queued(
+            built, decision.formatted_from, establishment_id=record.establishment_id,
+            user_id=SYSTEM_USER, idempotency_key=notice.idempotency_key,
         )])
         if not result.duplicate:
             for notify in self._notify:
