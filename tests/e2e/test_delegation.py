@@ -57,6 +57,7 @@ def test_e_mail_handed_on_and_its_result_flows_back(
     assert by["parent@example.org"]["status"] == "sent"
     assert by["inconnu@example.org"]["status"] == "failed"
     assert "No such user" in by["inconnu@example.org"]["reply"]
+    relay.wait_for(2, timeout=20)  # the notice travels the same way, a little later
     handed_on = [m for m in relay.messages if m.message["X-Postier-Notice"] is None]
     assert len(handed_on) == 1, "handed on once, whatever the follow-ups"
     # The sender is told by her own server about the recipient that failed, once.
