@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from reliability_kit import record_figures, subjects, wait_until
 
 from postier.config import ServerConfig
@@ -79,12 +78,6 @@ def test_a_stalled_relay_does_not_hold_back_another_school(
     assert _scenario(server_factory, relay_cert, 20) < 5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src/postier/delivery/worker.py DeliveryWorker._claim_loop: one worker holds at most "
-    "max_in_flight (256) claimed e-mails whatever their relay; a school whose relay stalls "
-    "with more than that queued fills every slot (each waits for one of its relay's 4 "
-    "connections, up to timeout x 7 s), so another school's e-mail is not even claimed "
-    "until the stalled ones time out: minutes at the default 30 s timeout."))
 def test_a_stalled_relay_with_a_big_mailing_does_not_hold_back_another_school(
     server_factory: Any, relay_cert: tuple[Path, Path]
 ) -> None:

@@ -10,6 +10,7 @@ answer yet.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -157,6 +158,7 @@ class DeliveryWorker:
         worker_id: str | None = None,
         claim_batch: int = 64,
         max_in_flight: int = 256,
+        max_in_flight_per_establishment: int | None = None,
         lease_seconds: float = 120.0,
         poll_interval: float = 1.0,
         on_failure: Callable[[str], Awaitable[object]] | None = None,
@@ -170,12 +172,18 @@ class DeliveryWorker:
         self.worker_id = worker_id or f"w-{uuid.uuid4().hex[:12]}"
         self.claim_batch = claim_batch
         self.max_in_flight = max_in_flight
+        # One establishment whose relay stalls must not take every slot: past this many
+        # of its e-mails in flight, claims skip it and take the others' (issue 9).
+        self.max_in_flight_per_establishment = (
+            max_in_flight_per_establishment or max(1, max_in_flight // 2)
+        )
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.on_failure = on_failure
         self.on_delay = on_delay
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._in_flight_by_establishment: collections.Counter[int] = collections.Counter()
         self._lease_until: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -190,6 +198,7 @@ class DeliveryWorker:
         # as soon as their lease has expired.
         await self.store.release_expired_leases(time.time())
         self._stopping = False
+        self._in_flight_by_establishment.clear()
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="postier-claim"),
             asyncio.create_task(self._maintenance_loop(), name="postier-maintenance"),
@@ -235,8 +244,12 @@ class DeliveryWorker:
             if want > 0:
                 try:
                     claimed_at = time.time()
+                    full = {
+                        est for est, n in self._in_flight_by_establishment.items()
+                        if n >= self.max_in_flight_per_establishment
+                    }
                     claimed = await self.store.claim(
-                        self.worker_id, want, self.lease_seconds, claimed_at
+                        self.worker_id, want, self.lease_seconds, claimed_at, full
                     )
                     for c in claimed:
                         self._lease_until[c.id] = claimed_at + self.lease_seconds
@@ -245,6 +258,7 @@ class DeliveryWorker:
                 for c in claimed:
                     task = asyncio.create_task(self._deliver(c), name=f"deliver-{c.id}")
                     self._in_flight[c.id] = task
+                    self._in_flight_by_establishment[c.establishment_id] += 1
                     task.add_done_callback(self._done)
                 if claimed and len(claimed) == want:
                     continue  # more may be due right now
@@ -282,6 +296,10 @@ class DeliveryWorker:
             await self._deliver_held(claimed)
         finally:
             self._lease_until.pop(claimed.id, None)
+            counts = self._in_flight_by_establishment
+            counts[claimed.establishment_id] -= 1
+            if counts[claimed.establishment_id] <= 0:
+                del counts[claimed.establishment_id]
 
     async def _deliver_held(self, claimed: Claimed) -> None:
         settings = await self.settings_for(claimed.establishment_id)

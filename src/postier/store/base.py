@@ -10,7 +10,7 @@ backends. Status values of a message: ``queued`` (waiting for its first attempt)
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,7 @@ class NewMessage:
     recipients: Sequence[str]
     smtputf8: bool = False
     idempotency_key: str | None = None
+    sender_rule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class EnqueueResult:
     id: str
     status: str
     duplicate: bool
+    sender_rule: str | None = None  # set by the service, not the store
 
 
 @dataclass
@@ -161,6 +163,7 @@ class MessageRecord:
     recipients: list[RecipientState] = field(default_factory=list)
     history: list[AttemptRecord] = field(default_factory=list)
     idempotency_key: str | None = None
+    sender_rule: str | None = None
 
 
 @dataclass
@@ -174,6 +177,16 @@ class ProfileRecord:
 
 
 @dataclass(frozen=True)
+class SenderAddress:
+    """An address a user verified, or is verifying with a code (sender verification)."""
+
+    address: str
+    verified_at: float | None
+    code_expires_at: float | None  # a code is waiting until then (None: no code)
+    failed_attempts: int
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     id: int
     at: float
@@ -181,6 +194,49 @@ class AuditEntry:
     action: str
     target: str
     details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """A relay's sending limits, shared by every worker (None: no such limit).
+
+    ``hour`` and ``day`` are the lengths of the sliding windows, in seconds: always an hour
+    and a day, except in tests that cannot wait that long."""
+
+    per_minute: int | None = None
+    per_hour: int | None = None
+    recipients_per_day: int | None = None
+    hour: float = 3600.0
+    day: float = 86400.0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.per_minute or self.per_hour or self.recipients_per_day)
+
+
+@dataclass
+class RelayGrant:
+    """The answer to a reservation of several e-mails on a relay.
+
+    ``starts[i]`` is when e-mail ``i`` may start (its slot is counted), or None when it was
+    refused; then ``blocked`` says which limit (``pause``, ``minute``, ``hour``, ``day``)
+    and ``resume_at`` when asking again may succeed."""
+
+    starts: list[float | None]
+    blocked: str | None = None
+    resume_at: float = 0.0
+    paused_until: float = 0.0
+    pause_error: str | None = None
+
+
+@dataclass(frozen=True)
+class RelayPause:
+    """A relay's shared pause after a rate-limit reply: until when, how long the next
+    one lasts if it asks again, and its reply (a dumped DeliveryError)."""
+
+    paused_until: float
+    pause: float
+    error: str | None
 
 
 class Store(abc.ABC):
@@ -327,9 +383,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def claim(
-        self, worker_id: str, limit: int, lease_seconds: float, now: float
+        self, worker_id: str, limit: int, lease_seconds: float, now: float,
+        skip_establishments: Collection[int] = (),
     ) -> list[Claimed]:
-        """Take up to ``limit`` due messages under a lease, most urgent first."""
+        """Take up to ``limit`` due messages under a lease, most urgent first, leaving
+        those of ``skip_establishments`` (whose relay already has as many of this
+        worker's deliveries in flight as it may usefully hold) to later claims."""
 
     @abc.abstractmethod
     async def renew_leases(
@@ -383,3 +442,57 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def counts(self, establishment_id: int | None = None) -> dict[str, int]: ...
+
+    # -- relay sending limits, shared by every worker ----------------------------------------
+    @abc.abstractmethod
+    async def reserve_relay(
+        self, relay_key: str, limits: RelayLimits, recipients: Sequence[int], now: float,
+        horizon: float,
+    ) -> RelayGrant:
+        """Reserve, atomically for every process, one start per e-mail of ``recipients``
+        (each item its number of recipients), in order: none past the relay's pause, its
+        per-hour and recipients-per-day windows, and no start later than ``now + horizon``
+        in its per-minute pace. What is granted is counted at once."""
+
+    @abc.abstractmethod
+    async def relay_pause(self, relay_key: str) -> RelayPause | None:
+        """The relay's shared pause state (None: it never asked to slow down)."""
+
+    @abc.abstractmethod
+    async def pause_relay(
+        self, relay_key: str, now: float, pause: float, max_pause: float, error: str
+    ) -> RelayPause:
+        """The relay asked to slow down: unless already paused, pause it for its current
+        pause length (``pause`` the first time), and double the next one up to
+        ``max_pause``."""
+
+    @abc.abstractmethod
+    async def relay_recovered(self, relay_key: str) -> None:
+        """An e-mail went through: the next pause starts short again."""
+
+    # -- sender address verification (postier.sender_verification) ----------------------
+    @abc.abstractmethod
+    async def list_sender_addresses(self, user_id: int) -> list[SenderAddress]:
+        """The user's verified and pending addresses, by address."""
+
+    @abc.abstractmethod
+    async def start_sender_code(
+        self, *, establishment_id: int, user_id: int, address: str, code_hash: str,
+        expires_at: float, now: float, min_interval: float, day_limit: int,
+    ) -> float:
+        """Store a new code for the user's address (the previous one stops counting, and
+        so do wrong attempts) and record that a code was sent — in one transaction, unless
+        a code for this address was sent less than ``min_interval`` seconds ago or the user
+        was sent ``day_limit`` codes in the last 24 hours. Returns 0 when stored, else the
+        seconds to wait."""
+
+    @abc.abstractmethod
+    async def check_sender_code(
+        self, *, user_id: int, address: str, code_hash: str, now: float, max_failures: int,
+    ) -> tuple[str, int]:
+        """Compare a code with the user's waiting one, in one transaction. Returns
+        (outcome, wrong attempts left): ``verified``, ``wrong``, ``locked`` (too many wrong
+        codes: the code is void), ``expired``, ``no_code``."""
+
+    @abc.abstractmethod
+    async def delete_sender_address(self, user_id: int, address: str) -> bool: ...

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -691,23 +691,26 @@ class SQLStore(Store):
         return results
 
     # -- queue: delivery -----------------------------------------------------------------
-    def _claim_ids_query(self, now: float, limit: int) -> Any:
+    def _claim_ids_query(
+        self, now: float, limit: int, skip_establishments: Collection[int] = ()
+    ) -> Any:
         """The due messages, most urgent first; backends may add row locking."""
-        return (
-            select(t.messages.c.id)
-            .where(
-                t.messages.c.status.in_((QUEUED, DEFERRED)),
-                t.messages.c.next_attempt_at <= now,
-            )
-            .order_by(t.messages.c.priority, t.messages.c.next_attempt_at)
-            .limit(limit)
+        query = select(t.messages.c.id).where(
+            t.messages.c.status.in_((QUEUED, DEFERRED)),
+            t.messages.c.next_attempt_at <= now,
         )
+        if skip_establishments:
+            query = query.where(
+                t.messages.c.establishment_id.not_in(sorted(skip_establishments))
+            )
+        return query.order_by(t.messages.c.priority, t.messages.c.next_attempt_at).limit(limit)
 
     async def claim(
-        self, worker_id: str, limit: int, lease_seconds: float, now: float
+        self, worker_id: str, limit: int, lease_seconds: float, now: float,
+        skip_establishments: Collection[int] = (),
     ) -> list[Claimed]:
         async def job(conn: AsyncConnection) -> list[Claimed]:
-            ids_query = self._claim_ids_query(now, limit).scalar_subquery()
+            ids_query = self._claim_ids_query(now, limit, skip_establishments).scalar_subquery()
             rows = (
                 await conn.execute(
                     update(t.messages)
