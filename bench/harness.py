@@ -251,15 +251,19 @@ class PostierServer:
     """``postier serve`` as an operator runs it, on a data directory of its own."""
 
     def __init__(self, ctx: Context, data_dir: Path, *, delivery: bool,
-                 env: dict[str, str] | None = None, profile_name: str | None = None) -> None:
+                 env: dict[str, str] | None = None, profile_name: str | None = None,
+                 args: list[str] | None = None, database_url: str | None = None) -> None:
         self.ctx = ctx
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [PYTHON, "-m", "postier", "serve", "--data-dir", str(data_dir),
                 "--http", f"127.0.0.1:{self.port}"]
+        if database_url:
+            argv += ["--database-url", database_url]
         if not delivery:
             argv.append("--no-delivery")
+        argv += args or []
         # SMTP submission is off unless a scenario asks for it: its default port (2587)
         # would collide with any other Postier running on the machine.
         env = {"POSTIER_SMTP": "off", **ctx.env, **(env or {})}
@@ -320,17 +324,22 @@ def stop_profiler(proc: Process) -> None:
     proc.stop(5)
 
 
-def make_template(ctx: Context, name: str, sink_port: int = 25) -> tuple[Path, str]:
+def make_template(ctx: Context, name: str, sink_port: int = 25,
+                  database_url: str | None = None) -> tuple[Path, str]:
     """A provisioned, configured data directory (user, token, relay settings), made once
-    and copied for every measurement so that each starts from the same state."""
+    and copied for every measurement so that each starts from the same state. With
+    ``database_url`` (PostgreSQL) the data directory holds only the secret key, and the
+    database is the template to copy (:func:`pg_create` with ``template``)."""
     data_dir = ctx.workdir / f"template-{name}"
     if data_dir.exists():
         shutil.rmtree(data_dir)
+    where = ["--data-dir", str(data_dir)]
+    if database_url:
+        where += ["--database-url", database_url]
     postier_cli("users", "add", BENCH_USER, "--email", BENCH_EMAIL, "--name", "Banc d'essai",
-                "--role", "admin", "--data-dir", str(data_dir))
-    token = postier_cli("tokens", "create", BENCH_USER, "--data-dir",
-                        str(data_dir)).strip().splitlines()[-1]
-    server = PostierServer(ctx, data_dir, delivery=False).start()
+                "--role", "admin", *where)
+    token = postier_cli("tokens", "create", BENCH_USER, *where).strip().splitlines()[-1]
+    server = PostierServer(ctx, data_dir, delivery=False, database_url=database_url).start()
     try:
         r = httpx.put(server.url + "/api/v1/settings", json=relay_settings(sink_port),
                       headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -343,6 +352,21 @@ def make_template(ctx: Context, name: str, sink_port: int = 25) -> tuple[Path, s
     return data_dir, token
 
 
+def wait_settled(url: str, token: str, timeout: float = 60.0) -> float:
+    """When no message is left queued or sending, as the API reports it."""
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
+        while time.monotonic() < deadline:
+            waiting = [client.get("/api/v1/messages", params={"status": s, "limit": 1}).json()
+                       for s in ("queued", "sending")]
+            if not any(waiting):
+                return time.monotonic()
+            time.sleep(0.05)
+    raise BenchError(f"messages still queued or sending {timeout:.0f} s after the last "
+                     "one reached the sink")
+
+
 def copy_dir(template: Path, dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
@@ -350,11 +374,47 @@ def copy_dir(template: Path, dest: Path) -> Path:
     return dest
 
 
-def status_counts(db_path: Path) -> dict[str, int]:
-    """Messages per status, read from a stopped server's SQLite file (a check, not a
-    measurement)."""
+def status_counts(db_path: Path | str) -> dict[str, int]:
+    """Messages per status, read from a stopped server's SQLite file, or from a PostgreSQL
+    database given by URL (a check, not a measurement)."""
+    sql = "SELECT status, count(*) FROM messages GROUP BY status"
+    if isinstance(db_path, str) and db_path.startswith("postgresql"):
+        return {k: int(v) for k, v in (line.split("|") for line in pg_query(db_path, sql))}
     with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
-        return dict(db.execute("SELECT status, count(*) FROM messages GROUP BY status").fetchall())
+        return dict(db.execute(sql).fetchall())
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+PG_ADMIN = os.environ.get("POSTIER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_query(url: str, sql: str) -> list[str]:
+    """Run one statement with psql; its rows as ``a|b`` lines."""
+    if not shutil.which("psql"):
+        raise BenchError("psql is needed for the PostgreSQL scenarios (package "
+                         "postgresql-client)")
+    res = subprocess.run(["psql", url, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1",
+                          "-c", sql], capture_output=True, text=True, timeout=600, check=False)
+    if res.returncode != 0:
+        raise BenchError(f"psql {sql!r} failed: {res.stderr.strip()}")
+    return [line for line in res.stdout.splitlines() if line]
+
+
+def pg_url(name: str) -> str:
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def pg_create(name: str, template: str | None = None) -> str:
+    """A fresh database (a copy of ``template`` if given); its URL."""
+    pg_drop(name)
+    pg_query(PG_ADMIN, f'CREATE DATABASE "{name}"'
+             + (f' TEMPLATE "{template}"' if template else ""))
+    return pg_url(name)
+
+
+def pg_drop(name: str) -> None:
+    pg_query(PG_ADMIN, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # -- the SMTP sink ---------------------------------------------------------------------------

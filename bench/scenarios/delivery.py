@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import Callable
 
-import httpx
 from harness import (
     BENCH_DIR,
     PYTHON,
@@ -32,6 +31,7 @@ from harness import (
     message_json,
     status_counts,
     text_body,
+    wait_settled,
 )
 from loadgen import build_request, run_async, run_load
 from targets import cpu_seconds, machine_busy_seconds, own_cpu_seconds
@@ -130,7 +130,7 @@ class Delivery(Scenario):
             first, last = self._drained(base, server.process)
             cpu = cpu_seconds(server.process.pid) - cpu0
             other = window(cpu)
-            settled = self._settled(server.url)
+            settled = wait_settled(server.url, self.token)
         finally:
             server.stop()
         m = self._measurement(first, last, cpu, base + count - at0)
@@ -143,21 +143,6 @@ class Delivery(Scenario):
         if r == 0 and self.ctx.profile_dir is not None:
             m.notes.append("profiled with py-spy (slower)")
         return m
-
-    def _settled(self, url: str, timeout: float = 60.0) -> float:
-        """When no message is left queued or sending, as the API reports it."""
-        headers = {"Authorization": f"Bearer {self.token}"}
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=url, headers=headers, timeout=10) as client:
-            while time.monotonic() < deadline:
-                waiting = [client.get("/api/v1/messages",
-                                      params={"status": s, "limit": 1}).json()
-                           for s in ("queued", "sending")]
-                if not any(waiting):
-                    return time.monotonic()
-                time.sleep(0.05)
-        raise BenchError(f"messages still queued or sending {timeout:.0f} s after the last "
-                         "one reached the sink")
 
     def measure_baseline(self, r: int, loop: str = "asyncio") -> Measurement:
         argv = [PYTHON, str(BENCH_DIR / "smtp_blast.py"), "--db",
