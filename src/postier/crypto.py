@@ -9,6 +9,8 @@ first delivery.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import stat
 from pathlib import Path
@@ -33,6 +35,9 @@ class SecretBox:
             self._fernet = Fernet(key)
         except (ValueError, TypeError) as exc:
             raise KeyError_(reason="it is not a valid Fernet key") from exc
+        # A separate key for keyed digests (sender verification codes), derived from the
+        # Fernet key so that it needs no key file of its own.
+        self._mac_key = hashlib.sha256(b"postier-mac\0" + key.strip()).digest()
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> SecretBox:
@@ -60,6 +65,11 @@ class SecretBox:
                 reason="stored secrets were encrypted with another key "
                 "(check POSTIER_SECRET_KEY or the secret.key file)"
             ) from exc
+
+    def mac(self, value: str) -> str:
+        """A keyed digest (HMAC-SHA256, hex) of ``value``: what is stored of a short code,
+        so that the database alone does not let anybody find it by trying them all."""
+        return hmac.new(self._mac_key, value.encode(), hashlib.sha256).hexdigest()
 
     def fingerprint(self) -> str:
         """A value stored with the settings to detect a wrong key at start-up."""

@@ -49,9 +49,10 @@ __all__ = [
     "matching_pattern",
     "normalize_address",
     "normalize_domain_pattern",
+    "sendable",
 ]
 
-Rule = Literal["inside_allowed", "outside_allowed", "no_allowed_domains"]
+Rule = Literal["inside_allowed", "outside_allowed", "no_allowed_domains", "unverified_sender"]
 
 # RFC 5321 caps a path at 256 octets; anything much longer is refused before the (costlier)
 # validator runs, which also keeps hostile megabyte strings out of the cache below.
@@ -86,6 +87,10 @@ _EXPLAIN_OUTSIDE_MANY = N_(
 _EXPLAIN_NO_DOMAINS = N_(
     "No allowed domain is set: the establishment's sender ({sender}) is used for every "
     "user and replies go to {reply_to}."
+)
+_EXPLAIN_UNVERIFIED = N_(
+    "{address} is not verified: the establishment's sender ({sender}) is used and replies "
+    "go to {reply_to}. Verify the address in My account to send as it."
 )
 _HINT_SET_SENDER = N_(
     "An administrator must set the sender address in Paramètres d'envoi des e-mails."
@@ -368,6 +373,9 @@ class SenderDecision:
                 sender=self.formatted_from,
                 reply_to=reply_to,
             )
+        if self.rule == "unverified_sender":
+            return translate(lang, _EXPLAIN_UNVERIFIED, address=self.user_address,
+                             sender=self.formatted_from, reply_to=reply_to)
         return translate(lang, _EXPLAIN_NO_DOMAINS, sender=self.formatted_from, reply_to=reply_to)
 
 
@@ -395,8 +403,16 @@ def decide_sender(
     requested_from: str | None = None,
     message_reply_to: Sequence[str] = (),
     granted_addresses: Sequence[str] = (),
+    verified_addresses: Sequence[str] | None = None,
 ) -> SenderDecision:
     """Apply the sender policy for one user and one message.
+
+    ``verified_addresses`` is ``None`` when the establishment does not ask for sender
+    verification. Otherwise an address inside the allowed domains is used as is only when
+    it is one of them; if not, it is treated as an address outside the allowed domains
+    (rule ``unverified_sender``). Verification never lets an address outside the allowed
+    domains through: those domains are what the relay may send for (SPF, DKIM, DMARC), and
+    owning a mailbox does not change that.
 
     Raises :class:`SenderForbidden` when ``requested_from`` is neither the user's address
     nor one granted to them, :class:`SenderNotConfigured` when the establishment's sender
@@ -405,12 +421,7 @@ def decide_sender(
     own = _normalize_field(user_address, "user_address")
     address = own
     if requested_from is not None and requested_from.strip():
-        requested = _normalize_field(requested_from, "from")
-        if not _same_address(requested, own):
-            granted = _normalized_granted(tuple(granted_addresses))
-            if not any(_same_address(requested, g) for g in granted):
-                raise SenderForbidden(address=requested, own=own, field="from")
-        address = requested
+        address = sendable(own, requested_from, granted_addresses, field="from")
 
     reply_to = dedupe_addresses(
         _normalize_field(value, f"reply_to.{index}") for index, value in enumerate(message_reply_to)
@@ -418,7 +429,12 @@ def decide_sender(
     domains = tuple(normalize_domain_pattern(p) for p in allowed_domains)
     pattern = matching_pattern(address, domains) if domains else None
 
-    if pattern is not None:
+    unverified = (
+        pattern is not None
+        and verified_addresses is not None
+        and not any(_same_address(address, v) for v in verified_addresses)
+    )
+    if pattern is not None and not unverified:
         return SenderDecision(
             from_name=clean_display_name(user_name),
             from_address=address,
@@ -441,11 +457,26 @@ def decide_sender(
         reply_to=reply_to or (address,),
         # The envelope follows the From so that SPF/DMARC align with the relay's domain.
         envelope_from=sender,
-        rule="outside_allowed" if domains else "no_allowed_domains",
+        rule="unverified_sender" if unverified
+        else "outside_allowed" if domains else "no_allowed_domains",
         user_address=address,
         matched_pattern=None,
         allowed_domains=domains,
     )
+
+
+def sendable(
+    own: str, requested: str, granted_addresses: Sequence[str], *, field: str = "from",
+    template: str | None = None,
+) -> str:
+    """``requested`` in normal form when the user whose address is ``own`` may send as it
+    (it is theirs, or granted to them); :class:`SenderForbidden` otherwise."""
+    address = _normalize_field(requested, field)
+    if not _same_address(address, own):
+        granted = _normalized_granted(tuple(granted_addresses))
+        if not any(_same_address(address, g) for g in granted):
+            raise SenderForbidden(template, address=address, own=own, field=field)
+    return address
 
 
 @functools.lru_cache(maxsize=256)
