@@ -53,9 +53,16 @@ WriteJob = Callable[[AsyncConnection], Awaitable[Any]]
 class _GroupWriter:
     """Runs write jobs in as few transactions as possible, one transaction at a time."""
 
-    def __init__(self, engine: AsyncEngine, max_jobs: int = 512) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        max_jobs: int = 512,
+        transaction: Callable[[list[WriteJob]], Awaitable[list[Any]]] | None = None,
+    ) -> None:
         self._engine = engine
         self._max_jobs = max_jobs
+        # A backend may run a whole transaction elsewhere (SQLite: on its own thread).
+        self._run_transaction = transaction or self._transaction
         self._pending: list[tuple[WriteJob, asyncio.Future[Any]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -91,8 +98,12 @@ class _GroupWriter:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[WriteJob, asyncio.Future[Any]]]) -> None:
+        for job, _ in batch:
+            prepare = getattr(job, "prepare", None)
+            if prepare is not None:
+                prepare()  # on the event loop, before the job may run on another thread
         try:
-            results = await self._transaction([job for job, _ in batch])
+            results = await self._run_transaction([job for job, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 _, fut = batch[0]
@@ -201,10 +212,15 @@ def _message(row: Any) -> MessageRecord:
 class SQLStore(Store):
     """Common SQL implementation; backends provide the engines and the claim statement."""
 
-    def __init__(self, write_engine: AsyncEngine, read_engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        write_engine: AsyncEngine,
+        read_engine: AsyncEngine,
+        transaction: Callable[[list[WriteJob]], Awaitable[list[Any]]] | None = None,
+    ) -> None:
         self.write_engine = write_engine
         self.read_engine = read_engine
-        self._writer = _GroupWriter(write_engine)
+        self._writer = _GroupWriter(write_engine, transaction=transaction)
         self._groups: dict[Hashable, _MergeGroup] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -605,11 +621,16 @@ class SQLStore(Store):
         if group is None:
             group = self._groups[kind] = _MergeGroup()
 
-            async def job(conn: AsyncConnection) -> list[Any] | None:
+            def close_group() -> None:
+                # From here on, callers of this kind start a new group: the items are final.
                 if self._groups.get(kind) is group:
                     del self._groups[kind]
+
+            async def job(conn: AsyncConnection) -> list[Any] | None:
+                close_group()
                 return await handler(conn, group.items)
 
+            job.prepare = close_group  # type: ignore[attr-defined]
             group.future = asyncio.ensure_future(self.write(job))
         start = len(group.items)
         group.items.extend(items)

@@ -4,18 +4,31 @@ WAL mode lets the API read while the writer commits; ``synchronous=FULL`` makes 
 commit durable on disk before it returns, which is what an acknowledgement promises. The
 single writer connection starts its transactions with ``BEGIN IMMEDIATE`` so that two
 processes (the server and a CLI command) queue for the lock instead of failing halfway.
+
+The hot paths do not go through aiosqlite: it hands every call (begin, execute, fetch,
+commit...) to its thread and back, 10-16 round trips through a busy event loop per
+transaction (docs/performance.md). Instead, a whole group of write jobs runs as one call
+on a dedicated writer thread, over a synchronous connection whose ``execute`` never
+suspends, and each read is one call on a small pool of reader threads. The asynchronous
+engines remain for migrations and the occasional direct use.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from postier.store.sql import SQLStore
+from postier.store.sql import SQLStore, WriteJob, _translate
+
+READER_THREADS = 4
 
 # How long a writer waits for another process's lock before the request fails with a
 # clear "try again" (503/451) rather than hanging.
@@ -39,14 +52,103 @@ def _pragmas(immediate: bool) -> tuple[Any, Any]:
     return on_connect, on_begin
 
 
+class _SyncConnection:
+    """Enough of ``AsyncConnection`` for the store's jobs, over a synchronous connection:
+    its ``execute`` never suspends, so a job runs to its end in one ``send``."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.execute(statement, parameters)
+
+
+def _run_to_end(coro: Coroutine[Any, Any, Any]) -> Any:
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("a store job waited for something other than the database")
+
+
+class _Threads:
+    """The writer thread (one transaction at a time) and the reader threads."""
+
+    def __init__(self, write: Engine, read: Engine) -> None:
+        self.write = write
+        self.read = read
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="postier-sqlite-writer")
+        self.readers = ThreadPoolExecutor(READER_THREADS,
+                                          thread_name_prefix="postier-sqlite-reader")
+
+    async def transaction(self, jobs: list[WriteJob]) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.writer, self._transaction, jobs
+        )
+
+    def _transaction(self, jobs: list[WriteJob]) -> list[Any]:
+        with self.write.begin() as conn:
+            adapter: Any = _SyncConnection(conn)
+            return [_run_to_end(job(adapter)) for job in jobs]  # type: ignore[arg-type]
+
+    async def select(self, stmt: Any) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.readers, self._select, stmt
+        )
+
+    def _select(self, stmt: Any) -> list[Any]:
+        with self.read.connect() as conn:
+            return list(conn.execute(stmt).all())
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.readers.shutdown(wait=True)
+        self.write.dispose()
+        self.read.dispose()
+
+
+def _sync_engines(url: str) -> tuple[Engine, Engine] | None:
+    if ":memory:" in url:
+        return None  # one connection is one database: keep the single async path
+    sync_url = make_url(url).set(drivername="sqlite")
+    args = {"check_same_thread": False}  # each connection is used by one thread at a time
+    write = create_engine(sync_url, pool_size=1, max_overflow=0, connect_args=args)
+    read = create_engine(sync_url, pool_size=READER_THREADS, max_overflow=0,
+                         connect_args=args)
+    return write, read
+
+
 class SQLiteStore(SQLStore):
     def __init__(self, url: str) -> None:
         write = create_async_engine(url, poolclass=NullPool if ":memory:" in url else None)
         # A steady pool: SQLAlchemy's default closes every connection beyond five after use,
         # and each new aiosqlite connection is a thread and four PRAGMAs.
         read = create_async_engine(url, pool_size=20, max_overflow=0)
-        for engine, immediate in ((write, True), (read, False)):
+        engines = [(write.sync_engine, True), (read.sync_engine, False)]
+        sync = _sync_engines(url)
+        self._threads = _Threads(*sync) if sync else None
+        if sync:
+            engines += [(sync[0], True), (sync[1], False)]
+        for engine, immediate in engines:
             on_connect, on_begin = _pragmas(immediate)
-            event.listen(engine.sync_engine, "connect", on_connect)
-            event.listen(engine.sync_engine, "begin", on_begin)
-        super().__init__(write, read)
+            event.listen(engine, "connect", on_connect)
+            event.listen(engine, "begin", on_begin)
+        super().__init__(
+            write, read, transaction=self._threads.transaction if self._threads else None
+        )
+
+    async def _read(self, stmt: Any) -> list[Any]:
+        if self._threads is None:
+            return await super()._read(stmt)
+        try:
+            return await self._threads.select(stmt)
+        except (OperationalError, DBAPIError) as exc:
+            raise _translate(exc) from exc
+
+    async def close(self) -> None:
+        await super().close()
+        if self._threads is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._threads.close)
