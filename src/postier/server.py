@@ -18,6 +18,7 @@ import uvicorn
 from postier.api import create_app
 from postier.config import ServerConfig, split_host_port
 from postier.crypto import key_file_problem
+from postier.delivery.limits import SharedLimits
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.errors import PostierError
@@ -118,6 +119,7 @@ def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
             concurrency=config.relay_concurrency,
             idle_timeout=config.idle_timeout,
             local_hostname=config.hostname,
+            limits=SharedLimits(core.store),
         ),
         claim_batch=config.claim_batch,
         lease_seconds=config.lease_seconds,

@@ -95,6 +95,17 @@ class RelaySettings(_Model):
         description="At most this many e-mails per minute to this server (its sending "
         "limit, e.g. 30 for an Exchange Online mailbox); empty: no limit",
     )
+    max_per_hour: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="At most this many e-mails started per hour (over any 60 minutes), all "
+        "workers together; empty: no limit",
+    )
+    max_recipients_per_day: int | None = Field(
+        None, ge=1, le=10_000_000,
+        description="At most this many recipients per day (over any 24 hours), all workers "
+        "together, e.g. 10000 for an Exchange Online mailbox; once reached, the rest waits "
+        "for the next day; empty: no limit",
+    )
 
     @field_validator("host")
     @classmethod

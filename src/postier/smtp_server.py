@@ -42,7 +42,7 @@ from postier.errors import (
     TooLarge,
 )
 from postier.i18n import N_
-from postier.service import Postier
+from postier.service import SETTINGS_TTL, Postier
 from postier.store.base import User
 
 log = logging.getLogger("postier.smtp")
@@ -59,7 +59,9 @@ class SubmissionConfig:
     rate_per_minute: int = 600  # messages per account
     auth_failures: int = 5  # before an address is made to wait
     auth_penalty: float = 300.0  # seconds it waits
-    command_timeout: float = 60.0
+    command_timeout: float = 60.0  # silence allowed while a command or the data is due
+    # A message's whole DATA phase, however steadily its lines come (25 MB at 14 KB/s).
+    data_timeout: float = 1800.0
     trusted_networks: list[Network] = field(default_factory=list)
     trusted_account: str | None = None
 
@@ -107,6 +109,7 @@ class SubmissionHandler:
         self.core = core
         self.config = config
         self.limits = _Limiter(config)
+        self._trusted_cache: tuple[User | None, float] | None = None
 
     # -- who is sending ------------------------------------------------------------------
     def _trusted(self, session: Session) -> bool:
@@ -122,11 +125,23 @@ class SubmissionHandler:
         if isinstance(session.auth_data, User):
             return session.auth_data
         if self.config.trusted_account and self._trusted(session):
-            user = await self.core.store.get_user(
-                establishment_id=1, username=self.config.trusted_account
-            )
-            return user if user is not None and not user.disabled else None
+            return await self._trusted_user()
         return None
+
+    async def _trusted_user(self) -> User | None:
+        """The trusted networks' account, read again every SETTINGS_TTL seconds rather
+        than at every MAIL and DATA (like API tokens: a change, such as disabling the
+        account, counts within two seconds)."""
+        now = time.monotonic()
+        if self._trusted_cache is not None and now - self._trusted_cache[1] < SETTINGS_TTL:
+            return self._trusted_cache[0]
+        user = await self.core.store.get_user(
+            establishment_id=1, username=self.config.trusted_account or ""
+        )
+        if user is not None and user.disabled:
+            user = None
+        self._trusted_cache = (user, now)
+        return user
 
     async def _check_credentials(
         self, server: SMTP, login: bytes, password: bytes
@@ -266,6 +281,10 @@ class SubmissionHandler:
             return "451 4.3.0 Temporary failure; nothing was stored. Try again later"
         log.info("message %s accepted over SMTP from %s for %d recipient(s)",
                  result.id, user.username, len(envelope.rcpt_tos))
+        if result.sender_rule == "unverified_sender":
+            # Mail programs show this reply to nobody, but logs and scripts keep it.
+            return (f"250 2.0.0 OK queued as {result.id}; sender address not verified: the "
+                    "establishment's sender is used (verify it in My account)")
         return f"250 2.0.0 OK queued as {result.id}"
 
 
@@ -277,12 +296,40 @@ class _Submission(SMTP):
     per_client: ClassVar[collections.Counter[str]] = collections.Counter()
 
     def __init__(self, *args: Any, max_connections: int, max_per_client: int,
-                 **kwargs: Any) -> None:
+                 data_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_connections = max_connections
         # Like Postfix (50 of 100): one client never holds more than half of the slots.
         self._max_per_client = max(1, min(max_per_client, max_connections // 2))
         self._counted: str | None = None
+        self._data_timeout = data_timeout
+        self._data_deadline: float | None = None  # set while a message's data comes in
+        self._last_input = 0.0
+
+    # aiosmtpd arms its timeout once per command, so a long DATA phase would be cut
+    # however steadily its lines come (a large attachment over a slow link). During DATA,
+    # the timeout counts from the last bytes received instead, within a deadline for the
+    # whole message; elsewhere (idle, or dribbling a command that never ends) it is left
+    # as it is.
+    def data_received(self, data: bytes) -> None:
+        self._last_input = self.loop.time()
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._data_deadline = self.loop.time() + self._data_timeout
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_deadline = None
+
+    def _timeout_cb(self) -> None:
+        now = self.loop.time()
+        if self._data_deadline is not None and now < self._data_deadline:
+            silent_until = self._last_input + self._timeout_duration
+            if now < silent_until:
+                self._reset_timeout(max(0.01, min(silent_until, self._data_deadline) - now))
+                return
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._counted is None:
@@ -375,6 +422,7 @@ async def start_submission(
             handler,
             max_connections=config.max_connections,
             max_per_client=config.max_per_client,
+            data_timeout=config.data_timeout,
             hostname=core.config.hostname,
             data_size_limit=core.config.max_message_size,
             enable_SMTPUTF8=True,

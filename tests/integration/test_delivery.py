@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from postier.delivery.limits import SharedLimits
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.settings import DeliverySettings, RelaySettings, RetrySettings
@@ -42,7 +43,8 @@ class Engine:
         self.worker = DeliveryWorker(
             self.store,
             self.settings_for,
-            pool=RelayPool(concurrency=kw.pop("concurrency", 4), down_for=0.2),
+            pool=RelayPool(concurrency=kw.pop("concurrency", 4), down_for=0.2,
+                           limits=SharedLimits(self.store)),
             poll_interval=0.05,
             **kw,
         )
@@ -297,7 +299,8 @@ async def test_rate_limit_reply_pauses_the_relay_without_counting_attempts(
     try:
         eng.worker = DeliveryWorker(store, eng.settings_for, poll_interval=0.05,
                                     pool=RelayPool(concurrency=2, down_for=0.2,
-                                                   rate_pause=1.5))
+                                                   rate_pause=1.5,
+                                                   limits=SharedLimits(store)))
         await eng.worker.start()
         ids = [await eng.put(f"p{i}@example.org") for i in range(6)]
         first = await eng.wait(ids[0], "deferred")

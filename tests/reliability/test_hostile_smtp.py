@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import smtplib
 import socket
 import ssl
@@ -290,6 +291,60 @@ async def _login_and_start_data(port: int, ctx: ssl.SSLContext
         assert (await reply())[:1] in (b"2", b"3")
     r.reply = reply  # type: ignore[attr-defined]
     return r, w
+
+
+async def test_a_slow_but_steady_message_is_not_cut(tmp_path: Path) -> None:
+    # A large attachment over a slow link: the data keeps coming for longer than the
+    # command timeout in all, never silent for that long. It is accepted and stored.
+    core, door, port = await _door(tmp_path, command_timeout=1.0)
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "smtp-cert.pem"))
+    try:
+        r, w = await _login_and_start_data(port, ctx)
+        w.write(b"Subject: bulletin trimestriel\r\n\r\n")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.5:
+            w.write(b"ligne " * 10 + b"\r\n")
+            await w.drain()
+            await asyncio.sleep(0.3)
+        w.write(b".\r\n")
+        final = await asyncio.wait_for(r.reply(), 10)  # type: ignore[attr-defined]
+        assert final.startswith(b"250"), final
+        stored = await core.store.get_message(final.split()[-1].decode())
+        assert stored is not None and stored.subject == "bulletin trimestriel"
+        w.close()
+
+        # Silent in the middle of its data, a client is still cut at the timeout.
+        r, w = await _login_and_start_data(port, ctx)
+        w.write(b"Subject: interrompu\r\n\r\ndebut\r\n")
+        assert await _closed_after(r, 4) < 2.5
+        w.close()
+    finally:
+        door.close()
+        await core.close()
+
+
+async def test_a_message_whose_data_never_ends_is_cut_at_the_data_deadline(
+    tmp_path: Path
+) -> None:
+    core, door, port = await _door(tmp_path, command_timeout=1.0, data_timeout=2.0)
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "smtp-cert.pem"))
+    try:
+        r, w = await _login_and_start_data(port, ctx)
+
+        async def dribble() -> None:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(40):
+                    w.write(b"encore\r\n")
+                    await asyncio.sleep(0.2)
+
+        task = asyncio.create_task(dribble())
+        closed = await _closed_after(r, 6)
+        task.cancel()
+        assert 1.5 < closed < 3.5, closed
+        w.close()
+    finally:
+        door.close()
+        await core.close()
 
 
 async def test_one_client_cannot_take_every_connection_slot(tmp_path: Path) -> None:

@@ -18,13 +18,18 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
+from postier.delivery.limits import error_from
 from postier.errors import DeliveryError
 from postier.i18n import N_
 from postier.settings import AuthMethod, RelaySettings, Security
+
+if TYPE_CHECKING:
+    from postier.delivery.limits import SharedLimits
+    from postier.store.base import RelayPause
 
 StepCallback = Callable[[str, bool, int, str], None]
 
@@ -560,6 +565,15 @@ class _RelayState:
     def went_through(self) -> None:
         self.pause = self.rate_pause
 
+    def shared_pause(self, pause: RelayPause) -> None:
+        """Another worker (or this one) paused the relay for everyone until then."""
+        remaining = pause.paused_until - time.time()
+        if remaining > 0:
+            self.paused_until = max(self.paused_until, time.monotonic() + remaining)
+            self.pause_error = error_from(pause.error) or self.pause_error or DeliveryError(
+                N_("The SMTP server asks to slow down ({reply_code} {reply})."),
+                code="rate_limited", transient=True, reply_code="", reply="")
+
 
 # Failures that say the relay itself is unusable (not a refusal of this e-mail).
 FAILOVER_CODES = frozenset({
@@ -590,8 +604,12 @@ class RelayPool:
         down_for: float = 2.0,
         local_hostname: str | None = None,
         rate_pause: float = RATE_PAUSE_MIN,
+        limits: SharedLimits | None = None,
     ) -> None:
         self.rate_pause = rate_pause
+        # The relays' limits and pauses shared with the other workers through the store;
+        # without it (the workstation's outbox), this process paces on its own.
+        self.limits = limits
         self.concurrency = concurrency
         self.idle_timeout = idle_timeout
         self.down_for = down_for
@@ -625,7 +643,15 @@ class RelayPool:
         state = self._state(relay)
         await state.slots.acquire(priority)
         try:
-            await state.pace(relay.max_per_minute)
+            if self.limits is None:
+                await state.pace(relay.max_per_minute)
+            else:
+                try:
+                    pause = await self.limits.admit(relay, len(recipients))
+                except DeliveryError as err:  # over a limit until later: deferred to then
+                    return _all(recipients, err, reusable=False)
+                if pause is not None:
+                    state.shared_pause(pause)
             if still_ours is not None and not still_ours():
                 raise LeaseLost()
             conversation = self._send(state, relay, envelope_from, recipients, data, smtputf8)
@@ -665,9 +691,11 @@ class RelayPool:
                 smtp.close()
                 raise
             if result.error is not None and result.error.code == "rate_limited":
-                state.slowed_down(result.error)
+                await self._slowed_down(state, relay, result.error)
             elif any(r.status == "sent" for r in result.recipients):
                 state.went_through()
+                if self.limits is not None:
+                    await self.limits.went_through(relay)
             if result.error is not None and result.error.smtp_code is None:
                 state.failed(result.error)
             else:
@@ -696,12 +724,21 @@ class RelayPool:
             state.down_error = err
             state.down_until = time.monotonic() + self.down_for
             if err.code == "rate_limited":
-                state.slowed_down(err)
+                await self._slowed_down(state, relay, err)
             else:
                 state.failed(err)
             return None, False
         state.down_error = None
         return smtp, False
+
+    async def _slowed_down(
+        self, state: _RelayState, relay: RelaySettings, err: DeliveryError
+    ) -> None:
+        state.slowed_down(err)
+        if self.limits is not None:
+            # Every worker pauses, not only the one that was told.
+            state.shared_pause(await self.limits.slowed_down(
+                relay, err, self.rate_pause, RATE_PAUSE_MAX))
 
     def failing_for(self, relay: RelaySettings) -> float:
         """Seconds the relay has kept failing (0 when it answers)."""

@@ -90,12 +90,17 @@ def decide(
     waiting = [r for r in states.values() if r.status in ("pending", DEFERRED)]
     next_at = now
     status: str
-    slow_down = result.error is not None and result.error.code == "rate_limited"
+    slow_down = result.error is not None and result.error.code in ("rate_limited",
+                                                                    "relay_limit")
     if slow_down and waiting and now < claimed.created_at + retry.max_age:
-        # The relay asked to slow down: not a failure of this e-mail. It waits without the
-        # attempt counting towards its backoff.
+        # The relay asked to slow down, or its sending limit is reached until a given
+        # time: not a failure of this e-mail. It waits without the attempt counting
+        # towards its backoff.
         attempts = claimed.attempts
-        next_at = min(now + retry.first_delay, claimed.created_at + retry.max_age)
+        assert result.error is not None
+        resume = result.error.params.get("resume_at")
+        wait_until = resume if isinstance(resume, float) else now + retry.first_delay
+        next_at = min(wait_until, claimed.created_at + retry.max_age)
     elif waiting:
         nxt = retry.next_attempt(attempts, claimed.created_at, now)
         if nxt is None:

@@ -219,13 +219,14 @@ class RelayGrant:
     """The answer to a reservation of several e-mails on a relay.
 
     ``starts[i]`` is when e-mail ``i`` may start (its slot is counted), or None when it was
-    refused; then ``blocked`` says which limit (``pause``, ``minute``, ``hour``, ``day``)
-    and ``resume_at`` when asking again may succeed."""
+    refused; then ``blocked[i]`` says which limit (``pause``, ``minute``, ``hour``,
+    ``day``) and ``resume_at[i]`` when asking again may succeed."""
 
     starts: list[float | None]
-    blocked: str | None = None
-    resume_at: float = 0.0
+    blocked: list[str | None]
+    resume_at: list[float]
     paused_until: float = 0.0
+    pause: float = 0.0
     pause_error: str | None = None
 
 

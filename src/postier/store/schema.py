@@ -201,3 +201,39 @@ dkim_keys = Table(
     Column("created_at", Float, nullable=False),
     Index("ux_dkim_domain", "establishment_id", "domain", unique=True),
 )
+
+# Relay sending limits shared by every worker of an installation (see delivery/limits.py).
+# One row per relay, keyed by a hash of its identity without secrets: the shared pace
+# (``next_start``, the earliest start of the next e-mail) and the pause after a rate-limit
+# reply (``paused_until``, ``pause`` the length of the next one, ``pause_error`` why).
+relay_limits = Table(
+    "relay_limits",
+    metadata,
+    Column("relay_key", String(64), primary_key=True),
+    Column("next_start", Float, nullable=False, server_default=text("0")),
+    Column("paused_until", Float, nullable=False, server_default=text("0")),
+    Column("pause", Float, nullable=False, server_default=text("0")),
+    Column("pause_error", Text),
+    Column("updated_at", Float, nullable=False),
+)
+
+# What was sent through a relay, per time bucket: ``kind`` "h" counts e-mails in buckets of
+# 1/24 hour, "d" recipients in buckets of 1/24 day; a sliding window sums the buckets.
+relay_usage = Table(
+    "relay_usage",
+    metadata,
+    Column("relay_key", String(64), primary_key=True),
+    Column("kind", String(1), primary_key=True),
+    Column("bucket", Float, primary_key=True),
+    Column("amount", Integer, nullable=False),
+)
+
+# Connections open to a relay, all workers together (``max_connections``): one row per
+# connection, with an expiry renewed while it lives so a killed worker's rows lapse.
+relay_leases = Table(
+    "relay_leases",
+    metadata,
+    Column("relay_key", String(64), primary_key=True),
+    Column("holder", String(100), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+)

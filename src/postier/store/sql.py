@@ -1068,3 +1068,162 @@ class SQLStore(Store):
             out[status] = int(n)
         return out
 
+
+    # -- relay sending limits ------------------------------------------------------------
+    async def _relay_row(self, conn: AsyncConnection, relay_key: str, now: float) -> Any:
+        """The relay's limits row, locked until the transaction ends (PostgreSQL; SQLite's
+        writer holds the whole database already), created on first use."""
+        stmt = (select(t.relay_limits).where(t.relay_limits.c.relay_key == relay_key)
+                .with_for_update())
+        row = (await conn.execute(stmt)).first()
+        if row is None:
+            from sqlalchemy.dialects import postgresql, sqlite
+
+            dialect: Any = (postgresql if self.write_engine.dialect.name == "postgresql"
+                            else sqlite)
+            await conn.execute(
+                dialect.insert(t.relay_limits)
+                .values(relay_key=relay_key, next_start=0.0, paused_until=0.0, pause=0.0,
+                        updated_at=now)
+                .on_conflict_do_nothing()
+            )
+            row = (await conn.execute(stmt)).one()
+        return row
+
+    async def reserve_relay(
+        self, relay_key: str, limits: RelayLimits, recipients: Sequence[int], now: float,
+        horizon: float,
+    ) -> RelayGrant:
+        async def job(conn: AsyncConnection) -> RelayGrant:
+            return await self._reserve(conn, relay_key, limits, list(recipients), now, horizon)
+
+        result: RelayGrant = await self.write(job)
+        return result
+
+    async def _reserve(
+        self, conn: AsyncConnection, key: str, limits: RelayLimits, recipients: list[int],
+        now: float, horizon: float,
+    ) -> RelayGrant:
+        row = await self._relay_row(conn, key, now)
+        n = len(recipients)
+        if row.paused_until > now:
+            return RelayGrant([None] * n, ["pause"] * n, [row.paused_until] * n,
+                              row.paused_until, row.pause, row.pause_error)
+        u = t.relay_usage.c
+        # Sliding windows out of buckets of 1/24 of the window: a bucket counts until every
+        # e-mail it may hold has left the window, so no window of that length ever holds
+        # more than the limit.
+        spans = {"h": limits.hour / 24, "d": limits.day / 24}
+        reach = {"h": limits.hour + spans["h"], "d": limits.day + spans["d"]}
+        await conn.execute(delete(t.relay_usage).where(
+            u.relay_key == key,
+            ((u.kind == "h") & (u.bucket <= now - reach["h"]))
+            | ((u.kind == "d") & (u.bucket <= now - reach["d"])),
+        ))
+        buckets: dict[str, list[tuple[float, int]]] = {"h": [], "d": []}
+        for b in await conn.execute(
+            select(u.kind, u.bucket, u.amount).where(u.relay_key == key).order_by(u.bucket)
+        ):
+            if b.kind in buckets:
+                buckets[b.kind].append((float(b.bucket), int(b.amount)))
+        used = {k: sum(a for _, a in v) for k, v in buckets.items()}
+
+        def reopens(kind: str, limit: int, need: int) -> float:
+            # When enough of the oldest buckets have left the window for ``need`` more.
+            excess = used[kind] + need - limit
+            for bucket, amount in buckets[kind]:
+                excess -= amount
+                if excess <= 0:
+                    return bucket + reach[kind]
+            return now + reach[kind]  # only this reservation's own usage: a full window
+
+        interval = 60.0 / limits.per_minute if limits.per_minute else 0.0
+        next_start = max(row.next_start, now)
+        starts: list[float | None] = []
+        blocked: list[str | None] = []
+        resume: list[float] = []
+        granted = {"h": 0, "d": 0}
+        stop: tuple[str, float] | None = None  # pace and hour: first come, first served
+        for count in recipients:
+            refusal: tuple[str, float] | None = stop
+            if refusal is None and limits.per_minute and next_start > now + horizon:
+                refusal = stop = ("minute", next_start - horizon)
+            if refusal is None and limits.per_hour and used["h"] + 1 > limits.per_hour:
+                refusal = stop = ("hour", reopens("h", limits.per_hour, 1))
+            if (refusal is None and limits.recipients_per_day and used["d"] > 0
+                    and used["d"] + count > limits.recipients_per_day):
+                # A single e-mail with more recipients than a whole day's limit goes
+                # alone into an empty day rather than never.
+                need = min(count, limits.recipients_per_day)
+                refusal = ("day", reopens("d", limits.recipients_per_day, need))
+            if refusal is not None:
+                starts.append(None)
+                blocked.append(refusal[0])
+                resume.append(refusal[1])
+                continue
+            starts.append(next_start if interval else now)
+            blocked.append(None)
+            resume.append(0.0)
+            if interval:
+                next_start += interval
+            used["h"] += 1
+            used["d"] += count
+            granted["h"] += 1
+            granted["d"] += count
+        for kind, amount in granted.items():
+            if not amount:
+                continue
+            bucket = math.floor(now / spans[kind]) * spans[kind]
+            res = await conn.execute(
+                update(t.relay_usage)
+                .where(u.relay_key == key, u.kind == kind, u.bucket == bucket)
+                .values(amount=u.amount + amount)
+            )
+            if res.rowcount == 0:
+                await conn.execute(insert(t.relay_usage).values(
+                    relay_key=key, kind=kind, bucket=bucket, amount=amount))
+        if interval and granted["h"]:
+            await conn.execute(
+                update(t.relay_limits).where(t.relay_limits.c.relay_key == key)
+                .values(next_start=next_start, updated_at=now)
+            )
+        return RelayGrant(starts, blocked, resume, row.paused_until, row.pause,
+                          row.pause_error)
+
+    async def relay_pause(self, relay_key: str) -> RelayPause | None:
+        rows = await self._read(
+            select(t.relay_limits).where(t.relay_limits.c.relay_key == relay_key)
+        )
+        if not rows:
+            return None
+        return RelayPause(rows[0].paused_until, rows[0].pause, rows[0].pause_error)
+
+    async def pause_relay(
+        self, relay_key: str, now: float, pause: float, max_pause: float, error: str
+    ) -> RelayPause:
+        async def job(conn: AsyncConnection) -> RelayPause:
+            row = await self._relay_row(conn, relay_key, now)
+            length = row.pause or pause
+            until, following = row.paused_until, row.pause
+            if now >= row.paused_until:
+                # Workers that saw the same reply together pause it once, not each.
+                until, following = now + length, min(length * 2, max(max_pause, pause))
+            await conn.execute(
+                update(t.relay_limits).where(t.relay_limits.c.relay_key == relay_key)
+                .values(paused_until=until, pause=following, pause_error=error,
+                        updated_at=now)
+            )
+            return RelayPause(until, following, error)
+
+        result: RelayPause = await self.write(job)
+        return result
+
+    async def relay_recovered(self, relay_key: str) -> None:
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(
+                update(t.relay_limits)
+                .where(t.relay_limits.c.relay_key == relay_key, t.relay_limits.c.pause != 0)
+                .values(pause=0.0, updated_at=time.time())
+            )
+
+        await self.write(job)

@@ -1,0 +1,228 @@
+"""A relay's sending limits, shared by every worker of an installation through the store.
+
+Providers limit a mailbox, not a process: Exchange Online takes 30 e-mails a minute and
+10,000 recipients a day from one account, whatever the number of Postier workers sending
+through it. So the usage of each relay is counted in the database (``Store.reserve_relay``)
+and every worker asks it before starting an e-mail. A worker asks for all the e-mails
+waiting for the same relay at once (one round trip for a burst), and only for the e-mails
+it is about to send, so nothing is reserved that another worker could have used.
+
+A relay is known by a hash of what designates the account (kind, URL, host, port, user
+name), never its secrets, so a changed password keeps counting against the same limits.
+
+When a limit is reached the e-mail waits in place if its turn comes within
+``wait_at_most`` seconds; otherwise it is deferred to when the window reopens, with a
+``relay_limit`` reason, and the attempt does not count against it. The pause after a
+rate-limit reply ("421 4.4.2 ... rate exceeded") is shared the same way: one worker's
+reply pauses them all, and the pause doubles while the relay keeps asking. A relay without
+limits costs no round trip per e-mail: its pause is read at most every ``refresh`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from postier.errors import DeliveryError
+from postier.i18n import N_
+from postier.settings import RelaySettings
+from postier.store.base import RelayGrant, RelayLimits, RelayPause, Store
+
+# A worker reserves pace slots at most this far ahead of now.
+RESERVE_HORIZON = 10.0
+# An e-mail whose turn comes within this many seconds waits, still claimed; a later one is
+# deferred to its turn.
+WAIT_AT_MOST = 15.0
+# How old a relay's shared pause may be when the relay has no limits of its own.
+PAUSE_REFRESH = 2.0
+
+_LIMIT_TEXT = {
+    "minute": N_("Sending limit of the relay reached: {limit:,} e-mails per minute; "
+                 "sending resumes at {resume}."),
+    "hour": N_("Sending limit of the relay reached: {limit:,} e-mails per hour; sending "
+               "resumes at {resume}."),
+    "day": N_("Sending limit of the relay reached: {limit:,} recipients per day; sending "
+              "resumes at {resume}."),
+}
+
+
+def relay_key(relay: RelaySettings) -> str:
+    """A stable name for the account a relay sends as, without any secret."""
+    ident = [relay.kind.value, relay.url, relay.host.lower(), relay.port,
+             relay.username.lower()]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+
+def limit_error(blocked: str, relay: RelaySettings, resume_at: float) -> DeliveryError:
+    limit = {"minute": relay.max_per_minute, "hour": relay.max_per_hour,
+             "day": relay.max_recipients_per_day}[blocked]
+    return DeliveryError(
+        _LIMIT_TEXT[blocked],
+        hint=N_("Nothing to do: the e-mail leaves by itself then, and waiting does not "
+                "count as a failed attempt. To send more, raise the relay's limit if the "
+                "provider allows it."),
+        code="relay_limit", transient=True, step="limit", limit=limit,
+        resume=time.strftime("%Y-%m-%d %H:%M", time.localtime(resume_at)),
+        resume_at=resume_at, host=relay.host, port=relay.port,
+    )
+
+
+def error_from(doc: str | None) -> DeliveryError | None:
+    """A relay's reply stored with the shared pause, as the error it was."""
+    if not doc:
+        return None
+    data = json.loads(doc)
+    params = dict(data.get("params") or {})
+    reply, step = str(params.pop("reply", "")), str(params.pop("step", ""))
+    return DeliveryError(
+        data.get("template"), hint=data.get("hint"), code=data.get("code", "rate_limited"),
+        transient=True, smtp_code=data.get("smtp_code"), reply=reply, step=step, **params,
+    )
+
+
+@dataclass
+class _Ask:
+    recipients: int
+    answer: asyncio.Future[tuple[float | None, str | None, float, RelayGrant]]
+
+
+@dataclass
+class _Relay:
+    asks: list[_Ask] = field(default_factory=list)
+    flushing: asyncio.Task[None] | None = None
+    pause: RelayPause | None = None
+    read_at: float = float("-inf")
+    reading: asyncio.Future[None] | None = None
+
+
+class SharedLimits:
+    """The relays' limits and pauses as every worker sees them (one per process)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        hour: float = 3600.0,
+        day: float = 86400.0,
+        horizon: float = RESERVE_HORIZON,
+        wait_at_most: float = WAIT_AT_MOST,
+        refresh: float = PAUSE_REFRESH,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.hour = hour
+        self.day = day
+        self.horizon = horizon
+        self.wait_at_most = wait_at_most
+        self.refresh = refresh
+        self.clock = clock
+        self._relays: dict[str, _Relay] = {}
+
+    def limits(self, relay: RelaySettings) -> RelayLimits:
+        return RelayLimits(relay.max_per_minute, relay.max_per_hour,
+                           relay.max_recipients_per_day, self.hour, self.day)
+
+    def _relay(self, key: str) -> _Relay:
+        state = self._relays.get(key)
+        if state is None:
+            state = self._relays[key] = _Relay()
+        return state
+
+    async def admit(self, relay: RelaySettings, recipients: int) -> RelayPause | None:
+        """Wait for an e-mail's turn on ``relay``. Returns the relay's shared pause when it
+        asked to slow down (the caller defers the e-mail with that reply); raises a
+        ``relay_limit`` DeliveryError when the turn is too far away to wait for."""
+        key = relay_key(relay)
+        limits = self.limits(relay)
+        state = self._relay(key)
+        while True:
+            if not limits.any:
+                await self._read_pause(key, state)
+                pause = state.pause
+                return pause if pause is not None and pause.paused_until > self.clock() \
+                    else None
+            start, blocked, resume_at, grant = await self._reserve(key, state, limits,
+                                                                   recipients)
+            state.pause = RelayPause(grant.paused_until, grant.pause, grant.pause_error)
+            state.read_at = self.clock()
+            now = self.clock()
+            if start is not None:
+                if start > now:
+                    await asyncio.sleep(start - now)
+                return None
+            if blocked == "pause":
+                return state.pause
+            assert blocked is not None
+            if resume_at - now > self.wait_at_most:
+                raise limit_error(blocked, relay, resume_at)
+            await asyncio.sleep(max(resume_at - now, 0.01))
+
+    async def _reserve(
+        self, key: str, state: _Relay, limits: RelayLimits, recipients: int
+    ) -> tuple[float | None, str | None, float, RelayGrant]:
+        loop = asyncio.get_running_loop()
+        ask = _Ask(recipients, loop.create_future())
+        state.asks.append(ask)
+        if state.flushing is None:
+            state.flushing = loop.create_task(self._flush(key, state, limits))
+        return await ask.answer
+
+    async def _flush(self, key: str, state: _Relay, limits: RelayLimits) -> None:
+        # The e-mails that asked meanwhile go in the same reservation.
+        await asyncio.sleep(0)
+        try:
+            while state.asks:
+                asks, state.asks = state.asks, []
+                try:
+                    grant = await self.store.reserve_relay(
+                        key, limits, [a.recipients for a in asks], self.clock(),
+                        self.horizon)
+                except Exception as exc:
+                    for a in asks:
+                        if not a.answer.done():
+                            a.answer.set_exception(exc)
+                    continue
+                for i, a in enumerate(asks):
+                    if not a.answer.done():
+                        a.answer.set_result(
+                            (grant.starts[i], grant.blocked[i], grant.resume_at[i], grant))
+        finally:
+            state.flushing = None
+
+    async def _read_pause(self, key: str, state: _Relay) -> None:
+        if self.clock() - state.read_at < self.refresh:
+            return
+        if state.reading is not None:
+            await asyncio.shield(state.reading)
+            return
+        state.reading = asyncio.get_running_loop().create_future()
+        try:
+            state.pause = await self.store.relay_pause(key)
+            state.read_at = self.clock()
+        finally:
+            state.reading.set_result(None)
+            state.reading = None
+
+    async def slowed_down(
+        self, relay: RelaySettings, err: DeliveryError, pause: float, max_pause: float
+    ) -> RelayPause:
+        """The relay asked to slow down: every worker pauses it."""
+        key = relay_key(relay)
+        state = self._relay(key)
+        state.pause = await self.store.pause_relay(
+            key, self.clock(), pause, max_pause, json.dumps(err.dump()))
+        state.read_at = self.clock()
+        return state.pause
+
+    async def went_through(self, relay: RelaySettings) -> None:
+        """An e-mail went through: the next pause starts short again (a write only when
+        the relay had been paused)."""
+        key = relay_key(relay)
+        state = self._relay(key)
+        if state.pause is not None and state.pause.pause:
+            state.pause = RelayPause(state.pause.paused_until, 0.0, state.pause.error)
+            await self.store.relay_recovered(key)
