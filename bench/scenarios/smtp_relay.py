@@ -288,7 +288,8 @@ class SmtpRelay(Scenario):
     # -- one measurement ---------------------------------------------------------------------
     def _source(self, port: int, label: str) -> Process:
         p = self.params
-        argv = [SMTP_SOURCE, "-c", "-l", str(p["body_bytes"]), "-m", str(p["messages"]),
+        # -d: each session sends its messages one after another over one connection.
+        argv = [SMTP_SOURCE, "-c", "-d", "-l", str(p["body_bytes"]), "-m", str(p["messages"]),
                 "-s", str(p["sessions"]), "-f", APP_EMAIL, "-t", RECIPIENT,
                 f"127.0.0.1:{port}"]
         log_path = self.ctx.workdir / f"smtp-source-{label}.log"
