@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from typing import Any
@@ -40,6 +41,9 @@ from postier.store.base import (
     Outcome,
     ProfileRecord,
     RecipientState,
+    RelayGrant,
+    RelayLimits,
+    RelayPause,
     Store,
     TokenInfo,
     User,
