@@ -186,6 +186,13 @@ class InvalidDomainPattern(InvalidInput, ValueError):
     )
 
 
+class InvalidSetting(InvalidInput, ValueError):
+    """A setting the settings models refuse, said in the reader's language; also a
+    ValueError so pydantic reports it on its field."""
+
+    code = "invalid_setting"
+
+
 class TooLarge(InvalidInput):
     code = "too_large"
     http_status = 413

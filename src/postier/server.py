@@ -139,11 +139,16 @@ async def run_worker(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    from postier.alerts import attach  # issue 11: alerts and webhook
+
+    alerts = attach(core, worker)
     await worker.start()
     await listen(core, worker)
+    alerts.start()
     log.info("delivery worker %s running on %s", worker.worker_id,
              core.store.__class__.__name__)
     await stop.wait()
+    await alerts.stop()
     await worker.stop()
     await core.close()
     log.info("worker stopped cleanly")
@@ -170,6 +175,9 @@ async def serve(config: ServerConfig) -> None:
     from postier.retention import RetentionTask  # issue 11: purge of old e-mails (RGPD)
 
     retention = RetentionTask(core, config.retention_interval)
+    from postier.alerts import attach  # issue 11: alerts and webhook, beside delivery
+
+    alerts = attach(core, worker) if worker is not None else None
 
     # Opened before the HTTP server starts, so that a wrong key or an unusable store is
     # reported as a clear error rather than from inside the web server's start-up.
@@ -187,6 +195,8 @@ async def serve(config: ServerConfig) -> None:
             core.on_accept(worker.notify)
             await worker.start()
             await listen(core, worker)
+        if alerts is not None:
+            alerts.start()
         smtp_servers.extend(await start_smtp(core, config))
         retention.start()
         users = await core.store.list_users(1)
@@ -207,6 +217,8 @@ async def serve(config: ServerConfig) -> None:
         for s in smtp_servers:
             s.close()
         await retention.stop()
+        if alerts is not None:
+            await alerts.stop()
         if worker is not None:
             await worker.stop()
         await core.close()

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from postier import accounts, dkim_signing, policy
 from postier.administration import Administration, require_admin
+from postier.cache import TTLCache
 from postier.config import ServerConfig
 from postier.crypto import SecretBox
 from postier.dkim_signing import DkimKey
@@ -130,9 +131,9 @@ class Postier:
         self.data_dir = Path(config.data_dir)
         self.store = store or create_store(database_url(self.data_dir, config.database_url))
         self.secrets = SecretBox.for_data_dir(self.data_dir)
-        self._settings: dict[int, tuple[DeliverySettings, float]] = {}
-        self._establishments: dict[str | int, tuple[Establishment | None, float]] = {}
-        self._dkim: dict[int, tuple[dict[str, DkimKey], float]] = {}
+        self._settings: TTLCache[int, DeliverySettings] = TTLCache(SETTINGS_TTL)
+        self._establishments: TTLCache[str | int, Establishment | None] = TTLCache(SETTINGS_TTL)
+        self._dkim: TTLCache[int, dict[str, DkimKey]] = TTLCache(SETTINGS_TTL)
         self._tokens: dict[str, tuple[User, float]] = {}
         self._notify: list[Any] = []
         self.admin = Administration(self)
@@ -194,7 +195,7 @@ class Postier:
     def forget_tokens(self) -> None:
         """A user, a token or an establishment changed: check every token again."""
         self._tokens.clear()
-        self._establishments.clear()
+        self._establishments.forget()
 
     async def find_login(self, login: str) -> User | None:
         """The account a person names when signing in: ``username``, ``slug:username``
@@ -254,18 +255,15 @@ class Postier:
 
     # -- DKIM ------------------------------------------------------------------------------
     async def dkim_keys(self, establishment_id: int) -> dict[str, DkimKey]:
-        cached = self._dkim.get(establishment_id)
-        now = time.monotonic()
-        if cached is not None and now - cached[1] < SETTINGS_TTL:
-            return cached[0]
-        keys = {
-            row["domain"]: DkimKey(row["domain"], row["selector"],
-                                   self.secrets.decrypt(row["private_key_enc"]).encode(),
-                                   row["public_key"])
-            for row in await self.store.list_dkim_keys(establishment_id)
-        }
-        self._dkim[establishment_id] = (keys, now)
-        return keys
+        async def load() -> dict[str, DkimKey]:
+            return {
+                row["domain"]: DkimKey(row["domain"], row["selector"],
+                                       self.secrets.decrypt(row["private_key_enc"]).encode(),
+                                       row["public_key"])
+                for row in await self.store.list_dkim_keys(establishment_id)
+            }
+
+        return await self._dkim.get(establishment_id, load)
 
     async def dkim_generate(self, user: User, domain: str, selector: str = "postier") -> DkimKey:
         """Make (or replace) the DKIM key of one of the establishment's domains."""
@@ -293,13 +291,13 @@ class Postier:
         await self.store.save_dkim_key(user.establishment_id, domain, selector,
                                        self.secrets.encrypt(key.private_pem.decode()),
                                        key.public_b64)
-        self._dkim.pop(user.establishment_id, None)
+        self._dkim.forget(user.establishment_id)
         await self.store.audit(user.establishment_id, user.username, "dkim.generate", domain,
                                {"selector": selector})
         return key
 
     def forget_dkim(self, establishment_id: int) -> None:
-        self._dkim.pop(establishment_id, None)
+        self._dkim.forget(establishment_id)
 
     async def dkim_sign(self, establishment_id: int, data: bytes) -> bytes:
         """Sign stored bytes when the From's domain has a key (at delivery)."""
@@ -360,24 +358,17 @@ class Postier:
     # -- settings ------------------------------------------------------------------------
     async def establishment(self, slug_or_id: str | int) -> Establishment | None:
         """An establishment, from a short-lived cache (they rarely change)."""
-        now = time.monotonic()
-        cached = self._establishments.get(slug_or_id)
-        if cached is not None and now - cached[1] < SETTINGS_TTL:
-            return cached[0]
-        est = await self.store.get_establishment(slug_or_id)
-        self._establishments[slug_or_id] = (est, now)
-        return est
+        return await self._establishments.get(
+            slug_or_id, lambda: self.store.get_establishment(slug_or_id)
+        )
 
     async def stored_settings(self, establishment_id: int) -> DeliverySettings:
         """The establishment's own settings, secrets decrypted (never shown)."""
-        cached = self._settings.get(establishment_id)
-        now = time.monotonic()
-        if cached is not None and now - cached[1] < SETTINGS_TTL:
-            return cached[0]
-        doc = await self.store.load_settings(establishment_id)
-        settings = self._decode_settings(doc[0]) if doc else DeliverySettings()
-        self._settings[establishment_id] = (settings, now)
-        return settings
+        async def load() -> DeliverySettings:
+            doc = await self.store.load_settings(establishment_id)
+            return self._decode_settings(doc[0]) if doc else DeliverySettings()
+
+        return await self._settings.get(establishment_id, load)
 
     async def delivery_settings(self, establishment_id: int) -> DeliverySettings:
         """The settings e-mails are sent with. A hosted establishment sends through the
@@ -436,7 +427,7 @@ class Postier:
             {k: v for k, v in payload.items() if k not in ("hosted", "warnings")}
         )
         await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
-        self._settings.pop(user.establishment_id, None)
+        self._settings.forget(user.establishment_id)
         await self.admin.audit_settings_change(user, current, merged)
         log.info("settings of establishment %s changed by %s", user.establishment_id,
                  user.username)

@@ -22,6 +22,8 @@ from pydantic import (
 )
 
 from postier import policy
+from postier.errors import InvalidSetting
+from postier.i18n import N_
 
 # Each pattern is checked on its own so an error names its position (allowed_domains.2).
 DomainPattern = Annotated[str, AfterValidator(policy.normalize_domain_pattern)]
@@ -227,6 +229,78 @@ class RetentionSettings(_Model):
 # -- end of retention ----------------------------------------------------------------------
 
 
+# -- alerts and webhook: issues 10 and 11, see postier.alerts --------------------------------
+class WebhookEvent(StrEnum):
+    ALERTS = "alerts"  # alert.raised, alert.resolved
+    FAILURES = "failures"  # message.failed (the failure notices' facts)
+    DELAYS = "delays"  # message.delayed (the delay notices' facts)
+    SENT = "sent"  # message.sent
+
+
+class AlertSettings(_Model):
+    """When the establishment's administrators are alerted, and how: an e-mail, the web
+    interface's banner (always), and a signed webhook for integrators."""
+
+    relay_failing_after: int = Field(
+        900, ge=60, le=7 * 86400,
+        description="Alert when the relay (or both relays) keeps failing this many seconds",
+    )
+    oldest_deferred_after: int = Field(
+        4 * 3600, ge=60, le=30 * 86400,
+        description="Alert when an e-mail waiting for a retry is older than this (seconds)",
+    )
+    credential_expiry_days: int = Field(
+        14, ge=1, le=365,
+        description="Alert this many days before an OAuth2 client secret expires",
+    )
+    email: bool = Field(True, description="Alert the administrators by e-mail")
+    webhook_url: str = Field(
+        "", max_length=500, description="POST signed JSON events here (https:// advised)"
+    )
+    webhook_secret: str | None = Field(
+        None, min_length=16, max_length=500,
+        description="Write-only; signs the webhook's events (HMAC-SHA256)",
+    )
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: [WebhookEvent.ALERTS, WebhookEvent.FAILURES,
+                                 WebhookEvent.DELAYS],
+        description="Which events the webhook receives",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith(("http://", "https://")):
+            raise InvalidSetting(N_("The webhook's address starts with https:// (or "
+                                    "http:// on a private network)."))
+        if any(c.isspace() or ord(c) < 32 for c in value):
+            raise InvalidSetting(N_("The webhook's address cannot contain spaces."))
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _events(cls, value: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _signed(self) -> AlertSettings:
+        if self.webhook_url and not self.webhook_secret:
+            raise InvalidSetting(N_(
+                "A webhook needs a secret of at least 16 characters (webhook_secret): the "
+                "receiver checks with it that the events come from Postier."),
+                field="alerts.webhook_secret")
+        return self
+
+    def public(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json", exclude={"webhook_secret"})
+        out["webhook_secret_set"] = bool(self.webhook_secret)
+        return out
+
+
+# -- end of alerts -------------------------------------------------------------------------
+
+
 class DeliverySettings(_Model):
     delegation: bool = Field(
         True, description="Déléguer l'envoi de tous les e-mails au serveur (central sending)"
@@ -243,6 +317,7 @@ class DeliverySettings(_Model):
         300, ge=1, le=86400,
         description="Seconds of failures of the main relay before the backup takes over",
     )
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
 
     @field_validator("allowed_domains")
     @classmethod
@@ -250,9 +325,10 @@ class DeliverySettings(_Model):
         return list(dict.fromkeys(value))  # duplicates dropped, order kept
 
     def public(self) -> dict[str, Any]:
-        out = self.model_dump(mode="json", exclude={"relay", "backup_relay"})
+        out = self.model_dump(mode="json", exclude={"relay", "backup_relay", "alerts"})
         out["relay"] = self.relay.public()
         out["backup_relay"] = self.backup_relay.public() if self.backup_relay else None
+        out["alerts"] = self.alerts.public()
         return out
 
     def updated(self, changes: dict[str, Any]) -> DeliverySettings:
@@ -268,11 +344,18 @@ class DeliverySettings(_Model):
                     relay.pop(f"{name}_set", None)
                     if relay.get(name) is None:
                         relay.pop(name, None)
+        alerts = changes.get("alerts")
+        if isinstance(alerts, dict):
+            alerts.pop("webhook_secret_set", None)
+            if alerts.get("webhook_secret") is None:
+                alerts.pop("webhook_secret", None)
         merged = deep_merge(self.model_dump(mode="json"), changes)
         for section in RELAY_SECTIONS:
             for name in SECRET_FIELDS:
                 if isinstance(merged.get(section), dict) and merged[section].get(name) == "":
                     merged[section][name] = None
+        if isinstance(merged.get("alerts"), dict) and merged["alerts"].get("webhook_secret") == "":
+            merged["alerts"]["webhook_secret"] = None
         return DeliverySettings.model_validate(merged)
 
 

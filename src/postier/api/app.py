@@ -121,6 +121,9 @@ def create_app(
 
     app.include_router(operations.router)
 
+    from postier.api import alerts  # alerts of the establishment (issue 11)
+
+    app.include_router(alerts.router)
     @app.get("/api/v1/health", tags=["operations"])
     async def health() -> dict[str, str]:
         """Liveness: the process answers. No authentication."""

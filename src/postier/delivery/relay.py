@@ -747,6 +747,11 @@ class RelayPool:
             return 0.0
         return time.monotonic() - state.failing_since
 
+    def tried(self, relay: RelaySettings) -> bool:
+        """Whether this process has talked (or tried to talk) to the relay: without that,
+        ``failing_for()`` = 0 says nothing about it (the alerts need the difference)."""
+        return relay.key() in self._relays
+
     def probe_later(self, relay: RelaySettings) -> None:
         """While the backup relay stands in, check in the background whether the main one
         answers again (connection, TLS, greeting, authentication; nothing is sent)."""

@@ -169,7 +169,10 @@ class DeliveryWorker:
         on_failure: Callable[[str], Awaitable[object]] | None = None,
         on_delay: Callable[[str], Awaitable[object]] | None = None,
         sign: Signer | None = None,
+        on_sent: Callable[[str, int], Awaitable[object]] | None = None,
     ) -> None:
+        # on_sent(message id, establishment id): the webhook's message.sent (issue 10).
+        self.on_sent = on_sent
         self.sign = sign
         self.store = store
         self.settings_for = settings_for
@@ -330,6 +333,8 @@ class DeliveryWorker:
             if (self.on_delay is not None and outcome.status == DEFERRED and warn_after
                     and time.time() - claimed.created_at >= warn_after):
                 await self.on_delay(claimed.id)  # once: the notice has an idempotency key
+            if self.on_sent is not None and outcome.status == SENT:
+                await self.on_sent(claimed.id, claimed.establishment_id)
         except Exception:
             log.exception("could not tell the sender about %s", claimed.id)
 

@@ -237,3 +237,38 @@ relay_leases = Table(
     Column("holder", String(100), primary_key=True),
     Column("expires_at", Float, nullable=False),
 )
+
+# -- alerts (issue 11) and the webhook outbox (issues 10, 11): see postier.alerts ------------
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("kind", String(40), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("resolved_at", Float),
+    Column("details", Text, nullable=False, server_default="{}"),
+    Index("ux_incidents_open", "establishment_id", "kind", unique=True,
+          sqlite_where=text("resolved_at IS NULL"),
+          postgresql_where=text("resolved_at IS NULL")),
+    Index("ix_incidents_establishment", "establishment_id", "started_at"),
+)
+
+webhook_outbox = Table(
+    "webhook_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("event_id", String(32), nullable=False),
+    Column("event", String(40), nullable=False),
+    Column("dedupe_key", String(200), nullable=False),
+    Column("payload", Text, nullable=False),  # the exact bytes posted (and signed)
+    Column("status", String(12), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", Float, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    Column("last_error", Text),
+    Index("ux_webhook_dedupe", "establishment_id", "dedupe_key", unique=True),
+    Index("ix_webhook_due", "status", "next_attempt_at"),
+)

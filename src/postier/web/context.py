@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, cast
 from urllib.parse import urlencode
@@ -106,6 +106,8 @@ class Page:
     lang: str
     session: Session | None
     user: User | None
+    # Incidents open now, shown to administrators as a banner on every page (issue 11).
+    alerts: list[dict[str, Any]] = field(default_factory=list)
 
     def _(self, text: str, **params: Any) -> str:
         return translate(self.lang, text, **params)
@@ -202,7 +204,13 @@ async def get_page(request: Request) -> Page:
     user = await session_user(core, session) if session is not None else None
     if user is None:
         session = None
-    return Page(request, core, page_lang(request), session, user)
+    lang = page_lang(request)
+    alerts: list[dict[str, Any]] = []
+    if user is not None and user.is_admin:
+        from postier.alerts import open_alerts
+
+        alerts = await open_alerts(core, user.establishment_id, lang)
+    return Page(request, core, lang, session, user, alerts)
 
 
 async def get_signed_in(p: Annotated[Page, Depends(get_page)]) -> Page:
