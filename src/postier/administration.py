@@ -279,6 +279,9 @@ class Administration:
                 changed.discard(f"{section}.{name}_set")
                 if getattr(old, name, None) != getattr(new, name, None):
                     changed.add(f"{section}.{name}")  # that it changed, never the value
+        changed.discard("alerts.webhook_secret_set")
+        if before.alerts.webhook_secret != after.alerts.webhook_secret:
+            changed.add("alerts.webhook_secret")
         await self.store.audit(actor.establishment_id, actor.username, "settings.update",
                                "settings", {"changed": sorted(changed)})
 

@@ -308,6 +308,11 @@ async def test_the_webhook_secret_is_write_only_and_encrypted(inst: Installation
     await inst.core.put_settings(inst.admin, {**shown, "alerts": {**shown["alerts"],
                                                                   "email": False}})
     assert (await inst.core.stored_settings(1)).alerts.webhook_secret == SECRET
+    # The audit log says that the secret was set, never what it is.
+    changes = [e.details["changed"] for e in await inst.core.store.list_audit(1)
+               if e.action == "settings.update"]
+    assert "alerts.webhook_secret" in changes[-1], changes
+    assert all("alerts.webhook_secret" not in c for c in changes[:-1]), "kept, not changed"
     stored = await alerts.sql_store(inst.core)._read(select(schema.settings.c.data))
     assert SECRET not in stored[0].data and "webhook_secret_enc" in stored[0].data
     with pytest.raises(Exception, match="16"):

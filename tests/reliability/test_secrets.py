@@ -22,6 +22,7 @@ from support.server import ServerProcess
 RELAY_SECRET = "Relais-Secret-7f3a9c"
 PROFILE_SECRET = "Profil-Secret-2b8e1d"
 NEW_PASSWORD = "Nouveau-Mdp-5c4d3e"
+WEBHOOK_SECRET = "Webhook-Secret-8d2f6a1b"
 
 
 def _files(data_dir: Path) -> bytes:
@@ -55,6 +56,8 @@ def test_secrets_never_shown_logged_or_stored_in_clear(
             keep(admin.post("/api/v1/dkim", json={"domain": "ac-lyon.fr"}))
             keep(admin.post("/api/v1/settings/test", json={"to": "p@example.org"}))
             keep(admin.put("/api/v1/users/bob", json={"password": NEW_PASSWORD}))
+            keep(admin.put("/api/v1/settings", json={"alerts": {
+                "webhook_url": "https://ent.example.org/hook", "webhook_secret": WEBHOOK_SECRET}}))
             mid = keep(alice.post("/api/v1/messages", json={
                 "to": ["p@example.org"], "subject": "s"})).json()["id"]
             server.wait_status(mid, "sent")
@@ -81,7 +84,7 @@ def test_secrets_never_shown_logged_or_stored_in_clear(
                 (admin, "/api/v1/users/alice/data"), (admin, "/api/v1/messages"),
                 (admin, f"/api/v1/messages/{mid}"), (admin, "/api/v1/dkim"),
                 (admin, "/api/v1/relay-presets"), (admin, "/metrics"),
-                (admin, "/api/v1/ready"), (admin, "/openapi.json"),
+                (admin, "/api/v1/ready"), (admin, "/openapi.json"), (admin, "/api/v1/alerts"),
             ]:
                 keep(client.get(path))
             # Retrieval is the one door meant to give a profile's password.
@@ -95,7 +98,7 @@ def test_secrets_never_shown_logged_or_stored_in_clear(
         "relay password": RELAY_SECRET, "profile password": PROFILE_SECRET,
         "API token": token, "alice's password": "motdepasse-alice",
         "bob's new password": NEW_PASSWORD, "a wrong guess": "Essai-Faux-9a8b",
-        "DKIM private key": "PRIVATE KEY",
+        "DKIM private key": "PRIVATE KEY", "webhook secret": WEBHOOK_SECRET,
         "relay AUTH PLAIN": base64.b64encode(f"\0college\0{RELAY_SECRET}".encode()).decode(),
         "relay password, base64": base64.b64encode(RELAY_SECRET.encode()).decode(),
     }
