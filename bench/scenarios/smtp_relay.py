@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import (
+    PYTHON,
     SENDER_DOMAIN,
     BenchError,
     Context,
@@ -225,6 +226,15 @@ class PostfixRelay:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def worker_process(ctx: Context, data_dir: Path, url: str | None, i: int) -> Process:
+    """A ``postier worker`` on the same database, with the server's secret key."""
+    argv = [PYTHON, "-m", "postier", "worker", "--data-dir", str(data_dir / f"w{i}")]
+    if url:
+        argv += ["--database-url", url]
+    env = {**ctx.env, "POSTIER_SECRET_KEY_FILE": str(data_dir / "secret.key")}
+    return Process(argv, data_dir / f"worker-{i}.log", env=env)
+
+
 def listening_addresses(pids: list[int]) -> set[str]:
     """The TCP addresses these processes listen on, as ``ip:port``."""
     inodes: set[str] = set()
@@ -350,53 +360,52 @@ class SmtpRelay(Scenario):
             m.notes.append(f"smtp-source exited with {code}: {source.log_tail(2)[-200:]}")
         return m
 
-    def measure_postier(self, r: int) -> Measurement:
-        data_dir = copy_dir(self.template, self.ctx.workdir / f"{self.name}-r{r}")
-        server, extra = self._postier_processes(data_dir, r)
+    def measure_postier(self, r: int, workers: int = 0) -> Measurement:
+        """``postier serve`` delivering itself (``workers`` = 0), or accepting only with
+        that many ``postier worker`` processes delivering (PostgreSQL)."""
+        label = f"{self.name}-r{r}-w{workers}"
+        data_dir = copy_dir(self.template, self.ctx.workdir / label)
+        url = self.database_for(label)
+        smtp_port = free_port()
+        server = PostierServer(
+            self.ctx, data_dir, delivery=workers == 0, database_url=url,
+            profile_name=f"{self.name}-postier" if r == 0 and workers <= 1 else None,
+            args=["--smtp", f"127.0.0.1:{smtp_port}", "--smtp-trusted-networks",
+                  "127.0.0.0/8", "--smtp-trusted-account", APP_USER],
+            # The per-account rate limit (600 a minute by default) is a policy, not a
+            # cost: an administrator relaying an application's mailings raises it.
+            env={"POSTIER_SMTP_RATE_PER_MINUTE": str(10 * self.params["messages"])})
+        extra = [worker_process(self.ctx, data_dir, url, i) for i in range(workers)]
         try:
             server.start()
-            for p in extra:
-                p.start()
-            wait_smtp(self.smtp_port, server.process)
-            pids = [server.process.pid] + [p.pid for p in extra]
+            for w in extra:
+                w.start()
+            wait_smtp(smtp_port, server.process)
+            pids = [server.process.pid] + [w.pid for w in extra]
 
             def cpu() -> float:
                 return sum(cpu_seconds(pid) for pid in pids)
 
             def alive() -> bool:
-                return server.process.alive() and all(p.alive() for p in extra)
+                return server.process.alive() and all(w.alive() for w in extra)
 
-            m = self._run(self.smtp_port, f"postier-r{r}", cpu, alive)
+            m = self._run(smtp_port, f"postier-{label}", cpu, alive)
             m.extra["settled_after_last_s"] = (wait_settled(server.url, self.token)
                                                - self.sink.arrival(self.sink.count))
         finally:
-            for p in extra:
-                p.stop()
+            for w in extra:
+                w.stop()
             server.stop()
-        counts = self._counts(data_dir)
+        counts = status_counts(url or data_dir / "postier.db")
         if counts != {"sent": self.params["messages"]}:
             m.notes.append(f"statuses after the run: {counts}")
-        if r == 0 and self.ctx.profile_dir is not None:
+        if r == 0 and workers <= 1 and self.ctx.profile_dir is not None:
             m.notes.append("profiled with py-spy (slower)")
         return m
 
-    def _postier_processes(self, data_dir: Path, r: int) -> tuple[PostierServer, list[Process]]:
-        self.smtp_port = free_port()
-        server = PostierServer(
-            self.ctx, data_dir, delivery=True,
-            profile_name=f"{self.name}-postier" if r == 0 else None,
-            args=["--smtp", f"127.0.0.1:{self.smtp_port}", "--smtp-trusted-networks",
-                  "127.0.0.0/8", "--smtp-trusted-account", APP_USER],
-            env=self.server_env())
-        return server, []
-
-    def server_env(self) -> dict[str, str]:
-        # The per-account rate limit (600 a minute by default) is a policy, not a cost:
-        # an administrator relaying an application's mailings raises it.
-        return {"POSTIER_SMTP_RATE_PER_MINUTE": str(10 * self.params["messages"])}
-
-    def _counts(self, data_dir: Path) -> dict[str, int]:
-        return status_counts(data_dir / "postier.db")
+    def database_for(self, label: str) -> str | None:
+        """The database of one measurement: None for SQLite (in the data directory)."""
+        return None
 
     def measure_postfix(self, r: int) -> Measurement:
         postfix = PostfixRelay(self.sink.port)
