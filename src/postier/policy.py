@@ -71,6 +71,17 @@ _PLAIN_DOMAIN = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
 )
 
+# The common case, a plain ASCII dot-atom at an ordinary host name, is checked by one
+# expression (batches of thousands of distinct recipients miss the cache below); anything
+# else (quotes, IDN, Punycode, special-use names, long parts) goes to email-validator.
+# tests/unit/test_address_fast_path.py holds both to the same answers.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(
+    rf"(?P<local>{_ATEXT}(?:\.{_ATEXT})*)"
+    r"@(?P<domain>(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})"
+)
+_SPECIAL_USE = frozenset({"arpa", "invalid", "local", "localhost", "onion", "test"})
+
 _EXPLAIN_INSIDE = N_("{address} is inside the allowed domain {pattern}: it is used as the sender.")
 _EXPLAIN_INSIDE_REPLY = N_(
     "{address} is inside the allowed domain {pattern}: it is used as the sender "
@@ -139,6 +150,12 @@ def normalize_address(addr: str) -> str:
         raise InvalidAddress(address=addr, reason=_R_EMPTY_ADDRESS)
     if "<" in value or ">" in value:
         raise InvalidAddress(address=value, reason=_R_DISPLAY_NAME)
+    plain = _PLAIN_ADDRESS.fullmatch(value)
+    if plain is not None:
+        local, domain = plain.group("local"), plain.group("domain").lower()
+        if (len(local) <= 64 and len(value) <= 254 and "--" not in domain
+                and domain.rpartition(".")[2] not in _SPECIAL_USE):
+            return f"{local}@{domain}"
     return _validated(value)
 
 
