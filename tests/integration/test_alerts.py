@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -367,3 +369,9 @@ def test_the_banner_shows_an_open_incident_to_administrators_only(
     r = httpx.get(server.url + "/api/v1/alerts",
                   headers={"Authorization": f"Bearer {server.tokens['admin']}"})
     assert r.status_code == 200 and r.json()[0]["kind"] == "relay_failing"
+    # At the console, for cron: exit status 1 while an incident is open.
+    listed = subprocess.run([sys.executable, "-m", "postier", "alerts", "list", "--json",
+                             "--data-dir", str(server.data_dir)],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 1, listed.stderr
+    assert [a["kind"] for a in json.loads(listed.stdout)] == ["relay_failing"]
