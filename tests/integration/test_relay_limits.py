@@ -1,0 +1,195 @@
+"""A relay's sending limits hold for all the workers together, on both backends.
+
+Several DeliveryWorkers, each with its own store connection and relay pool (what separate
+``postier worker`` processes have), share one queue and one real relay. The hour and day
+windows are shortened (``SharedLimits(hour=..., day=...)``) so that a test waits seconds,
+not a day; the code path is the one production runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from postier.delivery.limits import SharedLimits
+from postier.delivery.relay import RelayPool
+from postier.delivery.worker import DeliveryWorker
+from postier.service import explain_error
+from postier.settings import DeliverySettings, RelaySettings, RetrySettings
+from postier.store import create_store
+from postier.store.base import MessageRecord, NewMessage, Store
+
+from support.relay import FaultRelay
+
+RAW = (b"From: Alice <alice@ac-lyon.fr>\r\nTo: parents@example.org\r\n"
+       b"Subject: Sortie scolaire\r\nMessage-ID: <lim@test>\r\n\r\nBonjour.\r\n")
+
+
+class Workers:
+    """``n`` workers, each with its own store instance, pool and shared-limits view."""
+
+    def __init__(self, url: str, relay: FaultRelay, **relay_kw: Any) -> None:
+        self.url = url
+        self.settings = DeliverySettings(
+            relay=RelaySettings(host=relay.host, port=relay.port, security="none",
+                                timeout=3, **relay_kw),
+            retry=RetrySettings(first_delay=1, max_delay=1, max_age=3600),
+        )
+        self.stores: list[Store] = []
+        self.workers: list[DeliveryWorker] = []
+        self.failures: list[str] = []
+        self._n = 0
+
+    async def settings_for(self, _est: int) -> DeliverySettings:
+        return self.settings
+
+    async def _failed(self, mid: str) -> None:
+        self.failures.append(mid)
+
+    async def start(self, n: int, *, rate_pause: float = 15.0, **limits_kw: Any) -> None:
+        for i in range(n):
+            store = create_store(self.url)
+            await store.open()
+            self.stores.append(store)
+            worker = DeliveryWorker(
+                store, self.settings_for, worker_id=f"w{i}", claim_batch=3, max_in_flight=3,
+                poll_interval=0.05, on_failure=self._failed,
+                pool=RelayPool(concurrency=3, down_for=0.2, rate_pause=rate_pause,
+                               limits=SharedLimits(store, **limits_kw)),
+            )
+            await worker.start()
+            self.workers.append(worker)
+
+    async def put(self, *recipients: str) -> str:
+        self._n += 1
+        mid = f"{time.time_ns():020d}{self._n:012d}"
+        await self.stores[0].enqueue([NewMessage(
+            id=mid, establishment_id=1, user_id=1, priority=0,
+            envelope_from="alice@ac-lyon.fr", header_from="Alice <alice@ac-lyon.fr>",
+            message_id=f"<lim{self._n}@test>", subject=f"n{self._n}", data=RAW,
+            recipients=list(recipients))])
+        for w in self.workers:
+            w.notify()
+        return mid
+
+    async def wait(self, mid: str, status: str, timeout: float = 15.0) -> MessageRecord:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        rec = None
+        while time.monotonic() < deadline:
+            rec = await self.stores[0].get_message(mid)
+            if rec is not None and rec.status == status:
+                return rec
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"message {mid} is not {status} after {timeout} s: {rec}")
+
+    async def close(self) -> None:
+        for w in self.workers:
+            await w.stop(grace=5)
+        for s in self.stores:
+            await s.close()
+
+
+@pytest.fixture
+async def workers(store_url: str, relay: FaultRelay) -> AsyncIterator[Workers]:
+    # Created before the workers so that the schema is migrated once.
+    first = create_store(store_url)
+    await first.open()
+    await first.close()
+    made: list[Workers] = []
+
+    def make(**relay_kw: Any) -> Workers:
+        made.append(Workers(store_url, relay, **relay_kw))
+        return made[-1]
+
+    yield make  # type: ignore[misc]
+    for w in made:
+        await w.close()
+
+
+def _delivery_times(relay: FaultRelay) -> list[float]:
+    return sorted(m.at for m in relay.messages)
+
+
+async def test_three_workers_keep_the_pace_together(workers: Any, relay: FaultRelay) -> None:
+    group: Workers = workers(max_per_minute=120)  # one start every 0.5 s, all together
+    await group.start(3)
+    ids = [await group.put(f"p{i}@example.org") for i in range(9)]
+    for mid in ids:
+        rec = await group.wait(mid, "sent", timeout=20)
+        assert rec.attempts == 1, rec.history
+    times = _delivery_times(relay)
+    assert len(times) == 9, "each e-mail reached the relay once"
+    # Each worker alone would have sent its three in one second (nine in about one); shared,
+    # the nine starts are 0.5 s apart: at least 4 s from first to last.
+    assert times[-1] - times[0] >= 3.5, f"the workers together went faster than 120/min: {times}"
+
+
+async def test_hourly_limit_is_shared_and_waits_without_failing(
+    workers: Any, relay: FaultRelay
+) -> None:
+    group: Workers = workers(max_per_hour=3)
+    await group.start(3, hour=2.4)  # "an hour" of 2.4 s
+    t0 = time.time()
+    ids = [await group.put(f"h{i}@example.org") for i in range(6)]
+    for mid in ids:
+        rec = await group.wait(mid, "sent", timeout=20)
+        assert rec.attempts == 1 and [h.outcome for h in rec.history] == ["sent"], (
+            "waiting for the window is not an attempt")
+    times = _delivery_times(relay)
+    assert len(times) == 6
+    early = [t for t in times if t - t0 < 2.0]
+    assert len(early) == 3, f"at most 3 e-mails in the first window, all workers together: {times}"
+    assert group.failures == []
+
+
+async def test_recipients_per_day_defers_the_rest_then_resumes(
+    workers: Any, relay: FaultRelay
+) -> None:
+    group: Workers = workers(max_recipients_per_day=4)
+    # "A day" of 4.8 s; an e-mail whose turn is further than 0.5 s away is deferred.
+    await group.start(2, day=4.8, wait_at_most=0.5)
+    first = await group.put("a@example.org", "b@example.org", "c@example.org")
+    await group.wait(first, "sent")
+    second = await group.put("d@example.org", "e@example.org")
+    rec = await group.wait(second, "deferred")
+    error = json.loads(rec.last_error or "{}")
+    assert error["code"] == "relay_limit", error
+    assert rec.attempts == 0, "a reached sending limit is not a failed attempt"
+    assert rec.next_attempt_at > time.time(), "deferred to when the day's window reopens"
+    en = explain_error(rec.last_error, "en")
+    fr = explain_error(rec.last_error, "fr")
+    assert en is not None and fr is not None
+    assert "4 recipients per day" in en["message"] and "resumes at" in en["message"], en
+    assert "4 destinataires par jour" in fr["message"] and "reprend" in fr["message"], fr
+    assert len(relay.messages) == 1, "the relay got nothing past the limit"
+    rec = await group.wait(second, "sent", timeout=15)
+    assert rec.attempts == 1
+    assert sorted(relay.messages[-1].rcpt_tos) == ["d@example.org", "e@example.org"]
+    assert group.failures == [], "no failure notice for a sending limit"
+
+
+async def test_a_rate_limit_reply_pauses_every_worker(workers: Any, relay: FaultRelay) -> None:
+    group: Workers = workers()  # no limits of its own: the pause is read every 0.2 s
+    relay.mail_reply = "421 4.4.2 Message submission rate for this client has exceeded"
+    await group.start(3, rate_pause=3.0, refresh=0.2)
+    first = await group.put("r0@example.org")  # one worker meets the reply
+    rec = await group.wait(first, "deferred")
+    assert json.loads(rec.last_error or "{}")["code"] == "rate_limited"
+    knocks = relay.connections
+    # More e-mails: the other workers, which never talked to the relay, take most of them.
+    ids = [first] + [await group.put(f"r{i}@example.org") for i in range(1, 9)]
+    await asyncio.sleep(1.5)
+    assert relay.connections == knocks, (
+        "a worker knocked on a relay another worker was asked to leave alone")
+    deferred = [await group.wait(m, "deferred") for m in ids[1:]]
+    assert {json.loads(r.last_error or "{}")["code"] for r in deferred} == {"rate_limited"}
+    relay.mail_reply = None
+    for mid in ids:
+        rec = await group.wait(mid, "sent", timeout=20)
+        assert rec.attempts == 1, f"a slow-down counted as a failure: {rec.history}"
+    assert len(relay.messages) == 9 and group.failures == []
