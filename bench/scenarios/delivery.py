@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from harness import (
     BENCH_DIR,
@@ -56,25 +57,27 @@ class Delivery(Scenario):
         self.params["sink"] = self.sink.kind
         template, self.token = make_template(ctx, self.name, self.sink.port)
         self.filled = copy_dir(template, ctx.workdir / "delivery-filled")
-        self._fill(count)
+        self._fill(count, self.filled, self.token)
 
-    def _fill(self, count: int) -> None:
+    def _fill(self, count: int, data_dir: Path, token: str,
+              database_url: str | None = None) -> None:
         body = text_body(self.params["body_bytes"])
         size = 1000
         requests = [
             build_request("http://127.0.0.1", BATCH, json.dumps(
                 {"messages": [message_json(i, body) for i in range(start, min(count,
                                                                              start + size))]}
-            ).encode(), self.token)
+            ).encode(), token)
             for start in range(0, count, size)
         ]
-        server = PostierServer(self.ctx, self.filled, delivery=False).start()
+        server = PostierServer(self.ctx, data_dir, delivery=False,
+                               database_url=database_url).start()
         try:
             res = run_async(lambda: run_load(server.url, requests, concurrency=2,
                                              request_timeout=120.0))
         finally:
             server.stop()
-        counts = status_counts(self.filled / "postier.db")
+        counts = status_counts(database_url or data_dir / "postier.db")
         if counts != {"queued": count}:
             raise BenchError(f"filling the queue gave {counts}, not {count} queued: "
                              f"{res.errors} {res.sample_error}")
