@@ -14,6 +14,7 @@ from starlette.datastructures import FormData
 
 from postier.errors import PostierError
 from postier.i18n import N_, translate
+from postier.settings import RELAY_SECTIONS, SECRET_FIELDS, RelaySettings
 from postier.web.context import text
 
 # Messages of pydantic's own checks, by error type.
@@ -40,7 +41,19 @@ _VALUE_MESSAGES = (
     N_("a host name has no spaces or slashes (example: smtp.ac-lyon.fr)"),
     N_("the sender name cannot contain line breaks"),
     N_("the label cannot be empty"),
+    N_("the server address starts with http:// or https://"),
 )
+# Checks whose own words name the model rather than the form: said the form's way, on the
+# field the reader changes.
+_CLEARER = {
+    "body_days cannot be longer than metadata_days: the body goes with its record": N_(
+        "The content of an e-mail cannot be kept longer than its record: enter at most "
+        "the number of days the records are kept."),
+}
+_MODEL_ERRORS_ON = {"retention": "retention.body_days"}
+_FIELD_VALUE_MESSAGES = {
+    "oauth2_secret_expires": N_("Enter a date as YYYY-MM-DD (for example 2027-06-30)."),
+}
 _LINE = N_("Line {line}: {problem}")
 
 
@@ -71,15 +84,20 @@ def field_errors(exc: ValidationError, lang: str, prefix: str = "") -> dict[str,
         kind = str(err.get("type", ""))
         if isinstance(cause, PostierError):
             message = error_text(cause, lang)
+            if cause.field and "." in cause.field:  # a model's check names its field
+                name = cause.field
+        elif kind == "value_error" and loc and loc[-1] in _FIELD_VALUE_MESSAGES:
+            message = translate(lang, _FIELD_VALUE_MESSAGES[loc[-1]])
         elif kind == "value_error":
             raw = str(err.get("msg", "")).removeprefix("Value error, ")
-            message = _sentence(translate(lang, raw))
+            message = _sentence(translate(lang, _CLEARER.get(raw, raw)))
         else:
             template = _TYPE_MESSAGES.get(kind, _INVALID)
             params = {k: v for k, v in ctx.items() if isinstance(v, int | str | float)}
             message = translate(lang, template, **params)
         if line is not None:
             message = translate(lang, _LINE, line=line + 1, problem=message)
+        name = _MODEL_ERRORS_ON.get(name, name)
         out.setdefault(name or "form", message)
     return out
 
@@ -96,11 +114,24 @@ def checkbox(form: FormData, name: str) -> bool:
     return text(form, name) in ("on", "true", "1", "yes")
 
 
-def relay_payload(form: FormData, prefix: str = "") -> dict[str, Any]:
-    """The SMTP server part of a form (settings ``relay.*`` or a profile's fields).
+def _limit_fields() -> tuple[str, ...]:
+    """The relay's sending limits (``max_per_minute``...): optional numbers, blank for none."""
+    return tuple(name for name in RelaySettings.model_fields if name.startswith("max_"))
 
-    The password is write-only: left blank it is kept (omitted), the "remove" box sends ""
-    which removes it, anything typed replaces it.
+
+# Fields of the relay a form may leave out (the profiles' form has no OAuth2 part): sent
+# only when the form has them, so what it does not show stays as it is.
+_OPTIONAL_RELAY_FIELDS = ("oauth2_provider", "oauth2_tenant", "oauth2_client_id",
+                          "oauth2_token_url", "oauth2_secret_expires")
+
+
+def relay_payload(form: FormData, prefix: str = "") -> dict[str, Any]:
+    """The SMTP server part of a form (settings ``relay.*``/``backup_relay.*`` or a
+    profile's fields).
+
+    Secrets (the password, the OAuth2 client secret and refresh token) are write-only:
+    left blank they are kept (omitted), their "remove" box sends "" which removes them,
+    anything typed replaces them.
     """
     payload: dict[str, Any] = {
         "host": text(form, prefix + "host").strip(),
@@ -111,38 +142,66 @@ def relay_payload(form: FormData, prefix: str = "") -> dict[str, Any]:
         "timeout": text(form, prefix + "timeout").strip(),
         "verify_tls": checkbox(form, prefix + "verify_tls"),
     }
-    password = text(form, prefix + "password")
-    if checkbox(form, prefix + "remove_password"):
-        payload["password"] = ""
-    elif password:
-        payload["password"] = password
+    for name in _OPTIONAL_RELAY_FIELDS:
+        if prefix + name in form:
+            payload[name] = text(form, prefix + name).strip()
+    for name in _limit_fields():
+        if prefix + name in form:
+            payload[name] = text(form, prefix + name).strip() or None
+    for name in SECRET_FIELDS:
+        typed = text(form, prefix + name)
+        if checkbox(form, f"{prefix}remove_{name}"):
+            payload[name] = ""
+        elif typed:
+            payload[name] = typed
     return payload
 
 
 def settings_payload(form: FormData) -> dict[str, Any]:
-    """The whole "Paramètres d'envoi des e-mails" form as PUT /api/v1/settings takes it."""
+    """The whole "Paramètres d'envoi des e-mails" form as PUT /api/v1/settings takes it.
+
+    The backup relay's fields are read only when its box is ticked; unticked, the backup
+    relay is removed (with its secrets).
+    """
     domains = [line.strip() for line in text(form, "allowed_domains").splitlines()]
-    return {
+    payload: dict[str, Any] = {
         "delegation": checkbox(form, "delegation"),
         "sender": {"name": text(form, "sender.name"), "address": text(form, "sender.address")},
         "allowed_domains": [d for d in domains if d],
         "relay": relay_payload(form, "relay."),
         "retry": {
-            "first_delay": text(form, "retry.first_delay").strip(),
-            "max_delay": text(form, "retry.max_delay").strip(),
-            "max_age": text(form, "retry.max_age").strip(),
+            name: text(form, f"retry.{name}").strip()
+            for name in ("first_delay", "max_delay", "max_age", "delay_warning")
+            if f"retry.{name}" in form
         },
     }
+    if "retention.body_days" in form:
+        payload["retention"] = {name: text(form, f"retention.{name}").strip()
+                                for name in ("body_days", "metadata_days")}
+    if "failover_after" in form:
+        payload["failover_after"] = text(form, "failover_after").strip()
+    if "backup_relay.host" in form:
+        payload["backup_relay"] = (relay_payload(form, "backup_relay.")
+                                   if checkbox(form, "backup_relay") else None)
+    return payload
 
 
 def settings_values(payload: dict[str, Any]) -> dict[str, Any]:
-    """Flat ``{field name: value}`` to fill the form again (never a password)."""
-    relay = {k: v for k, v in payload["relay"].items() if k != "password"}
-    return {
+    """Flat ``{field name: value}`` to fill the form again (never a secret)."""
+    out: dict[str, Any] = {
         "delegation": payload["delegation"],
         "sender.name": payload["sender"]["name"],
         "sender.address": payload["sender"]["address"],
         "allowed_domains": "\n".join(payload["allowed_domains"]),
-        **{f"relay.{k}": v for k, v in relay.items()},
-        **{f"retry.{k}": v for k, v in payload["retry"].items()},
+        "backup_relay": payload.get("backup_relay") is not None,
     }
+    for section in ("retry", "retention"):
+        out.update({f"{section}.{k}": v for k, v in (payload.get(section) or {}).items()})
+    if "failover_after" in payload:
+        out["failover_after"] = payload["failover_after"]
+    defaults = RelaySettings().public()
+    for section in RELAY_SECTIONS:
+        relay = {**defaults, **(payload.get(section) or {})}
+        out.update({f"{section}.{k}": v for k, v in relay.items()
+                    if k not in SECRET_FIELDS and not k.endswith("_set")})
+    return out

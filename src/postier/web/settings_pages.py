@@ -3,6 +3,7 @@ sender preview."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter
@@ -12,6 +13,10 @@ from pydantic import ValidationError
 from postier.diagnose import STEP_LABELS, TestReport
 from postier.errors import InvalidAddress, PostierError
 from postier.i18n import N_
+from postier.presets import PRESETS
+from postier.presets import presets as relay_presets
+from postier.service import settings_warnings
+from postier.settings import RELAY_SECTIONS, SECRET_FIELDS, DeliverySettings, RelaySettings
 from postier.web.context import (
     AdminPage,
     Page,
@@ -36,13 +41,33 @@ from postier.web.forms import (
 
 router = APIRouter(include_in_schema=False)
 
-
+_RELAY_FIELDS = [*RelaySettings.model_fields,
+                 *(f"remove_{name}" for name in SECRET_FIELDS)]
 FIELDS = {
-    "delegation", "sender.name", "sender.address", "allowed_domains", "relay.host",
-    "relay.port", "relay.security", "relay.auth", "relay.username", "relay.password",
-    "relay.timeout", "relay.verify_tls", "retry.first_delay", "retry.max_delay",
-    "retry.max_age", "test_to", "form",
+    "delegation", "sender.name", "sender.address", "allowed_domains", "backup_relay",
+    "failover_after", "retry.first_delay", "retry.max_delay", "retry.max_age",
+    "retry.delay_warning", "retention.body_days", "retention.metadata_days", "test_to",
+    "form",
+    *(f"{section}.{name}" for section in RELAY_SECTIONS for name in _RELAY_FIELDS),
 }
+DKIM_FIELDS = {"dkim.domain", "dkim.selector", "form"}
+
+
+def _relay_warnings(settings: DeliverySettings, lang: str) -> dict[str, list[str]]:
+    """What will soon stop each relay (an OAuth2 secret about to expire), by section."""
+    out = {"relay": settings_warnings(settings, lang)}
+    if settings.backup_relay is not None:
+        out["backup_relay"] = settings_warnings(
+            settings.model_copy(update={"relay": settings.backup_relay}), lang)
+    return out
+
+
+def _signable_domains(settings: DeliverySettings) -> list[str]:
+    """The domains a DKIM key can be made for: the exact allowed domains and the sender
+    address's domain (a ``*.`` pattern names no one domain to publish a key in)."""
+    own = settings.sender.address.rpartition("@")[2].lower()
+    domains = [d for d in settings.allowed_domains if not d.startswith("*.")]
+    return list(dict.fromkeys([*([own] if own else []), *domains]))
 
 
 async def _settings_page(
@@ -53,8 +78,15 @@ async def _settings_page(
     errors: dict[str, str] | None = None,
     report: TestReport | None = None,
     test_to: str | None = None,
+    test_relay: str = "main",
+    notice: str | None = None,
+    dkim_values: dict[str, str] | None = None,
+    dkim_errors: dict[str, str] | None = None,
 ) -> Response:
     saved = await p.core.get_settings(p.me)
+    stored = await p.core.stored_settings(p.me.establishment_id)
+    keys = await p.core.dkim_keys(p.me.establishment_id)
+    presets = relay_presets(p.lang)
     return render(
         p,
         "settings.html",
@@ -62,11 +94,26 @@ async def _settings_page(
         title=p._("E-mail sending settings"),
         v=values or settings_values(saved),
         saved=saved,
+        secrets_set={
+            section: {name: bool((saved.get(section) or {}).get(f"{name}_set"))
+                      for name in SECRET_FIELDS}
+            for section in RELAY_SECTIONS
+        },
         password_set=bool(saved["relay"].get("password_set")),
+        limit_fields=[name for name in RelaySettings.model_fields if name.startswith("max_")],
+        presets=presets,
+        presets_json=json.dumps({x["id"]: x["relay"] for x in presets}),
+        relay_warnings=_relay_warnings(stored, p.lang),
         errors=errors or {},
         report=report,
         step_labels=STEP_LABELS,
         test_to=p.me.email if test_to is None else test_to,
+        test_relay=test_relay,
+        notice=notice,
+        dkim_keys=sorted(keys.values(), key=lambda k: k.domain),
+        dkim_domains=_signable_domains(stored),
+        dkim_values=dkim_values or {},
+        dkim_errors=dkim_errors or {},
     )
 
 
@@ -88,7 +135,27 @@ async def save_settings(p: AdminPage) -> Response:
     else:
         return redirect(flash_url("/settings", "settings_saved"))
     return await _settings_page(p, status_code=422, values=settings_values(payload),
-                                errors=errors, test_to=text(form, "test_to"))
+                                errors=errors, test_to=text(form, "test_to"),
+                                test_relay=text(form, "test_relay", "main"))
+
+
+@router.post("/settings/preset")
+async def apply_preset(p: AdminPage) -> Response:
+    """Without script, "Fill in" a preset: the form comes back with the preset's server
+    settings in place of the typed ones, nothing saved yet (the script does the same in
+    the page)."""
+    form = await checked_form(p)
+    payload = settings_payload(form)
+    section = text(form, "preset_for", "relay")
+    section = section if section in RELAY_SECTIONS else "relay"
+    chosen = PRESETS.get(text(form, f"{section}.preset"))
+    notice = None
+    if chosen is not None and payload.get(section) is not None:
+        payload[section] = {**payload[section], **chosen["relay"]}
+        notice = p._(N_("The preset filled in the SMTP server's fields. Check them, then "
+                        "save."))
+    return await _settings_page(p, values=settings_values(payload),
+                                test_to=text(form, "test_to"), notice=notice)
 
 
 @router.post("/settings/test")
@@ -99,11 +166,13 @@ async def test_settings(p: AdminPage) -> Response:
     form = await checked_form(p)
     payload = settings_payload(form)
     to = text(form, "test_to").strip() or p.me.email
+    backup = text(form, "test_relay") == "backup"
     errors: dict[str, str] = {}
     report: TestReport | None = None
     try:
         report = await p.core.admin.test_settings(
-            p.me, to, payload, p.lang, check_senders=checkbox(form, "test_check_senders")
+            p.me, to, payload, p.lang, check_senders=checkbox(form, "test_check_senders"),
+            backup=backup,
         )
     except ValidationError as exc:
         errors = field_errors(exc, p.lang)
@@ -125,7 +194,27 @@ async def test_settings(p: AdminPage) -> Response:
         }, 200 if report else 422)
     return await _settings_page(p, status_code=200 if report else 422,
                                 values=settings_values(payload), errors=errors,
-                                report=report, test_to=to)
+                                report=report, test_to=to,
+                                test_relay="backup" if backup else "main")
+
+
+@router.post("/settings/dkim")
+async def generate_dkim_key(p: AdminPage) -> Response:
+    """Make (or replace) a domain's DKIM key; the page then shows the record to publish."""
+    form = await checked_form(p)
+    domain = text(form, "dkim.domain").strip()
+    selector = text(form, "dkim.selector").strip() or "postier"
+    try:
+        await p.core.dkim_generate(p.me, domain, selector)
+    except PostierError as exc:
+        field = {"domain": "dkim.domain", "selector": "dkim.selector"}.get(exc.field or "")
+        errors = ({field: error_text(exc, p.lang)} if field
+                  else postier_field_errors(exc, p.lang, DKIM_FIELDS))
+        return await _settings_page(p, status_code=422, dkim_errors=errors,
+                                    dkim_values={"dkim.domain": domain,
+                                                 "dkim.selector": selector})
+    return redirect(flash_url("/settings", "dkim_generated", domain=domain.lower())
+                    + "#dkim")
 
 
 @router.get("/preview")

@@ -174,6 +174,47 @@
     window.setInterval(tick, every);
   }
 
+  /* -- the settings page: fields shown when they apply, relay presets ------------------- */
+  // A box marked data-show-when="f-CONTROL" data-show-values="a b" is shown only while the
+  // control's value (a select's, or "on" for a ticked box) is one of them. Without script
+  // every box stays shown. A box holding an error is never hidden.
+  function setupShowWhen(box) {
+    var control = document.getElementById(box.getAttribute("data-show-when"));
+    if (!control) { return; }
+    var values = (box.getAttribute("data-show-values") || "").split(" ");
+    function update() {
+      var value = control.type === "checkbox" ? (control.checked ? "on" : "") : control.value;
+      box.hidden = values.indexOf(value) < 0 && !box.querySelector(".field.invalid");
+    }
+    control.addEventListener("change", update);
+    update();
+  }
+
+  // A preset fills the relay's fields in the page; its "Fill in" button (which asks the
+  // server to do it when there is no script) is then not needed.
+  function setupPreset(select) {
+    var section = select.getAttribute("data-preset");
+    var presets = JSON.parse(select.getAttribute("data-presets") || "{}");
+    var box = select.closest(".preset");
+    var apply = box.querySelector("[data-preset-apply]");
+    var status = box.querySelector("[data-preset-status]");
+    if (apply) { apply.hidden = true; }
+    select.addEventListener("change", function () {
+      var relay = presets[select.value];
+      if (!relay) { return; }
+      Object.keys(relay).forEach(function (key) {
+        var field = document.getElementById("f-" + section + "." + key);
+        // An empty host (the academy's preset) leaves the typed one alone.
+        if (!field || relay[key] === "") { return; }
+        field.value = relay[key] === null ? "" : String(relay[key]);
+        var details = field.closest("details");
+        if (details && field.value) { details.open = true; }
+        field.dispatchEvent(new Event("change", { bubbles: true }));
+      });
+      if (status) { status.textContent = status.getAttribute("data-filled"); }
+    });
+  }
+
   /* -- small helpers -------------------------------------------------------------------- */
   document.addEventListener("submit", function (event) {
     var form = event.target;
@@ -201,6 +242,8 @@
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-test-button]").forEach(setupTest);
     document.querySelectorAll("[data-live]").forEach(setupLive);
+    document.querySelectorAll("[data-show-when]").forEach(setupShowWhen);
+    document.querySelectorAll("[data-preset]").forEach(setupPreset);
     var summary = document.querySelector("[data-autofocus]");
     if (summary) { summary.focus(); }
   });
