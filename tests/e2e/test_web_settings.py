@@ -312,3 +312,49 @@ def test_only_administrators_reach_the_settings_forms(
     assert r.status == 403, "no CSRF token, no key"
     with shared_server.client() as c:
         assert c.get("/api/v1/dkim").json() == before
+
+
+def test_alerts_and_their_webhook_are_set_and_the_secret_is_write_only(
+    shared_web: Web, shared_server: ServerProcess
+) -> None:
+    page = shared_web.sign_in("admin")
+    page.goto("/settings")
+    expect(page.locator(_field("alerts.email"))).to_be_checked()
+    page.uncheck(_field("alerts.email"))
+    page.fill(_field("alerts.relay_failing_after"), "1800")
+    page.fill(_field("alerts.oldest_deferred_after"), "7200")
+    page.fill(_field("alerts.credential_expiry_days"), "21")
+    page.click("summary:has-text('Webhook pour les intégrateurs')")
+    page.fill(_field("alerts.webhook_url"), "https://ent.ac-lyon.fr/postier/events")
+    page.check("#f-alerts\\.webhook_events-sent")
+    before = _settings(shared_server)
+
+    # An address without its secret, then a secret too short: said next to the secret.
+    page.click("form.settings .actions button:has-text('Enregistrer')")
+    expect(page.locator("#e-alerts\\.webhook_secret")).to_contain_text("au moins 16 caractères")
+    assert _settings(shared_server) == before
+    page.fill(_field("alerts.webhook_secret"), "court")
+    page.click("form.settings .actions button:has-text('Enregistrer')")
+    expect(page.locator("#e-alerts\\.webhook_secret")).to_have_text(
+        "Saisissez au moins 16 caractères.")
+    assert _settings(shared_server) == before
+
+    page.fill(_field("alerts.webhook_secret"), "Secret-Du-Webhook-2026")
+    _save(page)
+    alerts = _settings(shared_server)["alerts"]
+    assert alerts["email"] is False
+    assert (alerts["relay_failing_after"], alerts["oldest_deferred_after"],
+            alerts["credential_expiry_days"]) == (1800, 7200, 21)
+    assert alerts["webhook_url"] == "https://ent.ac-lyon.fr/postier/events"
+    assert alerts["webhook_secret_set"] is True and "webhook_secret" not in alerts
+    assert set(alerts["webhook_events"]) == {"alerts", "failures", "delays", "sent"}
+    assert "Secret-Du-Webhook-2026" not in page.content()
+    expect(page.locator("#h-alerts\\.webhook_secret")).to_contain_text(
+        "Un secret de webhook est enregistré")
+
+    # Blank keeps it; with the address removed, the secret can go too.
+    page.fill(_field("alerts.webhook_url"), "")
+    page.check(_field("alerts.remove_webhook_secret"))
+    _save(page)
+    alerts = _settings(shared_server)["alerts"]
+    assert alerts["webhook_url"] == "" and alerts["webhook_secret_set"] is False

@@ -28,6 +28,7 @@ _TYPE_MESSAGES = {
     "less_than": N_("Enter a number less than {lt}."),
     "string_too_long": N_("Enter at most {max_length} characters."),
     "string_too_short": N_("This field cannot be empty."),
+    "string_too_short_n": N_("Enter at least {min_length} characters."),
     "too_long": N_("Enter at most {max_length} lines."),
     "enum": N_("Choose one of the proposed values."),
     "literal_error": N_("Choose one of the proposed values."),
@@ -92,6 +93,8 @@ def field_errors(exc: ValidationError, lang: str, prefix: str = "") -> dict[str,
             raw = str(err.get("msg", "")).removeprefix("Value error, ")
             message = _sentence(translate(lang, _CLEARER.get(raw, raw)))
         else:
+            if kind == "string_too_short" and int(ctx.get("min_length", 1)) > 1:
+                kind = "string_too_short_n"
             template = _TYPE_MESSAGES.get(kind, _INVALID)
             params = {k: v for k, v in ctx.items() if isinstance(v, int | str | float)}
             message = translate(lang, template, **params)
@@ -180,10 +183,31 @@ def settings_payload(form: FormData) -> dict[str, Any]:
                                 for name in ("body_days", "metadata_days")}
     if "failover_after" in form:
         payload["failover_after"] = text(form, "failover_after").strip()
+    if "alerts.relay_failing_after" in form:
+        payload["alerts"] = alerts_payload(form)
     if "backup_relay.host" in form:
         payload["backup_relay"] = (relay_payload(form, "backup_relay.")
                                    if checkbox(form, "backup_relay") else None)
     return payload
+
+
+def alerts_payload(form: FormData) -> dict[str, Any]:
+    """The alerts part of the settings form; the webhook's secret is write-only like the
+    relay's."""
+    alerts: dict[str, Any] = {
+        name: text(form, f"alerts.{name}").strip()
+        for name in ("relay_failing_after", "oldest_deferred_after", "credential_expiry_days")
+    }
+    alerts["email"] = checkbox(form, "alerts.email")
+    alerts["webhook_url"] = text(form, "alerts.webhook_url").strip()
+    alerts["webhook_events"] = [e for e in form.getlist("alerts.webhook_events")
+                                if isinstance(e, str)]
+    secret = text(form, "alerts.webhook_secret")
+    if checkbox(form, "alerts.remove_webhook_secret"):
+        alerts["webhook_secret"] = ""
+    elif secret:
+        alerts["webhook_secret"] = secret
+    return alerts
 
 
 def settings_values(payload: dict[str, Any]) -> dict[str, Any]:
@@ -195,8 +219,9 @@ def settings_values(payload: dict[str, Any]) -> dict[str, Any]:
         "allowed_domains": "\n".join(payload["allowed_domains"]),
         "backup_relay": payload.get("backup_relay") is not None,
     }
-    for section in ("retry", "retention"):
-        out.update({f"{section}.{k}": v for k, v in (payload.get(section) or {}).items()})
+    for section in ("retry", "retention", "alerts"):
+        out.update({f"{section}.{k}": v for k, v in (payload.get(section) or {}).items()
+                    if k not in ("webhook_secret", "webhook_secret_set")})
     if "failover_after" in payload:
         out["failover_after"] = payload["failover_after"]
     defaults = RelaySettings().public()

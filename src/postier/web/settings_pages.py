@@ -47,7 +47,9 @@ FIELDS = {
     "delegation", "sender.name", "sender.address", "allowed_domains", "backup_relay",
     "failover_after", "retry.first_delay", "retry.max_delay", "retry.max_age",
     "retry.delay_warning", "retention.body_days", "retention.metadata_days", "test_to",
-    "form",
+    "form", "alerts.relay_failing_after", "alerts.oldest_deferred_after",
+    "alerts.credential_expiry_days", "alerts.email", "alerts.webhook_url",
+    "alerts.webhook_secret", "alerts.remove_webhook_secret", "alerts.webhook_events",
     *(f"{section}.{name}" for section in RELAY_SECTIONS for name in _RELAY_FIELDS),
 }
 DKIM_FIELDS = {"dkim.domain", "dkim.selector", "form"}
@@ -98,7 +100,7 @@ async def _settings_page(
             section: {name: bool((saved.get(section) or {}).get(f"{name}_set"))
                       for name in SECRET_FIELDS}
             for section in RELAY_SECTIONS
-        },
+        } | {"alerts": {"webhook_secret": bool(saved["alerts"].get("webhook_secret_set"))}},
         password_set=bool(saved["relay"].get("password_set")),
         limit_fields=[name for name in RelaySettings.model_fields if name.startswith("max_")],
         presets=presets,
