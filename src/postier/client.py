@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -84,6 +85,13 @@ class Submission:
     id: str
     status: str
     duplicate: bool = False
+    sender_note: str | None = None  # why the From is not yours (address not verified)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Submission:
+        # Fields a newer server adds are ignored rather than breaking older clients.
+        return cls(id=doc["id"], status=doc["status"], duplicate=doc.get("duplicate", False),
+                   sender_note=doc.get("sender_note"))
 
 
 @dataclass(frozen=True)
@@ -214,12 +222,12 @@ class Client:
         return self.submit_message(message_payload(to, subject, text, html, **options))
 
     def submit_message(self, message: dict[str, Any]) -> Submission:
-        return Submission(**self._call("POST", "/api/v1/messages", json=message))
+        return Submission.from_json(self._call("POST", "/api/v1/messages", json=message))
 
     def submit_batch(self, messages: Sequence[dict[str, Any]]) -> list[Submission]:
         """Many e-mails in one durable commit: all are queued, or none."""
         doc = self._call("POST", "/api/v1/messages/batch", json={"messages": list(messages)})
-        return [Submission(**m) for m in doc["messages"]]
+        return [Submission.from_json(m) for m in doc["messages"]]
 
     def status(self, message_id: str) -> MessageStatus:
         return MessageStatus.from_json(self._call("GET", f"/api/v1/messages/{message_id}"))
@@ -255,6 +263,28 @@ class Client:
         raise errors.NotFound(N_("There is no sending profile {id}. Profiles: {labels}."),
                               id=label_or_id, labels=labels)
 
+    # -- sender addresses (verification by code) ----------------------------------------
+    def sender_addresses(self) -> list[dict[str, Any]]:
+        """Your verified sender addresses and those waiting for their code."""
+        result: list[dict[str, Any]] = self._call("GET", "/api/v1/account/sender-addresses")
+        return result
+
+    def verify_sender(self, address: str) -> dict[str, Any]:
+        """Have a 6-digit code e-mailed to ``address`` (yours, or one granted to you)."""
+        result: dict[str, Any] = self._call("POST", "/api/v1/account/sender-addresses",
+                                            json={"address": address})
+        return result
+
+    def confirm_sender(self, address: str, code: str) -> dict[str, Any]:
+        """Give the code received: ``address`` is then verified."""
+        result: dict[str, Any] = self._call(
+            "POST", f"/api/v1/account/sender-addresses/{quote(address, safe='@')}/confirm",
+            json={"code": code})
+        return result
+
+    def remove_sender(self, address: str) -> None:
+        self._call("DELETE", f"/api/v1/account/sender-addresses/{quote(address, safe='@')}")
+
     def test_settings(self, to: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         """The server's test-send (administrators)."""
         body: dict[str, Any] = {"to": to}
@@ -280,6 +310,7 @@ class SendResult:
     id: str
     error: errors.PostierError | None = None
     recipients: list[Recipient] = field(default_factory=list)
+    sender_note: str | None = None  # from the server: why the From is not the user's
 
 
 def client_for(settings: WorkstationSettings, lang: str | None = None) -> Client:
@@ -312,7 +343,7 @@ def send(
     if settings.mode == Mode.SERVER:
         with client_for(settings, lang) as c:
             sub = c.submit_message(payload)
-        return SendResult(sub.status, sub.id)
+        return SendResult(sub.status, sub.id, sender_note=sub.sender_note)
     from postier.outbox import send_direct
 
     return asyncio.run(send_direct(settings, payload, lang or system_language()))

@@ -137,6 +137,9 @@ class Postier:
         self._tokens: dict[str, tuple[User, float]] = {}
         self._notify: list[Any] = []
         self.admin = Administration(self)
+        from postier.sender_verification import SenderAddresses
+
+        self.senders = SenderAddresses(self)
 
     async def open(self) -> None:
         # The queue holds pupils' and parents' personal data: only its owner may read it.
@@ -396,6 +399,10 @@ class Postier:
             for name in SECRET_FIELDS:
                 enc = relay.pop(f"{name}_enc", None)
                 relay[name] = self.secrets.decrypt(enc) if enc else None
+        alerts = doc.get("alerts")
+        if isinstance(alerts, dict):
+            enc = alerts.pop("webhook_secret_enc", None)
+            alerts["webhook_secret"] = self.secrets.decrypt(enc) if enc else None
         return DeliverySettings.model_validate(doc)
 
     def _encode_settings(self, settings: DeliverySettings) -> dict[str, Any]:
@@ -407,6 +414,9 @@ class Postier:
                 value = doc[section].pop(name, None)
                 if value:
                     doc[section][f"{name}_enc"] = self.secrets.encrypt(value)
+        secret = doc["alerts"].pop("webhook_secret", None)
+        if secret:
+            doc["alerts"]["webhook_secret_enc"] = self.secrets.encrypt(secret)
         return doc
 
     async def get_settings(self, user: User) -> dict[str, Any]:
@@ -440,7 +450,10 @@ class Postier:
         settings: DeliverySettings,
         requested_from: str | None = None,
         reply_to: Sequence[str] = (),
+        verified: Sequence[str] | None = None,
     ) -> policy.SenderDecision:
+        """The sender policy for ``user``; ``verified`` is what
+        :meth:`SenderAddresses.verified` returned (``None``: no verification asked)."""
         granted = user.granted_senders
         if user.role == "relay" and requested_from:
             granted = (*granted, requested_from)
@@ -453,6 +466,7 @@ class Postier:
             requested_from=requested_from,
             message_reply_to=reply_to,
             granted_addresses=granted,
+            verified_addresses=verified,
         )
 
     async def preview(self, user: User, username: str | None, lang: str) -> Preview:
@@ -461,7 +475,8 @@ class Postier:
             require_admin(user)
             target = await self.find_user(username, user.establishment_id)
         settings = await self.delivery_settings(user.establishment_id)
-        d = self.decide_sender(target, settings)
+        d = self.decide_sender(target, settings,
+                               verified=await self.senders.verified(target, settings))
         return Preview(d.formatted_from, list(d.reply_to), d.envelope_from, d.rule,
                        d.explain(lang))
 
@@ -474,12 +489,15 @@ class Postier:
                 hint=N_("Send from your workstation with your own parameters, or ask an "
                         "administrator to turn central sending on.")
             )
-        batch = [self._prepare(user, settings, m, index if len(messages) > 1 else None)
+        verified = await self.senders.verified(user, settings)
+        batch = [self._prepare(user, settings, m, index if len(messages) > 1 else None,
+                               verified)
                  for index, m in enumerate(messages)]
         results = await self.store.enqueue(batch)
         for notify in self._notify:
             notify()
-        return results
+        return [dataclasses.replace(r, sender_rule=m.sender_rule)
+                for r, m in zip(results, batch, strict=True)]
 
     async def submit_raw(
         self,
@@ -500,7 +518,8 @@ class Postier:
         for address in (mail_from, *headers.from_addresses):
             self.decide_sender(user, settings, address)  # SenderForbidden if not theirs
         requested = headers.from_addresses[0] if headers.from_addresses else mail_from
-        decision = self.decide_sender(user, settings, requested, headers.reply_to)
+        decision = self.decide_sender(user, settings, requested, headers.reply_to,
+                                      await self.senders.verified(user, settings))
         message_id = self._message_id(decision)
         data = rewrite_submitted(raw, decision, message_id=message_id,
                                  max_size=self.config.max_message_size, smtputf8=smtputf8)
@@ -519,11 +538,12 @@ class Postier:
                 recipients=list(dict.fromkeys(recipients)),
                 smtputf8=smtputf8,
                 idempotency_key=idempotency_key,
+                sender_rule=decision.rule,
             )
         ])
         for notify in self._notify:
             notify()
-        return result
+        return dataclasses.replace(result, sender_rule=decision.rule)
 
     def _message_id(self, decision: policy.SenderDecision) -> str:
         # The From's domain, as mail programs do: a Message-ID from another domain (or from
@@ -532,10 +552,11 @@ class Postier:
         return make_message_id(domain or self.config.hostname)
 
     def _prepare(
-        self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None
+        self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None,
+        verified: Sequence[str] | None = None,
     ) -> NewMessage:
         try:
-            decision = self.decide_sender(user, settings, msg.from_, msg.reply_to)
+            decision = self.decide_sender(user, settings, msg.from_, msg.reply_to, verified)
             built = build_message(
                 msg,
                 decision,
@@ -548,9 +569,11 @@ class Postier:
             elif index is not None:
                 exc.field = f"messages.{index}.{exc.field}"
             raise
-        return queued(built, decision.formatted_from, establishment_id=user.establishment_id,
-                      user_id=user.id, priority=PRIORITIES[msg.priority],
-                      idempotency_key=msg.idempotency_key)
+        new = queued(built, decision.formatted_from, establishment_id=user.establishment_id,
+                     user_id=user.id, priority=PRIORITIES[msg.priority],
+                     idempotency_key=msg.idempotency_key)
+        new.sender_rule = decision.rule
+        return new
 
     # -- failure notices -------------------------------------------------------------------
     async def failure_notice(self, message_id: str) -> str | None:
@@ -588,25 +611,47 @@ class Postier:
                              hint=error.get("hint") if kind == "failure" and error.get("hint")
                              else translate(lang, hint))
 
+        return await self.system_email(
+            record.establishment_id, [user.email],
+            f"{translate('fr', subject)} / {subject} : {record.subject}",
+            "\n\n".join([text("fr"), "-- English --", text("en")]),
+            headers={"X-Postier-Notice": kind, "X-Postier-Message": record.id},
+            idempotency_key=f"{NOTICE_PREFIX}{kind}:{record.id}",
+            settings=settings,
+        )
+
+    async def system_email(
+        self,
+        establishment_id: int,
+        to: Sequence[str],
+        subject: str,
+        text: str,
+        *,
+        headers: dict[str, str],
+        idempotency_key: str,
+        settings: DeliverySettings | None = None,
+        priority: int = PRIORITIES["normal"],
+    ) -> str:
+        """Queue an e-mail Postier itself writes for the establishment (a notice, an
+        alert): from the establishment's sender, once per ``idempotency_key`` (atomic with
+        the store's idempotency check, whatever the number of workers)."""
+        settings = settings or await self.delivery_settings(establishment_id)
         notice = MessageIn.model_validate({
-            "to": [user.email],
-            "subject": f"{translate('fr', subject)} / {subject} : {record.subject}"[:900],
-            "text": "\n\n".join([text("fr"), "-- English --", text("en")]),
-            "headers": {"X-Postier-Notice": kind, "X-Postier-Message": record.id},
-            "idempotency_key": f"{NOTICE_PREFIX}{kind}:{record.id}",
+            "to": list(to), "subject": subject[:900], "text": text, "headers": headers,
+            "idempotency_key": idempotency_key,
         })
         decision = policy.SenderDecision(
             from_name=settings.sender.name or "Postier",
-            from_address=settings.sender.address or user.email,
-            reply_to=(), envelope_from=settings.sender.address or user.email,
-            rule="outside_allowed", user_address=user.email, matched_pattern=None,
+            from_address=settings.sender.address or to[0],
+            reply_to=(), envelope_from=settings.sender.address or to[0],
+            rule="outside_allowed", user_address=to[0], matched_pattern=None,
             allowed_domains=tuple(settings.allowed_domains),
         )
         built = build_message(notice, decision, message_id=self._message_id(decision))
-        # Sent by the establishment, not by the user: it is not one of "my e-mails".
+        # Sent by the establishment, not by a user: it is nobody's "my e-mails".
         (result,) = await self.store.enqueue([queued(
-            built, decision.formatted_from, establishment_id=record.establishment_id,
-            user_id=SYSTEM_USER, idempotency_key=notice.idempotency_key,
+            built, decision.formatted_from, establishment_id=establishment_id,
+            user_id=SYSTEM_USER, idempotency_key=notice.idempotency_key, priority=priority,
         )])
         if not result.duplicate:
             for notify in self._notify:

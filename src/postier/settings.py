@@ -318,6 +318,12 @@ class DeliverySettings(_Model):
         description="Seconds of failures of the main relay before the backup takes over",
     )
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    # -- sender address verification (issue 10): see postier.sender_verification ----------
+    verify_sender_addresses: bool = Field(
+        False,
+        description="A user's address is used as the From only once its owner confirmed it "
+        "with a code sent to it; until then it is treated as outside the allowed domains",
+    )
 
     @field_validator("allowed_domains")
     @classmethod

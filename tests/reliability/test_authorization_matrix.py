@@ -100,6 +100,21 @@ def fresh_dkim_key(world: World) -> dict[str, str]:
     return {"domain": "ac-lyon.fr"}
 
 
+def alice_pending_code(world: World) -> dict[str, str]:
+    """Alice's own address, with a code waiting (written to the store directly: the resend
+    limits would refuse a code per call, and they are not the point here)."""
+    with sqlite3.connect(world.server.data_dir / "postier.db", timeout=10) as db:
+        db.execute("DELETE FROM sender_addresses")
+        db.execute("DELETE FROM sender_code_sends")
+        db.execute(
+            "INSERT INTO sender_addresses (establishment_id, user_id, address, address_key, "
+            "code_hash, code_expires_at, failed_attempts, created_at) "
+            "SELECT establishment_id, id, email, lower(email), 'x', ?, 0, ? FROM users "
+            "WHERE username = 'alice' AND establishment_id = 1",
+            (time.time() + 1800, time.time()))
+    return {"address": "alice.martin@ac-lyon.fr"}
+
+
 def nothing(world: World) -> dict[str, str]:
     return {}
 
@@ -161,6 +176,17 @@ TABLE: dict[tuple[str, str], Row] = {
     ("POST", "/api/v1/me/password"): Row(
         (401, 422, 422, 422, 422, 422),
         body=lambda: {"current": "pas-le-bon", "new": "un-nouveau-mot-de-passe"}),
+    # Sender addresses are each user's own: alice's address is hers alone to verify,
+    # confirm or remove; nobody else (not even an administrator) acts on it for her.
+    ("GET", "/api/v1/account/sender-addresses"): Row((401, 200, 200, 200, 200, 200)),
+    ("POST", "/api/v1/account/sender-addresses"): Row(
+        (401, 200, 403, 403, 403, 403), setup=alice_pending_code,
+        body=lambda: {"address": "alice.martin@ac-lyon.fr"}),
+    ("POST", "/api/v1/account/sender-addresses/{address}/confirm"): Row(
+        (401, 422, 403, 403, 403, 403), setup=alice_pending_code,
+        body=lambda: {"code": "12345"}),
+    ("DELETE", "/api/v1/account/sender-addresses/{address}"): Row(
+        (401, 204, 404, 404, 404, 404), setup=alice_pending_code),
     ("GET", "/api/v1/users"): Row((401, 403, 403, 200, 200, 200)),
     ("POST", "/api/v1/users"): Row(
         (401, 403, 403, 201, 201, 201),
@@ -189,6 +215,8 @@ TABLE: dict[tuple[str, str], Row] = {
     ("DELETE", "/api/v1/dkim/{domain}"): Row(
         (401, 403, 403, 204, 404, 204), setup=fresh_dkim_key),
     ("GET", "/api/v1/relay-presets"): Row((401, 200, 200, 200, 200, 200)),
+    # Each administrator sees their own school's incidents (test_alerts checks which).
+    ("GET", "/api/v1/alerts"): Row((401, 403, 403, 200, 200, 200)),
 }
 
 

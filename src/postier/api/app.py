@@ -117,6 +117,10 @@ def create_app(
     app.include_router(users.router)
     app.include_router(dkim.router)
 
+    from postier.api import senders  # sender address verification (issue 10)
+
+    app.include_router(senders.router)
+
     from postier.api import operations  # readiness, metrics, personal data (issue 11)
 
     app.include_router(operations.router)
@@ -124,6 +128,7 @@ def create_app(
     from postier.api import alerts  # alerts of the establishment (issue 11)
 
     app.include_router(alerts.router)
+
     @app.get("/api/v1/health", tags=["operations"])
     async def health() -> dict[str, str]:
         """Liveness: the process answers. No authentication."""

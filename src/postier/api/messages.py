@@ -16,6 +16,7 @@ from postier.api.views import (
     BatchAccepted,
     ErrorResponse,
     MessageView,
+    accepted,
     message_view,
 )
 from postier.message import MessageIn
@@ -65,23 +66,22 @@ class BatchIn(BaseModel):
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
-async def submit(msg: MessageIn, user: CurrentUser, core: Core) -> Accepted:
+async def submit(msg: MessageIn, user: CurrentUser, core: Core, lang: Lang) -> Accepted:
     """Accept an e-mail: answered once it is durably stored; delivery happens later."""
     (result,) = await core.submit(user, [msg])
-    return Accepted(id=result.id, status=result.status, duplicate=result.duplicate)
+    return accepted(result, lang)
 
 
 @router.post("/batch", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
-async def submit_batch(batch: BatchIn, user: CurrentUser, core: Core) -> BatchAccepted:
+async def submit_batch(batch: BatchIn, user: CurrentUser, core: Core,
+                       lang: Lang) -> BatchAccepted:
     """Accept many e-mails in one durable commit: all are stored, or none."""
     results = await core.submit(user, batch.messages)
-    return BatchAccepted(
-        messages=[Accepted(id=r.id, status=r.status, duplicate=r.duplicate) for r in results]
-    )
+    return BatchAccepted(messages=[accepted(r, lang) for r in results])
 
 
 @router.post("/raw", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
-async def submit_raw(body: RawIn, user: CurrentUser, core: Core) -> Accepted:
+async def submit_raw(body: RawIn, user: CurrentUser, core: Core, lang: Lang) -> Accepted:
     """Accept an e-mail already written, with the same checks as SMTP submission (the
     envelope sender and the From must be yours) and the sender policy. This is how a
     Postier server hands its e-mails on to another (its account has the ``relay`` role)."""
@@ -89,7 +89,7 @@ async def submit_raw(body: RawIn, user: CurrentUser, core: Core) -> Accepted:
         user, body.envelope_from, body.recipients, base64.b64decode(body.data),
         smtputf8=body.smtputf8, idempotency_key=body.idempotency_key,
     )
-    return Accepted(id=result.id, status=result.status, duplicate=result.duplicate)
+    return accepted(result, lang)
 
 
 @router.get("", responses=_ERRORS)

@@ -7,8 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from postier.i18n import translate
+from postier.sender_verification import NOTE_UNVERIFIED
 from postier.service import explain_error
-from postier.store.base import FINAL_STATUSES, MessageRecord
+from postier.store.base import FINAL_STATUSES, EnqueueResult, MessageRecord
 
 
 class ErrorBody(BaseModel):
@@ -29,6 +31,9 @@ class Accepted(BaseModel):
     id: str
     status: str
     duplicate: bool = Field(False, description="True when the idempotency key was seen before")
+    sender_note: str | None = Field(
+        None, description="Why the From is not the address asked for, when the user should "
+        "act (sender address not verified)")
 
 
 class BatchAccepted(BaseModel):
@@ -66,6 +71,19 @@ class MessageView(BaseModel):
     last_error: ErrorBody | None
     recipients: list[RecipientView]
     history: list[AttemptView] | None = None
+    sender_note: str | None = Field(
+        None, description="Why the From is not the address asked for, when the user should "
+        "act (sender address not verified)")
+
+
+def sender_note(rule: str | None, lang: str) -> str | None:
+    """What the user should know about the sender chosen for an e-mail, if anything."""
+    return translate(lang, NOTE_UNVERIFIED) if rule == "unverified_sender" else None
+
+
+def accepted(result: EnqueueResult, lang: str) -> Accepted:
+    return Accepted(id=result.id, status=result.status, duplicate=result.duplicate,
+                    sender_note=sender_note(result.sender_rule, lang))
 
 
 def iso(ts: float | None) -> str | None:
@@ -88,6 +106,7 @@ def message_view(r: MessageRecord, lang: str, *, history: bool = False) -> dict[
         "updated_at": iso(r.updated_at),
         "next_attempt_at": None if r.status in FINAL_STATUSES else iso(r.next_attempt_at),
         "last_error": explain_error(r.last_error, lang),
+        "sender_note": sender_note(r.sender_rule, lang),
         "recipients": [
             {"address": x.address, "status": x.status, "code": x.code, "reply": x.reply}
             for x in r.recipients

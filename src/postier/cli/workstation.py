@@ -125,6 +125,8 @@ def list_server_profiles() -> None:
 def _show(result: SendResult, lang: str) -> None:
     if result.status in ("sent", "queued"):
         out.print(f"{result.status}: {result.id}", highlight=False)
+        if result.sender_note:
+            err.print(result.sender_note, highlight=False)
         for r in result.recipients:
             if r.status == "failed":
                 err.print(f"{r.address}: {r.code} {r.reply}", highlight=False)

@@ -94,6 +94,9 @@ messages = Table(
     Column("last_error", Text),
     Column("lease_owner", String(64)),
     Column("lease_expires_at", Float),
+    # The sender policy's rule for this e-mail (unverified_sender is explained to the
+    # user); NULL for notices and e-mails accepted before it was recorded.
+    Column("sender_rule", String(24)),
     # The queue's hot path: due messages in priority order. Partial, so a table holding
     # millions of sent messages costs claims nothing.
     Index(
@@ -236,6 +239,35 @@ relay_leases = Table(
     Column("relay_key", String(64), primary_key=True),
     Column("holder", String(100), primary_key=True),
     Column("expires_at", Float, nullable=False),
+)
+
+# Sender address verification (issue 10, postier.sender_verification): one row per user and
+# address, with the current code's HMAC while one is waiting; and every code sent, for the
+# resend limits.
+sender_addresses = Table(
+    "sender_addresses",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("user_id", Integer, nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("address_key", String(320), nullable=False),  # lower-case, for matching
+    Column("verified_at", Float),
+    Column("code_hash", String(64)),
+    Column("code_expires_at", Float),
+    Column("failed_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", Float, nullable=False),
+    Index("ux_sender_addresses_user", "user_id", "address_key", unique=True),
+)
+
+sender_code_sends = Table(
+    "sender_code_sends",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("user_id", Integer, nullable=False),
+    Column("address_key", String(320), nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_sender_code_sends_user", "user_id", "at"),
 )
 
 # -- alerts (issue 11) and the webhook outbox (issues 10, 11): see postier.alerts ------------

@@ -1,5 +1,5 @@
 """Signing in and out, the language switch, and the signed-in user's own account
-(password and API tokens)."""
+(password, API tokens and verified sender addresses)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from postier.errors import AuthenticationRequired, PostierError
 from postier.i18n import LANGUAGES, N_
+from postier.sender_verification import CODE_TTL
 from postier.store.base import User
 from postier.web.context import (
     LANG_COOKIE,
@@ -136,10 +137,18 @@ async def logout(p: AnyPage) -> Response:
 
 
 async def _account_page(p: Page, *, status_code: int = 200, errors: dict[str, str] | None = None,
-                        new_token: str | None = None) -> Response:
+                        new_token: str | None = None, sender_message: str = "",
+                        sender_address: str | None = None) -> Response:
     tokens = await p.core.admin.list_tokens(p.me)
+    settings = await p.core.delivery_settings(p.me.establishment_id)
+    senders = await p.core.senders.listing(p.me)
+    if sender_address is None:  # propose the user's own address until it is verified
+        done = {s.address.lower() for s in senders if s.status == "verified"}
+        sender_address = "" if p.me.email.lower() in done else p.me.email
     return render(p, "account.html", status_code, title=p._("My account"), tokens=tokens,
-                  errors=errors or {}, new_token=new_token)
+                  errors=errors or {}, new_token=new_token, senders=senders,
+                  verify_senders=settings.verify_sender_addresses,
+                  sender_message=sender_message, sender_address=sender_address)
 
 
 @router.get("/account")
@@ -182,3 +191,48 @@ async def revoke_own_token(token_id: int, p: UserPage) -> Response:
     await checked_form(p)
     await p.core.admin.revoke_token(p.me, token_id)
     return redirect(flash_url("/account", "token_revoked"))
+
+
+# -- sender addresses (issue 10, postier.sender_verification) ----------------------------
+
+CODE_SENT = N_("A code was sent to {address}: enter it below within {minutes} minutes.")
+VERIFIED = N_("{address} is verified: your e-mails leave with it as the sender.")
+REMOVED = N_("{address} is no longer among your sender addresses.")
+
+
+@router.post("/account/sender-addresses")
+async def request_sender_code(p: UserPage) -> Response:
+    form = await checked_form(p)
+    address = text(form, "sender_address").strip()
+    try:
+        state = await p.core.senders.request(p.me, address, p.lang)
+    except PostierError as exc:
+        return await _account_page(p, status_code=exc.http_status, sender_address=address,
+                                   errors={"sender_address": error_text(exc, p.lang)})
+    message = (VERIFIED if state.status == "verified" else CODE_SENT)
+    return await _account_page(p, sender_message=p._(message, address=state.address,
+                                                     minutes=CODE_TTL // 60))
+
+
+@router.post("/account/sender-addresses/confirm")
+async def confirm_sender_code(p: UserPage) -> Response:
+    form = await checked_form(p)
+    address = text(form, "address")
+    try:
+        state = await p.core.senders.confirm(p.me, address, text(form, "code"))
+    except PostierError as exc:
+        return await _account_page(p, status_code=exc.http_status,
+                                   errors={"sender_code": error_text(exc, p.lang)})
+    return await _account_page(p, sender_message=p._(VERIFIED, address=state.address))
+
+
+@router.post("/account/sender-addresses/remove")
+async def remove_sender_address(p: UserPage) -> Response:
+    form = await checked_form(p)
+    address = text(form, "address")
+    try:
+        await p.core.senders.remove(p.me, address)
+    except PostierError as exc:
+        return await _account_page(p, status_code=exc.http_status,
+                                   errors={"sender_code": error_text(exc, p.lang)})
+    return await _account_page(p, sender_message=p._(REMOVED, address=address))
