@@ -216,7 +216,6 @@ def _message(row: Any) -> MessageRecord:
     )
 
 
-
 def _constant(status: str) -> Any:
     """A status written into the SQL text rather than bound as a parameter. The partial
     indexes of the queue (``ix_messages_due``: ``WHERE status IN ('queued', 'deferred')``,
@@ -226,6 +225,7 @@ def _constant(status: str) -> Any:
     64 with 100,000 queued against 11 ms with 10,000, ``bench/scenarios/queue_scale.py``);
     PostgreSQL's generic plans are in the same case."""
     return literal(status, literal_execute=True)
+
 
 class SQLStore(Store):
     """Common SQL implementation; backends provide the engines and the claim statement."""
@@ -1328,3 +1328,79 @@ class SQLStore(Store):
             )
 
         await self.write(job)
+
+    # -- a relay's connection slots (max_connections) ------------------------------------
+    async def take_relay_slot(
+        self, relay_key: str, max_connections: int, holder: str, now: float,
+        lease_seconds: float,
+    ) -> int | None:
+        rl = t.relay_leases.c
+
+        async def job(conn: AsyncConnection) -> int | None:
+            rows = (await conn.execute(
+                select(rl.slot, rl.expires_at).where(rl.relay_key == relay_key))).all()
+            live = {int(r.slot) for r in rows if r.expires_at > now}
+            if len(live) >= max_connections:
+                return None
+            expired = {int(r.slot) for r in rows if r.expires_at <= now}
+            until = now + lease_seconds
+            for slot in range(max_connections):
+                if slot in live:
+                    continue
+                if slot in expired:
+                    # A dead holder's slot. The condition is checked again under the row
+                    # lock (PostgreSQL), so of two workers taking it over, one gets it.
+                    res = await conn.execute(
+                        update(t.relay_leases)
+                        .where(rl.relay_key == relay_key, rl.slot == slot,
+                               rl.expires_at <= now)
+                        .values(holder=holder, expires_at=until))
+                else:
+                    res = await conn.execute(
+                        self._dialect().insert(t.relay_leases)
+                        .values(relay_key=relay_key, slot=slot, holder=holder,
+                                expires_at=until)
+                        .on_conflict_do_nothing())
+                if res.rowcount == 1:
+                    return slot
+            return None  # every free slot was taken meanwhile by other workers
+
+        result: int | None = await self.write(job)
+        return result
+
+    async def renew_relay_slots(
+        self, holder: str, slots: Collection[tuple[str, int]], now: float,
+        lease_seconds: float,
+    ) -> set[tuple[str, int]]:
+        rl = t.relay_leases.c
+        wanted = set(slots)
+
+        async def job(conn: AsyncConnection) -> set[tuple[str, int]]:
+            rows = await conn.execute(
+                select(rl.relay_key, rl.slot).where(rl.holder == holder))
+            mine = {(str(r.relay_key), int(r.slot)) for r in rows}
+            for key, slot in mine - wanted:
+                await conn.execute(delete(t.relay_leases).where(
+                    rl.relay_key == key, rl.slot == slot, rl.holder == holder))
+            if mine & wanted:
+                await conn.execute(update(t.relay_leases).where(rl.holder == holder)
+                                   .values(expires_at=now + lease_seconds))
+            return mine & wanted
+
+        result: set[tuple[str, int]] = await self.write(job)
+        return result
+
+    async def release_relay_slot(self, relay_key: str, slot: int, holder: str) -> None:
+        rl = t.relay_leases.c
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(delete(t.relay_leases).where(
+                rl.relay_key == relay_key, rl.slot == slot, rl.holder == holder))
+
+        await self.write(job)
+
+    def _dialect(self) -> Any:
+        """The backend's SQL dialect module (for ``insert ... on_conflict_do_nothing``)."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        return postgresql if self.write_engine.dialect.name == "postgresql" else sqlite
