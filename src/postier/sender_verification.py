@@ -154,9 +154,15 @@ class SenderAddresses:
         return addresses
 
     def _own(self, user: User, address: str) -> str:
+        """``address`` as the account spells it (the user's own or the granted one), when
+        the user may send as it; ``SenderForbidden`` otherwise."""
         own = policy.normalize_address(user.email)
-        return policy.sendable(own, address, user.granted_senders, field="address",
-                               template=_NOT_YOURS)
+        address = policy.sendable(own, address, user.granted_senders, field="address",
+                                  template=_NOT_YOURS)
+        for known in (own, *user.granted_senders):
+            if known.lower() == address.lower():
+                return known
+        return address
 
     async def listing(self, user: User) -> list[AddressState]:
         now = time.time()
