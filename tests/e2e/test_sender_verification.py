@@ -328,7 +328,18 @@ def test_cli_and_sdk(verifying: ServerProcess, relay: FaultRelay, tmp_path: Any)
 def test_verify_an_address_from_my_account(
     web: Web, web_server: ServerProcess, relay: FaultRelay
 ) -> None:
-    web_server.configure_relay(relay, verify_sender_addresses=True)
+    web_server.configure_relay(relay)
+    # The administrator turns verification on in Paramètres d'envoi des e-mails.
+    admin = web.sign_in("admin")
+    admin.goto("/settings")
+    assert not admin.is_checked("#f-verify_sender_addresses")
+    admin.check("#f-verify_sender_addresses")
+    admin.click("button:has-text('Enregistrer')")
+    admin.wait_for_url("**/settings?ok=settings_saved")
+    assert admin.is_checked("#f-verify_sender_addresses"), "the box shows what is saved"
+    with web_server.client() as c:
+        assert c.get("/api/v1/settings").json()["verify_sender_addresses"] is True
+
     page = web.sign_in("alice")
     page.goto("/account")
     section = page.locator("#sender-addresses")

@@ -183,6 +183,8 @@ def settings_payload(form: FormData) -> dict[str, Any]:
                                 for name in ("body_days", "metadata_days")}
     if "failover_after" in form:
         payload["failover_after"] = text(form, "failover_after").strip()
+    if "verify_sender_addresses_shown" in form:
+        payload["verify_sender_addresses"] = checkbox(form, "verify_sender_addresses")
     if "alerts.relay_failing_after" in form:
         payload["alerts"] = alerts_payload(form)
     if "backup_relay.host" in form:
@@ -224,6 +226,7 @@ def settings_values(payload: dict[str, Any]) -> dict[str, Any]:
                     if k not in ("webhook_secret", "webhook_secret_set")})
     if "failover_after" in payload:
         out["failover_after"] = payload["failover_after"]
+    out["verify_sender_addresses"] = bool(payload.get("verify_sender_addresses"))
     defaults = RelaySettings().public()
     for section in RELAY_SECTIONS:
         relay = {**defaults, **(payload.get(section) or {})}
