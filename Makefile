@@ -47,7 +47,7 @@ soak: install services ## Long fault run: kills and relay outages for SOAK_MINUT
 	$(BIN)/python bench/soak.py --minutes $(or $(SOAK_MINUTES),10)
 
 screenshots: install ## Refresh the pictures of the web pages in docs/screenshots/
-	POSTIER_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/e2e/test_web.py
+	POSTIER_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/e2e/test_web.py tests/e2e/test_web_settings.py
 
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
