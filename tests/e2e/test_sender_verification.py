@@ -341,6 +341,11 @@ def test_verify_an_address_from_my_account(
         assert c.get("/api/v1/settings").json()["verify_sender_addresses"] is True
 
     page = web.sign_in("alice")
+    with web_server.client("alice") as alice:
+        first = alice.post("/api/v1/messages", json={"to": ["p@example.org"],
+                                                     "subject": "Avant"}).json()["id"]
+    page.goto(f"/messages/{first}")
+    assert "Adresse d'expéditeur non vérifiée" in page.locator(".sender-note").inner_text()
     page.goto("/account")
     section = page.locator("#sender-addresses")
     assert "Votre établissement vous demande de vérifier" in section.inner_text()
