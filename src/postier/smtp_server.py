@@ -115,16 +115,27 @@ class SubmissionHandler:
         self.config = config
         self.limits = _Limiter(config)
         self._trusted_cache: tuple[User | None, float] | None = None
+        self._trusted_addresses: dict[str, bool] = {}  # client address -> in a network
 
     # -- who is sending ------------------------------------------------------------------
     def _trusted(self, session: Session) -> bool:
         if not self.config.trusted_networks or not session.peer:
             return False
-        try:
-            ip = ipaddress.ip_address(session.peer[0])
-        except ValueError:
-            return False
-        return any(ip in net for net in self.config.trusted_networks)
+        return self._trusted_address(str(session.peer[0]))
+
+    def _trusted_address(self, address: str) -> bool:
+        known = self._trusted_addresses.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                known = any(ip in net for net in self.config.trusted_networks)
+            if len(self._trusted_addresses) > 10_000:
+                self._trusted_addresses.clear()
+            self._trusted_addresses[address] = known
+        return known
 
     async def _account(self, session: Session) -> User | None:
         if isinstance(session.auth_data, User):
