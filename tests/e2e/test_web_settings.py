@@ -209,6 +209,10 @@ def test_dkim_key_is_made_and_its_dns_record_shown_with_a_copy_button(
     assert page.evaluate("navigator.clipboard.readText()") == key["record_value"]
     web.screenshot(page, "settings-dkim")
 
+    # The confirmation names only a domain that has a key, whatever the address says.
+    page.goto("/settings?ok=dkim_generated&domain=banque-en-ligne.example#dkim")
+    assert dkim.locator(".flash").count() == 0
+
 
 def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved(
     web: Web, web_server: ServerProcess, relay: FaultRelay
