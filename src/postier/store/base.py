@@ -471,6 +471,29 @@ class Store(abc.ABC):
     async def relay_recovered(self, relay_key: str) -> None:
         """An e-mail went through: the next pause starts short again."""
 
+    # -- a relay's connection slots, shared by every worker (max_connections) -------------
+    @abc.abstractmethod
+    async def take_relay_slot(
+        self, relay_key: str, max_connections: int, holder: str, now: float,
+        lease_seconds: float,
+    ) -> int | None:
+        """Take, atomically for every process, one of the relay's ``max_connections``
+        connection slots for ``holder`` until ``now + lease_seconds``: a free one, or one
+        whose lease expired (its holder died). None when every slot is held."""
+
+    @abc.abstractmethod
+    async def renew_relay_slots(
+        self, holder: str, slots: Collection[tuple[str, int]], now: float,
+        lease_seconds: float,
+    ) -> set[tuple[str, int]]:
+        """Extend ``holder``'s leases on ``slots`` (relay key, slot number); returns those
+        it still held (the others were taken over after expiring)."""
+
+    @abc.abstractmethod
+    async def release_relay_slot(self, relay_key: str, slot: int, holder: str) -> None:
+        """The connection closed: the slot is free for any worker (unless another holder
+        took it over meanwhile)."""
+
     # -- sender address verification (postier.sender_verification) ----------------------
     @abc.abstractmethod
     async def list_sender_addresses(self, user_id: int) -> list[SenderAddress]:

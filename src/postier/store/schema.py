@@ -232,13 +232,16 @@ relay_usage = Table(
 )
 
 # Connections open to a relay, all workers together (``max_connections``): one row per
-# connection, with an expiry renewed while it lives so a killed worker's rows lapse.
+# slot in use (0 .. max_connections - 1), with its holder (a worker process) and an expiry
+# renewed while the connection lives, so a killed worker's slots lapse (migration 0008).
 relay_leases = Table(
     "relay_leases",
     metadata,
     Column("relay_key", String(64), primary_key=True),
-    Column("holder", String(100), primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("holder", String(100), nullable=False),
     Column("expires_at", Float, nullable=False),
+    Index("ix_relay_leases_holder", "holder"),
 )
 
 # Sender address verification (issue 10, postier.sender_verification): one row per user and

@@ -1373,19 +1373,19 @@ class SQLStore(Store):
         lease_seconds: float,
     ) -> set[tuple[str, int]]:
         rl = t.relay_leases.c
-        wanted = set(slots)
+        by_relay: dict[str, list[int]] = {}
+        for key, slot in slots:
+            by_relay.setdefault(key, []).append(slot)
 
         async def job(conn: AsyncConnection) -> set[tuple[str, int]]:
-            rows = await conn.execute(
-                select(rl.relay_key, rl.slot).where(rl.holder == holder))
-            mine = {(str(r.relay_key), int(r.slot)) for r in rows}
-            for key, slot in mine - wanted:
-                await conn.execute(delete(t.relay_leases).where(
-                    rl.relay_key == key, rl.slot == slot, rl.holder == holder))
-            if mine & wanted:
-                await conn.execute(update(t.relay_leases).where(rl.holder == holder)
+            held: set[tuple[str, int]] = set()
+            for key, numbers in by_relay.items():
+                where = (rl.holder == holder, rl.relay_key == key, rl.slot.in_(numbers))
+                await conn.execute(update(t.relay_leases).where(*where)
                                    .values(expires_at=now + lease_seconds))
-            return mine & wanted
+                held.update((key, int(r.slot))
+                            for r in await conn.execute(select(rl.slot).where(*where)))
+            return held
 
         result: set[tuple[str, int]] = await self.write(job)
         return result
