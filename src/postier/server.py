@@ -119,7 +119,8 @@ def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
             concurrency=config.relay_concurrency,
             idle_timeout=config.idle_timeout,
             local_hostname=config.hostname,
-            limits=SharedLimits(core.store),
+            # A killed worker's connection slots come back when its messages do.
+            limits=SharedLimits(core.store, lease_seconds=config.lease_seconds),
         ),
         claim_batch=config.claim_batch,
         lease_seconds=config.lease_seconds,

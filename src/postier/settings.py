@@ -108,6 +108,12 @@ class RelaySettings(_Model):
         "together, e.g. 10000 for an Exchange Online mailbox; once reached, the rest waits "
         "for the next day; empty: no limit",
     )
+    max_connections: int | None = Field(
+        None, ge=1, le=100,
+        description="At most this many simultaneous connections to this server from all of "
+        "Postier's workers together, e.g. 3 for an Exchange Online mailbox; empty: no limit "
+        "(each worker opens up to its own relay_concurrency)",
+    )
 
     @field_validator("host")
     @classmethod

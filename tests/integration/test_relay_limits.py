@@ -9,6 +9,7 @@ not a day; the code path is the one production runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from postier.delivery.limits import SharedLimits
+from postier.delivery.limits import SharedLimits, relay_key
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.service import explain_error
@@ -51,13 +52,15 @@ class Workers:
     async def _failed(self, mid: str) -> None:
         self.failures.append(mid)
 
-    async def start(self, n: int, *, rate_pause: float = 15.0, **limits_kw: Any) -> None:
+    async def start(self, n: int, *, rate_pause: float = 15.0, in_flight: int = 3,
+                    **limits_kw: Any) -> None:
         for i in range(n):
             store = create_store(self.url)
             await store.open()
             self.stores.append(store)
             worker = DeliveryWorker(
-                store, self.settings_for, worker_id=f"w{i}", claim_batch=3, max_in_flight=3,
+                store, self.settings_for, worker_id=f"w{i}", claim_batch=in_flight,
+                max_in_flight=in_flight,
                 poll_interval=0.05, on_failure=self._failed,
                 pool=RelayPool(concurrency=3, down_for=0.2, rate_pause=rate_pause,
                                limits=SharedLimits(store, **limits_kw)),
@@ -76,6 +79,21 @@ class Workers:
         for w in self.workers:
             w.notify()
         return mid
+
+    async def put_many(self, count: int) -> list[str]:
+        """``count`` e-mails of one recipient each, queued together."""
+        batch = []
+        for _ in range(count):
+            self._n += 1
+            batch.append(NewMessage(
+                id=f"{time.time_ns():020d}{self._n:012d}", establishment_id=1, user_id=1,
+                priority=0, envelope_from="alice@ac-lyon.fr",
+                header_from="Alice <alice@ac-lyon.fr>", message_id=f"<lim{self._n}@test>",
+                subject=f"n{self._n}", data=RAW, recipients=[f"m{self._n}@example.org"]))
+        await self.stores[0].enqueue(batch)
+        for w in self.workers:
+            w.notify()
+        return [m.id for m in batch]
 
     async def wait(self, mid: str, status: str, timeout: float = 15.0) -> MessageRecord:  # noqa: ASYNC109
         deadline = time.monotonic() + timeout
@@ -193,3 +211,120 @@ async def test_a_rate_limit_reply_pauses_every_worker(workers: Any, relay: Fault
         rec = await group.wait(mid, "sent", timeout=20)
         assert rec.attempts == 1, f"a slow-down counted as a failure: {rec.history}"
     assert len(relay.messages) == 9 and group.failures == []
+
+
+# -- max_connections: a relay's connection slots shared by every worker ---------------------
+
+
+async def test_connection_slots_are_taken_given_back_and_taken_over_after_the_lease(
+    store_url: str,
+) -> None:
+    store = create_store(store_url)
+    await store.open()
+    try:
+        now = 1_000.0
+        assert await store.take_relay_slot("r", 2, "a", now, 120) == 0
+        assert await store.take_relay_slot("r", 2, "b", now, 120) == 1
+        assert await store.take_relay_slot("r", 2, "c", now, 120) is None, "both slots held"
+        assert await store.take_relay_slot("other", 2, "c", now, 120) == 0, (
+            "another relay's slots are its own")
+        await store.release_relay_slot("r", 0, "a")
+        assert await store.take_relay_slot("r", 2, "c", now, 120) == 0, "given back, taken"
+        # "b" keeps renewing its slot; "c" died (no renewal).
+        assert await store.renew_relay_slots("b", [("r", 1)], now + 100, 120) == {("r", 1)}
+        later = now + 121
+        assert await store.take_relay_slot("r", 2, "d", later, 120) == 0, (
+            "a dead worker's slot is taken over once its lease ran out")
+        assert await store.take_relay_slot("r", 2, "e", later, 120) is None, (
+            "a renewed slot is not taken over")
+        assert await store.renew_relay_slots("c", [("r", 0)], later, 120) == set(), (
+            "the dead worker learns its slot is gone")
+        await store.release_relay_slot("r", 0, "c")  # too late: not its slot any more
+        assert await store.take_relay_slot("r", 2, "e", later, 120) is None
+    finally:
+        await store.close()
+
+
+async def test_three_workers_never_open_more_connections_than_allowed(
+    workers: Any, relay: FaultRelay
+) -> None:
+    group: Workers = workers(max_connections=2)
+    relay.stall = ("after_data", 0.005)  # deliveries overlap: each worker wants several
+    # Alone, each worker would open up to 3 connections: 9 together.
+    await group.start(3, in_flight=6)
+    ids = await group.put_many(300)
+    received = await relay.wait_for_async(300, timeout=60)
+    for mid in ids[-5:]:
+        await group.wait(mid, "sent")
+    assert relay.max_sessions <= 2, (
+        f"{relay.max_sessions} connections were open at once; the relay allows 2")
+    per_recipient = collections.Counter(r for m in received for r in m.rcpt_tos)
+    assert len(per_recipient) == 300 and max(per_recipient.values()) == 1, (
+        "every e-mail delivered exactly once")
+    for mid in ids:
+        rec = await group.stores[0].get_message(mid)
+        assert rec is not None and rec.status == "sent" and rec.attempts == 1, (
+            f"waiting for a connection is not a failed attempt: {rec}")
+    assert group.failures == []
+
+
+async def test_a_dead_workers_connection_slots_come_back_after_its_lease(
+    workers: Any, relay: FaultRelay, store_url: str
+) -> None:
+    settings = RelaySettings(host=relay.host, port=relay.port, security="none", timeout=3,
+                             max_connections=2)
+    # The worker that dies: it holds both slots (its connections idle, kept 60 s).
+    store = create_store(store_url)
+    await store.open()
+    doomed = RelayPool(concurrency=2, shared_idle=60,
+                       limits=SharedLimits(store, lease_seconds=2.0))
+    relay.stall = ("after_data", 0.3)
+    taken = time.time()  # its leases (2 s) start about now
+    await asyncio.gather(*(doomed.send(settings, "alice@ac-lyon.fr", [f"d{i}@example.org"],
+                                       RAW) for i in range(2)))
+    relay.stall = None
+    assert relay.max_sessions == 2
+    # Killed: nothing given back, and the system closes its sockets.
+    await store.close()
+    relay.down()
+    relay.up()
+    group: Workers = workers(max_connections=2)
+    await group.start(1)
+    mid = await group.put("after@example.org")
+    await asyncio.sleep(1.0)
+    assert len(relay.messages) == 2, "both slots are still the dead worker's"
+    rec = await group.wait(mid, "sent", timeout=15)
+    assert relay.messages[-1].at - taken >= 2.0, "sent only once the dead worker's lease ran out"
+    assert rec.attempts == 1 and [h.outcome for h in rec.history] == ["sent"]
+
+
+async def test_no_free_connection_slot_defers_without_an_attempt(
+    workers: Any, relay: FaultRelay, store_url: str
+) -> None:
+    settings = RelaySettings(host=relay.host, port=relay.port, security="none", timeout=3,
+                             max_connections=1)
+    # Another worker holds the only slot (and keeps renewing it).
+    store = create_store(store_url)
+    await store.open()
+    try:
+        assert await store.take_relay_slot(relay_key(settings), 1, "elsewhere", time.time(),
+                                           3600) == 0
+        group: Workers = workers(max_connections=1)
+        await group.start(1, wait_at_most=0.5)
+        mid = await group.put("waits@example.org")
+        rec = await group.wait(mid, "deferred")
+        assert rec.attempts == 0, "no connection slot is not a failed attempt"
+        assert rec.next_attempt_at > time.time() + 5, "deferred until a slot may be free"
+        en = explain_error(rec.last_error, "en")
+        fr = explain_error(rec.last_error, "fr")
+        assert en is not None and fr is not None
+        assert "1 simultaneous connections" in en["message"], en
+        assert "1 connexions simultanées" in fr["message"], fr
+        assert relay.connections == 0, "the relay was not contacted"
+        assert group.failures == []
+        await store.release_relay_slot(relay_key(settings), 0, "elsewhere")
+        await group.stores[0].retry_now(mid, time.time())
+        group.workers[0].notify()
+        await group.wait(mid, "sent")
+    finally:
+        await store.close()

@@ -41,6 +41,9 @@ Fault attributes (all reset by :meth:`FaultRelay.reset_faults`):
 Any 2xx reply given through ``mail_reply``/``rcpt_replies``/``data_reply`` is
 sent verbatim and the command is accepted normally.
 
+``connections`` counts the connections accepted, ``sessions`` those open now and
+``max_sessions`` the most open at the same time so far.
+
 :meth:`FaultRelay.down` stops listening (connections are refused, established
 ones are aborted); :meth:`FaultRelay.up` listens again on the same port.
 
@@ -273,7 +276,9 @@ class _FaultSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:
-            self._relay._live.add(self)
+            relay = self._relay
+            relay._live.add(self)
+            relay.max_sessions = max(relay.max_sessions, len(relay._live))
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -368,6 +373,8 @@ class FaultRelay:
         self.key_path = Path(key_path)
         self.port = port
         self.connections = 0
+        # The most connections open at the same time so far (see ``sessions``).
+        self.max_sessions = 0
         self.errors: list[str] = []
         # Fault attributes; see the module docstring.
         self.greeting_reply: str | None
@@ -425,10 +432,16 @@ class FaultRelay:
             return list(self._messages)
 
     def clear(self) -> None:
-        """Forget received messages and reset the connection counter."""
+        """Forget received messages and reset the connection counters."""
         with self._lock:
             self._messages.clear()
             self.connections = 0
+            self.max_sessions = len(self._live)
+
+    @property
+    def sessions(self) -> int:
+        """Connections open right now (``max_sessions``: the most at any one time)."""
+        return len(self._live)
 
     def _record(self, received: Received) -> None:
         with self._arrived:

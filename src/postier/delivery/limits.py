@@ -16,6 +16,13 @@ When a limit is reached the e-mail waits in place if its turn comes within
 rate-limit reply ("421 4.4.2 ... rate exceeded") is shared the same way: one worker's
 reply pauses them all, and the pause doubles while the relay keeps asking. A relay without
 limits costs no round trip per e-mail: its pause is read at most every ``refresh`` seconds.
+
+A relay's ``max_connections`` (Exchange Online accepts 3 simultaneous connections per
+mailbox) is shared the same way, per connection rather than per e-mail: before opening a
+connection the pool takes one of the relay's numbered slots in the store
+(``take_connection``), keeps it while the connection is open, renews it with the worker's
+heartbeat (``renew_connections``) and gives it back when the connection closes. A killed
+worker stops renewing: its slots lapse after ``lease_seconds`` and the others take them over.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +49,12 @@ RESERVE_HORIZON = 10.0
 WAIT_AT_MOST = 15.0
 # How old a relay's shared pause may be when the relay has no limits of its own.
 PAUSE_REFRESH = 2.0
+# How long a connection slot is held without renewal: the message leases' default, so a
+# killed worker's slots come back when its messages do.
+CONNECTION_LEASE = 120.0
+# When every connection slot stayed taken for ``wait_at_most`` seconds, the e-mail is
+# deferred by this much.
+CONNECTION_RETRY = 15.0
 
 _LIMIT_TEXT = {
     "minute": N_("Sending limit of the relay reached: {limit:,} e-mails per minute; "
@@ -47,6 +63,9 @@ _LIMIT_TEXT = {
                "resumes at {resume}."),
     "day": N_("Sending limit of the relay reached: {limit:,} recipients per day; sending "
               "resumes at {resume}."),
+    "connections": N_("Connection limit of the relay reached: its {limit:,} simultaneous "
+                      "connections are all in use by Postier's workers; sending resumes at "
+                      "{resume}."),
 }
 
 
@@ -59,7 +78,8 @@ def relay_key(relay: RelaySettings) -> str:
 
 def limit_error(blocked: str, relay: RelaySettings, resume_at: float) -> DeliveryError:
     limit = {"minute": relay.max_per_minute, "hour": relay.max_per_hour,
-             "day": relay.max_recipients_per_day}[blocked]
+             "day": relay.max_recipients_per_day,
+             "connections": relay.max_connections}[blocked]
     return DeliveryError(
         _LIMIT_TEXT[blocked],
         hint=N_("Nothing to do: the e-mail leaves by itself then, and waiting does not "
@@ -82,6 +102,24 @@ def error_from(doc: str | None) -> DeliveryError | None:
         data.get("template"), hint=data.get("hint"), code=data.get("code", "rate_limited"),
         transient=True, smtp_code=data.get("smtp_code"), reply=reply, step=step, **params,
     )
+
+
+@dataclass(eq=False)
+class ConnectionLease:
+    """One of a relay's connection slots, held by this process while a connection is open.
+
+    ``expires_at`` is when the store's lease runs out unless renewed; ``lost`` is set when
+    a renewal found the slot taken over (this process was cut off past its lease): the
+    connection must then close as soon as it is idle."""
+
+    relay_key: str
+    slot: int
+    expires_at: float
+    lost: bool = False
+    released: bool = False
+
+    def usable(self, now: float) -> bool:
+        return not self.lost and not self.released and now < self.expires_at
 
 
 @dataclass
@@ -111,9 +149,16 @@ class SharedLimits:
         horizon: float = RESERVE_HORIZON,
         wait_at_most: float = WAIT_AT_MOST,
         refresh: float = PAUSE_REFRESH,
+        lease_seconds: float = CONNECTION_LEASE,
         clock: Callable[[], float] = time.time,
+        holder: str | None = None,
     ) -> None:
         self.store = store
+        self.lease_seconds = lease_seconds
+        # Who holds this process's connection slots in the store.
+        self.holder = holder or (
+            f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        self._leases: dict[tuple[str, int], ConnectionLease] = {}
         self.hour = hour
         self.day = day
         self.horizon = horizon
@@ -226,3 +271,54 @@ class SharedLimits:
         if state.pause is not None and state.pause.pause:
             state.pause = RelayPause(state.pause.paused_until, 0.0, state.pause.error)
             await self.store.relay_recovered(key)
+
+    # -- connection slots (max_connections) -------------------------------------------------
+
+    async def take_connection(self, relay: RelaySettings) -> ConnectionLease | None:
+        """One of the relay's ``max_connections`` slots for a new connection, or None when
+        all are held (by any worker). One round trip."""
+        assert relay.max_connections
+        key = relay_key(relay)
+        now = self.clock()
+        slot = await self.store.take_relay_slot(key, relay.max_connections, self.holder, now,
+                                                self.lease_seconds)
+        if slot is None:
+            return None
+        lease = ConnectionLease(key, slot, now + self.lease_seconds)
+        self._leases[(key, slot)] = lease
+        return lease
+
+    async def release_connection(self, lease: ConnectionLease) -> None:
+        """The connection closed: its slot is free for every worker."""
+        if lease.released:
+            return
+        lease.released = True
+        if self._leases.get((lease.relay_key, lease.slot)) is lease:
+            del self._leases[(lease.relay_key, lease.slot)]
+        if not lease.lost:
+            await self.store.release_relay_slot(lease.relay_key, lease.slot, self.holder)
+
+    async def renew_connections(self) -> None:
+        """Extend the leases of this process's open connections (its heartbeat); a lease
+        another worker took over meanwhile is marked lost. No round trip without any."""
+        if not self._leases:
+            return
+        held_before = dict(self._leases)
+        now = self.clock()
+        held = await self.store.renew_relay_slots(self.holder, list(held_before), now,
+                                                  self.lease_seconds)
+        for key, lease in held_before.items():
+            if key in held:
+                lease.expires_at = now + self.lease_seconds
+            elif not lease.released:
+                lease.lost = True
+                if self._leases.get(key) is lease:
+                    del self._leases[key]
+
+    def connections_full(self, relay: RelaySettings) -> DeliveryError:
+        """Why an e-mail is deferred when no connection slot came free in time."""
+        return limit_error("connections", relay, self.clock() + CONNECTION_RETRY)
+
+    @property
+    def connections_held(self) -> int:
+        return len(self._leases)

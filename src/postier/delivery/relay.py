@@ -1,7 +1,8 @@
 """Talking to an SMTP relay: connection steps, per-recipient transactions, error diagnosis.
 
 The same code serves delivery (through :class:`RelayPool`, which reuses connections and
-bounds how many are open per relay) and the test-send, which watches each step through the
+bounds how many are open per relay, per process and, with ``max_connections``, for all
+the workers together) and the test-send, which watches each step through the
 ``on_step`` callback. Every failure becomes a :class:`~postier.errors.DeliveryError` with a
 stable code, a message and a remedy, and whether trying again later may help.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import logging
 import os
 import re
 import socket
@@ -28,8 +30,10 @@ from postier.i18n import N_
 from postier.settings import AuthMethod, RelaySettings, Security
 
 if TYPE_CHECKING:
-    from postier.delivery.limits import SharedLimits
+    from postier.delivery.limits import ConnectionLease, SharedLimits
     from postier.store.base import RelayPause
+
+log = logging.getLogger("postier.delivery")
 
 StepCallback = Callable[[str, bool, int, str], None]
 
@@ -479,6 +483,8 @@ async def _abort(
 class _Idle:
     smtp: aiosmtplib.SMTP
     since: float
+    # The relay's shared connection slot this connection holds (max_connections).
+    lease: ConnectionLease | None = None
 
 
 class LeaseLost(Exception):
@@ -538,6 +544,13 @@ class _RelayState:
         # backup relay's failover looks at. None while it answers.
         self.failing_since: float | None = None
         self.last_probe = 0.0
+        # Set (then replaced) when a connection goes idle or a shared slot is given back:
+        # what e-mails waiting for a connection slot wait on between two asks.
+        self.freed = asyncio.Event()
+
+    def signal_freed(self) -> None:
+        self.freed.set()
+        self.freed = asyncio.Event()
 
     def failed(self, err: DeliveryError) -> None:
         if err.transient and err.code in FAILOVER_CODES and self.failing_since is None:
@@ -585,10 +598,22 @@ FAILOVER_CODES = frozenset({
 PROBE_EVERY = 5.0
 RATE_PAUSE_MIN = 15.0
 RATE_PAUSE_MAX = 600.0
+# A connection holding one of a relay's shared slots (max_connections) is closed after
+# this long idle, so that another worker can have the slot; reuse within a burst is
+# unaffected.
+SHARED_IDLE = 2.0
+# Longest pause between two asks for a free connection slot.
+SLOT_POLL_MAX = 0.5
 
 
 class RelayPool:
     """Open connections per relay, reused across messages, at most ``concurrency`` each.
+
+    With ``limits`` and a relay's ``max_connections``, each connection also holds one of
+    the relay's slots shared by every worker (a lease in the store, one round trip per
+    connection, not per message): without a free slot the e-mail waits up to
+    ``limits.wait_at_most`` seconds, then is deferred (``relay_limit``, not an attempt).
+    Such a connection is closed after ``shared_idle`` seconds idle to give its slot back.
 
     A relay whose connection attempt fails is marked down for ``down_for`` seconds: the
     messages already waiting for it are deferred at once with the same explanation instead
@@ -605,8 +630,11 @@ class RelayPool:
         local_hostname: str | None = None,
         rate_pause: float = RATE_PAUSE_MIN,
         limits: SharedLimits | None = None,
+        shared_idle: float = SHARED_IDLE,
     ) -> None:
         self.rate_pause = rate_pause
+        self.shared_idle = shared_idle
+        self._background: set[asyncio.Task[None]] = set()
         # The relays' limits and pauses shared with the other workers through the store;
         # without it (the workstation's outbox), this process paces on its own.
         self.limits = limits
@@ -642,24 +670,34 @@ class RelayPool:
         meanwhile is not sent (:class:`LeaseLost`)."""
         state = self._state(relay)
         await state.slots.acquire(priority)
+        # A shared connection slot taken for this e-mail and not yet given to a connection.
+        spare: list[ConnectionLease] = []
         try:
             if self.limits is None:
                 await state.pace(relay.max_per_minute)
             else:
                 try:
                     pause = await self.limits.admit(relay, len(recipients))
+                    if self._shared(relay) and not state.idle:
+                        # Waiting for a slot is Postier's doing: not within ``limit``.
+                        lease = await self._take_slot(state, relay)
+                        if lease is not None:
+                            spare.append(lease)
                 except DeliveryError as err:  # over a limit until later: deferred to then
                     return _all(recipients, err, reusable=False)
                 if pause is not None:
                     state.shared_pause(pause)
             if still_ours is not None and not still_ours():
                 raise LeaseLost()
-            conversation = self._send(state, relay, envelope_from, recipients, data, smtputf8)
+            conversation = self._send(state, relay, envelope_from, recipients, data, smtputf8,
+                                      spare)
             if limit is None:
                 return await conversation
             return await asyncio.wait_for(conversation, limit)
         finally:
             state.slots.release()
+            for lease in spare:
+                self._release_later(state, lease)
 
     async def _send(
         self,
@@ -669,6 +707,7 @@ class RelayPool:
         recipients: Sequence[str],
         data: bytes,
         smtputf8: bool,
+        spare: list[ConnectionLease],
     ) -> TransactionResult:
         for attempt in range(2):
             now = time.monotonic()
@@ -677,7 +716,10 @@ class RelayPool:
             if state.pause_error is not None and now < state.paused_until:
                 # The relay asked to slow down: wait here without knocking on its door.
                 return _all(recipients, state.pause_error, reusable=False)
-            smtp, reused = await self._checkout(state, relay)
+            try:
+                smtp, lease, reused = await self._checkout(state, relay, spare)
+            except DeliveryError as err:  # no connection slot came free in time
+                return _all(recipients, err, reusable=False)
             if smtp is None:
                 assert state.down_error is not None
                 return _all(recipients, state.down_error, reusable=False)
@@ -689,6 +731,7 @@ class RelayPool:
                 # Cancelled (shutdown, whole-delivery timeout): the conversation is in
                 # an unknown state, so the connection cannot be reused.
                 smtp.close()
+                self._release_later(state, lease)
                 raise
             if result.error is not None and result.error.code == "rate_limited":
                 await self._slowed_down(state, relay, result.error)
@@ -700,10 +743,11 @@ class RelayPool:
                 state.failed(result.error)
             else:
                 state.answered()  # it replied: whatever it said, it is up
-            if result.reusable and smtp.is_connected:
-                state.idle.append(_Idle(smtp, time.monotonic()))
+            if result.reusable and smtp.is_connected and self._lease_ok(lease):
+                self._put_idle(state, _Idle(smtp, time.monotonic(), lease))
             else:
                 smtp.close()
+                self._release_later(state, lease)
                 # A reused connection the server had quietly closed: one fresh try.
                 if reused and attempt == 0 and _nothing_happened(result):
                     continue
@@ -711,25 +755,101 @@ class RelayPool:
         raise AssertionError("unreachable")
 
     async def _checkout(
-        self, state: _RelayState, relay: RelaySettings
-    ) -> tuple[aiosmtplib.SMTP | None, bool]:
-        while state.idle:
-            idle = state.idle.pop()
-            if idle.smtp.is_connected and time.monotonic() - idle.since < self.idle_timeout:
-                return idle.smtp, True
-            idle.smtp.close()
+        self, state: _RelayState, relay: RelaySettings, spare: list[ConnectionLease]
+    ) -> tuple[aiosmtplib.SMTP | None, ConnectionLease | None, bool]:
+        """An idle connection, or a new one (holding a shared slot taken beforehand in
+        ``spare``, or now). Raises ``relay_limit`` when no slot came free in time."""
+        while True:
+            while state.idle:
+                idle = state.idle.pop()
+                if (idle.smtp.is_connected and self._lease_ok(idle.lease)
+                        and time.monotonic() - idle.since < self.idle_timeout):
+                    for unused in spare:
+                        self._release_later(state, unused)
+                    spare.clear()
+                    return idle.smtp, idle.lease, True
+                idle.smtp.close()
+                self._release_later(state, idle.lease)
+            lease: ConnectionLease | None = None
+            if self._shared(relay):
+                lease = spare.pop() if spare else await self._take_slot(state, relay)
+                if lease is None:
+                    continue  # a connection of this process became idle meanwhile
+            break
         try:
             smtp = await open_smtp(relay, local_hostname=self.local_hostname)
-        except DeliveryError as err:
+        except BaseException as exc:
+            self._release_later(state, lease)
+            if not isinstance(exc, DeliveryError):
+                raise
+            err = exc
             state.down_error = err
             state.down_until = time.monotonic() + self.down_for
             if err.code == "rate_limited":
                 await self._slowed_down(state, relay, err)
             else:
                 state.failed(err)
-            return None, False
+            return None, None, False
         state.down_error = None
-        return smtp, False
+        return smtp, lease, False
+
+    # -- the relay's connection slots shared by every worker (max_connections) -----------
+
+    def _shared(self, relay: RelaySettings) -> bool:
+        return self.limits is not None and relay.max_connections is not None
+
+    def _lease_ok(self, lease: ConnectionLease | None) -> bool:
+        return lease is None or (self.limits is not None and lease.usable(self.limits.clock()))
+
+    async def _take_slot(
+        self, state: _RelayState, relay: RelaySettings
+    ) -> ConnectionLease | None:
+        """A free connection slot of the relay among every worker's, waiting for one up to
+        ``limits.wait_at_most`` seconds; None when a connection of this process became
+        idle meanwhile (use it instead)."""
+        assert self.limits is not None
+        deadline = time.monotonic() + self.limits.wait_at_most
+        delay = 0.05
+        while True:
+            if state.idle:
+                return None
+            lease = await self.limits.take_connection(relay)
+            if lease is not None:
+                return lease
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self.limits.connections_full(relay)
+            # Ask again soon, or at once when this process frees a connection or a slot.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.freed.wait(), min(delay, left))
+            delay = min(delay * 2, SLOT_POLL_MAX)
+
+    def _put_idle(self, state: _RelayState, idle: _Idle) -> None:
+        state.idle.append(idle)
+        state.signal_freed()
+        if idle.lease is not None:
+            # Give the slot back if nothing of this process needs the connection soon.
+            asyncio.get_running_loop().call_later(
+                self.shared_idle, lambda: self._spawn(self._close_state_idle(
+                    state, self.shared_idle, leased_only=True)))
+
+    async def _release(self, state: _RelayState, lease: ConnectionLease) -> None:
+        assert self.limits is not None
+        try:
+            await self.limits.release_connection(lease)
+        except Exception as exc:
+            # Not given back: the slot lapses with its lease instead.
+            log.warning("could not give back a connection slot of a relay: %s", exc)
+        state.signal_freed()
+
+    def _release_later(self, state: _RelayState, lease: ConnectionLease | None) -> None:
+        if lease is not None and not lease.released:
+            self._spawn(self._release(state, lease))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _slowed_down(
         self, state: _RelayState, relay: RelaySettings, err: DeliveryError
@@ -762,36 +882,66 @@ class RelayPool:
         state.last_probe = now
 
         async def probe() -> None:
+            lease = None
+            if self._shared(relay):
+                assert self.limits is not None
+                lease = await self.limits.take_connection(relay)
+                if lease is None:
+                    return  # every slot is in use: the next probe will see
             try:
-                smtp = await open_smtp(relay, local_hostname=self.local_hostname)
-            except DeliveryError:
-                return
-            state.answered()
-            state.down_error = None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(smtp.quit(), 2)
-            smtp.close()
+                try:
+                    smtp = await open_smtp(relay, local_hostname=self.local_hostname)
+                except DeliveryError:
+                    return
+                state.answered()
+                state.down_error = None
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(smtp.quit(), 2)
+                smtp.close()
+            finally:
+                if lease is not None:
+                    await self._release(state, lease)
 
         task = asyncio.get_running_loop().create_task(probe())
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
 
     async def close_idle(self, older_than: float | None = None) -> None:
+        """Close the connections idle for ``older_than`` seconds (the idle timeout), then
+        renew the shared connection slots of those still open (the worker's heartbeat
+        calls this)."""
         limit = self.idle_timeout if older_than is None else older_than
+        for state in list(self._relays.values()):
+            await self._close_state_idle(state, limit)
+        if self.limits is not None:
+            await self.limits.renew_connections()
+
+    async def _close_state_idle(
+        self, state: _RelayState, older_than: float, *, leased_only: bool = False
+    ) -> None:
         now = time.monotonic()
-        for state in self._relays.values():
-            keep = []
-            for idle in state.idle:
-                if now - idle.since >= limit or not idle.smtp.is_connected:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(idle.smtp.quit(), 2)
-                    idle.smtp.close()
-                else:
-                    keep.append(idle)
-            state.idle = keep
+        keep: list[_Idle] = []
+        done: list[_Idle] = []
+        for idle in state.idle:
+            if leased_only and idle.lease is None:
+                keep.append(idle)
+            elif (now - idle.since >= older_than - 0.01 or not idle.smtp.is_connected
+                    or not self._lease_ok(idle.lease)):
+                done.append(idle)
+            else:
+                keep.append(idle)
+        state.idle = keep
+        for idle in done:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(idle.smtp.quit(), 2)
+            idle.smtp.close()
+            if idle.lease is not None:
+                await self._release(state, idle.lease)
 
     async def close(self) -> None:
         await self.close_idle(older_than=0)
+        while pending := [t for t in self._background if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _nothing_happened(result: TransactionResult) -> bool:
