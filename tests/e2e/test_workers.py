@@ -24,7 +24,8 @@ from postier.service import Postier
 from support.relay import FaultRelay
 
 
-async def _fill(url: str, data_dir: Path, relay: FaultRelay, count: int) -> None:
+async def _fill(url: str, data_dir: Path, relay: FaultRelay, count: int,
+                **relay_limits: int) -> None:
     core = Postier(ServerConfig(data_dir=data_dir, database_url=url, hostname="ac-lyon.fr"))
     await core.open()
     try:
@@ -32,7 +33,7 @@ async def _fill(url: str, data_dir: Path, relay: FaultRelay, count: int) -> None
         await core.put_settings(admin, {
             "allowed_domains": ["ac-lyon.fr"],
             "relay": {"host": relay.host, "port": relay.port, "security": "none",
-                      "timeout": 10},
+                      "timeout": 10, **relay_limits},
             "retry": {"first_delay": 1, "max_delay": 2},
         })
         for start in range(0, count, 1000):
@@ -119,6 +120,25 @@ def test_killed_worker_messages_are_delivered_by_the_others(
     # Only deliveries in flight at the kill (at most one per open relay connection) may
     # be repeated.
     assert duplicates <= 4, f"{duplicates} duplicates"
+
+
+def test_three_workers_share_the_relays_connection_limit(
+    pg_url: str, relay: FaultRelay, tmp_path: Path, shared_key: str
+) -> None:
+    relay.stall = ("after_data", 0.005)  # deliveries overlap: each process wants several
+    asyncio.run(_fill(pg_url, tmp_path, relay, 200, max_connections=2))
+    # Alone, each process would open up to 3 connections to the relay: 9 together.
+    procs = _workers(pg_url, tmp_path, 3, POSTIER_SECRET_KEY=shared_key,
+                     POSTIER_RELAY_CONCURRENCY="3")
+    try:
+        relay.wait_for(200, timeout=60)
+        time.sleep(1.0)  # anything sent twice would arrive now
+    finally:
+        _stop(procs)
+    assert relay.max_sessions <= 2, (
+        f"{relay.max_sessions} connections were open at once; the relay allows 2")
+    counts = _per_message(relay)
+    assert len(counts) == 200 and max(counts.values()) == 1, "every e-mail delivered once"
 
 
 def test_worker_refuses_to_run_without_a_shared_queue(tmp_path: Path) -> None:

@@ -298,6 +298,34 @@ async def test_a_dead_workers_connection_slots_come_back_after_its_lease(
     assert rec.attempts == 1 and [h.outcome for h in rec.history] == ["sent"]
 
 
+async def test_a_live_workers_heartbeat_keeps_its_connection_slot(
+    relay: FaultRelay, store_url: str
+) -> None:
+    settings = RelaySettings(host=relay.host, port=relay.port, security="none", timeout=3,
+                             max_connections=1)
+    store = create_store(store_url)
+    await store.open()
+    pool = RelayPool(concurrency=1, shared_idle=60, limits=SharedLimits(store, lease_seconds=1.0))
+    try:
+        result = await pool.send(settings, "alice@ac-lyon.fr", ["a@example.org"], RAW)
+        assert [r.status for r in result.recipients] == ["sent"]
+        for _ in range(8):  # 2.4 s of heartbeats, every 0.3 s: well past the 1 s lease
+            await asyncio.sleep(0.3)
+            await pool.close_idle()
+        assert await store.take_relay_slot(relay_key(settings), 1, "other", time.time(),
+                                           60) is None, "the renewed slot was taken over"
+        assert relay.sessions == 1
+        result = await pool.send(settings, "alice@ac-lyon.fr", ["b@example.org"], RAW)
+        assert [r.status for r in result.recipients] == ["sent"]
+        assert relay.connections == 1, "the connection holding the slot was reused"
+        await pool.close()
+        assert await store.take_relay_slot(relay_key(settings), 1, "other", time.time(),
+                                           60) == 0, "closing the connection gave its slot back"
+    finally:
+        await pool.close()
+        await store.close()
+
+
 async def test_no_free_connection_slot_defers_without_an_attempt(
     workers: Any, relay: FaultRelay, store_url: str
 ) -> None:
