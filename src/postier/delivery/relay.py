@@ -829,9 +829,13 @@ class RelayPool:
         state.signal_freed()
         if idle.lease is not None:
             # Give the slot back if nothing of this process needs the connection soon.
-            asyncio.get_running_loop().call_later(
-                self.shared_idle, lambda: self._spawn(self._close_state_idle(
-                    state, self.shared_idle, leased_only=True)))
+            asyncio.get_running_loop().call_later(self.shared_idle, self._reap, state)
+
+    def _reap(self, state: _RelayState) -> None:
+        now = time.monotonic()
+        if any(i.lease is not None and now - i.since >= self.shared_idle - 0.01
+               for i in state.idle):
+            self._spawn(self._close_state_idle(state, self.shared_idle, leased_only=True))
 
     async def _release(self, state: _RelayState, lease: ConnectionLease) -> None:
         assert self.limits is not None
