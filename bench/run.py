@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -244,8 +245,15 @@ def print_report(results: dict[str, Any]) -> None:
 # -- main ------------------------------------------------------------------------------------
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a timeout, systemd) stops like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Every process a scenario started (servers, sinks, a Postfix instance) is stopped in
+    # its ``finally``/``close``: make SIGTERM take that road too.
+    signal.signal(signal.SIGTERM, _interrupt)
     scenarios = available()
     if args.list:
         for name, cls in scenarios.items():
