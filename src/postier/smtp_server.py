@@ -21,6 +21,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import ssl
 import time
 from collections import deque
@@ -46,6 +47,16 @@ from postier.store.base import User
 
 log = logging.getLogger("postier.smtp")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# An SMTP path in its most common form, ``<dot-atom@domain>`` then the parameters: read
+# with one regular expression instead of the RFC 5322 parser of the standard library,
+# which aiosmtpd runs for every MAIL and RCPT (15 % of an acceptance's time). Anything
+# else (quotes, routes, comments, non-ASCII) goes to aiosmtpd's parser as before.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"\s*<((?:{_ATEXT}\.)*{_ATEXT}@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+)>(?:\s+(.*))?", re.DOTALL
+)
 
 
 def _has_bare_cr_or_lf(raw: bytes) -> bool:
@@ -327,6 +338,15 @@ class _Submission(SMTP):
     # the timeout counts from the last bytes received instead, within a deadline for the
     # whole message; elsewhere (idle, or dribbling a command that never ends) it is left
     # as it is.
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        m = _SIMPLE_PATH.fullmatch(arg)
+        if m is None:
+            return super()._getaddr(arg)
+        address = m.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, m.group(2) or ""
+
     def data_received(self, data: bytes) -> None:
         self._last_input = self.loop.time()
         super().data_received(data)
