@@ -26,6 +26,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import textwrap
@@ -65,8 +66,6 @@ RECIPIENT = "parent.eleve@example.org"
 
 def wait_smtp(port: int, alive: Process | None = None, timeout: float = 30.0) -> None:
     """Until something answers a 220 greeting on 127.0.0.1:port."""
-    import socket
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if alive is not None and not alive.alive():
@@ -408,6 +407,9 @@ class SmtpRelay(Scenario):
         return None
 
     def measure_postfix(self, r: int) -> Measurement:
+        if os.geteuid() != 0 or not Path(POSTFIX).exists():
+            raise BenchError("the Postfix baseline needs root and Postfix (Debian package "
+                             "postfix): Postfix starts as root, then drops its privileges")
         postfix = PostfixRelay(self.sink.port)
         self.on_close(postfix.stop)  # in case anything below is interrupted
         try:
