@@ -25,6 +25,11 @@ class ServerConfig(BaseSettings):
     hostname: str = Field(default_factory=socket.getfqdn, description="Name used in Message-IDs")
     max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
     delivery: bool = Field(True, description="Run delivery workers in this process")
+    delivery_processes: int = Field(
+        0, ge=0, le=32,
+        description="Deliver in this many child processes of postier serve instead of in "
+        "its own (0); with two cores or more, acceptance and delivery then each have one",
+    )
     relay_concurrency: int = Field(4, ge=1, le=100, description="Connections per relay")
     claim_batch: int = Field(64, ge=1, le=1000)
     lease_seconds: float = Field(120.0, ge=2)

@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,7 +112,9 @@ async def listen(core: Postier, worker: DeliveryWorker) -> None:
         await core.store.listen(worker.notify)
 
 
-def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
+def make_worker(
+    core: Postier, config: ServerConfig, worker_id: str | None = None
+) -> DeliveryWorker:
     return DeliveryWorker(
         core.store,
         core.delivery_settings,
@@ -122,6 +125,7 @@ def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
             # A killed worker's connection slots come back when its messages do.
             limits=SharedLimits(core.store, lease_seconds=config.lease_seconds),
         ),
+        worker_id=worker_id,
         claim_batch=config.claim_batch,
         lease_seconds=config.lease_seconds,
         poll_interval=config.poll_interval,
@@ -131,15 +135,33 @@ def make_worker(core: Postier, config: ServerConfig) -> DeliveryWorker:
     )
 
 
-async def run_worker(config: ServerConfig) -> None:
-    """``postier worker``: delivery only, on any machine that reaches the database."""
+async def run_worker(
+    config: ServerConfig, *, wake_fd: int | None = None, worker_id: str | None = None
+) -> None:
+    """``postier worker``: delivery only, on any machine that reaches the database — or a
+    child of ``postier serve --delivery-processes``, woken through ``wake_fd``."""
     core = Postier(config)
     await core.open()
-    worker = make_worker(core, config)
+    worker = make_worker(core, config, worker_id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if wake_fd is not None:
+        os.set_blocking(wake_fd, False)
+
+        def woken() -> None:
+            try:
+                data = os.read(wake_fd, 65536)
+            except BlockingIOError:
+                return
+            if data:
+                worker.notify()
+            else:  # the parent is gone: its children go with it
+                loop.remove_reader(wake_fd)
+                stop.set()
+
+        loop.add_reader(wake_fd, woken)
     from postier.alerts import attach  # issue 11: alerts and webhook
 
     alerts = attach(core, worker)
@@ -155,6 +177,103 @@ async def run_worker(config: ServerConfig) -> None:
     log.info("worker stopped cleanly")
 
 
+class DeliveryProcesses:
+    """Delivery in child processes (``postier serve --delivery-processes N``).
+
+    One process runs acceptance and delivery on one event loop and one core; with two
+    cores or more, acceptance stays here and delivery goes to ``postier worker`` children
+    sharing the store. This process keeps the data-dir lock, so the children are the
+    store's only deliverers; it wakes them through a pipe at every acceptance (PostgreSQL
+    adds its NOTIFY), gives back a dead child's e-mails at once and starts it again.
+    Shaped like a :class:`DeliveryWorker` for ``/api/v1/ready`` and ``/metrics``.
+    """
+
+    def __init__(self, config: ServerConfig, core: Postier, log_level: str) -> None:
+        self.config = config
+        self.core = core
+        self.log_level = log_level
+        self.running = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._children: list[tuple[str, asyncio.subprocess.Process | None, int]] = []
+        self._stopping = False
+
+    def notify(self) -> None:
+        for _, _, fd in self._children:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(fd, b".")  # a full pipe already holds a wake-up
+
+    async def _spawn(self, worker_id: str) -> tuple[asyncio.subprocess.Process, int]:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        argv = [sys.executable, "-m", "postier", "worker", "--data-dir",
+                str(self.config.data_dir), "--log-level", self.log_level,
+                "--wake-fd", str(read_fd), "--worker-id", worker_id]
+        if self.config.database_url:
+            argv += ["--database-url", self.config.database_url]
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(read_fd,))
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        log.info("delivery process %s started (pid %d)", worker_id, proc.pid)
+        return proc, write_fd
+
+    async def start(self) -> None:
+        base = f"{self.config.hostname.split('.')[0]}-{os.getpid()}"
+        for i in range(self.config.delivery_processes):
+            worker_id = f"{base}-d{i + 1}"
+            proc, fd = await self._spawn(worker_id)
+            self._children.append((worker_id, proc, fd))
+        self._tasks = [asyncio.create_task(self._supervise(), name="postier-delivery-procs")]
+        self.running = True
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for i, (worker_id, proc, fd) in enumerate(self._children):
+                if proc is None or proc.returncode is None or self._stopping:
+                    continue
+                log.error("delivery process %s (pid %d) ended with status %s; starting it "
+                          "again", worker_id, proc.pid, proc.returncode)
+                os.close(fd)
+                try:
+                    back = await self.core.store.release_worker(worker_id)
+                    if back:
+                        log.info("%d e-mails it was sending go out again", back)
+                    new_proc, new_fd = await self._spawn(worker_id)
+                except Exception:
+                    log.exception("could not start delivery process %s again", worker_id)
+                    self._children[i] = (worker_id, None, -1)
+                    continue
+                self._children[i] = (worker_id, new_proc, new_fd)
+
+    async def stop(self, grace: float = 15.0) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        procs = [p for _, p, _ in self._children if p is not None and p.returncode is None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for _, _, fd in self._children:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._children = []
+        self.running = False
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -165,11 +284,13 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
     core = Postier(config)
     embedded = core.store.__class__.__name__ == "SQLiteStore"
     lock = lock_data_dir(Path(config.data_dir)) if (embedded and config.delivery) else None
-    worker = make_worker(core, config) if config.delivery else None
+    children = (DeliveryProcesses(config, core, log_level)
+                if config.delivery and config.delivery_processes else None)
+    worker = make_worker(core, config) if config.delivery and children is None else None
     host, port = config.http_host_port()
     smtp_servers: list[asyncio.Server] = []
     data_dir = config.data_dir
@@ -196,6 +317,13 @@ async def serve(config: ServerConfig) -> None:
             core.on_accept(worker.notify)
             await worker.start()
             await listen(core, worker)
+        if children is not None:
+            if lock is not None:
+                back = await core.store.release_expired_leases(time.time(), everything=True)
+                if back:
+                    log.info("%d e-mails interrupted by a previous stop go out again", back)
+            core.on_accept(children.notify)
+            await children.start()
         if alerts is not None:
             alerts.start()
         smtp_servers.extend(await start_smtp(core, config))
@@ -222,11 +350,13 @@ async def serve(config: ServerConfig) -> None:
             await alerts.stop()
         if worker is not None:
             await worker.stop()
+        if children is not None:
+            await children.stop()
         await core.close()
         log.info("Postier stopped cleanly in %.1f s", time.monotonic() - t0)
 
     app = create_app(core, on_startup=startup, on_shutdown=shutdown)
-    app.state.worker = worker  # for GET /api/v1/ready and /metrics
+    app.state.worker = worker or children  # for GET /api/v1/ready and /metrics
     server = _Server(
         uvicorn.Config(
             app,
@@ -245,10 +375,10 @@ async def serve(config: ServerConfig) -> None:
             lock.close()
 
 
-def run(config: ServerConfig) -> None:
+def run(config: ServerConfig, log_level: str = "INFO") -> None:
     config.data_dir = config.data_dir.resolve()
     use_fast_loop()
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, log_level))
 
 
 def use_fast_loop() -> None:

@@ -515,9 +515,10 @@ class Postier:
         if not settings.delegation:
             raise DelegationOff()
         headers = read_submitted(raw)
-        for address in (mail_from, *headers.from_addresses):
-            self.decide_sender(user, settings, address)  # SenderForbidden if not theirs
         requested = headers.from_addresses[0] if headers.from_addresses else mail_from
+        for address in dict.fromkeys((mail_from, *headers.from_addresses)):
+            if address != requested:  # the decision below checks that one
+                self.decide_sender(user, settings, address)  # SenderForbidden if not theirs
         decision = self.decide_sender(user, settings, requested, headers.reply_to,
                                       await self.senders.verified(user, settings))
         message_id = self._message_id(decision)

@@ -52,6 +52,9 @@ def serve(
     no_delivery: Annotated[
         bool, typer.Option("--no-delivery", help="Accept e-mails only; another process delivers")
     ] = False,
+    delivery_processes: Annotated[int | None, typer.Option(
+        help="Deliver in N child processes instead of this one (machines with 2+ cores)")
+    ] = None,
     smtp: Annotated[str | None, typer.Option(
         help="HOST:PORT for SMTP submission with STARTTLS (default 127.0.0.1:2587), or off")
     ] = None,
@@ -73,13 +76,14 @@ def serve(
         "smtp_trusted_networks": ",".join(smtp_trusted_networks)
         if smtp_trusted_networks else None,
         "smtp_trusted_account": smtp_trusted_account,
+        "delivery_processes": delivery_processes,
     }
     if no_delivery:
         extra["delivery"] = False
     config = _config(data_dir, database_url, **extra)
     server.setup_logging(log_level)
     try:
-        server.run(config)
+        server.run(config, log_level)
     except PostierError as exc:
         fail_with(exc)
     except KeyboardInterrupt:
@@ -199,6 +203,8 @@ def worker(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    wake_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    worker_id: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run delivery only (several workers share a PostgreSQL queue; with the embedded
     SQLite store, `postier serve` already delivers)."""
@@ -207,13 +213,15 @@ def worker(
     from postier import server
 
     config = _config(data_dir, database_url)
-    if not (config.database_url or "").startswith(("postgres", "postgresql")):
+    # A child of `postier serve --delivery-processes` (wake_fd) shares its parent's store,
+    # whose data-dir lock the parent holds.
+    if wake_fd is None and not (config.database_url or "").startswith(("postgres", "postgresql")):
         _fail("postier worker needs a shared PostgreSQL queue (--database-url "
               "postgresql://...).", "With the embedded store, postier serve delivers itself.")
     server.setup_logging(log_level)
     try:
         server.use_fast_loop()
-        asyncio.run(server.run_worker(config))
+        asyncio.run(server.run_worker(config, wake_fd=wake_fd, worker_id=worker_id))
     except PostierError as exc:
         fail_with(exc)
     except KeyboardInterrupt:

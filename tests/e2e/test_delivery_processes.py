@@ -1,0 +1,105 @@
+"""``postier serve --delivery-processes N`` on the embedded store: acceptance in the server,
+delivery in child ``postier worker`` processes, as a two-core machine would run it. Every
+e-mail goes out once; a child killed with SIGKILL comes back and its e-mails leave; the
+children end with the server."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from support.relay import FaultRelay
+from support.server import ServerProcess
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"worker" in cmdline:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def _send(server: ServerProcess, prefix: str, n: int) -> None:
+    with server.client("alice") as c:
+        r = c.post("/api/v1/messages/batch", json={"messages": [
+            {"to": [f"{prefix}{i}@example.org"], "subject": f"{prefix}{i}", "text": "Bonjour"}
+            for i in range(n)]})
+        assert r.status_code == 202, r.text
+
+
+def _wait_delivered(relay: FaultRelay, n: int, timeout: float = 30) -> collections.Counter[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = collections.Counter(str(m.message["Subject"]) for m in relay.messages)
+        if len(got) >= n:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{len(relay.messages)} e-mails delivered of {n} after {timeout} s")
+
+
+def test_children_deliver_once_come_back_after_a_kill_and_end_with_the_server(
+    server_factory: Any, relay: FaultRelay
+) -> None:
+    server: ServerProcess = server_factory(POSTIER_DELIVERY_PROCESSES="2").start()
+    server.configure_relay(relay)
+    children = _children(server.proc.pid)  # type: ignore[union-attr]
+    assert len(children) == 2, f"expected two delivery processes, found {children}"
+    ready = httpx.get(server.url + "/api/v1/ready").json()
+    assert ready["status"] == "ready", ready
+
+    _send(server, "a", 300)
+    got = _wait_delivered(relay, 300)
+    assert set(got.values()) == {1}, "an e-mail was delivered twice"
+
+    os.kill(children[0], signal.SIGKILL)
+    _send(server, "b", 200)  # while one child is dead or coming back
+    got = _wait_delivered(relay, 500)
+    assert max(got.values()) == 1, [s for s, n in got.items() if n > 1]
+    deadline = time.monotonic() + 10
+    while len(_children(server.proc.pid)) < 2 and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.1)
+    now = _children(server.proc.pid)  # type: ignore[union-attr]
+    assert len(now) == 2 and children[0] not in now, (children, now)
+    assert "ended with status" in server.log(), "the restart is not logged"
+
+    assert server.stop() == 0
+    assert _alive(now) == [], "delivery processes left running after the server stopped"
+
+
+def _alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
+def test_children_end_when_the_server_is_killed(server_factory: Any) -> None:
+    server: ServerProcess = server_factory(POSTIER_DELIVERY_PROCESSES="2").start()
+    children = _children(server.proc.pid)  # type: ignore[union-attr]
+    assert len(children) == 2
+    server.kill()  # SIGKILL: no chance to stop them
+    deadline = time.monotonic() + 10
+    while _alive(children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive(children) == [], "delivery processes outlived a killed server"
