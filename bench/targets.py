@@ -32,6 +32,21 @@ from harness import (
 from loadgen import LoadResult, run_async, run_load
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the delivery children of ``postier serve
+    --delivery-processes``), so that their CPU counts as Postier's."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and all its threads so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

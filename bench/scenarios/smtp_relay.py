@@ -54,7 +54,7 @@ from harness import (
     status_counts,
     wait_settled,
 )
-from targets import cpu_seconds, machine_busy_seconds, own_cpu_seconds
+from targets import child_pids, cpu_seconds, machine_busy_seconds, own_cpu_seconds
 
 ORDER = 40
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -359,10 +359,12 @@ class SmtpRelay(Scenario):
             m.notes.append(f"smtp-source exited with {code}: {source.log_tail(2)[-200:]}")
         return m
 
-    def measure_postier(self, r: int, workers: int = 0) -> Measurement:
+    def measure_postier(self, r: int, workers: int = 0,
+                        delivery_processes: int = 0) -> Measurement:
         """``postier serve`` delivering itself (``workers`` = 0), or accepting only with
-        that many ``postier worker`` processes delivering (PostgreSQL)."""
-        label = f"{self.name}-r{r}-w{workers}"
+        that many ``postier worker`` processes delivering (PostgreSQL), or delivering in
+        ``delivery_processes`` children of its own (``--delivery-processes``)."""
+        label = f"{self.name}-r{r}-w{workers}-d{delivery_processes}"
         data_dir = copy_dir(self.template, self.ctx.workdir / label)
         url = self.database_for(label)
         smtp_port = free_port()
@@ -370,7 +372,9 @@ class SmtpRelay(Scenario):
             self.ctx, data_dir, delivery=workers == 0, database_url=url,
             profile_name=f"{self.name}-postier" if r == 0 and workers <= 1 else None,
             args=["--smtp", f"127.0.0.1:{smtp_port}", "--smtp-trusted-networks",
-                  "127.0.0.0/8", "--smtp-trusted-account", APP_USER],
+                  "127.0.0.0/8", "--smtp-trusted-account", APP_USER,
+                  *(["--delivery-processes", str(delivery_processes)]
+                    if delivery_processes else [])],
             # The per-account rate limit (600 a minute by default) is a policy, not a
             # cost: an administrator relaying an application's mailings raises it.
             env={"POSTIER_SMTP_RATE_PER_MINUTE": str(10 * self.params["messages"])})
@@ -380,7 +384,8 @@ class SmtpRelay(Scenario):
             for w in extra:
                 w.start()
             wait_smtp(smtp_port, server.process)
-            pids = [server.process.pid] + [w.pid for w in extra]
+            pids = ([server.process.pid] + [w.pid for w in extra]
+                    + child_pids(server.process.pid))
 
             def cpu() -> float:
                 return sum(cpu_seconds(pid) for pid in pids)
@@ -431,12 +436,18 @@ class SmtpRelay(Scenario):
         return [
             System("postier", "postier", self.measure_postier,
                    "postier serve --smtp, trusted network, delivery to the sink (defaults)"),
+            System("postier-2proc", "postier",
+                   lambda r: self.measure_postier(r, delivery_processes=1),
+                   "the same with --delivery-processes 1: delivery in a child process, "
+                   "acceptance in the server (a machine with two cores)"),
             System("postfix", "baseline", self.measure_postfix,
                    "Postfix 3 (Debian) as a relay to the same sink, defaults"),
         ]
 
     def ratios(self) -> list[Ratio]:
-        return [Ratio("Postier / Postfix, end to end", "postier", "postfix", target=2.0)]
+        return [Ratio("Postier / Postfix, end to end", "postier", "postfix", target=2.0),
+                Ratio("Postier (delivery process) / Postfix, end to end", "postier-2proc",
+                      "postfix", target=2.0)]
 
 
 SCENARIO = SmtpRelay
