@@ -35,7 +35,7 @@ from harness import (
     wait_settled,
 )
 from loadgen import build_request, run_async, run_load
-from targets import cpu_seconds, machine_busy_seconds, own_cpu_seconds
+from targets import child_pids, cpu_seconds, machine_busy_seconds, own_cpu_seconds
 
 ORDER = 30
 BATCH = "/api/v1/messages/batch"
@@ -119,19 +119,27 @@ class Delivery(Scenario):
                    "cpu_us_per_msg": cpu / sent * 1e6 if sent else 0.0},
         )
 
-    def measure_postier(self, r: int) -> Measurement:
+    def measure_postier(self, r: int, delivery_processes: int = 0) -> Measurement:
         count = self.params["messages"]
-        data_dir = copy_dir(self.filled, self.ctx.workdir / f"delivery-r{r}")
-        server = PostierServer(self.ctx, data_dir, delivery=True,
-                               profile_name=f"{self.name}-postier" if r == 0 else None)
+        data_dir = copy_dir(self.filled, self.ctx.workdir / f"delivery-r{r}-d{delivery_processes}")
+        server = PostierServer(
+            self.ctx, data_dir, delivery=True,
+            profile_name=f"{self.name}-postier" if r == 0 and not delivery_processes else None,
+            args=["--delivery-processes", str(delivery_processes)] if delivery_processes
+            else None)
         base = self.sink.count
         spawned = time.monotonic()
         try:
             server.start()
-            cpu0, at0 = cpu_seconds(server.process.pid), self.sink.count
+            pids = [server.process.pid, *child_pids(server.process.pid)]
+
+            def used() -> float:
+                return sum(cpu_seconds(pid) for pid in pids)
+
+            cpu0, at0 = used(), self.sink.count
             window = self._window()
             first, last = self._drained(base, server.process)
-            cpu = cpu_seconds(server.process.pid) - cpu0
+            cpu = used() - cpu0
             other = window(cpu)
             settled = wait_settled(server.url, self.token)
         finally:
@@ -180,6 +188,10 @@ class Delivery(Scenario):
         return [
             System("postier", "postier", self.measure_postier,
                    f"postier serve, delivery on, {c} relay connections"),
+            System("postier-2proc", "postier",
+                   lambda r: self.measure_postier(r, delivery_processes=2),
+                   f"postier serve --delivery-processes 2: two delivery processes, {c} "
+                   "relay connections each"),
             System("aiosmtplib", "baseline", self.measure_baseline,
                    f"raw aiosmtplib, same bytes, {c} reused connections, asyncio loop"),
             System("aiosmtplib-uvloop", "baseline",
@@ -189,7 +201,9 @@ class Delivery(Scenario):
 
     def ratios(self) -> list[Ratio]:
         return [Ratio("Postier / Python ceiling (aiosmtplib)", "postier", "aiosmtplib",
-                      target=0.70)]
+                      target=0.80),
+                Ratio("Postier, 2 delivery processes / Python ceiling", "postier-2proc",
+                      "aiosmtplib", target=0.80)]
 
 
 SCENARIO = Delivery
