@@ -9,7 +9,8 @@
   even when nothing is being sent;
 - ``queue_behind``: an e-mail still waiting (queued, being sent or deferred) was accepted
   more than ``alerts.oldest_deferred_after`` seconds ago;
-- ``oauth2_expiry``: an OAuth2 client secret expires within ``alerts.credential_expiry_days``.
+- ``oauth2_expiry``: an OAuth2 client secret (or certificate) expires within
+  ``alerts.credential_expiry_days``.
 
 An incident is a row of ``incidents``: opening it is an atomic insert against a partial
 unique index and closing it an update of an open row, so each is done by exactly one
@@ -53,7 +54,7 @@ from postier import __version__
 from postier.administration import require_admin
 from postier.delivery.relay import RelayPool, tls_context
 from postier.i18n import N_, translate
-from postier.settings import AuthMethod, DeliverySettings, RelaySettings, WebhookEvent
+from postier.settings import DeliverySettings, RelaySettings, WebhookEvent
 from postier.store import alerts as db
 from postier.store.base import Establishment, User
 from postier.store.sql import SQLStore
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("postier.alerts")
 
 RELAY_FAILING, QUEUE_BEHIND, OAUTH2_EXPIRY = "relay_failing", "queue_behind", "oauth2_expiry"
+OAUTH2_CERTIFICATE_EXPIRY = "oauth2_certificate_expiry"  # an OAUTH2_EXPIRY's own wording
 KINDS = (RELAY_FAILING, QUEUE_BEHIND, OAUTH2_EXPIRY)
 # Alert e-mails go before every other e-mail waiting (normal is 0, bulk 1).
 ALERT_PRIORITY = -1
@@ -88,6 +90,7 @@ MESSAGES = {
     QUEUE_BEHIND: N_("E-mails are waiting too long: the oldest was accepted on {accepted} "
                      "({count} e-mails waiting)."),
     OAUTH2_EXPIRY: N_("The OAuth2 client secret of {relay} expires on {date}."),
+    OAUTH2_CERTIFICATE_EXPIRY: N_("The OAuth2 certificate of {relay} expires on {date}."),
 }
 HINTS = {
     RELAY_FAILING: N_("Nothing is lost: Postier keeps trying. Check the relay with the "
@@ -96,6 +99,10 @@ HINTS = {
     OAUTH2_EXPIRY: N_("Create a new client secret with the provider, then enter it and its "
                       "expiry date in the sending settings: when it expires, e-mails stop "
                       "leaving."),
+    OAUTH2_CERTIFICATE_EXPIRY: N_(
+        "Make a new certificate, register it on the application in Entra ID, then paste "
+        "it and its private key in the sending settings: when the certificate expires, "
+        "e-mails stop leaving."),
 }
 ALERT_SUBJECT = N_("Postier alert")
 OVER_SUBJECT = N_("Postier alert over")
@@ -119,13 +126,14 @@ def describe(incident: db.Incident, lang: str) -> dict[str, Any]:
     """An incident as every interface shows it, in the reader's language."""
     template = MESSAGES.get(incident.details.get("template", incident.kind), "")
     params = incident.details.get("params", {})
+    hint = HINTS.get(incident.details.get("template", ""), HINTS.get(incident.kind))
     return {
         "id": incident.id,
         "kind": incident.kind,
         "status": "open" if incident.open else "resolved",
         "title": translate(lang, KIND_LABELS.get(incident.kind, incident.kind)),
         "message": translate(lang, template, **params) if template else incident.kind,
-        "hint": translate(lang, HINTS[incident.kind]) if incident.kind in HINTS else None,
+        "hint": translate(lang, hint) if hint else None,
         "started_at": _iso(incident.started_at),
         "resolved_at": _iso(incident.resolved_at),
         "details": {k: v for k, v in incident.details.items() if k not in ("params",
@@ -293,22 +301,25 @@ def _queue(settings: DeliverySettings, now: float, oldest: tuple[float, int] | N
 
 
 def _expiry(settings: DeliverySettings, now: float) -> Condition:
-    soonest: tuple[dt.date, RelaySettings] | None = None
+    soonest: tuple[dt.date, RelaySettings, str] | None = None
     for relay in (settings.relay, settings.backup_relay):
-        if relay is None or relay.auth != AuthMethod.OAUTH2 or not relay.oauth2_secret_expires:
+        if relay is None:
             continue
-        date = dt.date.fromisoformat(relay.oauth2_secret_expires)
-        if soonest is None or date < soonest[0]:
-            soonest = (date, relay)
+        for kind, date in relay.oauth2_expiries():
+            if soonest is None or date < soonest[0]:
+                soonest = (date, relay, kind)
     if soonest is None:
         return CLEAR
-    date, relay = soonest
+    date, relay, kind = soonest
     expires = dt.datetime.combine(date, dt.time(), dt.UTC).timestamp()
     warn_from = expires - settings.alerts.credential_expiry_days * 86400
     if now < warn_from:
         return CLEAR
-    return Firing(warn_from, {"params": {"relay": relay.describe(), "date": date.isoformat()},
-                              "relay": relay.describe(), "expires": date.isoformat()})
+    details = {"params": {"relay": relay.describe(), "date": date.isoformat()},
+               "relay": relay.describe(), "expires": date.isoformat()}
+    if kind == "certificate":
+        details["template"] = OAUTH2_CERTIFICATE_EXPIRY
+    return Firing(warn_from, details)
 
 
 # -- channels -----------------------------------------------------------------------------------

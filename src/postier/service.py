@@ -729,16 +729,21 @@ def explain_error(last_error: str | None, lang: str) -> dict[str, Any] | None:
 
 
 def settings_warnings(settings: DeliverySettings, lang: str = "en") -> list[str]:
-    """What will stop e-mails from leaving soon: an OAuth2 client secret about to expire."""
-    out: list[str] = []
-    expires = settings.relay.oauth2_secret_expires
-    if settings.relay.auth == "oauth2" and expires:
-        import datetime
+    """What will stop e-mails from leaving soon: an OAuth2 client secret or certificate
+    about to expire."""
+    import datetime
 
-        if datetime.date.fromisoformat(expires) - datetime.date.today() <= datetime.timedelta(
-            days=30
-        ):
+    out: list[str] = []
+    for kind, date in settings.relay.oauth2_expiries():
+        if date - datetime.date.today() > datetime.timedelta(days=30):
+            continue
+        if kind == "certificate":
+            out.append(translate(lang, N_(
+                "The OAuth2 certificate expires on {date}: register a new one on the "
+                "application in Entra ID and paste it here with its key before then, or "
+                "e-mails will stop leaving."), date=date.isoformat()))
+        else:
             out.append(translate(lang, N_(
                 "The OAuth2 client secret expires on {date}: renew it before then, or "
-                "e-mails will stop leaving."), date=expires))
+                "e-mails will stop leaving."), date=date.isoformat()))
     return out

@@ -17,11 +17,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from postier import policy
+from postier import client_certificate, policy
 from postier.errors import InvalidSetting
 from postier.i18n import N_
 
@@ -50,7 +51,7 @@ class AuthMethod(StrEnum):
 
 
 class OAuth2Provider(StrEnum):
-    MICROSOFT = "microsoft"  # client-credentials flow (tenant, client id, secret)
+    MICROSOFT = "microsoft"  # client credentials (tenant, client id, secret or certificate)
     GOOGLE = "google"  # refresh token (client id, secret, refresh token)
 
 
@@ -87,6 +88,18 @@ class RelaySettings(_Model):
                                              description="Write-only; never returned")
     oauth2_refresh_token: str | None = Field(None, max_length=4000,
                                              description="Google: write-only")
+    # Microsoft's certificate credentials, instead of a client secret (the certificate
+    # comes first so that the key's check can compare the two).
+    oauth2_certificate: str | None = Field(
+        None, max_length=client_certificate.PEM_MAX,
+        description="Microsoft: the certificate (PEM) whose public part is registered on "
+        "the application; write-only. With oauth2_private_key, used instead of the secret",
+    )
+    oauth2_private_key: str | None = Field(
+        None, max_length=client_certificate.PEM_MAX, validate_default=True,
+        description="Microsoft: the certificate's RSA private key (PEM, no passphrase); "
+        "write-only",
+    )
     oauth2_token_url: str = Field("", max_length=500,
                                   description="Token endpoint, when not the provider's")
     oauth2_secret_expires: str = Field(
@@ -130,6 +143,28 @@ class RelaySettings(_Model):
             datetime.date.fromisoformat(value)  # its ValueError says what is wrong
         return value
 
+    @field_validator("oauth2_certificate")
+    @classmethod
+    def _certificate(cls, value: str | None) -> str | None:
+        return client_certificate.check_certificate(value) if value else value
+
+    @field_validator("oauth2_private_key")
+    @classmethod
+    def _private_key(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if "oauth2_certificate" not in info.data:  # the certificate itself was refused
+            return value
+        certificate = info.data["oauth2_certificate"]
+        if value and certificate:
+            client_certificate.load(value, certificate)  # says what does not match
+        elif value:
+            client_certificate.check_private_key(value)
+            raise InvalidSetting(N_("Paste the certificate too: Postier needs the private "
+                                    "key and its certificate."))
+        elif certificate:
+            raise InvalidSetting(N_("Paste the certificate's private key too: Postier "
+                                    "needs the private key and its certificate."))
+        return value
+
     @field_validator("url", "oauth2_token_url")
     @classmethod
     def _url(cls, value: str) -> str:
@@ -138,6 +173,25 @@ class RelaySettings(_Model):
     @property
     def configured(self) -> bool:
         return bool(self.url if self.kind == RelayKind.POSTIER else self.host)
+
+    def certificate_credentials(self) -> client_certificate.ClientCertificate | None:
+        """The checked certificate credentials, when both parts are set."""
+        if self.oauth2_private_key and self.oauth2_certificate:
+            return client_certificate.load(self.oauth2_private_key, self.oauth2_certificate)
+        return None
+
+    def oauth2_expiries(self) -> list[tuple[str, datetime.date]]:
+        """When this relay's OAuth2 credentials stop working, soonest first: ``("secret",
+        date)`` as entered, ``("certificate", date)`` read from the certificate."""
+        if self.auth != AuthMethod.OAUTH2:
+            return []
+        out = []
+        if self.oauth2_secret_expires:
+            out.append(("secret", datetime.date.fromisoformat(self.oauth2_secret_expires)))
+        pair = self.certificate_credentials()
+        if pair is not None:
+            out.append(("certificate", pair.not_after))
+        return sorted(out, key=lambda x: x[1])
 
     def describe(self) -> str:
         return self.url if self.kind == RelayKind.POSTIER else f"{self.host}:{self.port}"
@@ -157,6 +211,8 @@ class RelaySettings(_Model):
             self.oauth2_client_id,
             self.oauth2_client_secret,
             self.oauth2_refresh_token,
+            self.oauth2_private_key,
+            self.oauth2_certificate,
             self.verify_tls,
         )
 
@@ -168,7 +224,8 @@ class RelaySettings(_Model):
 
 
 # Write-only fields of a relay: encrypted at rest, shown as ``<name>_set`` only.
-SECRET_FIELDS = ("password", "oauth2_client_secret", "oauth2_refresh_token")
+SECRET_FIELDS = ("password", "oauth2_client_secret", "oauth2_refresh_token",
+                 "oauth2_certificate", "oauth2_private_key")
 RELAY_SECTIONS = ("relay", "backup_relay")
 
 

@@ -1,11 +1,12 @@
 """OAuth2 access tokens for XOAUTH2 (Microsoft 365, Google Workspace), whose basic SMTP
 authentication is being retired.
 
-Microsoft 365 uses the client-credentials flow (tenant, application id and secret; the
-application needs the SMTP.SendAsApp permission with an administrator's consent, and the
-mailbox must allow it); Google Workspace a refresh token (client id and secret). Tokens
-are cached per process and refreshed two minutes before they expire, so a relay
-conversation never waits for the token service when it does not have to.
+Microsoft 365 uses the client-credentials flow (tenant, application id, and a secret or a
+certificate: see :mod:`postier.client_certificate`; the application needs the
+SMTP.SendAsApp permission with an administrator's consent, and the mailbox must allow it);
+Google Workspace a refresh token (client id and secret). Tokens are cached per process and
+refreshed two minutes before they expire, so a relay conversation never waits for the token
+service when it does not have to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from postier.client_certificate import ASSERTION_TYPE
 from postier.errors import DeliveryError
 from postier.i18n import N_
 from postier.settings import OAuth2Provider, RelaySettings
@@ -25,6 +27,9 @@ GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"  # noqa: S105 - an addr
 REFRESH_AHEAD = 120.0
 
 _cache: dict[str, tuple[str, float]] = {}
+# Entra ID's answers to an assertion signed with a certificate it does not know (700027:
+# not registered on the application; 50012: invalid signature).
+_ASSERTION_REFUSED = ("AADSTS700027", "AADSTS50012")
 
 
 def token_url(relay: RelaySettings) -> str:
@@ -40,33 +45,58 @@ def _form(relay: RelaySettings) -> dict[str, str]:
         return {"grant_type": "refresh_token", "client_id": relay.oauth2_client_id,
                 "client_secret": relay.oauth2_client_secret or "",
                 "refresh_token": relay.oauth2_refresh_token or ""}
-    return {"grant_type": "client_credentials", "client_id": relay.oauth2_client_id,
-            "client_secret": relay.oauth2_client_secret or "", "scope": MICROSOFT_SCOPE}
+    form = {"grant_type": "client_credentials", "client_id": relay.oauth2_client_id,
+            "scope": MICROSOFT_SCOPE}
+    pair = relay.certificate_credentials()
+    if pair is not None:  # certificate credentials: a signed assertion, no secret sent
+        form["client_assertion_type"] = ASSERTION_TYPE
+        form["client_assertion"] = pair.assertion(relay.oauth2_client_id, token_url(relay))
+    else:
+        form["client_secret"] = relay.oauth2_client_secret or ""
+    return form
 
 
 def _key(relay: RelaySettings) -> str:
     parts = [token_url(relay), relay.oauth2_client_id, relay.oauth2_client_secret or "",
-             relay.oauth2_refresh_token or ""]
+             relay.oauth2_refresh_token or "", relay.oauth2_private_key or "",
+             relay.oauth2_certificate or ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def _refused(relay: RelaySettings, doc: dict[str, Any], status: int) -> DeliveryError:
     error = str(doc.get("error") or f"HTTP {status}")
     description = str(doc.get("error_description") or "").split("\r\n")[0][:300]
-    if "consent" in description.lower() or "AADSTS65001" in description \
+    pair = (relay.certificate_credentials()
+            if relay.oauth2_provider == OAuth2Provider.MICROSOFT else None)
+    if pair is not None and any(code in description for code in _ASSERTION_REFUSED):
+        hint = N_("The certificate Postier signs with is not registered on the application: "
+                  "in Entra ID, open App registrations, the application, Certificates & "
+                  "secrets, Certificates, and upload this certificate (its thumbprint is "
+                  "{thumbprint}); or paste here the key and certificate of the one "
+                  "registered there.")
+    elif pair is not None and "AADSTS700024" in description:
+        hint = N_("The certificate's signature was refused as out of its time range: set "
+                  "this server's clock right (NTP).")
+    elif "consent" in description.lower() or "AADSTS65001" in description \
             or error == "unauthorized_client":
         hint = N_("An administrator of the tenant must grant consent to the application "
                   "(permission SMTP.SendAsApp) and allow it on the mailbox.")
     elif error == "invalid_grant":
         hint = N_("The refresh token was revoked or has expired: create a new one.")
+    elif pair is not None:
+        hint = N_("Check the application (client) id and that the certificate registered "
+                  "on it in Entra ID is this one (thumbprint {thumbprint}) and still "
+                  "valid.")
     else:
         hint = N_("Check the application (client) id and its secret; a client secret "
                   "expires and must then be renewed.")
+    extra = {"thumbprint": pair.thumbprint} if pair is not None else {}
     return DeliveryError(
         N_("The OAuth2 token service refused this server's credentials: {error} "
            "{description}"),
         hint=hint, code="oauth2_refused", transient=True, step="auth",
         reply=f"{error} {description}".strip(), error=error, description=description,
+        **extra,
     )
 
 
