@@ -851,32 +851,23 @@ class SQLStore(Store):
         return held
 
     async def release_expired_leases(self, now: float, *, everything: bool = False) -> int:
-        async def job(conn: AsyncConnection) -> int:
-            expired = t.messages.c.status == _constant(SENDING)
-            if not everything:
-                expired = expired & (t.messages.c.lease_expires_at < now)
-            res = await conn.execute(
-                update(t.messages)
-                .where(expired)
-                .values(
-                    status=DEFERRED,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    next_attempt_at=now,
-                    updated_at=now,
-                )
-            )
-            return int(res.rowcount)
-
-        result: int = await self.write(job)
-        return result
+        expired = t.messages.c.status == _constant(SENDING)
+        if not everything:
+            expired = expired & (t.messages.c.lease_expires_at < now)
+        return await self._give_back(expired, now)
 
     async def release_worker(self, worker_id: str) -> int:
+        return await self._give_back(
+            (t.messages.c.status == _constant(SENDING)) & (t.messages.c.lease_owner == worker_id),
+            time.time(),
+        )
+
+    async def _give_back(self, which: Any, now: float) -> int:
+        """The e-mails ``which`` selects back to the queue, due at ``now``."""
         async def job(conn: AsyncConnection) -> int:
-            now = time.time()
             res = await conn.execute(
                 update(t.messages)
-                .where(t.messages.c.status == SENDING, t.messages.c.lease_owner == worker_id)
+                .where(which)
                 .values(
                     status=DEFERRED,
                     lease_owner=None,
