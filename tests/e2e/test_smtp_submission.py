@@ -15,6 +15,7 @@ import pytest
 
 from support.relay import FaultRelay
 from support.server import ServerProcess, free_port
+from support.smtp_client import read_reply
 
 MESSAGE = (
     "From: Bob Durand <bob.durand@gmail.com>\r\n"
@@ -124,19 +125,6 @@ def test_sending_as_someone_else_is_refused(smtp_server: ServerProcess, relay: F
     assert relay.messages == []
 
 
-def _read_reply(s: ssl.SSLSocket) -> bytes:
-    """One whole SMTP reply (its last line is "NNN text")."""
-    buf = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            return buf
-        buf += chunk
-        lines = buf.split(b"\r\n")
-        if len(lines) >= 2 and len(lines[-2]) >= 4 and lines[-2][3:4] == b" ":
-            return buf
-
-
 def _raw_session(server: ServerProcess, payload: bytes) -> list[bytes]:
     """Speak SMTP byte for byte (smtplib would fix the line endings)."""
     import base64
@@ -146,14 +134,14 @@ def _raw_session(server: ServerProcess, payload: bytes) -> list[bytes]:
     auth = base64.b64encode(b"\0alice\0motdepasse-alice").decode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
             ctx.wrap_socket(raw, server_hostname="localhost") as s:
-        replies = [_read_reply(s)]
+        replies = [read_reply(s)]
         for line in (b"EHLO test\r\n", f"AUTH PLAIN {auth}\r\n".encode(),
                      b"MAIL FROM:<alice.martin@ac-lyon.fr>\r\n", b"RCPT TO:<p@example.org>\r\n",
                      b"DATA\r\n"):
             s.sendall(line)
-            replies.append(_read_reply(s))
+            replies.append(read_reply(s))
         s.sendall(payload)
-        replies.append(_read_reply(s))
+        replies.append(read_reply(s))
         s.sendall(b"QUIT\r\n")
         return replies
 

@@ -25,6 +25,7 @@ from postier.smtp_server import SubmissionConfig, self_signed, server_tls_contex
 
 from support.relay import FaultRelay
 from support.server import ServerProcess, free_port
+from support.smtp_client import read_reply
 
 ALICE = "alice.martin@ac-lyon.fr"
 AUTH = base64.b64encode(b"\0alice\0motdepasse-alice").decode()
@@ -33,19 +34,6 @@ MAX_SIZE = 65536
 
 def _tls(server: ServerProcess) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(server.data_dir / "smtp-cert.pem"))
-
-
-def read_reply(s: socket.socket) -> bytes:
-    """One whole SMTP reply (its last line is "NNN text"), or what came before EOF."""
-    buf = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return buf
-        buf += chunk
-        lines = buf.split(b"\r\n")
-        if len(lines) >= 2 and len(lines[-2]) >= 4 and lines[-2][3:4] == b" ":
-            return buf
 
 
 @pytest.fixture(scope="module")
