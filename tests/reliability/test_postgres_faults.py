@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +20,10 @@ import pytest
 from cryptography.fernet import Fernet
 from reliability_kit import Submitter, record_figures, subjects, wait_until
 
-from postier.config import ServerConfig
-from postier.message import MessageIn
-from postier.service import Postier
-
 from support.databases import PG_ADMIN, create_pg_database, drop_pg_database
 from support.relay import FaultRelay
 from support.server import ServerProcess
+from support.workers import fill_queue, start_worker
 
 pytestmark = pytest.mark.postgres
 CONCURRENCY = 4  # connections per relay and worker
@@ -90,34 +86,6 @@ def test_connections_cut_under_load_lose_nothing_acknowledged(
                    results_not_written=unrecorded)
 
 
-async def _fill(url: str, data_dir: Path, relay: FaultRelay, count: int) -> None:
-    core = Postier(ServerConfig(data_dir=data_dir, database_url=url, hostname="ac-lyon.fr"))
-    await core.open()
-    try:
-        admin = await core.add_user("admin", "direction@ac-lyon.fr", role="admin")
-        await core.put_settings(admin, {
-            "allowed_domains": ["ac-lyon.fr"],
-            "relay": {"host": relay.host, "port": relay.port, "security": "none",
-                      "timeout": 10},
-            "retry": {"first_delay": 1, "max_delay": 2}})
-        await core.submit(admin, [
-            MessageIn.model_validate({"to": [f"e{i}@example.org"], "subject": f"s{i}"})
-            for i in range(count)])
-    finally:
-        await core.close()
-
-
-def _worker(url: str, data_dir: Path, name: str, env: dict[str, str]
-            ) -> tuple[subprocess.Popen[bytes], Path]:
-    log = data_dir / f"{name}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "postier", "worker", "--database-url", url,
-         "--data-dir", str(data_dir / name)],
-        env={**os.environ, "POSTIER_POLL_INTERVAL": "0.2", **env},
-        stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return proc, log
-
-
 async def _owned(url: str) -> collections.Counter[str]:
     conn = await asyncpg.connect(url, timeout=10)
     try:
@@ -144,11 +112,11 @@ def frozen_run(tmp_path_factory: pytest.TempPathFactory, relay_cert: tuple[Path,
     try:
         os.environ["POSTIER_SECRET_KEY"] = env["POSTIER_SECRET_KEY"]
         try:
-            asyncio.run(_fill(pg_url, tmp_path, relay, total))
+            asyncio.run(fill_queue(pg_url, tmp_path, relay, total))
         finally:
             del os.environ["POSTIER_SECRET_KEY"]
         relay.stall = ("after_data", 0.05)
-        frozen, frozen_log = _worker(pg_url, tmp_path, "w0", env)
+        frozen, frozen_log = start_worker(pg_url, tmp_path, "w0", env)
         worker_id = wait_until(
             lambda: (re.findall(r"delivery worker (w-[0-9a-f]+)", frozen_log.read_text())
                      or [None])[0], timeout=20, what="the first worker running")
@@ -156,7 +124,7 @@ def frozen_run(tmp_path_factory: pytest.TempPathFactory, relay_cert: tuple[Path,
                    len(relay.messages) >= 10, timeout=20, what="deliveries under way")
         os.kill(frozen.pid, signal.SIGSTOP)  # cut off: no renewal, no result written
         held = asyncio.run(_owned(pg_url))[worker_id]
-        other, _ = _worker(pg_url, tmp_path, "w1", env)
+        other, _ = start_worker(pg_url, tmp_path, "w1", env)
         time.sleep(6)  # twice the lease: the other worker takes over
         os.kill(frozen.pid, signal.SIGCONT)
         wait_until(lambda: len(set(subjects(relay.messages))) == total, timeout=90,
