@@ -362,3 +362,45 @@ def test_alerts_and_their_webhook_are_set_and_the_secret_is_write_only(
     _save(page)
     alerts = _settings(shared_server)["alerts"]
     assert alerts["webhook_url"] == "" and alerts["webhook_secret_set"] is False
+
+
+def test_oauth2_certificate_pasted_is_saved_checked_and_never_shown_again(
+    web: Web, web_server: ServerProcess
+) -> None:
+    from support.oauth import make_certificate
+
+    key_pem, cert_pem = make_certificate("Postier Collège")
+    other_key, _ = make_certificate("Another")
+    page = web.sign_in("admin")
+    page.goto("/settings")
+    page.fill(_field("relay.host"), "smtp.office365.com")
+    page.select_option(_field("relay.auth"), "oauth2")
+    page.select_option(_field("relay.oauth2_provider"), "microsoft")
+    page.fill(_field("relay.oauth2_tenant"), "6f1c2d3e-tenant")
+    page.fill(_field("relay.oauth2_client_id"), "a1b2c3-client")
+
+    # A key that is not the certificate's: refused on its field, nothing saved.
+    page.fill(_field("relay.oauth2_certificate"), cert_pem)
+    page.fill(_field("relay.oauth2_private_key"), other_key)
+    page.click("form.settings .actions button:has-text('Enregistrer')")
+    error = page.locator("#e-relay\\.oauth2_private_key")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("certificat")
+    assert _settings(web_server)["relay"]["oauth2_certificate_set"] is False
+
+    # The pair: saved, and the page shows that it is, never the key.
+    page.goto("/settings")
+    page.fill(_field("relay.host"), "smtp.office365.com")
+    page.select_option(_field("relay.auth"), "oauth2")
+    page.select_option(_field("relay.oauth2_provider"), "microsoft")
+    page.fill(_field("relay.oauth2_tenant"), "6f1c2d3e-tenant")
+    page.fill(_field("relay.oauth2_client_id"), "a1b2c3-client")
+    page.fill(_field("relay.oauth2_certificate"), cert_pem)
+    page.fill(_field("relay.oauth2_private_key"), key_pem)
+    _save(page)
+    relay = _settings(web_server)["relay"]
+    assert relay["oauth2_certificate_set"] is True and relay["oauth2_private_key_set"] is True
+    body = page.content()
+    assert "PRIVATE KEY" not in body and key_pem.splitlines()[1] not in body
+    assert page.input_value(_field("relay.oauth2_private_key")) == ""
+    expect(page.locator("#h-relay\\.oauth2_private_key")).to_contain_text("enregistrée")

@@ -337,8 +337,9 @@ async def test_alerts_are_for_the_establishment_administrators_only(
 
 
 def test_the_banner_shows_an_open_incident_to_administrators_only(
-    server: ServerProcess,
+    server_factory: Any,
 ) -> None:
+    server: ServerProcess = server_factory()  # provisioned, started below
     server.args = ["--no-delivery"]
 
     async def raise_incident() -> None:
