@@ -200,9 +200,12 @@ class DeliveryProcesses:
         self._stopping = False
 
     def notify(self) -> None:
+        # Called after an acceptance is stored: never let a wake-up fail it. A full pipe
+        # already holds a wake-up; a child being restarted polls at its start.
         for _, _, fd in self._children:
-            with contextlib.suppress(BlockingIOError, BrokenPipeError):
-                os.write(fd, b".")  # a full pipe already holds a wake-up
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(fd, b".")
 
     async def _spawn(self, worker_id: str) -> tuple[asyncio.subprocess.Process, int]:
         read_fd, write_fd = os.pipe()
@@ -235,19 +238,27 @@ class DeliveryProcesses:
         while not self._stopping:
             await asyncio.sleep(0.5)
             for i, (worker_id, proc, fd) in enumerate(self._children):
-                if proc is None or proc.returncode is None or self._stopping:
+                if self._stopping:
+                    break
+                if proc is not None and proc.returncode is None:
                     continue
-                log.error("delivery process %s (pid %d) ended with status %s; starting it "
-                          "again", worker_id, proc.pid, proc.returncode)
-                os.close(fd)
+                if proc is not None:
+                    log.error("delivery process %s (pid %d) ended with status %s; starting "
+                              "it again", worker_id, proc.pid, proc.returncode)
+                    os.close(fd)
+                    self._children[i] = (worker_id, None, -1)
+                    try:
+                        back = await self.core.store.release_worker(worker_id)
+                        if back:
+                            log.info("%d e-mails it was sending go out again", back)
+                    except Exception:
+                        log.exception("could not give back the e-mails of %s; they come "
+                                      "back when their lease expires", worker_id)
                 try:
-                    back = await self.core.store.release_worker(worker_id)
-                    if back:
-                        log.info("%d e-mails it was sending go out again", back)
                     new_proc, new_fd = await self._spawn(worker_id)
                 except Exception:
-                    log.exception("could not start delivery process %s again", worker_id)
-                    self._children[i] = (worker_id, None, -1)
+                    log.exception("could not start delivery process %s; trying again",
+                                  worker_id)
                     continue
                 self._children[i] = (worker_id, new_proc, new_fd)
 

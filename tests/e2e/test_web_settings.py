@@ -364,6 +364,14 @@ def test_alerts_and_their_webhook_are_set_and_the_secret_is_write_only(
     assert alerts["webhook_url"] == "" and alerts["webhook_secret_set"] is False
 
 
+def _microsoft_oauth2(page: Any) -> None:
+    page.fill(_field("relay.host"), "smtp.office365.com")
+    page.select_option(_field("relay.auth"), "oauth2")
+    page.select_option(_field("relay.oauth2_provider"), "microsoft")
+    page.fill(_field("relay.oauth2_tenant"), "6f1c2d3e-tenant")
+    page.fill(_field("relay.oauth2_client_id"), "a1b2c3-client")
+
+
 def test_oauth2_certificate_pasted_is_saved_checked_and_never_shown_again(
     web: Web, web_server: ServerProcess
 ) -> None:
@@ -373,11 +381,7 @@ def test_oauth2_certificate_pasted_is_saved_checked_and_never_shown_again(
     other_key, _ = make_certificate("Another")
     page = web.sign_in("admin")
     page.goto("/settings")
-    page.fill(_field("relay.host"), "smtp.office365.com")
-    page.select_option(_field("relay.auth"), "oauth2")
-    page.select_option(_field("relay.oauth2_provider"), "microsoft")
-    page.fill(_field("relay.oauth2_tenant"), "6f1c2d3e-tenant")
-    page.fill(_field("relay.oauth2_client_id"), "a1b2c3-client")
+    _microsoft_oauth2(page)
 
     # A key that is not the certificate's: refused on its field, nothing saved.
     page.fill(_field("relay.oauth2_certificate"), cert_pem)
@@ -390,11 +394,7 @@ def test_oauth2_certificate_pasted_is_saved_checked_and_never_shown_again(
 
     # The pair: saved, and the page shows that it is, never the key.
     page.goto("/settings")
-    page.fill(_field("relay.host"), "smtp.office365.com")
-    page.select_option(_field("relay.auth"), "oauth2")
-    page.select_option(_field("relay.oauth2_provider"), "microsoft")
-    page.fill(_field("relay.oauth2_tenant"), "6f1c2d3e-tenant")
-    page.fill(_field("relay.oauth2_client_id"), "a1b2c3-client")
+    _microsoft_oauth2(page)
     page.fill(_field("relay.oauth2_certificate"), cert_pem)
     page.fill(_field("relay.oauth2_private_key"), key_pem)
     _save(page)
