@@ -322,19 +322,17 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
         log.warning("secret key file: %s", problem)
 
     async def startup() -> None:
+        if lock is not None:
+            # This process, or its delivery children, is the store's only deliverer: what
+            # is still "sending" was interrupted by a previous stop.
+            back = await core.store.release_expired_leases(time.time(), everything=True)
+            if back:
+                log.info("%d e-mails interrupted by a previous stop go out again", back)
         if worker is not None:
-            if lock is not None:
-                back = await core.store.release_expired_leases(time.time(), everything=True)
-                if back:
-                    log.info("%d e-mails interrupted by a previous stop go out again", back)
             core.on_accept(worker.notify)
             await worker.start()
             await listen(core, worker)
         if children is not None:
-            if lock is not None:
-                back = await core.store.release_expired_leases(time.time(), everything=True)
-                if back:
-                    log.info("%d e-mails interrupted by a previous stop go out again", back)
             core.on_accept(children.notify)
             await children.start()
         if alerts is not None:
