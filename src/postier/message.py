@@ -144,6 +144,17 @@ def _check_line(value: str, breaks: str, control: str, **params: Any) -> None:
         raise InvalidMessageField(control, char=_codepoint(found.group()), **params)
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` has no lone surrogate (the only characters UTF-8 cannot encode)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _address(value: str) -> str:
     return policy.normalize_address(value)
 
@@ -300,7 +311,10 @@ class MessageIn(BaseModel):
     @field_validator("text", "html")
     @classmethod
     def _body(cls, value: str | None) -> str | None:
-        if value is not None:
+        # The expression costs ~14 µs over a 2 KiB body; a NUL search and an ASCII test
+        # (or, for other text, an encoding, which only lone surrogates fail) settle the
+        # usual body in well under 2. The expression then finds the first culprit.
+        if value is not None and ("\x00" in value or not _encodable(value)):
             found = _BODY_FORBIDDEN.search(value)
             if found:
                 raise InvalidMessageField(_BODY_CHAR, char=_codepoint(found.group()))
@@ -423,7 +437,7 @@ def build_message(
     # Bcc recipients are in the envelope only: writing them anywhere in the data would
     # show them to every recipient.
     head.append(_unstructured("Subject", msg.subject))
-    head.append(f"Date: {format_datetime(date)}\r\n")
+    head.append(_date_header(date))
     head.append(f"Message-ID: {message_id}\r\n")
     head.append("MIME-Version: 1.0\r\n")
     for name, value in msg.headers.items():
@@ -444,6 +458,20 @@ def build_message(
         size=len(data),
         smtputf8=smtputf8,
     )
+
+
+def _date_header(date: datetime) -> str:
+    # The header shows whole seconds: the e-mails of a batch share one (format_datetime
+    # costs ~4 µs). Only UTC dates, the usual ones, are cached: aware dates of other zones
+    # equal to them would print another offset.
+    if date.tzinfo is UTC:
+        return _utc_date_header(date.replace(microsecond=0))
+    return f"Date: {format_datetime(date)}\r\n"
+
+
+@functools.lru_cache(maxsize=16)
+def _utc_date_header(date: datetime) -> str:
+    return f"Date: {format_datetime(date)}\r\n"
 
 
 def _identity(value: str) -> str:
@@ -493,14 +521,25 @@ def _single_text_part(text: str, subtype: str) -> bytes | None:
     """What ``_mime_body`` gives for a lone text part, byte for byte (a property test holds
     it to that), when 7bit or 8bit can carry it; ``None`` otherwise (lines over 998 octets
     need quoted-printable or base64: left to the email package)."""
-    lines = text.encode("utf-8").splitlines()
-    if lines and max(map(len, lines)) > MAX_LINE:
-        return None
+    raw = text.encode("utf-8")
+    if b"\r" in raw:
+        lines = raw.splitlines()
+        if lines and max(map(len, lines)) > MAX_LINE:
+            return None
+        data = b"\r\n".join(lines) + b"\r\n"
+    else:
+        # LF only, the usual text: the same bytes without a list of lines (~3 µs less for
+        # 2 KiB).
+        if len(raw) > MAX_LINE and max(map(len, raw.split(b"\n"))) > MAX_LINE:
+            return None
+        data = raw.replace(b"\n", b"\r\n")
+        if not raw.endswith(b"\n"):
+            data += b"\r\n"
     cte = "7bit" if text.isascii() else "8bit"
     head = (
         f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
     )
-    return head.encode("ascii") + b"\r\n".join(lines) + b"\r\n"
+    return head.encode("ascii") + data
 
 
 def _alternative(text: str, html: str, boundary: str | None = None) -> bytes | None:
@@ -624,11 +663,27 @@ def _encoded_words(text: str) -> list[str]:
     characters. Q encoding when it is not longer than base64 (mostly Latin text), base64
     otherwise."""
     raw = text.encode("utf-8")
-    q_parts = [_q_char(c) for c in text]
-    q_length = sum(len(p) for p in q_parts)
-    if q_length <= (len(raw) + 2) // 3 * 4:
-        return _chunk_q(q_parts)
+    q_text = text.translate(_Q_TABLE)
+    if len(q_text) <= (len(raw) + 2) // 3 * 4:
+        if len(q_text) <= _EW_MAX - _EW_OVERHEAD:
+            # One encoded word holds it all (a usual subject): what _chunk_q would give.
+            return [f"=?utf-8?q?{q_text}?="] if q_text else []
+        return _chunk_q([_Q_TABLE[ord(c)] for c in text])
     return _chunk_b64(raw)
+
+
+class _QTable(dict[int, str]):
+    """Code point -> its Q encoding, for str.translate; filled as characters are met, up
+    to a bound (beyond it, computed each time: a hostile text cannot grow it forever)."""
+
+    def __missing__(self, code: int) -> str:
+        encoded = _q_char(chr(code))
+        if len(self) < 4096:
+            self[code] = encoded
+        return encoded
+
+
+_Q_TABLE = _QTable()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -685,19 +740,30 @@ def _fold(name: str, tokens: Sequence[str]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
+# What no header line may hold: the characters of _LINE_BREAK and _CONTROL together.
+_UNSAFE = r"\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+# One header field: a name line with a colon that does not start with a space, then
+# continuation lines that start with one and hold something else than spaces (\s and
+# str.strip() agree on what a space is), each ended by CRLF. Possessive, so that a bad
+# line is refused in linear time.
+_SAFE_HEADER = re.compile(
+    rf"(?=[^{_UNSAFE}]*:)[^ \t{_UNSAFE}][^{_UNSAFE}]*+\r\n"
+    rf"(?:[ \t][^\S{_UNSAFE}]*+[^\s{_UNSAFE}][^{_UNSAFE}]*+\r\n)*+"
+)
+
+
 def _assert_safe_header(header: str) -> None:
     """Refuse to emit anything but one header: a name line and continuation lines that
     start with a space and hold some text, within 998 octets each."""
-    lines = header[:-2].split("\r\n") if header.endswith("\r\n") else None
-    if (
-        not lines
-        or ":" not in lines[0]
-        or lines[0][0] in " \t"
-        or any(not (line[:1] in (" ", "\t") and line.strip()) for line in lines[1:])
-        or any(_LINE_BREAK.search(line) or _CONTROL.search(line) for line in lines)
-        or any(len(line.encode("utf-8")) > MAX_LINE for line in lines)
+    # One expression for the shape, then the length: a header of at most 998 octets in
+    # all (the usual one) cannot have a longer line. tests/unit/test_message_fast_paths.py
+    # holds this to the line-by-line reading.
+    if _SAFE_HEADER.fullmatch(header) and (
+        len(header.encode("utf-8")) <= MAX_LINE + 2
+        or all(len(line.encode("utf-8")) <= MAX_LINE for line in header[:-2].split("\r\n"))
     ):
-        raise ValueError(f"refusing to write an unsafe header: {header!r}")
+        return
+    raise ValueError(f"refusing to write an unsafe header: {header!r}")
 
 
 # -- messages submitted over SMTP --------------------------------------------------------------
