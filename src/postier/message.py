@@ -417,36 +417,30 @@ def build_message(
     elif date.tzinfo is None:
         date = date.replace(tzinfo=UTC)
 
-    everyone = list(policy.dedupe_addresses([*msg.to, *msg.cc, *msg.bcc]))
-    smtputf8 = any(
-        _needs_smtputf8(a)
-        for a in (decision.envelope_from, decision.from_address, *decision.reply_to, *everyone)
-    )
+    everyone = policy.dedupe_addresses([*msg.to, *msg.cc, *msg.bcc])
+    smtputf8 = _sender_needs_smtputf8(decision) or any(_needs_smtputf8(a) for a in everyone)
     # Without SMTPUTF8 every domain must travel as IDNA; with it, Unicode is allowed and
     # reads better in the recipient's headers.
     wire = _identity if smtputf8 else policy.ascii_address
 
-    head = [
-        _address_header("From", [(decision.from_name, wire(decision.from_address))]),
-    ]
-    if decision.reply_to:
-        head.append(_address_header("Reply-To", [("", wire(a)) for a in decision.reply_to]))
-    head.append(_address_header("To", [("", wire(a)) for a in msg.to]))
+    fields = [_address_header("To", [("", wire(a)) for a in msg.to])]
     if msg.cc:
-        head.append(_address_header("Cc", [("", wire(a)) for a in msg.cc]))
+        fields.append(_address_header("Cc", [("", wire(a)) for a in msg.cc]))
     # Bcc recipients are in the envelope only: writing them anywhere in the data would
     # show them to every recipient.
-    head.append(_unstructured("Subject", msg.subject))
-    head.append(_date_header(date))
-    head.append(f"Message-ID: {message_id}\r\n")
-    head.append("MIME-Version: 1.0\r\n")
-    for name, value in msg.headers.items():
-        head.append(_unstructured(name, value))
-    for line in head:
+    fields.append(_unstructured("Subject", msg.subject))
+    message_id_field = f"Message-ID: {message_id}\r\n"
+    extra = [_unstructured(name, value) for name, value in msg.headers.items()]
+    for line in (*fields, message_id_field, *extra):
         _assert_safe_header(line)
+    # From and Reply-To (the same for a whole batch) and Date were checked when cached.
+    head = "".join((
+        _sender_fields(decision, smtputf8), *fields, _date_header(date), message_id_field,
+        "MIME-Version: 1.0\r\n", *extra,
+    ))
 
     body = _render_body(msg, _SMTPUTF8 if smtputf8 else _SMTP)
-    data = "".join(head).encode("utf-8" if smtputf8 else "ascii") + body
+    data = head.encode("utf-8" if smtputf8 else "ascii") + body
     if len(data) > max_size:
         raise TooLarge(size=len(data), limit=max_size)
     return BuiltMessage(
@@ -460,18 +454,48 @@ def build_message(
     )
 
 
+# The sender's part of the header block is the same for every message of a batch (one
+# decision, rendered once). SenderDecision is frozen, hence hashable by its values.
+
+
+@functools.lru_cache(maxsize=256)
+def _sender_needs_smtputf8(decision: policy.SenderDecision) -> bool:
+    return any(
+        _needs_smtputf8(a)
+        for a in (decision.envelope_from, decision.from_address, *decision.reply_to)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _sender_fields(decision: policy.SenderDecision, smtputf8: bool) -> str:
+    """From, and Reply-To when the decision sets one, checked."""
+    wire = _identity if smtputf8 else policy.ascii_address
+    fields = [_address_header("From", [(decision.from_name, wire(decision.from_address))])]
+    if decision.reply_to:
+        fields.append(_address_header("Reply-To", [("", wire(a)) for a in decision.reply_to]))
+    for line in fields:
+        _assert_safe_header(line)
+    return "".join(fields)
+
+
 def _date_header(date: datetime) -> str:
-    # The header shows whole seconds: the e-mails of a batch share one (format_datetime
-    # costs ~4 µs). Only UTC dates, the usual ones, are cached: aware dates of other zones
-    # equal to them would print another offset.
+    """The Date field, checked. It shows whole seconds: the e-mails of a batch share one
+    (format_datetime costs ~4 µs). Only UTC dates, the usual ones, are cached: aware dates
+    of other zones equal to them would print another offset."""
     if date.tzinfo is UTC:
         return _utc_date_header(date.replace(microsecond=0))
-    return f"Date: {format_datetime(date)}\r\n"
+    return _date_field(date)
 
 
 @functools.lru_cache(maxsize=16)
 def _utc_date_header(date: datetime) -> str:
-    return f"Date: {format_datetime(date)}\r\n"
+    return _date_field(date)
+
+
+def _date_field(date: datetime) -> str:
+    field = f"Date: {format_datetime(date)}\r\n"
+    _assert_safe_header(field)
+    return field
 
 
 def _identity(value: str) -> str:
@@ -601,6 +625,9 @@ _WORDS = re.compile(r"[ \t]*[^ \t]+")
 
 
 def _address_header(name: str, mailboxes: Sequence[tuple[str, str]]) -> str:
+    if len(mailboxes) == 1 and not mailboxes[0][0]:
+        # One bare address (a mass mailing's To): what _fold gives for its single token.
+        return f"{name}: {mailboxes[0][1]}\r\n"
     tokens: list[str] = []
     for index, (display, address) in enumerate(mailboxes):
         words = [*_phrase(display), f"<{address}>"] if display else [address]

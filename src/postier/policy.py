@@ -144,7 +144,7 @@ def normalize_address(addr: str) -> str:
     # characters at most whatever was submitted.
     if len(value) > _MAX_ADDRESS_INPUT:
         raise InvalidAddress(address=value[:40] + "…", reason=_R_TOO_LONG_ADDRESS)
-    if any(c in _BREAKS for c in value):
+    if not _BREAKS.isdisjoint(value):
         raise InvalidAddress(address=value, reason=_R_BREAK)
     if not value:
         raise InvalidAddress(address=addr, reason=_R_EMPTY_ADDRESS)
@@ -351,7 +351,7 @@ class SenderDecision:
         values = [self.from_name, self.from_address, self.envelope_from, self.user_address]
         values.extend(self.reply_to)
         for value in values:
-            if any(c in _BREAKS for c in value):
+            if not _BREAKS.isdisjoint(value):
                 raise ValueError(f"line break or NUL in sender decision value {value!r}")
 
     @property

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.exc import DBAPIError
 
@@ -112,6 +112,13 @@ def queued(
         recipients=built.recipients, smtputf8=built.smtputf8,
         idempotency_key=idempotency_key,
     )
+
+
+class _Sender(NamedTuple):
+    """A sender decision taken during a submission, with its From as stored."""
+
+    decision: policy.SenderDecision
+    header_from: str
 
 
 @dataclass
@@ -490,8 +497,11 @@ class Postier:
                         "administrator to turn central sending on.")
             )
         verified = await self.senders.verified(user, settings)
+        # The decision depends only on the message's From and Reply-To: a batch (a mass
+        # mailing: the same sender, thousands of recipients) decides once per pair.
+        decisions: dict[tuple[str | None, tuple[str, ...]], _Sender] = {}
         batch = [self._prepare(user, settings, m, index if len(messages) > 1 else None,
-                               verified)
+                               verified, decisions)
                  for index, m in enumerate(messages)]
         results = await self.store.enqueue(batch)
         for notify in self._notify:
@@ -555,9 +565,20 @@ class Postier:
     def _prepare(
         self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None,
         verified: Sequence[str] | None = None,
+        decisions: dict[tuple[str | None, tuple[str, ...]], _Sender] | None = None,
     ) -> NewMessage:
+        """One message of a submission rendered for the queue; ``decisions`` holds the
+        sender decisions already taken for the same user, settings and ``verified``."""
         try:
-            decision = self.decide_sender(user, settings, msg.from_, msg.reply_to, verified)
+            key = (msg.from_, tuple(msg.reply_to))
+            sender = decisions.get(key) if decisions is not None else None
+            if sender is None:
+                decision = self.decide_sender(user, settings, msg.from_, msg.reply_to,
+                                              verified)
+                sender = _Sender(decision, decision.formatted_from)
+                if decisions is not None:
+                    decisions[key] = sender
+            decision = sender.decision
             built = build_message(
                 msg,
                 decision,
@@ -570,7 +591,7 @@ class Postier:
             elif index is not None:
                 exc.field = f"messages.{index}.{exc.field}"
             raise
-        new = queued(built, decision.formatted_from, establishment_id=user.establishment_id,
+        new = queued(built, sender.header_from, establishment_id=user.establishment_id,
                      user_id=user.id, priority=PRIORITIES[msg.priority],
                      idempotency_key=msg.idempotency_key)
         new.sender_rule = decision.rule

@@ -17,11 +17,13 @@ from postier.message import (
     MAX_LINE,
     InvalidMessageField,
     MessageIn,
+    _address_header,
     _assert_safe_header,
     _chunk_b64,
     _chunk_q,
     _date_header,
     _encoded_words,
+    _fold,
     _mime_body,
     _q_char,
     _single_text_part,
@@ -167,3 +169,9 @@ def test_date_header_as_format_datetime(date: datetime) -> None:
     # The same instant in another zone keeps its own offset (not a cached UTC one).
     _date_header(date.astimezone(UTC))
     assert _date_header(date) == f"Date: {format_datetime(date)}\r\n"
+
+
+@pytest.mark.parametrize("address", ["a@x.fr", "parent.eleve1@example.org",
+                                     "x" * 64 + "@" + "b" * 63 + ".fr", "élève@école.fr"])
+def test_one_bare_address_as_the_folder_writes_it(address: str) -> None:
+    assert _address_header("To", [("", address)]) == _fold("To", [" " + address])
