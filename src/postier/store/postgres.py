@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -32,13 +32,8 @@ class PostgresStore(SQLStore):
         self._listener: Any = None
         self._listen_conn: AsyncConnection | None = None
 
-    def _claim_ids_query(
-        self, now: float, limit: int, skip_establishments: Collection[int] = ()
-    ) -> Any:
-        # Competing workers skip the rows another one is taking instead of waiting.
-        return super()._claim_ids_query(now, limit, skip_establishments).with_for_update(
-            skip_locked=True
-        )
+    # Competing workers skip the rows another one is taking instead of waiting.
+    _claim_lock = " FOR UPDATE SKIP LOCKED"
 
     async def _insert_messages(
         self, conn: AsyncConnection, items: list[NewMessage]

@@ -65,6 +65,9 @@ class _SyncConnection:
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         return self._conn.execute(statement, parameters)
 
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
+        return self._conn.exec_driver_sql(statement, parameters)
+
 
 def _run_to_end(coro: Coroutine[Any, Any, Any]) -> Any:
     try:
