@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -374,7 +375,8 @@ async def deliver_one(
     if sign is not None:
         try:
             signed = await sign(claimed.establishment_id, claimed.data)
-            claimed = dataclasses.replace(claimed, data=signed)
+            if signed is not claimed.data:  # the same bytes when there is no key
+                claimed = dataclasses.replace(claimed, data=signed)
         except Exception:
             # An unsigned e-mail is better than none: deliver it and say why in the log.
             log.exception("DKIM signing of %s failed; sending it unsigned", claimed.id)
@@ -419,12 +421,23 @@ async def deliver_one(
         claimed,
         attempted,
         result,
-        RetryPolicy.from_settings(settings.retry),
+        _retry_policy(settings),
         now=time.time(),
         started_at=started_at,
         duration_ms=int((time.perf_counter() - t0) * 1000),
         relay=relay_label(relay),
     )
+
+
+def _retry_policy(settings: DeliverySettings) -> RetryPolicy:
+    r = settings.retry
+    return _policy(r.first_delay, r.max_delay, r.max_age)
+
+
+@functools.lru_cache(maxsize=64)
+def _policy(first_delay: float, max_delay: float, max_age: float) -> RetryPolicy:
+    """One policy object per set of values, not one per delivery."""
+    return RetryPolicy(float(first_delay), float(max_delay), float(max_age))
 
 
 async def _retry_write(write: Callable[[], Awaitable[None]], give_up_at: float) -> bool:
