@@ -350,6 +350,9 @@ class MessageIn(BaseModel):
 
     @model_validator(mode="after")
     def _recipient_count(self) -> MessageIn:
+        count = len(self.to) + len(self.cc) + len(self.bcc)
+        if count <= MAX_RECIPIENTS:
+            return self  # counting each address once can only lower it
         count = len(policy.dedupe_addresses([*self.to, *self.cc, *self.bcc]))
         if count > MAX_RECIPIENTS:
             raise InvalidMessageField(_TOO_MANY_RECIPIENTS, count=count, limit=MAX_RECIPIENTS)
