@@ -33,6 +33,9 @@ Fault attributes (all reset by :meth:`FaultRelay.reset_faults`):
     ``after_data`` (after the final dot, before the reply).
 ``drop_during_data``
     answer 354, read part of the message, then abort the connection.
+``pipelining``
+    advertise PIPELINING (RFC 2920) in the EHLO reply, as Postfix, Exchange and Gmail
+    do (default ``True``); ``False`` makes clients send one command at a time.
 ``fail_tls_handshake``
     abort the TLS handshake (implicit TLS on connect, or after ``220`` to STARTTLS);
     the client gets an ``ssl.SSLError`` (asyncio drops the connection, so usually
@@ -93,6 +96,7 @@ _FAULT_DEFAULTS: dict[str, Any] = {
     "_stall": None,
     "drop_during_data": False,
     "fail_tls_handshake": False,
+    "pipelining": True,
 }
 
 
@@ -146,6 +150,9 @@ class _Handler:
         if self.relay.auth is None:
             # No credentials configured: don't tempt clients into AUTH.
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        if self.relay.pipelining:
+            # aiosmtpd reads pipelined commands correctly but does not say so.
+            responses = [f"250-{r[4:]}" for r in responses] + ["250 PIPELINING"]
         return responses
 
     async def handle_MAIL(
@@ -386,6 +393,7 @@ class FaultRelay:
         self._stall: tuple[str, float] | None
         self.drop_during_data: bool
         self.fail_tls_handshake: bool
+        self.pipelining: bool
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
         self._messages: list[Received] = []

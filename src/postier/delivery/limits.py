@@ -28,6 +28,7 @@ worker stops renewing: its slots lapse after ``lease_seconds`` and the others ta
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from postier.errors import DeliveryError
 from postier.i18n import N_
@@ -71,8 +73,13 @@ _LIMIT_TEXT = {
 
 def relay_key(relay: RelaySettings) -> str:
     """A stable name for the account a relay sends as, without any secret."""
-    ident = [relay.kind.value, relay.url, relay.host.lower(), relay.port,
-             relay.username.lower()]
+    return _relay_key((relay.kind.value, relay.url, relay.host.lower(), relay.port,
+                       relay.username.lower()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _relay_key(ident: tuple[Any, ...]) -> str:
+    # Asked once per e-mail delivered: hashed once per relay account.
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import aiosmtplib
 
 from postier.delivery.limits import error_from
+from postier.delivery.session import RelaySession, Reply, mail_command, path
 from postier.errors import DeliveryError
 from postier.i18n import N_
 from postier.settings import AuthMethod, RelaySettings, Security
@@ -392,12 +393,7 @@ async def transact(
     options: list[str] = []
     if smtputf8:
         if not smtp.supports_extension("smtputf8"):
-            err = DeliveryError(
-                N_("The SMTP server does not accept international (non-ASCII) addresses."),
-                hint=N_("Use ASCII addresses, or a relay that supports SMTPUTF8."),
-                code="smtputf8_unsupported", transient=False, step="mail_from",
-            )
-            return _all(recipients, err, reusable=True)
+            return _all(recipients, _no_smtputf8(), reusable=True)
         options.append("SMTPUTF8")
     if smtp.supports_extension("8bitmime"):
         options.append("BODY=8BITMIME")
@@ -476,12 +472,130 @@ async def _abort(
     return _all(recipients, err, reusable=reusable)
 
 
+async def send_on(
+    session: RelaySession,
+    relay: RelaySettings,
+    envelope_from: str,
+    recipients: Sequence[str],
+    data: bytes,
+    *,
+    smtputf8: bool = False,
+) -> TransactionResult:
+    """Send one message on a pooled session, pipelined when the relay allows it: the
+    delivery's counterpart of :func:`transact`, which the test-send uses to watch and
+    time each step. The answers are read the same way and explained by the same
+    :func:`classify`."""
+    if smtputf8 and not session.supports_extension("smtputf8"):
+        return _all(recipients, _no_smtputf8(), reusable=True)
+    n = len(recipients)
+    replies: list[Reply] = []
+    results: dict[str, RcptResult] = {}
+    try:
+        mail = mail_command(envelope_from, len(data), smtputf8=smtputf8,
+                            extensions=session.extensions)
+        rcpts = [b"RCPT TO:" + path(r, smtputf8) + b"\r\n" for r in recipients]
+        await session.envelope(mail, rcpts, replies)
+    except Exception as exc:
+        # Cut off, timed out or out of step before the message itself was sent.
+        session.close()
+        got = len(replies)
+        err = classify(exc, "mail_from" if got == 0 else "rcpt_to" if got <= n else "data",
+                       relay)
+        _rcpt_results(relay, recipients, replies[1:], results)
+        for r in recipients:
+            results.setdefault(r, RcptResult(r, "deferred", None, err.reply))
+        return TransactionResult([results[r] for r in recipients], error=err,
+                                 reusable=False)
+    code, text = replies[0]
+    if code != 250:
+        err = classify(aiosmtplib.SMTPSenderRefused(code, text, envelope_from), "mail_from",
+                       relay)
+        reusable = await _reset(session, replies[n + 1] if len(replies) > n + 1 else None)
+        return _all(recipients, err, reusable=reusable)
+    slow_down = _rcpt_results(relay, recipients, replies[1:n + 1], results)
+    accepted = [r for r in recipients if r not in results]
+    data_reply = replies[n + 1] if len(replies) > n + 1 else None
+    if not accepted or data_reply is None:
+        reusable = await _reset(session, data_reply)
+        return TransactionResult([results[r] for r in recipients], error=slow_down,
+                                 reusable=reusable)
+    if data_reply[0] != 354:
+        err = classify(aiosmtplib.SMTPDataError(*data_reply), "data", relay)
+        _settle(accepted, err, results)
+        reusable = await _reset(session, None)
+        return TransactionResult([results[r] for r in recipients], error=err,
+                                 reusable=reusable)
+    try:
+        code, text = await session.content(data)
+    except Exception as exc:
+        # Lost during or after the message: the relay may or may not have it. Retrying
+        # risks a duplicate; not retrying risks a loss. We never lose: retry.
+        session.close()
+        err = classify(exc, "data", relay)
+        for r in accepted:
+            results[r] = RcptResult(r, "deferred", None, err.reply)
+        return TransactionResult([results[r] for r in recipients], error=err,
+                                 reusable=False)
+    if code != 250:
+        err = classify(aiosmtplib.SMTPDataError(code, text), "data", relay)
+        _settle(accepted, err, results)
+        return TransactionResult([results[r] for r in recipients], error=err,
+                                 reusable=session.is_connected)
+    for r in accepted:
+        results[r] = RcptResult(r, "sent", code, text)
+    return TransactionResult([results[r] for r in recipients], error=slow_down)
+
+
+def _rcpt_results(relay: RelaySettings, recipients: Sequence[str], replies: Sequence[Reply],
+                  results: dict[str, RcptResult]) -> DeliveryError | None:
+    """Record the refused recipients among ``replies`` (in order, possibly fewer than the
+    recipients); return a recipient-level "slow down" (Google's 450 4.2.1) if any."""
+    slow_down = None
+    for rcpt, (code, text) in zip(recipients, replies, strict=False):
+        if code in (250, 251):
+            continue
+        err = classify(aiosmtplib.SMTPRecipientRefused(code, text, rcpt), "rcpt_to", relay)
+        results[rcpt] = RcptResult(rcpt, "deferred" if err.transient else "failed",
+                                   err.smtp_code, err.reply)
+        if err.code == "rate_limited":
+            slow_down = err
+    return slow_down
+
+
+def _settle(accepted: Sequence[str], err: DeliveryError,
+            results: dict[str, RcptResult]) -> None:
+    status = "deferred" if err.transient else "failed"
+    for r in accepted:
+        results[r] = RcptResult(r, status, err.smtp_code, err.reply)
+
+
+async def _reset(session: RelaySession, data_reply: Reply | None) -> bool:
+    """End a transaction that will not send its message; whether the session can carry
+    the next one."""
+    try:
+        if data_reply is not None and data_reply[0] == 354:
+            await session.abandon_data()
+        await session.rset()
+    except Exception:
+        session.close()
+        return False
+    return session.is_connected
+
+
+def _no_smtputf8() -> DeliveryError:
+    return DeliveryError(
+        N_("The SMTP server does not accept international (non-ASCII) addresses."),
+        hint=N_("Use ASCII addresses, or a relay that supports SMTPUTF8."),
+        code="smtputf8_unsupported", transient=False, step="mail_from",
+    )
+
+
 # -- the pool --------------------------------------------------------------------------------
 
 
 @dataclass
 class _Idle:
-    smtp: aiosmtplib.SMTP
+    smtp: RelaySession
     since: float
     # The relay's shared connection slot this connection holds (max_connections).
     lease: ConnectionLease | None = None
@@ -689,11 +803,9 @@ class RelayPool:
                     state.shared_pause(pause)
             if still_ours is not None and not still_ours():
                 raise LeaseLost()
-            conversation = self._send(state, relay, envelope_from, recipients, data, smtputf8,
-                                      spare)
-            if limit is None:
-                return await conversation
-            return await asyncio.wait_for(conversation, limit)
+            async with asyncio.timeout(limit):
+                return await self._send(state, relay, envelope_from, recipients, data,
+                                        smtputf8, spare)
         finally:
             state.slots.release()
             for lease in spare:
@@ -724,7 +836,7 @@ class RelayPool:
                 assert state.down_error is not None
                 return _all(recipients, state.down_error, reusable=False)
             try:
-                result = await transact(
+                result = await send_on(
                     smtp, relay, envelope_from, recipients, data, smtputf8=smtputf8
                 )
             except BaseException:
@@ -756,7 +868,7 @@ class RelayPool:
 
     async def _checkout(
         self, state: _RelayState, relay: RelaySettings, spare: list[ConnectionLease]
-    ) -> tuple[aiosmtplib.SMTP | None, ConnectionLease | None, bool]:
+    ) -> tuple[RelaySession | None, ConnectionLease | None, bool]:
         """An idle connection, or a new one (holding a shared slot taken beforehand in
         ``spare``, or now). Raises ``relay_limit`` when no slot came free in time."""
         while True:
@@ -777,7 +889,7 @@ class RelayPool:
                     continue  # a connection of this process became idle meanwhile
             break
         try:
-            smtp = await open_smtp(relay, local_hostname=self.local_hostname)
+            smtp = await _open_session(relay, self.local_hostname)
         except BaseException as exc:
             self._release_later(state, lease)
             if not isinstance(exc, DeliveryError):
@@ -946,6 +1058,15 @@ class RelayPool:
         await self.close_idle(older_than=0)
         while pending := [t for t in self._background if not t.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _open_session(relay: RelaySettings, local_hostname: str | None) -> RelaySession:
+    smtp = await open_smtp(relay, local_hostname=local_hostname)
+    try:
+        return RelaySession.take_over(smtp, float(relay.timeout))
+    except Exception as exc:
+        smtp.close()
+        raise classify(exc, "ehlo", relay) from exc
 
 
 def _nothing_happened(result: TransactionResult) -> bool:
