@@ -24,6 +24,7 @@ from postier.message import (
     _date_header,
     _encoded_words,
     _fold,
+    _has_long_line,
     _mime_body,
     _q_char,
     _single_text_part,
@@ -175,3 +176,16 @@ def test_date_header_as_format_datetime(date: datetime) -> None:
                                      "x" * 64 + "@" + "b" * 63 + ".fr", "élève@école.fr"])
 def test_one_bare_address_as_the_folder_writes_it(address: str) -> None:
     assert _address_header("To", [("", address)]) == _fold("To", [" " + address])
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.integers(0, 2100), max_size=6), st.booleans())
+def test_long_line_search_as_splitting(lengths: list[int], final_lf: bool) -> None:
+    raw = b"\n".join(b"a" * n for n in lengths) + (b"\n" if final_lf else b"")
+    assert _has_long_line(raw) == (max(map(len, raw.split(b"\n"))) > MAX_LINE)
+
+
+@pytest.mark.parametrize("n", [997, 998, 999, 1000, 1997, 1998])
+def test_long_line_at_the_edges(n: int) -> None:
+    for raw in (b"a" * n, b"b\n" + b"a" * n, b"a" * n + b"\n", b"\n" * 3 + b"a" * n + b"\nb"):
+        assert _has_long_line(raw) == (n > MAX_LINE), (n, raw[:4])
