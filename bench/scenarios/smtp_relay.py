@@ -370,7 +370,8 @@ class SmtpRelay(Scenario):
         smtp_port = free_port()
         server = PostierServer(
             self.ctx, data_dir, delivery=workers == 0, database_url=url,
-            profile_name=f"{self.name}-postier" if r == 0 and workers <= 1 else None,
+            profile_name=(f"{self.name}-postier{'-2proc' if delivery_processes else ''}"
+                          if r == 0 and workers <= 1 else None),
             args=["--smtp", f"127.0.0.1:{smtp_port}", "--smtp-trusted-networks",
                   "127.0.0.0/8", "--smtp-trusted-account", APP_USER,
                   *(["--delivery-processes", str(delivery_processes)]
