@@ -742,10 +742,12 @@ class SQLStore(Store):
         return results
 
     # -- queue: delivery -----------------------------------------------------------------
-    # The delivery path's statements (claim, results, lease renewal) run once or more per
-    # e-mail delivered: they are written for the driver itself (``exec_driver_sql``), which
-    # costs a tenth of building, caching and compiling a Core statement and binding each row
-    # through its parameter processing (about 30 µs per e-mail delivered, bench delivery).
+    # The delivery path's statements (claim, results, lease renewal) run for every e-mail
+    # delivered: they are written for the driver itself (``exec_driver_sql``) rather than
+    # built as Core statements at each call, then looked up in the compiled cache and bound
+    # row by row through SQLAlchemy's parameter processing. The results of a group of 29
+    # e-mails cost 7 µs an e-mail that way against 31 (SQLite); a drain of the bench
+    # ``delivery`` about 60 µs less CPU per e-mail in all.
     # ``?`` stands for each parameter (see _driver_sql); the statuses are written into the
     # text, which the queue's partial indexes need (see _constant).
 
