@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from postier import accounts, policy
 from postier.errors import (
@@ -351,12 +351,102 @@ class _Submission(SMTP):
         self._last_input = self.loop.time()
         super().data_received(data)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         self._data_deadline = self.loop.time() + self._data_timeout
         try:
-            await super().smtp_DATA(arg)
+            if hasattr(self._reader, "_limit"):
+                await self._data(arg)
+            else:  # an asyncio whose StreamReader differs: aiosmtpd's line-by-line loop
+                await super().smtp_DATA(arg)
         finally:
             self._data_deadline = None
+
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's DATA, with the message read in a few large pieces instead of line by
+        line: a 2 KiB e-mail was about 40 awaits, a tenth of an acceptance. The replies
+        and limits are aiosmtpd's."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content, problem = await self._content()
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if problem is not None:
+            await self.push(problem)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _content(self) -> tuple[bytes, str | None]:
+        """The message up to the line holding a single dot, un-stuffed; or the reply that
+        refuses it (too big, a line too long) once all of it has been read."""
+        reader = self._reader
+        line_limit = reader._limit  # type: ignore[attr-defined]
+        size_limit = self.data_size_limit
+        parts: list[bytes] = []
+        size = 0
+        too_big = False
+        # A piece ends at the next ".\r\n": the end of the message when that dot starts
+        # a line. One piece may be as long as the whole message is allowed to be.
+        reader._limit = (size_limit or 2**31) + 8  # type: ignore[attr-defined]
+        try:
+            while True:
+                try:
+                    piece = await reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError:
+                    reader._limit = line_limit  # type: ignore[attr-defined]
+                    await self._discard_to_end(reader)
+                    return b"", "552 Error: Too much mail data"
+                size += len(piece)
+                end = piece == b".\r\n" or piece.endswith(b"\r\n.\r\n")
+                if size_limit and size - 3 * end > size_limit:
+                    too_big = True
+                    parts.clear()  # read to the end, keep nothing
+                if not too_big:
+                    parts.append(piece[:-3] if end else piece)
+                if end:
+                    break
+        finally:
+            reader._limit = line_limit  # type: ignore[attr-defined]
+        if too_big:
+            return b"", "552 Error: Too much mail data"
+        content = b"".join(parts)
+        longest = self.line_length_limit - 2  # without its CRLF
+        if len(content) > longest and max(map(len, content.split(b"\r\n"))) > longest:
+            return b"", "500 Line too long (see RFC5321 4.5.3.1.6)"
+        if content.startswith(b".") or b"\r\n." in content:
+            content = (b"\r\n" + content).replace(b"\r\n.", b"\r\n")[2:]
+        return content, None
+
+    @staticmethod
+    async def _discard_to_end(reader: asyncio.StreamReader) -> None:
+        """Read and drop lines up to the one holding a single dot (at line start)."""
+        in_line = False
+        while True:
+            try:
+                line = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                await reader.readexactly(exc.consumed)
+                in_line = True
+                continue
+            if line == b".\r\n" and not in_line:
+                return
+            in_line = False
 
     def _timeout_cb(self) -> None:
         now = self.loop.time()

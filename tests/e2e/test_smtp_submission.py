@@ -232,3 +232,60 @@ def test_rate_limit_answers_try_later(server_factory: Any, relay: FaultRelay) ->
             codes.append(code)
             c.rset()
     assert codes == [250, 250, 250, 451]
+
+
+def test_data_framing_limits_and_pipelined_commands(
+    server_factory: Any, relay: FaultRelay
+) -> None:
+    """The message is read in large pieces (not line by line): its end is found however
+    the bytes are split, dots are un-stuffed, limits refuse it whole and leave the
+    session in step, and commands pipelined after the final dot are not swallowed."""
+    s: ServerProcess = server_factory(POSTIER_MAX_MESSAGE_SIZE="4096")
+    s.args = ["--smtp-trusted-networks", "127.0.0.0/8", "--smtp-trusted-account", "alice"]
+    s.start()
+    s.configure_relay(relay)
+    envelope = b"MAIL FROM:<alice.martin@ac-lyon.fr>\r\nRCPT TO:<p@example.org>\r\nDATA\r\n"
+
+    def send(sock: socket.socket, data: bytes, replies: int) -> list[bytes]:
+        """Write ``data``; the last lines of the next ``replies`` replies."""
+        sock.sendall(data)
+        buf = b""
+        while True:
+            finals = [line for line in buf.split(b"\r\n")[:-1] if line[3:4] == b" "]
+            if len(finals) >= replies:
+                return finals
+            chunk = sock.recv(65536)
+            if not chunk:
+                return finals
+            buf += chunk
+
+    with socket.create_connection(("127.0.0.1", s.smtp_port), timeout=10) as sock:
+        assert read_reply(sock).startswith(b"220")
+        assert send(sock, b"EHLO test\r\n", 1)[0].startswith(b"250")
+        assert [r[:3] for r in send(sock, envelope, 3)] == [b"250", b"250", b"354"]
+        # Dot-stuffed lines, and the end split across writes in awkward places.
+        body = (b"Subject: points\r\n\r\n..deux points\r\n..\r\nfin.\r\n")
+        for part in (body[:5], body[5:23], body[23:], b"\r", b"\n.", b"\r", b"\n"):
+            sock.sendall(part)
+            time.sleep(0.02)
+        first = read_reply(sock)
+        assert first.startswith(b"250 "), first
+        # Too big, with no SIZE announced: refused once all of it is read.
+        assert [r[:3] for r in send(sock, envelope, 3)] == [b"250", b"250", b"354"]
+        big = b"Subject: gros\r\n\r\n" + (b"x" * 70 + b"\r\n") * 100 + b".\r\n"
+        assert send(sock, big, 1)[0].startswith(b"552")
+        # A line longer than SMTP allows (1,000 characters).
+        assert [r[:3] for r in send(sock, envelope, 3)] == [b"250", b"250", b"354"]
+        long = b"Subject: long\r\n\r\n" + b"y" * 1200 + b"\r\n.\r\n"
+        assert send(sock, long, 1)[0].startswith(b"500")
+        # The session is still in step: a message, then a command pipelined after its
+        # final dot in the same write.
+        assert [r[:3] for r in send(sock, envelope, 3)] == [b"250", b"250", b"354"]
+        replies = send(sock, b"Subject: encore\r\n\r\nok\r\n.\r\nNOOP\r\n", 2)
+        assert replies[0].startswith(b"250 2.0.0 OK queued"), replies
+        assert replies[1].startswith(b"250"), replies
+        sock.sendall(b"QUIT\r\n")
+    got = relay.wait_for(2)
+    by_subject = {m.message["Subject"]: m for m in got}
+    assert set(by_subject) == {"points", "encore"}
+    assert b"\r\n.deux points\r\n.\r\nfin.\r\n" in by_subject["points"].data
