@@ -1,7 +1,8 @@
 """The test-send ("Tester l'envoi d'e-mails"): a real e-mail, reported step by step.
 
 :func:`test_send` talks to the relay with the same code as delivery
-(:func:`~postier.delivery.relay.open_smtp` and :func:`~postier.delivery.relay.transact`),
+(:func:`~postier.delivery.relay.open_session` and :func:`~postier.delivery.relay.send_on`,
+pipelined when the relay offers it),
 watching every step (resolve, connect, greeting or implicit TLS, EHLO, STARTTLS, AUTH,
 MAIL FROM, RCPT TO, DATA) with its timing and the server's own reply. The first failure
 stops the test and is explained in the user's language: what happened and what to do
@@ -34,7 +35,8 @@ import aiosmtplib
 from babel.numbers import format_decimal
 
 from postier import dkim_signing
-from postier.delivery.relay import classify, open_smtp, transact
+from postier.delivery.relay import classify, open_session, send_on
+from postier.delivery.session import RelaySession, path
 from postier.dkim_signing import DkimKey
 from postier.errors import DeliveryError
 from postier.i18n import N_, normalize, translate
@@ -170,7 +172,7 @@ async def test_send(
     """
     lang = normalize(lang)
     run = _Run(relay, lang)
-    smtp: aiosmtplib.SMTP | None = None
+    smtp: RelaySession | None = None
     error: DeliveryError | None = None
     latency_ms: int | None = None
     data = _test_message(
@@ -246,15 +248,15 @@ async def _converse(
     smtputf8: bool,
     local_hostname: str | None,
     deadline: float,
-) -> tuple[aiosmtplib.SMTP | None, DeliveryError | None]:
+) -> tuple[RelaySession | None, DeliveryError | None]:
     """Connect and send; return the connection (if one was opened) and the failure."""
     relay = run.relay
     try:
-        smtp = await open_smtp(relay, local_hostname=local_hostname, on_step=run.on_step)
+        smtp = await open_session(relay, local_hostname=local_hostname, on_step=run.on_step)
     except DeliveryError as err:
         return None, await run.explain_open_failure(err, deadline)
     try:
-        result = await transact(
+        result = await send_on(
             smtp, relay, sender_address, [to], data, smtputf8=smtputf8, on_step=run.on_step
         )
     except BaseException:
@@ -437,11 +439,11 @@ async def _tls_probe(relay: RelaySettings, wait: float) -> str | None:
 async def _check_senders(
     relay: RelaySettings,
     addresses: Sequence[str],
-    smtp: aiosmtplib.SMTP | None,
+    smtp: RelaySession | None,
     *,
     lang: str,
     local_hostname: str | None,
-) -> tuple[aiosmtplib.SMTP | None, list[SenderCheck]]:
+) -> tuple[RelaySession | None, list[SenderCheck]]:
     """Ask the relay about each sender with MAIL FROM then RSET; return the connection
     (to be closed by the caller) and one result per distinct address."""
     todo = _unique(addresses)
@@ -461,7 +463,7 @@ async def _check_senders(
                         smtp.close()
                     smtp = None
                     try:
-                        smtp = await open_smtp(relay, local_hostname=local_hostname)
+                        smtp = await open_session(relay, local_hostname=local_hostname)
                     except DeliveryError as err:
                         fail_rest(_render(err, lang)["message"])
                         break
@@ -476,27 +478,21 @@ async def _check_senders(
 
 
 async def _check_one(
-    smtp: aiosmtplib.SMTP, relay: RelaySettings, address: str, lang: str
+    smtp: RelaySession, relay: RelaySettings, address: str, lang: str
 ) -> SenderCheck:
-    options: list[str] = []
-    encoding = "ascii"
-    if not address.isascii():
-        if not smtp.supports_extension("smtputf8"):
-            return SenderCheck(address, False, None, translate(
-                lang, N_("The SMTP server does not accept international (non-ASCII) addresses.")
-            ))
-        options.append("SMTPUTF8")
-        encoding = "utf-8"
+    utf8 = not address.isascii()
+    if utf8 and not smtp.supports_extension("smtputf8"):
+        return SenderCheck(address, False, None, translate(
+            lang, N_("The SMTP server does not accept international (non-ASCII) addresses.")
+        ))
     try:
-        resp = await smtp.mail(address, options=options, encoding=encoding)
-    except aiosmtplib.SMTPResponseException as exc:
-        check = SenderCheck(address, False, exc.code, exc.message)
-    except (aiosmtplib.SMTPException, OSError) as exc:
+        code, text = await smtp.command(
+            b"MAIL FROM:" + path(address, utf8) + (b" SMTPUTF8" if utf8 else b"") + b"\r\n")
+    except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
         smtp.close()  # lost or desynchronised: the next address gets a new connection
         err = classify(exc, "mail_from", relay)
         return SenderCheck(address, False, None, _render(err, lang)["message"])
-    else:
-        check = SenderCheck(address, True, resp.code, resp.message)
+    check = SenderCheck(address, code == 250, code, text)
     try:
         await smtp.rset()
     except (aiosmtplib.SMTPException, OSError):
@@ -565,11 +561,11 @@ def _unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(a.strip() for a in addresses if a.strip()))
 
 
-async def _quit(smtp: aiosmtplib.SMTP, relay: RelaySettings) -> None:
+async def _quit(smtp: RelaySession, relay: RelaySettings) -> None:
     """Say goodbye politely but briefly, then make sure the connection is closed."""
     if smtp.is_connected:
         with contextlib.suppress(Exception):
-            await smtp.quit(timeout=min(2.0, float(relay.timeout)))
+            await asyncio.wait_for(smtp.quit(), min(2.0, float(relay.timeout)))
     smtp.close()
 
 

@@ -371,84 +371,19 @@ async def open_smtp(
     return smtp
 
 
-async def transact(
-    smtp: aiosmtplib.SMTP,
+async def open_session(
     relay: RelaySettings,
-    envelope_from: str,
-    recipients: Sequence[str],
-    data: bytes,
     *,
-    smtputf8: bool = False,
+    local_hostname: str | None = None,
     on_step: StepCallback | None = None,
-) -> TransactionResult:
-    """Send one message to some recipients; return one result per recipient.
-
-    Connection-level failures are reported in ``error`` with every recipient that has no
-    final answer yet deferred (or failed, when the failure is permanent).
-    """
-    steps = _Steps(relay, on_step)
-    results: dict[str, RcptResult] = {}
-    accepted: list[str] = []
-    slow_down: DeliveryError | None = None
-    options: list[str] = []
-    if smtputf8:
-        if not smtp.supports_extension("smtputf8"):
-            return _all(recipients, _no_smtputf8(), reusable=True)
-        options.append("SMTPUTF8")
-    if smtp.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
-    if smtp.supports_extension("size"):
-        options.append(f"SIZE={len(data)}")
-    encoding = "utf-8" if smtputf8 else "ascii"
+) -> RelaySession:
+    """:func:`open_smtp`, then the connection taken over for :func:`send_on`."""
+    smtp = await open_smtp(relay, local_hostname=local_hostname, on_step=on_step)
     try:
-        async with steps.step("mail_from") as d:
-            resp = await smtp.mail(envelope_from, options=options, encoding=encoding)
-            d.append(f"{resp.code} {resp.message}")
-    except DeliveryError as err:
-        return await _abort(smtp, recipients, err)
-    for rcpt in recipients:
-        try:
-            async with steps.step("rcpt_to") as d:
-                resp = await smtp.rcpt(rcpt, encoding=encoding)
-                d.append(f"{resp.code} {resp.message}")
-            accepted.append(rcpt)
-        except DeliveryError as err:
-            if err.smtp_code is None:  # the connection broke: nothing more on it
-                for r in recipients:
-                    results.setdefault(r, RcptResult(r, "deferred", None, err.reply))
-                return TransactionResult(
-                    [results[r] for r in recipients], error=err, reusable=False
-                )
-            results[rcpt] = RcptResult(
-                rcpt, "deferred" if err.transient else "failed", err.smtp_code, err.reply
-            )
-            if err.code == "rate_limited":
-                slow_down = err  # a recipient-level "slow down" (Google's 450 4.2.1)
-    if not accepted:
-        with contextlib.suppress(Exception):
-            await smtp.rset()
-        return TransactionResult([results[r] for r in recipients], error=slow_down,
-                                 reusable=smtp.is_connected)
-    try:
-        async with steps.step("data") as d:
-            resp = await smtp.data(data)
-            d.append(f"{resp.code} {resp.message}")
-    except DeliveryError as err:
-        if err.smtp_code is not None:
-            status = "deferred" if err.transient else "failed"
-            for r in accepted:
-                results[r] = RcptResult(r, status, err.smtp_code, err.reply)
-            return TransactionResult(
-                [results[r] for r in recipients], error=err, reusable=smtp.is_connected
-            )
-        # Lost during or after DATA: the relay may or may not have the message. Retrying
-        # risks a duplicate; not retrying risks a loss. We never lose: retry.
-        for r in accepted:
-            results[r] = RcptResult(r, "deferred", None, err.reply)
-        return TransactionResult([results[r] for r in recipients], error=err, reusable=False)
-    for r in accepted:
-        results[r] = RcptResult(r, "sent", resp.code, resp.message)
-    return TransactionResult([results[r] for r in recipients], error=slow_down)
+        return RelaySession.take_over(smtp, float(relay.timeout))
+    except Exception as exc:
+        smtp.close()
+        raise classify(exc, "ehlo", relay) from exc
 
 
 def _all(recipients: Sequence[str], err: DeliveryError, *, reusable: bool) -> TransactionResult:
@@ -460,18 +395,6 @@ def _all(recipients: Sequence[str], err: DeliveryError, *, reusable: bool) -> Tr
     )
 
 
-async def _abort(
-    smtp: aiosmtplib.SMTP, recipients: Sequence[str], err: DeliveryError
-) -> TransactionResult:
-    reusable = err.smtp_code is not None and smtp.is_connected
-    if reusable:
-        try:
-            await smtp.rset()
-        except Exception:
-            reusable = False
-    return _all(recipients, err, reusable=reusable)
-
-
 async def send_on(
     session: RelaySession,
     relay: RelaySettings,
@@ -480,13 +403,18 @@ async def send_on(
     data: bytes,
     *,
     smtputf8: bool = False,
+    on_step: StepCallback | None = None,
 ) -> TransactionResult:
-    """Send one message on a pooled session, pipelined when the relay allows it: the
-    delivery's counterpart of :func:`transact`, which the test-send uses to watch and
-    time each step. The answers are read the same way and explained by the same
-    :func:`classify`."""
+    """Send one message on an open session, pipelined when the relay allows it; return one
+    result per recipient. Delivery and the test-send both come here (the test-send
+    watches the steps through ``on_step``: when pipelined, the envelope's replies come
+    together and the first of them carries the group's time).
+
+    Connection-level failures are reported in ``error`` with every recipient that has no
+    final answer yet deferred (or failed, when the failure is permanent)."""
     if smtputf8 and not session.supports_extension("smtputf8"):
         return _all(recipients, _no_smtputf8(), reusable=True)
+    report = _Report(on_step)
     n = len(recipients)
     replies: list[Reply] = []
     results: dict[str, RcptResult] = {}
@@ -501,17 +429,25 @@ async def send_on(
         got = len(replies)
         err = classify(exc, "mail_from" if got == 0 else "rcpt_to" if got <= n else "data",
                        relay)
+        report.replies(replies[:1], replies[1:n + 1])
+        report(err.step or "mail_from", False, err.reply or str(exc))
         _rcpt_results(relay, recipients, replies[1:], results)
         for r in recipients:
             results.setdefault(r, RcptResult(r, "deferred", None, err.reply))
         return TransactionResult([results[r] for r in recipients], error=err,
                                  reusable=False)
+    except BaseException:
+        # Cancelled (the test-send's budget, a shutdown): the replies that came count.
+        report.replies(replies[:1], replies[1:n + 1])
+        raise
     code, text = replies[0]
     if code != 250:
         err = classify(aiosmtplib.SMTPSenderRefused(code, text, envelope_from), "mail_from",
                        relay)
+        report("mail_from", False, err.reply or text)
         reusable = await _reset(session, replies[n + 1] if len(replies) > n + 1 else None)
         return _all(recipients, err, reusable=reusable)
+    report.replies(replies[:1], replies[1:n + 1])
     slow_down = _rcpt_results(relay, recipients, replies[1:n + 1], results)
     accepted = [r for r in recipients if r not in results]
     data_reply = replies[n + 1] if len(replies) > n + 1 else None
@@ -521,6 +457,7 @@ async def send_on(
                                  reusable=reusable)
     if data_reply[0] != 354:
         err = classify(aiosmtplib.SMTPDataError(*data_reply), "data", relay)
+        report("data", False, err.reply or data_reply[1])
         _settle(accepted, err, results)
         reusable = await _reset(session, None)
         return TransactionResult([results[r] for r in recipients], error=err,
@@ -532,18 +469,43 @@ async def send_on(
         # risks a duplicate; not retrying risks a loss. We never lose: retry.
         session.close()
         err = classify(exc, "data", relay)
+        report("data", False, err.reply or str(exc))
         for r in accepted:
             results[r] = RcptResult(r, "deferred", None, err.reply)
         return TransactionResult([results[r] for r in recipients], error=err,
                                  reusable=False)
     if code != 250:
         err = classify(aiosmtplib.SMTPDataError(code, text), "data", relay)
+        report("data", False, err.reply or text)
         _settle(accepted, err, results)
         return TransactionResult([results[r] for r in recipients], error=err,
                                  reusable=session.is_connected)
+    report("data", True, f"{code} {text}")
     for r in accepted:
         results[r] = RcptResult(r, "sent", code, text)
     return TransactionResult([results[r] for r in recipients], error=slow_down)
+
+
+class _Report:
+    """The steps of a transaction for the test-send's ``on_step`` (nothing without it)."""
+
+    def __init__(self, on_step: StepCallback | None) -> None:
+        self.on_step = on_step
+        self.mark = time.perf_counter()
+
+    def __call__(self, step: str, ok: bool, detail: str) -> None:
+        if self.on_step is not None:
+            self.on_step(step, ok, _ms(self.mark), detail)
+            self.mark = time.perf_counter()
+
+    def replies(self, mail: Sequence[Reply], rcpts: Sequence[Reply]) -> None:
+        """The sender's and the recipients' replies received so far."""
+        if self.on_step is None:
+            return
+        for step, (code, text) in [*(("mail_from", r) for r in mail),
+                                   *(("rcpt_to", r) for r in rcpts)]:
+            ok = code == 250 or (step == "rcpt_to" and code == 251)
+            self(step, ok, f"{code} {text}")
 
 
 def _rcpt_results(relay: RelaySettings, recipients: Sequence[str], replies: Sequence[Reply],
@@ -889,7 +851,7 @@ class RelayPool:
                     continue  # a connection of this process became idle meanwhile
             break
         try:
-            smtp = await _open_session(relay, self.local_hostname)
+            smtp = await open_session(relay, local_hostname=self.local_hostname)
         except BaseException as exc:
             self._release_later(state, lease)
             if not isinstance(exc, DeliveryError):
@@ -1058,15 +1020,6 @@ class RelayPool:
         await self.close_idle(older_than=0)
         while pending := [t for t in self._background if not t.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def _open_session(relay: RelaySettings, local_hostname: str | None) -> RelaySession:
-    smtp = await open_smtp(relay, local_hostname=local_hostname)
-    try:
-        return RelaySession.take_over(smtp, float(relay.timeout))
-    except Exception as exc:
-        smtp.close()
-        raise classify(exc, "ehlo", relay) from exc
 
 
 def _nothing_happened(result: TransactionResult) -> bool:
