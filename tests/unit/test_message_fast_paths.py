@@ -189,3 +189,26 @@ def test_long_line_search_as_splitting(lengths: list[int], final_lf: bool) -> No
 def test_long_line_at_the_edges(n: int) -> None:
     for raw in (b"a" * n, b"b\n" + b"a" * n, b"a" * n + b"\n", b"\n" * 3 + b"a" * n + b"\nb"):
         assert _has_long_line(raw) == (n > MAX_LINE), (n, raw[:4])
+
+
+_NAME_PARTS = st.sampled_from(["Jean", "Dupont", "Vie scolaire", " ", '"', ",", ".", "(",
+                               ")", ";", ":", "\\", "=?utf-8?q?=C3=A9?=", "é", "'", "<", ">"])
+_LOCAL = st.sampled_from(["jean", "jean.dupont", "a..b", ".a", "a.", "x+y", "o'neil", "é",
+                          '"quoted"', "a b", "a,b"])
+_DOMAIN = st.sampled_from(["ac-lyon.fr", "example.org", "[127.0.0.1]", "a..b", "-x.fr",
+                           "école.fr", "x"])
+
+
+@settings(max_examples=400)
+@given(st.lists(_NAME_PARTS, max_size=4).map("".join), _LOCAL, _DOMAIN,
+       st.sampled_from(["{name} <{addr}>", "{addr}", "<{addr}>", "{name}<{addr}>",
+                        " {addr} ", "{name} <{addr}>, other@example.org", "{name} {addr}"]))
+def test_simple_mailboxes_read_as_the_email_package_reads_them(
+    name: str, local: str, domain: str, form: str
+) -> None:
+    from email.utils import getaddresses
+
+    from postier.message import header_addresses
+
+    value = form.format(name=name, addr=f"{local}@{domain}").strip()
+    assert header_addresses([value]) == [a for _, a in getaddresses([value]) if a]
