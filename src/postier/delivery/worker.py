@@ -348,7 +348,10 @@ class DeliveryWorker:
             if (self.on_delay is not None and outcome.status == DEFERRED and warn_after
                     and time.time() - claimed.created_at >= warn_after):
                 await self.on_delay(claimed.id)  # once: the notice has an idempotency key
-            if self.on_sent is not None and outcome.status == SENT:
+            # message.sent goes only to a webhook: without one (the usual case), every
+            # e-mail sent would pay the callback's own look-up of the same settings.
+            if (self.on_sent is not None and outcome.status == SENT
+                    and settings.alerts.webhook_url):
                 await self.on_sent(claimed.id, claimed.establishment_id)
         except Exception:
             log.exception("could not tell the sender about %s", claimed.id)
