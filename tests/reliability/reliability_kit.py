@@ -173,6 +173,30 @@ def subjects(messages: Iterable[Received]) -> collections.Counter[str]:
     return collections.Counter(str(m.message["Subject"]) for m in messages)
 
 
+def wait_delivered(relay: Any, wanted: set[str], timeout: float,
+                   what: str = "every acknowledged e-mail delivered") -> None:
+    """Wait until an e-mail of each subject in ``wanted`` reached ``relay``, parsing each
+    received e-mail once. (Polling ``subjects(relay.messages)`` parses all of them at
+    every look: with thousands received, that starves the relay's thread, which shares
+    this process, and the drain slows to a crawl.)"""
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    done = 0
+    while True:
+        messages = relay.messages
+        seen.update(str(m.message["Subject"]) for m in messages[done:])
+        done = len(messages)
+        missing = wanted - seen
+        if not missing:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{what} not reached within {timeout} s: {len(missing)} "
+                                 f"of {len(wanted)} missing, e.g. {sorted(missing)[:5]}")
+        with contextlib.suppress(AssertionError):  # nothing new within the second
+            relay.wait_for(done + 1, timeout=min(left, 1.0))
+
+
 def quick_retry(server: ServerProcess, relay: Any, timeout: int = 5, **extra: Any) -> None:
     server.configure_relay(
         relay,
