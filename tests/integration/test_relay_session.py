@@ -274,3 +274,15 @@ def test_wire_format_is_what_a_relay_reads_back(data: bytes) -> None:
     if not expected.endswith(b"\r\n"):
         expected += b"\r\n"
     assert b"".join(line + b"\r\n" for line in unstuffed) == expected
+
+
+async def test_commands_leave_at_once_without_waiting_for_acks(scripted: ScriptedRelay) -> None:
+    # Nagle's algorithm would hold a message back behind the ACK of the envelope's group.
+    import socket
+
+    from postier.delivery.relay import open_session
+
+    session = await open_session(scripted.relay())
+    sock = session.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    await session.quit()

@@ -618,7 +618,11 @@ class FaultRelay:
     async def _listen(self) -> None:
         if self._server is not None:
             return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio then sets TCP_NODELAY on the accepted connections,
+        # so replies to pipelined commands leave at once, as real relays send them (they
+        # flush a group's replies together). With Nagle's algorithm on, each later reply
+        # of a group would wait for the client's delayed ACK: 40 ms an e-mail.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))

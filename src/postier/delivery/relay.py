@@ -315,10 +315,13 @@ async def open_smtp(
         infos = await asyncio.wait_for(
             loop.getaddrinfo(relay.host, relay.port, type=socket.SOCK_STREAM), timeout
         )
-        family, _, _, _, address = infos[0]
+        family, _, proto, _, address = infos[0]
         d.append(f"{address[0]!s}")
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
     sock.setblocking(False)
+    # Each command group and each message is one write: send it at once, never held back
+    # by Nagle's algorithm waiting for an ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         async with steps.step("connect") as d:
             await asyncio.wait_for(loop.sock_connect(sock, address), timeout)
