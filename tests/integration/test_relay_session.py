@@ -34,6 +34,7 @@ class ScriptedRelay:
         self.mail_reply = b"250 2.1.0 Ok"
         self.data_reply: bytes | None = None  # None: 354 when a recipient was accepted
         self.malformed_mail_reply = False
+        self.close_after_mail = False  # hang up right after the reply to MAIL
         self.after_message: bytes | None = None  # sent, unasked, after each message
         self.chunks: list[list[str]] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
@@ -76,6 +77,9 @@ class ScriptedRelay:
                         sender, rcpts = _path(line), []
                         writer.write(b"hello\r\n" if self.malformed_mail_reply
                                      else self.mail_reply + b"\r\n")
+                        if self.close_after_mail:
+                            await writer.drain()
+                            return
                     elif verb == b"RCPT":
                         reply = self.rcpt(_path(line))
                         if reply.startswith(b"25"):
@@ -286,3 +290,19 @@ async def test_commands_leave_at_once_without_waiting_for_acks(scripted: Scripte
     sock = session.transport.get_extra_info("socket")
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     await session.quit()
+
+
+async def test_a_sender_refused_then_a_hang_up_is_explained_by_the_reply(
+    scripted: ScriptedRelay,
+) -> None:
+    # Pipelined: the RCPT and DATA replies never come, yet the relay's 421 is what the
+    # e-mail's history says, and a "try again later" counts as slowing down, not as the
+    # relay failing.
+    scripted.mail_reply = b"421 4.7.0 Try again later, closing connection (rate limit)"
+    scripted.close_after_mail = True
+    pool = RelayPool()
+    result = await _send(pool, scripted, "a@example.org", "b@example.org")
+    await pool.close()
+    assert [(r.status, r.code) for r in result.recipients] == [("deferred", 421)] * 2
+    assert result.error is not None and result.error.code == "rate_limited"
+    assert "Try again later" in result.error.message("en")

@@ -429,6 +429,15 @@ async def send_on(
     except Exception as exc:
         # Cut off, timed out or out of step before the message itself was sent.
         session.close()
+        if replies and replies[0][0] != 250:
+            # The relay refused the sender, then hung up ("421 4.7.0 Try again later,
+            # closing connection"): its reply explains, not the hang-up (a "slow down"
+            # then pauses the relay instead of counting as a failure of it).
+            code, text = replies[0]
+            err = classify(aiosmtplib.SMTPSenderRefused(code, text, envelope_from),
+                           "mail_from", relay)
+            report("mail_from", False, err.reply or text)
+            return _all(recipients, err, reusable=False)
         got = len(replies)
         err = classify(exc, "mail_from" if got == 0 else "rcpt_to" if got <= n else "data",
                        relay)
