@@ -433,11 +433,8 @@ async def send_on(
             # The relay refused the sender, then hung up ("421 4.7.0 Try again later,
             # closing connection"): its reply explains, not the hang-up (a "slow down"
             # then pauses the relay instead of counting as a failure of it).
-            code, text = replies[0]
-            err = classify(aiosmtplib.SMTPSenderRefused(code, text, envelope_from),
-                           "mail_from", relay)
-            report("mail_from", False, err.reply or text)
-            return _all(recipients, err, reusable=False)
+            return _all(recipients, _sender_refused(relay, replies[0], envelope_from,
+                                                    report), reusable=False)
         got = len(replies)
         err = classify(exc, "mail_from" if got == 0 else "rcpt_to" if got <= n else "data",
                        relay)
@@ -452,11 +449,8 @@ async def send_on(
         # Cancelled (the test-send's budget, a shutdown): the replies that came count.
         report.replies(replies[:1], replies[1:n + 1])
         raise
-    code, text = replies[0]
-    if code != 250:
-        err = classify(aiosmtplib.SMTPSenderRefused(code, text, envelope_from), "mail_from",
-                       relay)
-        report("mail_from", False, err.reply or text)
+    if replies[0][0] != 250:
+        err = _sender_refused(relay, replies[0], envelope_from, report)
         reusable = await _reset(session, replies[n + 1] if len(replies) > n + 1 else None)
         return _all(recipients, err, reusable=reusable)
     report.replies(replies[:1], replies[1:n + 1])
@@ -518,6 +512,15 @@ class _Report:
                                    *(("rcpt_to", r) for r in rcpts)]:
             ok = code == 250 or (step == "rcpt_to" and code == 251)
             self(step, ok, f"{code} {text}")
+
+
+def _sender_refused(relay: RelaySettings, reply: Reply, envelope_from: str,
+                    report: _Report) -> DeliveryError:
+    code, text = reply
+    err = classify(aiosmtplib.SMTPSenderRefused(code, text, envelope_from), "mail_from",
+                   relay)
+    report("mail_from", False, err.reply or text)
+    return err
 
 
 def _rcpt_results(relay: RelaySettings, recipients: Sequence[str], replies: Sequence[Reply],
