@@ -119,14 +119,17 @@ class Delivery(Scenario):
                    "cpu_us_per_msg": cpu / sent * 1e6 if sent else 0.0},
         )
 
-    def measure_postier(self, r: int, delivery_processes: int = 0) -> Measurement:
+    def measure_postier(self, r: int, delivery_processes: int | None = None) -> Measurement:
+        """``postier serve`` with its default number of delivery processes (None: one on
+        a machine with two cores or more), or with ``--delivery-processes N``."""
         count = self.params["messages"]
         data_dir = copy_dir(self.filled, self.ctx.workdir / f"delivery-r{r}-d{delivery_processes}")
         server = PostierServer(
             self.ctx, data_dir, delivery=True,
-            profile_name=f"{self.name}-postier" if r == 0 and not delivery_processes else None,
-            args=["--delivery-processes", str(delivery_processes)] if delivery_processes
-            else None)
+            # Only delivery in the server's own process shows in its profile.
+            profile_name=f"{self.name}-postier" if r == 0 and delivery_processes == 0 else None,
+            args=None if delivery_processes is None
+            else ["--delivery-processes", str(delivery_processes)])
         base = self.sink.count
         spawned = time.monotonic()
         try:
@@ -187,7 +190,12 @@ class Delivery(Scenario):
         c = self.params["connections"]
         return [
             System("postier", "postier", self.measure_postier,
-                   f"postier serve, delivery on, {c} relay connections"),
+                   f"postier serve with its defaults (on two cores or more: one delivery "
+                   f"process), {c} relay connections"),
+            System("postier-inproc", "postier",
+                   lambda r: self.measure_postier(r, delivery_processes=0),
+                   f"postier serve --delivery-processes 0: delivery in the server's own "
+                   f"process (the default on one core), {c} relay connections"),
             System("postier-2proc", "postier",
                    lambda r: self.measure_postier(r, delivery_processes=2),
                    f"postier serve --delivery-processes 2: two delivery processes, {c} "
@@ -202,6 +210,8 @@ class Delivery(Scenario):
     def ratios(self) -> list[Ratio]:
         return [Ratio("Postier / Python ceiling (aiosmtplib)", "postier", "aiosmtplib",
                       target=0.80),
+                Ratio("Postier, delivery in the server's process / Python ceiling",
+                      "postier-inproc", "aiosmtplib", target=0.80),
                 Ratio("Postier, 2 delivery processes / Python ceiling", "postier-2proc",
                       "aiosmtplib", target=0.80)]
 

@@ -7,6 +7,7 @@ flags override the environment.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
@@ -25,10 +26,11 @@ class ServerConfig(BaseSettings):
     hostname: str = Field(default_factory=socket.getfqdn, description="Name used in Message-IDs")
     max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
     delivery: bool = Field(True, description="Run delivery workers in this process")
-    delivery_processes: int = Field(
-        0, ge=0, le=32,
-        description="Deliver in this many child processes of postier serve instead of in "
-        "its own (0); with two cores or more, acceptance and delivery then each have one",
+    delivery_processes: int | None = Field(
+        None, ge=0, le=32,
+        description="Deliver in this many child processes of postier serve (0: in its own "
+        "process). Default: 1 on a machine with two cores or more, so that acceptance and "
+        "delivery each have one; else 0",
     )
     relay_concurrency: int = Field(4, ge=1, le=100, description="Connections per relay")
     claim_batch: int = Field(64, ge=1, le=1000)
@@ -76,6 +78,13 @@ class ServerConfig(BaseSettings):
 
     # -- end of operations -------------------------------------------------------------
 
+    def delivery_process_count(self) -> int:
+        """How many delivery processes ``postier serve`` starts (``delivery_processes``,
+        else one when this process may run on two cores or more)."""
+        if self.delivery_processes is not None:
+            return self.delivery_processes
+        return 1 if usable_cores() >= 2 else 0
+
     def http_host_port(self) -> tuple[str, int]:
         return split_host_port(self.http, 8025)
 
@@ -94,3 +103,12 @@ def split_host_port(value: str, default_port: int) -> tuple[str, int]:
     if not host:
         return value or "127.0.0.1", default_port
     return host.strip("[]"), int(port)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and
+    ``taskset`` narrow), not merely those of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1

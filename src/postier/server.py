@@ -141,7 +141,7 @@ async def run_worker(
 ) -> None:
     """``postier worker``: delivery only, on any machine that reaches the database — or a
     child of ``postier serve --delivery-processes``, woken through ``wake_fd``."""
-    core = Postier(config)
+    core = Postier(config, store_role="deliver")
     await core.open()
     worker = make_worker(core, config, worker_id)
     stop = asyncio.Event()
@@ -158,9 +158,16 @@ async def run_worker(
                 return
             if data:
                 worker.notify()
-            else:  # the parent is gone: its children go with it
-                loop.remove_reader(wake_fd)
-                stop.set()
+                return
+            # The server is gone (killed: a stopping server stops its children first). Go
+            # at once, as this process would have gone with it had it delivered itself: the
+            # next server to start gives back every e-mail still "sending", and one this
+            # process went on sending meanwhile would go out twice.
+            log.warning("the server is gone: delivery process %s stops now; the e-mails it "
+                        "was sending go out again when the server starts",
+                        worker.worker_id)
+            logging.shutdown()
+            os._exit(1)
 
         loop.add_reader(wake_fd, woken)
     from postier.alerts import attach  # issue 11: alerts and webhook
@@ -190,9 +197,11 @@ class DeliveryProcesses:
     Shaped like a :class:`DeliveryWorker` for ``/api/v1/ready`` and ``/metrics``.
     """
 
-    def __init__(self, config: ServerConfig, core: Postier, log_level: str) -> None:
+    def __init__(self, config: ServerConfig, core: Postier, log_level: str,
+                 count: int) -> None:
         self.config = config
         self.core = core
+        self.count = count
         self.log_level = log_level
         self.running = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -227,7 +236,7 @@ class DeliveryProcesses:
 
     async def start(self) -> None:
         base = f"{self.config.hostname.split('.')[0]}-{os.getpid()}"
-        for i in range(self.config.delivery_processes):
+        for i in range(self.count):
             worker_id = f"{base}-d{i + 1}"
             proc, fd = await self._spawn(worker_id)
             self._children.append((worker_id, proc, fd))
@@ -304,11 +313,12 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
-    core = Postier(config)
+    processes = config.delivery_process_count() if config.delivery else 0
+    # This process's event loop delivers too only when there is no delivery process.
+    core = Postier(config, store_role="all" if config.delivery and not processes else "accept")
     embedded = core.store.__class__.__name__ == "SQLiteStore"
     lock = lock_data_dir(Path(config.data_dir)) if (embedded and config.delivery) else None
-    children = (DeliveryProcesses(config, core, log_level)
-                if config.delivery and config.delivery_processes else None)
+    children = DeliveryProcesses(config, core, log_level, processes) if processes else None
     worker = make_worker(core, config) if config.delivery and children is None else None
     host, port = config.http_host_port()
     smtp_servers: list[asyncio.Server] = []

@@ -133,10 +133,13 @@ class Preview:
 class Postier:
     """One installation: its store, its secrets, its settings; shared by all doors."""
 
-    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, store: Store | None = None, store_role: str = "all"
+    ) -> None:
         self.config = config
         self.data_dir = Path(config.data_dir)
-        self.store = store or create_store(database_url(self.data_dir, config.database_url))
+        self.store = store or create_store(database_url(self.data_dir, config.database_url),
+                                           store_role)
         self.secrets = SecretBox.for_data_dir(self.data_dir)
         self._settings: TTLCache[int, DeliverySettings] = TTLCache(SETTINGS_TTL)
         self._establishments: TTLCache[str | int, Establishment | None] = TTLCache(SETTINGS_TTL)

@@ -1,7 +1,7 @@
 """``postier serve --delivery-processes N`` on the embedded store: acceptance in the server,
-delivery in child ``postier worker`` processes, as a two-core machine would run it. Every
-e-mail goes out once; a child killed with SIGKILL comes back and its e-mails leave; the
-children end with the server."""
+delivery in child ``postier worker`` processes, as a two-core machine runs it by default.
+Every e-mail goes out once; a child killed with SIGKILL comes back and its e-mails leave;
+the children end with the server."""
 
 from __future__ import annotations
 
@@ -103,3 +103,23 @@ def test_children_end_when_the_server_is_killed(server_factory: Any) -> None:
     while _alive(children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _alive(children) == [], "delivery processes outlived a killed server"
+
+
+def test_by_default_two_cores_deliver_in_one_child_and_one_core_in_the_server(
+    server_factory: Any, relay: FaultRelay
+) -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    for cpus, expected in (({cores[0]}, 0), (set(cores), 1 if len(cores) >= 2 else 0)):
+        server: ServerProcess = server_factory()
+        server.env.pop("POSTIER_DELIVERY_PROCESSES", None)
+        server.cpus = cpus
+        server.start()
+        server.configure_relay(relay)
+        children = _children(server.proc.pid)  # type: ignore[union-attr]
+        assert len(children) == expected, (cpus, children, server.log()[-2000:])
+        before = len(relay.messages)
+        _send(server, f"c{len(cpus)}-", 20)
+        got = _wait_delivered(relay, before + 20)
+        assert max(got.values()) == 1, "an e-mail was delivered twice"
+        assert server.stop() == 0
+        assert _alive(children) == []

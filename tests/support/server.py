@@ -63,6 +63,7 @@ class ServerProcess:
         self.args: list[str] = []
         self.env = {**os.environ, "POSTIER_POLL_INTERVAL": "0.2", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.cpus: set[int] | None = None  # run on these cores only (CPU affinity)
         self.log_path = data_dir / "server.log"
         self.tokens: dict[str, str] = {}
 
@@ -80,6 +81,8 @@ class ServerProcess:
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=(lambda cpus=self.cpus: os.sched_setaffinity(0, cpus))
+            if self.cpus else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

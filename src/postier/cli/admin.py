@@ -53,7 +53,8 @@ def serve(
         bool, typer.Option("--no-delivery", help="Accept e-mails only; another process delivers")
     ] = False,
     delivery_processes: Annotated[int | None, typer.Option(
-        help="Deliver in N child processes instead of this one (machines with 2+ cores)")
+        help="Deliver in N child processes (0: in this one). Default: 1 with two cores "
+        "or more, else 0")
     ] = None,
     smtp: Annotated[str | None, typer.Option(
         help="HOST:PORT for SMTP submission with STARTTLS (default 127.0.0.1:2587), or off")

@@ -18,11 +18,15 @@ def database_url(data_dir: Path, url: str | None = None) -> str:
     return f"sqlite+aiosqlite:///{data_dir / 'postier.db'}"
 
 
-def create_store(url: str) -> Store:
+def create_store(url: str, role: str = "all") -> Store:
+    """The store at ``url``. ``role`` ("all", "accept" or "deliver": what this process does
+    with it) tunes how the embedded SQLite store writes; PostgreSQL needs no such hint."""
     if url.startswith("sqlite"):
-        from postier.store.sqlite import SQLiteStore
+        from postier.store.sqlite import ROLES, SQLiteStore
 
-        return SQLiteStore(url)
+        if role not in ROLES:
+            raise ValueError(f"unknown store role {role!r}: one of {', '.join(ROLES)}")
+        return SQLiteStore(url, role)
     if url.startswith("postgresql"):
         from postier.store.postgres import PostgresStore
 

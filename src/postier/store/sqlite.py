@@ -8,9 +8,25 @@ processes (the server and a CLI command) queue for the lock instead of failing h
 The hot paths do not go through aiosqlite: it hands every call (begin, execute, fetch,
 commit...) to its thread and back, 10-16 round trips through a busy event loop per
 transaction (docs/performance.md). Instead, a whole group of write jobs runs as one call
-on a dedicated writer thread, over a synchronous connection whose ``execute`` never
-suspends, and each read is one call on a small pool of reader threads. The asynchronous
-engines remain for migrations and the occasional direct use.
+over a synchronous connection whose ``execute`` never suspends, and each read is one call
+on a small pool of reader threads. The asynchronous engines remain for migrations and the
+occasional direct use.
+
+Where that call runs depends on the process's role (:data:`Role`):
+
+- ``"all"`` (a server that accepts and delivers on one event loop, the CLI): on a writer
+  thread, so that the loop goes on delivering while a commit waits for the disk.
+- ``"accept"`` (a server whose delivery is in other processes, or off): on the event loop
+  itself. A thread's transaction pays for every statement twice in hand-overs of the GIL
+  to a busy loop, and holds SQLite's write lock meanwhile, which a delivery process is
+  waiting for; on the loop, a commit blocks only for its own disk write (about 0.2 ms on
+  an SSD), which the requests waiting for it would wait for anyway. Waiting for another
+  process's lock is an ``asyncio.sleep``, never a blocked loop.
+- ``"deliver"`` (a delivery process of ``postier serve``): on the event loop too, and
+  with ``synchronous=NORMAL``: its claims and results reach the disk at the next commit of
+  an acceptance (the WAL is one file, synced in order) or checkpoint, not each on its own.
+  A power cut may thus lose the last results of the moment: those e-mails are sent again,
+  a possible duplicate, never a loss. Every acceptance stays ``synchronous=FULL``.
 """
 
 from __future__ import annotations
@@ -18,31 +34,37 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from postier.errors import StoreUnavailable
 from postier.store.sql import SQLStore, WriteJob, _translate
 
 READER_THREADS = 4
+
+Role = Literal["all", "accept", "deliver"]
+ROLES: tuple[Role, ...] = ("all", "accept", "deliver")
 
 # How long a writer waits for another process's lock before the request fails with a
 # clear "try again" (503/451) rather than hanging.
 BUSY_TIMEOUT_MS = int(os.environ.get("POSTIER_SQLITE_BUSY_TIMEOUT_MS", "10000"))
 
 
-def _pragmas(immediate: bool, busy_ms: int = BUSY_TIMEOUT_MS) -> tuple[Any, Any]:
+def _pragmas(
+    immediate: bool, busy_ms: int = BUSY_TIMEOUT_MS, synchronous: str = "FULL"
+) -> tuple[Any, Any]:
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute(f"PRAGMA busy_timeout={busy_ms}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -78,25 +100,45 @@ def _run_to_end(coro: Coroutine[Any, Any, Any]) -> Any:
     raise RuntimeError("a store job waited for something other than the database")
 
 
-def _begin(conn: Connection) -> RootTransaction:
-    """``BEGIN IMMEDIATE``, waiting for another process's write lock in short steps.
+def _try_begin(conn: Connection) -> RootTransaction | None:
+    """``BEGIN IMMEDIATE`` at once, or None while another process holds the write lock
+    (the writing connections have no busy timeout of their own)."""
+    try:
+        return conn.begin()
+    except OperationalError as exc:
+        conn.rollback()
+        if "locked" not in str(exc).lower():
+            raise
+        return None
+
+
+def _lock_waits() -> Iterator[float]:
+    """The pauses between two tries at another process's write lock.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries: while the server and
     a delivery process (``--delivery-processes``) take turns at the lock for transactions
-    of a fraction of a millisecond, most of their time went to those sleeps. Here the
-    writer thread tries again after 0.1 ms, doubling up to 2 ms, until BUSY_TIMEOUT_MS.
+    of a fraction of a millisecond, most of their time went to those sleeps. Here: 0.1 ms,
+    doubling up to 2 ms, until BUSY_TIMEOUT_MS, then a clear "database locked".
     """
     deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
     delay = 0.0001
-    while True:
-        try:
-            return conn.begin()
-        except OperationalError as exc:
-            conn.rollback()
-            if "locked" not in str(exc).lower() or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
+    while time.monotonic() < deadline:
+        yield delay
         delay = min(delay * 2, 0.002)
+    raise StoreUnavailable(reason="database locked")
+
+
+def _begin(conn: Connection) -> RootTransaction:
+    """``BEGIN IMMEDIATE`` on the writer thread, waiting for the lock in short steps."""
+    waits = _lock_waits()
+    while (tx := _try_begin(conn)) is None:
+        time.sleep(next(waits))
+    return tx
+
+
+def _run_jobs(conn: Connection, jobs: list[WriteJob]) -> list[Any]:
+    adapter: Any = _SyncConnection(conn)
+    return [_run_to_end(job(adapter)) for job in jobs]  # type: ignore[arg-type]
 
 
 class _Threads:
@@ -116,8 +158,20 @@ class _Threads:
 
     def _transaction(self, jobs: list[WriteJob]) -> list[Any]:
         with self.write.connect() as conn, _begin(conn):  # commits, or rolls back
-            adapter: Any = _SyncConnection(conn)
-            return [_run_to_end(job(adapter)) for job in jobs]  # type: ignore[arg-type]
+            return _run_jobs(conn, jobs)
+
+    async def on_loop(self, jobs: list[WriteJob]) -> list[Any]:
+        """The same transaction run on the event loop (roles "accept" and "deliver"): no
+        thread hand-over; waiting for another process's lock does not block the loop."""
+        waits: Iterator[float] | None = None
+        while True:
+            with self.write.connect() as conn:
+                tx = _try_begin(conn)
+                if tx is not None:
+                    with tx:  # commits, or rolls back
+                        return _run_jobs(conn, jobs)
+            waits = waits or _lock_waits()
+            await asyncio.sleep(next(waits))
 
     async def select(self, stmt: Any) -> list[Any]:
         return await asyncio.get_running_loop().run_in_executor(
@@ -147,25 +201,29 @@ def _sync_engines(url: str) -> tuple[Engine, Engine] | None:
 
 
 class SQLiteStore(SQLStore):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, role: Role = "all") -> None:
+        self.role = role
         write = create_async_engine(url, poolclass=NullPool if ":memory:" in url else None)
         # A steady pool: SQLAlchemy's default closes every connection beyond five after use,
         # and each new aiosqlite connection is a thread and four PRAGMAs.
         read = create_async_engine(url, pool_size=20, max_overflow=0)
-        engines = [(write.sync_engine, True), (read.sync_engine, False)]
+        # (engine, BEGIN IMMEDIATE?, busy timeout in ms, synchronous)
+        engines = [(write.sync_engine, True, BUSY_TIMEOUT_MS, "FULL"),
+                   (read.sync_engine, False, BUSY_TIMEOUT_MS, "FULL")]
         sync = _sync_engines(url)
         self._threads = _Threads(*sync) if sync else None
-        busy = {}
-        if sync:
-            engines += [(sync[0], True), (sync[1], False)]
-            busy[id(sync[0])] = 0  # the writer thread waits for the lock itself (_begin)
-        for engine, immediate in engines:
-            on_connect, on_begin = _pragmas(immediate, busy.get(id(engine), BUSY_TIMEOUT_MS))
+        transaction = None
+        if sync and self._threads:
+            # The hot writer waits for another process's lock itself (_lock_waits).
+            engines += [(sync[0], True, 0, "NORMAL" if role == "deliver" else "FULL"),
+                        (sync[1], False, BUSY_TIMEOUT_MS, "FULL")]
+            transaction = (self._threads.transaction if role == "all"
+                           else self._threads.on_loop)
+        for engine, immediate, busy_ms, synchronous in engines:
+            on_connect, on_begin = _pragmas(immediate, busy_ms, synchronous)
             event.listen(engine, "connect", on_connect)
             event.listen(engine, "begin", on_begin)
-        super().__init__(
-            write, read, transaction=self._threads.transaction if self._threads else None
-        )
+        super().__init__(write, read, transaction=transaction)
 
     async def _read(self, stmt: Any) -> list[Any]:
         if self._threads is None:
