@@ -304,7 +304,9 @@ def start_profiler(profile_dir: Path, name: str, pid: int, log_dir: Path) -> Pro
     proc = Process(
         # --gil: only the thread holding the GIL is sampled, so the profile says where
         # the Python CPU time goes (the server is one process bound by its GIL).
-        [spy, "record", "--pid", str(pid), "--rate", "100", "--format", "raw", "--gil",
+        # POSTIER_BENCH_SPY_RATE: samples a second (100; more for a short measurement).
+        [spy, "record", "--pid", str(pid), "--rate",
+         os.environ.get("POSTIER_BENCH_SPY_RATE", "100"), "--format", "raw", "--gil",
          "--output", str(out)],
         log_dir / f"py-spy-{name}.log",
     ).start()

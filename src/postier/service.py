@@ -509,7 +509,8 @@ class Postier:
         results = await self.store.enqueue(batch)
         for notify in self._notify:
             notify()
-        return [dataclasses.replace(r, sender_rule=m.sender_rule)
+        # Built directly: dataclasses.replace costs ~3 µs an e-mail in a batch.
+        return [EnqueueResult(r.id, r.status, r.duplicate, m.sender_rule)
                 for r, m in zip(results, batch, strict=True)]
 
     async def submit_raw(

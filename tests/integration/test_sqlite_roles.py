@@ -149,3 +149,30 @@ async def test_a_lock_held_too_long_is_a_clear_refusal_with_nothing_stored(
 def test_an_unknown_role_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown store role 'both'"):
         create_store(f"sqlite+aiosqlite:///{tmp_path / 'postier.db'}", "both")
+
+
+@pytest.mark.parametrize("role", ["accept", "deliver"])
+async def test_a_big_batch_commits_on_the_writer_thread_and_is_stored_whole(
+    tmp_path: Path, role: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import postier.store.sqlite as sqlite_store
+
+    committed_on: list[str] = []
+    real = sqlite_store._commit_and_close
+
+    def spy(conn: Any, tx: Any) -> None:
+        committed_on.append(threading.current_thread().name)
+        real(conn, tx)
+
+    monkeypatch.setattr(sqlite_store, "_commit_and_close", spy)
+    store = await _open(tmp_path, role)
+    try:
+        await store.enqueue([_message(1)])  # a message and a recipient: 2 rows
+        # 500 messages and 500 recipients: 1,000 rows, megabytes for the disk to sync.
+        stored = await store.enqueue([_message(n) for n in range(2, 502)])
+        assert committed_on[0] == threading.main_thread().name, committed_on
+        assert committed_on[1].startswith("postier-sqlite-writer"), committed_on
+        assert (await store.counts())["queued"] == 501
+        assert len({r.id for r in stored}) == 500
+    finally:
+        await store.close()

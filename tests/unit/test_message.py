@@ -220,6 +220,28 @@ def test_dates() -> None:
     assert abs(now - datetime.now(UTC)) < timedelta(seconds=5)
 
 
+def test_the_date_of_now_follows_the_clock_to_the_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    import postier.message as message_module
+
+    clock = [1_700_000_000.25]
+    monkeypatch.setattr(message_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    msg = MessageIn(to=["a@x.fr"])
+
+    def date_now() -> datetime:
+        built = build_message(msg, inside(), message_id=MESSAGE_ID)
+        return parse(built.data)["Date"].datetime
+
+    assert date_now() == datetime.fromtimestamp(1_700_000_000, UTC)
+    clock[0] += 0.5  # the same second: the same Date
+    assert date_now() == datetime.fromtimestamp(1_700_000_000, UTC)
+    clock[0] += 1.0
+    assert date_now() == datetime.fromtimestamp(1_700_000_001, UTC)
+
+
 def test_many_recipients_fold_and_parse_back() -> None:
     to = [f"parent.eleve.{i}@gmail.com" for i in range(300)]
     built = build(to=to)

@@ -48,6 +48,10 @@ from postier.store.sql import SQLStore, WriteJob, _translate
 
 READER_THREADS = 4
 
+# Rows written from which a transaction on the event loop commits on the writer thread
+# (about 400 e-mails: each is a message row and a row per recipient).
+BIG_TRANSACTION_ROWS = 1000
+
 Role = Literal["all", "accept", "deliver"]
 ROLES: tuple[Role, ...] = ("all", "accept", "deliver")
 
@@ -136,6 +140,26 @@ def _begin(conn: Connection) -> RootTransaction:
     return tx
 
 
+def _connect_and_begin(engine: Engine) -> tuple[Connection, RootTransaction] | None:
+    conn = engine.connect()
+    try:
+        tx = _try_begin(conn)
+    except BaseException:
+        conn.close()
+        raise
+    if tx is None:
+        conn.close()
+        return None
+    return conn, tx
+
+
+def _commit_and_close(conn: Connection, tx: RootTransaction) -> None:
+    try:
+        tx.commit()
+    finally:
+        conn.close()  # rolls back what a failed commit left
+
+
 def _run_jobs(conn: Connection, jobs: list[WriteJob]) -> list[Any]:
     adapter: Any = _SyncConnection(conn)
     return [_run_to_end(job(adapter)) for job in jobs]  # type: ignore[arg-type]
@@ -162,16 +186,32 @@ class _Threads:
 
     async def on_loop(self, jobs: list[WriteJob]) -> list[Any]:
         """The same transaction run on the event loop (roles "accept" and "deliver"): no
-        thread hand-over; waiting for another process's lock does not block the loop."""
+        thread hand-over; waiting for another process's lock does not block the loop.
+
+        Only the commit of a big transaction (a batch of hundreds of e-mails: megabytes to
+        sync, several milliseconds) goes to the writer thread, so that the loop reads and
+        checks the next request meanwhile; one hand-over costs little against that."""
         waits: Iterator[float] | None = None
-        while True:
-            with self.write.connect() as conn:
-                tx = _try_begin(conn)
-                if tx is not None:
-                    with tx:  # commits, or rolls back
-                        return _run_jobs(conn, jobs)
+        while (found := _connect_and_begin(self.write)) is None:
             waits = waits or _lock_waits()
             await asyncio.sleep(next(waits))
+        conn, tx = found
+        try:
+            sqlite: Any = conn.connection.driver_connection
+            before = sqlite.total_changes
+            results = _run_jobs(conn, jobs)
+            big = sqlite.total_changes - before >= BIG_TRANSACTION_ROWS
+        except BaseException:
+            conn.close()  # rolls back
+            raise
+        if big:
+            # The thread closes the connection too: even if this task is cancelled
+            # meanwhile, nobody touches the connection while it commits.
+            await asyncio.get_running_loop().run_in_executor(
+                self.writer, _commit_and_close, conn, tx)
+        else:
+            _commit_and_close(conn, tx)
+        return results
 
     async def select(self, stmt: Any) -> list[Any]:
         return await asyncio.get_running_loop().run_in_executor(
