@@ -90,6 +90,15 @@ def test_bad_input_is_refused_and_nothing_stored(server: ServerProcess, relay: F
         assert r.status_code == 422
         r = c.post("/api/v1/messages", json={"subject": "no recipient"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "to"
+        # A body that is not JSON, and JSON with a lone surrogate in the subject (read as
+        # Python reads it, then refused as no valid text): 422s that say what is wrong.
+        for body in (b'{"to": ["a@example.org"], "subject": "x",}',
+                     b'{"to": ["a@example.org"], "subject": "\\ud800"}'):
+            r = c.post("/api/v1/messages/batch", content=b'{"messages": [' + body + b"]}",
+                       headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["message"], r.text
+        assert r.json()["error"]["field"] == "messages.0.subject", r.text
         assert c.get("/api/v1/messages").json() == []
     time.sleep(0.5)
     assert relay.messages == []

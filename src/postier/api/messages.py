@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field, field_validator
 
 from postier import policy
-from postier.api.deps import Core, CurrentUser, Lang
+from postier.api.deps import Core, CurrentUser, JSONRoute, Lang
 from postier.api.views import (
     Accepted,
     BatchAccepted,
@@ -21,7 +21,7 @@ from postier.api.views import (
 )
 from postier.message import MessageIn
 
-router = APIRouter(prefix="/api/v1/messages", tags=["messages"])
+router = APIRouter(prefix="/api/v1/messages", tags=["messages"], route_class=JSONRoute)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse},
