@@ -3,8 +3,9 @@
 - Every acceptance is committed with ``synchronous=FULL``; only a delivery process of
   ``postier serve`` commits its claims and results with ``synchronous=NORMAL``.
 - A server that also delivers ("all") commits on its writer thread; a server whose
-  delivery is in another process ("accept"), and that delivery process ("deliver"), commit
-  on the event loop.
+  delivery is in another process ("accept") commits on the event loop; that delivery
+  process ("deliver") on its writer thread while it has the lock to itself, and on the
+  event loop for a while after finding another process holding it.
 - Waiting for another process's write lock never blocks the event loop, and gives up with
   a clear "database locked" after the busy timeout, with nothing stored.
 
@@ -94,10 +95,10 @@ async def test_each_role_commits_where_and_how_it_promises(tmp_path: Path, role:
         synchronous, thread = await _synchronous_and_thread(store)
         # PRAGMA synchronous: 2 is FULL (the WAL synced at every commit), 1 is NORMAL.
         assert synchronous == (1 if role == "deliver" else 2), (role, synchronous)
-        if role == "all":
-            assert thread.startswith("postier-sqlite-writer"), thread
-        else:
+        if role == "accept":
             assert thread == threading.main_thread().name, thread
+        else:
+            assert thread.startswith("postier-sqlite-writer"), thread
         (stored,) = await store.enqueue([_message(1)])
         assert (await store.get_message(stored.id)) is not None
     finally:
@@ -151,10 +152,33 @@ def test_an_unknown_role_is_refused_by_name(tmp_path: Path) -> None:
         create_store(f"sqlite+aiosqlite:///{tmp_path / 'postier.db'}", "both")
 
 
-@pytest.mark.parametrize("role", ["accept", "deliver"])
-async def test_a_big_batch_commits_on_the_writer_thread_and_is_stored_whole(
-    tmp_path: Path, role: str, monkeypatch: pytest.MonkeyPatch
+async def test_a_delivery_process_moves_to_the_loop_while_another_process_writes(
+    tmp_path: Path, held_lock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("postier.store.sqlite.CONTENDED_FOR", 0.5)
+    store = await _open(tmp_path, "deliver")
+    try:
+        _, alone = await _synchronous_and_thread(store)
+        assert alone.startswith("postier-sqlite-writer"), alone
+        holder = held_lock()
+        waiting = asyncio.create_task(_synchronous_and_thread(store))
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(_release, holder)
+        await waiting
+        # Found the lock taken: the next transactions run on the loop, for a while.
+        _, after = await _synchronous_and_thread(store)
+        assert after == threading.main_thread().name, after
+        await asyncio.sleep(0.6)
+        _, later = await _synchronous_and_thread(store)
+        assert later.startswith("postier-sqlite-writer"), later
+    finally:
+        await store.close()
+
+
+async def test_a_big_batch_commits_on_the_writer_thread_and_is_stored_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    role = "accept"
     import postier.store.sqlite as sqlite_store
 
     committed_on: list[str] = []

@@ -22,11 +22,14 @@ Where that call runs depends on the process's role (:data:`Role`):
   waiting for; on the loop, a commit blocks only for its own disk write (about 0.2 ms on
   an SSD), which the requests waiting for it would wait for anyway. Waiting for another
   process's lock is an ``asyncio.sleep``, never a blocked loop.
-- ``"deliver"`` (a delivery process of ``postier serve``): on the event loop too, and
-  with ``synchronous=NORMAL``: its claims and results reach the disk at the next commit of
-  an acceptance (the WAL is one file, synced in order) or checkpoint, not each on its own.
-  A power cut may thus lose the last results of the moment: those e-mails are sent again,
-  a possible duplicate, never a loss. Every acceptance stays ``synchronous=FULL``.
+- ``"deliver"`` (a delivery process of ``postier serve``): on the writer thread while it
+  has the lock to itself (draining a queue, SQLite's own work then overlaps the loop's),
+  on the event loop for a second after finding the server holding it (the server is
+  accepting, and waits for the lock in turn). With ``synchronous=NORMAL``: its claims and
+  results reach the disk at the next commit of an acceptance (the WAL is one file, synced
+  in order) or checkpoint, not each on its own. A power cut may thus lose the last
+  results of the moment: those e-mails are sent again, a possible duplicate, never a loss.
+  Every acceptance stays ``synchronous=FULL``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ READER_THREADS = 4
 # Rows written from which a transaction on the event loop commits on the writer thread
 # (about 400 e-mails: each is a message row and a row per recipient).
 BIG_TRANSACTION_ROWS = 1000
+# Seconds a delivery process keeps its transactions on the event loop after finding
+# another process holding the write lock.
+CONTENDED_FOR = 1.0
 
 Role = Literal["all", "accept", "deliver"]
 ROLES: tuple[Role, ...] = ("all", "accept", "deliver")
@@ -132,10 +138,13 @@ def _lock_waits() -> Iterator[float]:
     raise StoreUnavailable(reason="database locked")
 
 
-def _begin(conn: Connection) -> RootTransaction:
-    """``BEGIN IMMEDIATE`` on the writer thread, waiting for the lock in short steps."""
+def _begin(conn: Connection, threads: _Threads | None = None) -> RootTransaction:
+    """``BEGIN IMMEDIATE`` on the writer thread, waiting for the lock in short steps (and
+    telling ``threads`` that another process wanted it)."""
     waits = _lock_waits()
     while (tx := _try_begin(conn)) is None:
+        if threads is not None:
+            threads.contended()
         time.sleep(next(waits))
     return tx
 
@@ -174,6 +183,21 @@ class _Threads:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="postier-sqlite-writer")
         self.readers = ThreadPoolExecutor(READER_THREADS,
                                           thread_name_prefix="postier-sqlite-reader")
+        self._contended_until = 0.0
+
+    def contended(self) -> None:
+        """Another process held the write lock when this one asked for it."""
+        self._contended_until = time.monotonic() + CONTENDED_FOR
+
+    async def by_contention(self, jobs: list[WriteJob]) -> list[Any]:
+        """Role "deliver": on the writer thread while this process has the lock to itself
+        (draining a queue, SQLite's own work then overlaps the event loop's), on the event
+        loop for a while once another process (the server, accepting) was found holding
+        it: a thread's transaction keeps the lock while it waits to get the GIL back from a
+        busy loop, and the server's acceptances waited for it."""
+        if time.monotonic() < self._contended_until:
+            return await self.on_loop(jobs)
+        return await self.transaction(jobs)
 
     async def transaction(self, jobs: list[WriteJob]) -> list[Any]:
         return await asyncio.get_running_loop().run_in_executor(
@@ -181,7 +205,7 @@ class _Threads:
         )
 
     def _transaction(self, jobs: list[WriteJob]) -> list[Any]:
-        with self.write.connect() as conn, _begin(conn):  # commits, or rolls back
+        with self.write.connect() as conn, _begin(conn, self):  # commits, or rolls back
             return _run_jobs(conn, jobs)
 
     async def on_loop(self, jobs: list[WriteJob]) -> list[Any]:
@@ -193,6 +217,7 @@ class _Threads:
         checks the next request meanwhile; one hand-over costs little against that."""
         waits: Iterator[float] | None = None
         while (found := _connect_and_begin(self.write)) is None:
+            self.contended()
             waits = waits or _lock_waits()
             await asyncio.sleep(next(waits))
         conn, tx = found
@@ -257,8 +282,9 @@ class SQLiteStore(SQLStore):
             # The hot writer waits for another process's lock itself (_lock_waits).
             engines += [(sync[0], True, 0, "NORMAL" if role == "deliver" else "FULL"),
                         (sync[1], False, BUSY_TIMEOUT_MS, "FULL")]
-            transaction = (self._threads.transaction if role == "all"
-                           else self._threads.on_loop)
+            transaction = {"all": self._threads.transaction,
+                           "accept": self._threads.on_loop,
+                           "deliver": self._threads.by_contention}[role]
         for engine, immediate, busy_ms, synchronous in engines:
             on_connect, on_begin = _pragmas(immediate, busy_ms, synchronous)
             event.listen(engine, "connect", on_connect)
