@@ -38,7 +38,9 @@ class JSONRequest(Request):
 
 
 class JSONRoute(APIRoute):
-    """The route class of the routers whose bodies are JSON (``APIRouter(route_class=)``)."""
+    """Routes that read their JSON body with :class:`JSONRequest` (``APIRouter(route_class=
+    JSONRoute)``): the submission routes, whose bodies reach megabytes. Other routes keep
+    FastAPI's own reading; their bodies are small."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
