@@ -27,8 +27,8 @@ import pytest
 
 from postier.errors import StoreUnavailable
 from postier.store import create_store
-from postier.store.base import NewMessage
-from postier.store.sqlite import ROLES, SQLiteStore
+from postier.store.base import ROLES, NewMessage
+from postier.store.sqlite import SQLiteStore
 
 
 def _message(n: int) -> NewMessage:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from postier.store.base import Store
+from postier.store.base import ROLES, Store
 
 
 def database_url(data_dir: Path, url: str | None = None) -> str:
@@ -19,13 +19,12 @@ def database_url(data_dir: Path, url: str | None = None) -> str:
 
 
 def create_store(url: str, role: str = "all") -> Store:
-    """The store at ``url``. ``role`` ("all", "accept" or "deliver": what this process does
-    with it) tunes how the embedded SQLite store writes; PostgreSQL needs no such hint."""
+    """The store at ``url``, for a process that does ``role`` with it (``base.ROLES``)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown store role {role!r}: one of {', '.join(ROLES)}")
     if url.startswith("sqlite"):
-        from postier.store.sqlite import ROLES, SQLiteStore
+        from postier.store.sqlite import SQLiteStore
 
-        if role not in ROLES:
-            raise ValueError(f"unknown store role {role!r}: one of {', '.join(ROLES)}")
         return SQLiteStore(url, role)
     if url.startswith("postgresql"):
         from postier.store.postgres import PostgresStore

@@ -12,7 +12,13 @@ from __future__ import annotations
 import abc
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+# What a process does with the store: accept and deliver ("all": a server delivering in
+# its own process, the CLI), accept only, or deliver only. The embedded SQLite store
+# writes differently for each (store/sqlite.py); PostgreSQL needs no such hint.
+Role = Literal["all", "accept", "deliver"]
+ROLES: tuple[Role, ...] = ("all", "accept", "deliver")
 
 QUEUED, SENDING, DEFERRED, SENT, FAILED, CANCELLED = (
     "queued",

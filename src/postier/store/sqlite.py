@@ -39,7 +39,7 @@ import os
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -47,6 +47,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from postier.errors import StoreUnavailable
+from postier.store.base import Role
 from postier.store.sql import SQLStore, WriteJob, _translate
 
 READER_THREADS = 4
@@ -58,8 +59,6 @@ BIG_TRANSACTION_ROWS = 1000
 # another process holding the write lock.
 CONTENDED_FOR = 1.0
 
-Role = Literal["all", "accept", "deliver"]
-ROLES: tuple[Role, ...] = ("all", "accept", "deliver")
 
 # How long a writer waits for another process's lock before the request fails with a
 # clear "try again" (503/451) rather than hanging.
