@@ -717,20 +717,34 @@ class SQLStore(Store):
             body_rows.append((m.id, m.data))
             rcpt_rows.extend((m.id, i, a) for i, a in enumerate(m.recipients))
         if msg_rows:
-            # Written for the driver, like the delivery path's statements below: built
-            # once, bound as tuples (1,000 e-mails: about 36 -> 26 µs of CPU an e-mail).
-            await conn.exec_driver_sql(self._sql(
-                "INSERT INTO messages (id, establishment_id, user_id, status, priority,"
-                " envelope_from, header_from, message_id, subject, size, smtputf8,"
-                " idempotency_key, sender_rule, created_at, updated_at, next_attempt_at,"
-                " attempts) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
-            ), msg_rows)
-            await conn.exec_driver_sql(self._sql(
-                "INSERT INTO message_bodies (message_id, data) VALUES (?, ?)"), body_rows)
-            await conn.exec_driver_sql(self._sql(
-                "INSERT INTO recipients (message_id, position, address, status)"
-                " VALUES (?, ?, ?, 'pending')"), rcpt_rows)
+            await self._insert_rows(conn, now, msg_rows, body_rows, rcpt_rows)
         return results
+
+    async def _insert_rows(
+        self,
+        conn: AsyncConnection,
+        now: float,
+        msg_rows: list[tuple[Any, ...]],
+        body_rows: list[tuple[Any, ...]],
+        rcpt_rows: list[tuple[Any, ...]],
+    ) -> None:
+        """Store new e-mails: one row of ``msg_rows`` each (id, establishment, user,
+        priority, envelope sender, From, Message-ID, subject, size, SMTPUTF8, idempotency
+        key, sender rule, then ``now`` three times: created, updated, due), with their
+        bodies (id, bytes) and recipients (id, position, address)."""
+        # Written for the driver, like the delivery path's statements below: built
+        # once, bound as tuples (1,000 e-mails: about 36 -> 26 µs of CPU an e-mail).
+        await conn.exec_driver_sql(self._sql(
+            "INSERT INTO messages (id, establishment_id, user_id, status, priority,"
+            " envelope_from, header_from, message_id, subject, size, smtputf8,"
+            " idempotency_key, sender_rule, created_at, updated_at, next_attempt_at,"
+            " attempts) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        ), msg_rows)
+        await conn.exec_driver_sql(self._sql(
+            "INSERT INTO message_bodies (message_id, data) VALUES (?, ?)"), body_rows)
+        await conn.exec_driver_sql(self._sql(
+            "INSERT INTO recipients (message_id, position, address, status)"
+            " VALUES (?, ?, ?, 'pending')"), rcpt_rows)
 
     # -- queue: delivery -----------------------------------------------------------------
     # The delivery path's statements (claim, results, lease renewal) run for every e-mail
