@@ -54,6 +54,10 @@ from postier.store.base import (
 
 log = logging.getLogger(__name__)
 
+# A write job runs in a transaction with the other jobs of its group. It may carry two
+# attributes: ``prepare()``, called on the event loop before it runs, and ``whole_alone``,
+# true when each of its statements leaves the store consistent by itself (a backend may
+# then run the job alone without BEGIN and COMMIT: PostgreSQL's acceptance).
 WriteJob = Callable[[AsyncConnection], Awaitable[Any]]
 
 
@@ -631,7 +635,7 @@ class SQLStore(Store):
         if not batch:
             return []
         result: list[EnqueueResult] = await self._merged(
-            "enqueue", list(batch), self._insert_messages
+            "enqueue", list(batch), self._insert_messages, whole_alone=True
         )
         return result
 
@@ -640,11 +644,16 @@ class SQLStore(Store):
         kind: Hashable,
         items: list[Any],
         handler: Callable[[AsyncConnection, list[Any]], Awaitable[list[Any] | None]],
+        *,
+        whole_alone: bool = False,
     ) -> Any:
         """Run ``handler`` once for the items of all concurrent callers of the same kind.
 
         Concurrent acceptances (or delivery results) share one multi-row statement instead
         of three statements each; the group stays open until its job starts.
+        ``whole_alone``: each statement of ``handler`` leaves the store consistent by
+        itself, so a backend may run it without a transaction of its own (see
+        ``WriteJob``).
         """
         group = self._groups.get(kind)
         if group is None:
@@ -660,6 +669,7 @@ class SQLStore(Store):
                 return await handler(conn, group.items)
 
             job.prepare = close_group  # type: ignore[attr-defined]
+            job.whole_alone = whole_alone  # type: ignore[attr-defined]
             group.future = asyncio.ensure_future(self.write(job))
         start = len(group.items)
         group.items.extend(items)
@@ -795,29 +805,9 @@ class SQLStore(Store):
         claim_params = (worker_id, now + lease_seconds, now, now, *skip_params, limit)
 
         async def job(conn: AsyncConnection) -> list[Claimed]:
-            rows = (await conn.exec_driver_sql(claim_sql, claim_params)).all()
+            rows, bodies, rcpts = await self._claim_rows(conn, claim_sql, claim_params)
             if not rows:
                 return []
-            ids = [r.id for r in rows]
-            cond, params = self._in("message_id", ids)
-            bodies = {
-                r.message_id: r.data
-                for r in await conn.exec_driver_sql(
-                    self._sql("SELECT message_id, data FROM message_bodies"  # noqa: S608
-                              f" WHERE {cond}"),
-                    tuple(params),
-                )
-            }
-            rcpts: dict[str, list[RecipientState]] = {i: [] for i in ids}
-            for r in await conn.exec_driver_sql(
-                self._sql("SELECT message_id, position, address, status, code, reply"  # noqa: S608
-                          f" FROM recipients WHERE {cond}"
-                          " ORDER BY message_id, position"),
-                tuple(params),
-            ):
-                rcpts[r.message_id].append(
-                    RecipientState(r.position, r.address, r.status, r.code, r.reply)
-                )
             rows = sorted(rows, key=lambda r: (r.priority, r.next_attempt_at))
             claimed = []
             for r in rows:
@@ -852,8 +842,42 @@ class SQLStore(Store):
                 )
             return claimed
 
+        job.whole_alone = self._claim_whole_alone  # type: ignore[attr-defined]
         result: list[Claimed] = await self.write(job)
         return result
+
+    # True where _claim_rows is one statement (PostgreSQL): see WriteJob.
+    _claim_whole_alone = False
+
+    async def _claim_rows(
+        self, conn: AsyncConnection, claim_sql: str, claim_params: tuple[Any, ...]
+    ) -> tuple[list[Any], dict[str, bytes], dict[str, list[RecipientState]]]:
+        """Run the claim, then read what delivery needs of the claimed e-mails: the rows
+        ``claim_sql`` returns, their bodies and their recipients in order, by id."""
+        rows = list((await conn.exec_driver_sql(claim_sql, claim_params)).all())
+        if not rows:
+            return [], {}, {}
+        ids = [r.id for r in rows]
+        cond, params = self._in("message_id", ids)
+        bodies = {
+            r.message_id: r.data
+            for r in await conn.exec_driver_sql(
+                self._sql("SELECT message_id, data FROM message_bodies"  # noqa: S608
+                          f" WHERE {cond}"),
+                tuple(params),
+            )
+        }
+        rcpts: dict[str, list[RecipientState]] = {i: [] for i in ids}
+        for r in await conn.exec_driver_sql(
+            self._sql("SELECT message_id, position, address, status, code, reply"  # noqa: S608
+                      f" FROM recipients WHERE {cond}"
+                      " ORDER BY message_id, position"),
+            tuple(params),
+        ):
+            rcpts[r.message_id].append(
+                RecipientState(r.position, r.address, r.status, r.code, r.reply)
+            )
+        return rows, bodies, rcpts
 
     async def renew_leases(
         self, worker_id: str, ids: Sequence[str], lease_seconds: float, now: float
@@ -912,7 +936,11 @@ class SQLStore(Store):
         async def write_outcomes(conn: AsyncConnection, items: list[Outcome]) -> None:
             await self._write_outcomes(conn, worker_id, items)
 
-        await self._merged(("outcomes", worker_id), list(outcomes), write_outcomes)
+        await self._merged(("outcomes", worker_id), list(outcomes), write_outcomes,
+                           whole_alone=self._outcomes_whole_alone)
+
+    # True where _write_outcomes is one statement (PostgreSQL): see WriteJob.
+    _outcomes_whole_alone = False
 
     async def _write_outcomes(
         self, conn: AsyncConnection, worker_id: str, items: list[Outcome]
