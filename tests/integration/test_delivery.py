@@ -45,7 +45,7 @@ class Engine:
             self.settings_for,
             pool=RelayPool(concurrency=kw.pop("concurrency", 4), down_for=0.2,
                            limits=SharedLimits(self.store)),
-            poll_interval=0.05,
+            poll_interval=kw.pop("poll_interval", 0.05),
             **kw,
         )
         await self.worker.start()
@@ -113,6 +113,52 @@ async def test_message_reaches_relay_unchanged(engine: Engine, relay: FaultRelay
     assert got.data.replace(b"\r\n", b"\n") == RAW.replace(b"\r\n", b"\n")
     assert [r.status for r in rec.recipients] == ["sent", "sent"]
     assert rec.attempts == 1 and rec.history[0].outcome == "sent"
+
+
+def _count_claims(store: Store, during_first: Any = None) -> list[int]:
+    """How many e-mails each claim of ``store`` returned; ``during_first`` runs inside the
+    first claim, after its statement (what another process does at that moment)."""
+    claims: list[int] = []
+    real_claim = store.claim
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        got = await real_claim(*args, **kwargs)
+        claims.append(len(got))
+        if len(claims) == 1 and during_first is not None:
+            await during_first()
+        return got
+
+    store.claim = claim  # type: ignore[method-assign]
+    return claims
+
+
+async def test_a_worker_with_free_slots_claims_when_woken_not_after_each_delivery(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    # No polling during the test: every claim is a wake-up's. Before, each delivery that
+    # ended woke the worker for a claim that found nothing: a database round trip for
+    # every e-mail, which halved the PostgreSQL relay's throughput.
+    claims = _count_claims(engine.store)
+    await engine.start(poll_interval=30)
+    for _ in range(12):
+        await engine.wait(await engine.put(), "sent")
+    assert len(relay.messages) == 12
+    assert len(claims) <= 12 + 2, claims  # one per e-mail stored, and the first at start
+
+
+async def test_an_e_mail_stored_while_a_claim_runs_is_claimed_at_once(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    stored: list[str] = []
+
+    async def store_one() -> None:
+        stored.append(await engine.put())  # and wakes the worker, mid-claim
+
+    _count_claims(engine.store, during_first=store_one)
+    await engine.start(poll_interval=30)  # a lost wake-up would wait 30 s
+    while not stored:
+        await asyncio.sleep(0.01)
+    await engine.wait(stored[0], "sent", timeout=5)
 
 
 async def test_relay_down_then_up_delivers_each_message_once(

@@ -191,6 +191,7 @@ class DeliveryWorker:
         self.on_failure = on_failure
         self.on_delay = on_delay
         self._wake = asyncio.Event()
+        self._held_back = False
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._in_flight_by_establishment: collections.Counter[int] = collections.Counter()
         self._lease_until: dict[str, float] = {}
@@ -254,16 +255,21 @@ class DeliveryWorker:
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
+            # Cleared before the claim: a wake-up that comes while it runs is not lost.
+            self._wake.clear()
             free = self.max_in_flight - len(self._in_flight)
             want = min(free, self.claim_batch)
             claimed: list[Claimed] = []
+            full = frozenset(
+                est for est, n in self._in_flight_by_establishment.items()
+                if n >= self.max_in_flight_per_establishment
+            )
+            # Whether slots held this claim back: only then is a slot freed by a finished
+            # delivery worth a claim of its own (see _done).
+            self._held_back = want < self.claim_batch or bool(full)
             if want > 0:
                 try:
                     claimed_at = time.time()
-                    full = frozenset(
-                        est for est, n in self._in_flight_by_establishment.items()
-                        if n >= self.max_in_flight_per_establishment
-                    )
                     if (full and full == self._fruitless_skip
                             and time.monotonic() < self._fruitless_until):
                         pass  # nothing else was due a moment ago
@@ -285,7 +291,6 @@ class DeliveryWorker:
                     task.add_done_callback(self._done)
                 if claimed and len(claimed) == want:
                     continue  # more may be due right now
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
@@ -294,7 +299,12 @@ class DeliveryWorker:
         self._in_flight.pop(name, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
-        self._wake.set()  # a slot is free
+        if self._held_back:
+            # A slot is free, and the last claim took less than it could for want of
+            # slots. Otherwise the queue had no more than was claimed, and new e-mails
+            # wake the worker themselves: claiming after every delivery would cost a
+            # database round trip per e-mail for nothing.
+            self._wake.set()
 
     async def _maintenance_loop(self) -> None:
         interval = max(1.0, self.lease_seconds / 3)
