@@ -150,14 +150,15 @@ async def test_an_e_mail_stored_while_a_claim_runs_is_claimed_at_once(
     engine: Engine, relay: FaultRelay
 ) -> None:
     stored: list[str] = []
+    done = asyncio.Event()
 
     async def store_one() -> None:
         stored.append(await engine.put())  # and wakes the worker, mid-claim
+        done.set()
 
     _count_claims(engine.store, during_first=store_one)
     await engine.start(poll_interval=30)  # a lost wake-up would wait 30 s
-    while not stored:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(done.wait(), 5)
     await engine.wait(stored[0], "sent", timeout=5)
 
 

@@ -1,5 +1,5 @@
 """Schema migrations: an empty database is brought to the newest revision by Alembic; one
-already there is recognised without loading Alembic (about 20 MB a process, in every
+already there is recognised without loading Alembic (about 6 MB a process, in every
 process that opens the store); one left at an older revision is upgraded. Both backends.
 """
 

@@ -77,7 +77,8 @@ class PostgresStore(SQLStore):
 
     # New e-mails, their bodies and recipients in one statement, column by column, with
     # the NOTIFY that wakes workers on other machines once it is committed: one round
-    # trip instead of four.
+    # trip instead of four, and with no BEGIN and COMMIT (see _transaction).
+    _insert_whole_alone = True
     _INSERT_ROWS = (
         "WITH m AS (INSERT INTO messages (id, establishment_id, user_id, status, priority,"  # noqa: S608 (CHANNEL is a constant)
         " envelope_from, header_from, message_id, subject, size, smtputf8,"
@@ -164,9 +165,9 @@ class PostgresStore(SQLStore):
         ))
 
     async def _transaction(self, jobs: list[WriteJob]) -> list[Any]:
-        # An acceptance alone (the usual case of a server that does not deliver) needs no
-        # BEGIN and COMMIT: its one statement is committed whole, or not at all, by itself.
-        # One round trip instead of three.
+        # A job alone whose statements are each whole (the acceptance, a claim, a group of
+        # results: see WriteJob) needs no BEGIN and COMMIT: each statement is committed
+        # whole, or not at all, by itself. One round trip instead of three.
         if len(jobs) == 1 and getattr(jobs[0], "whole_alone", False):
             async with self._autocommit.connect() as conn:
                 return [await jobs[0](conn)]

@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 # A write job runs in a transaction with the other jobs of its group. It may carry two
 # attributes: ``prepare()``, called on the event loop before it runs, and ``whole_alone``,
 # true when each of its statements leaves the store consistent by itself (a backend may
-# then run the job alone without BEGIN and COMMIT: PostgreSQL's acceptance).
+# then run the job alone without BEGIN and COMMIT: PostgreSQL's acceptance, claims and
+# delivery results).
 WriteJob = Callable[[AsyncConnection], Awaitable[Any]]
 
 
@@ -635,9 +636,15 @@ class SQLStore(Store):
         if not batch:
             return []
         result: list[EnqueueResult] = await self._merged(
-            "enqueue", list(batch), self._insert_messages, whole_alone=True
+            "enqueue", list(batch), self._insert_messages,
+            whole_alone=self._insert_whole_alone,
         )
         return result
+
+    # True where _insert_rows is one statement (PostgreSQL): see WriteJob. The idempotency
+    # look-up before it is whole by itself too (a key inserted meanwhile by another
+    # process fails the insert, and the e-mails go again, in a transaction).
+    _insert_whole_alone = False
 
     async def _merged(
         self,
