@@ -62,3 +62,18 @@ def test_dkim_generate_from_the_console(server: ServerProcess, relay: FaultRelay
     listing = subprocess.run([sys.executable, "-m", "postier", "dkim", "list"],
                              capture_output=True, text=True, env=env, timeout=60)
     assert "postier._domainkey.ac-lyon.fr" in listing.stdout
+
+    # Removed from the console: no longer listed, and the API agrees.
+    removed = subprocess.run([sys.executable, "-m", "postier", "dkim", "remove", "AC-Lyon.fr"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    assert "ac-lyon.fr are no longer signed" in removed.stderr
+    listing = subprocess.run([sys.executable, "-m", "postier", "dkim", "list"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert listing.returncode == 0 and "ac-lyon.fr" not in listing.stdout
+    with server.client("admin") as admin:
+        assert admin.get("/api/v1/dkim").json() == []
+    again = subprocess.run([sys.executable, "-m", "postier", "dkim", "remove", "ac-lyon.fr"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert again.returncode != 0
+    assert "There is no DKIM key for ac-lyon.fr" in again.stderr

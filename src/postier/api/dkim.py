@@ -10,8 +10,6 @@ from pydantic import BaseModel, Field
 from postier.administration import require_admin
 from postier.api.deps import Core, CurrentUser
 from postier.api.views import ErrorResponse
-from postier.errors import NotFound
-from postier.i18n import N_
 
 router = APIRouter(prefix="/api/v1/dkim", tags=["deliverability"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -51,8 +49,4 @@ async def generate(body: DkimIn, user: CurrentUser, core: Core) -> DkimOut:
 @router.delete("/{domain}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
 async def remove(domain: str, user: CurrentUser, core: Core) -> None:
     """Stop signing for a domain."""
-    require_admin(user)
-    if not await core.store.delete_dkim_key(user.establishment_id, domain.lower()):
-        raise NotFound(N_("There is no DKIM key for {domain}."), domain=domain)
-    core.forget_dkim(user.establishment_id)
-    await core.store.audit(user.establishment_id, user.username, "dkim.remove", domain, {})
+    await core.dkim_remove(user, domain)

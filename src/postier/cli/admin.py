@@ -191,6 +191,26 @@ def dkim_list(establishment: Establishment = None, data_dir: DataDir = None,
         out.print(zone_line(key), highlight=False, soft_wrap=True)
 
 
+@dkim_app.command("remove")
+def dkim_remove(
+    domain: Annotated[str, typer.Argument(help="The domain to stop signing for")],
+    establishment: Establishment = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Stop signing e-mails of a domain and delete its key."""
+
+    async def action(core: Postier) -> Any:
+        actor = dataclasses.replace(CONSOLE,
+                                    establishment_id=await _establishment_id(core, establishment))
+        await core.dkim_remove(actor, domain)
+
+    _run(_config(data_dir, database_url), action)
+    err.print(f"E-mails from {domain.strip().lower()} are no longer signed. Its DNS record "
+              "can be removed once the e-mails already sent no longer need checking "
+              "(a few days).", highlight=False)
+
+
 def zone_line(key: Any) -> str:
     """The record as a zone file line: TXT strings hold 255 characters at most, so a
     2048-bit key is written as several strings that resolvers join again."""
