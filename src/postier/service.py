@@ -309,14 +309,16 @@ class Postier:
                                {"selector": selector})
         return key
 
-    async def dkim_remove(self, user: User, domain: str) -> None:
-        """Stop signing for one of the establishment's domains (its key is deleted)."""
+    async def dkim_remove(self, user: User, domain: str) -> str:
+        """Stop signing for one of the establishment's domains (its key is deleted); the
+        domain as stored."""
         require_admin(user)
         domain = domain.strip().lower()
         if not await self.store.delete_dkim_key(user.establishment_id, domain):
             raise NotFound(N_("There is no DKIM key for {domain}."), domain=domain)
         self._dkim.forget(user.establishment_id)
         await self.store.audit(user.establishment_id, user.username, "dkim.remove", domain, {})
+        return domain
 
     async def dkim_sign(self, establishment_id: int, data: bytes) -> bytes:
         """Sign stored bytes when the From's domain has a key (at delivery)."""

@@ -40,6 +40,7 @@ from postier.config import ServerConfig
 from postier.errors import PostierError
 from postier.i18n import system_language
 from postier.service import Postier
+from postier.store.base import User
 
 
 @app.command()
@@ -157,6 +158,12 @@ def establishments_disable(
     out.print(f"Establishment {slug} disabled.", highlight=False)
 
 
+async def _console_actor(core: Postier, establishment: str | None) -> User:
+    """The console, acting as an administrator of ``establishment`` (the first if None)."""
+    return dataclasses.replace(CONSOLE,
+                               establishment_id=await _establishment_id(core, establishment))
+
+
 @dkim_app.command("generate")
 def dkim_generate(
     domain: Annotated[str, typer.Argument(help="An allowed domain, e.g. ac-lyon.fr")],
@@ -168,9 +175,8 @@ def dkim_generate(
     """Make the DKIM key of a domain and print the DNS TXT record to publish."""
 
     async def action(core: Postier) -> Any:
-        actor = dataclasses.replace(CONSOLE,
-                                    establishment_id=await _establishment_id(core, establishment))
-        return await core.dkim_generate(actor, domain, selector)
+        return await core.dkim_generate(await _console_actor(core, establishment), domain,
+                                        selector)
 
     key = _run(_config(data_dir, database_url), action)
     err.print(f"E-mails from {key.domain} are signed from now on. Publish this TXT record "
@@ -201,12 +207,10 @@ def dkim_remove(
     """Stop signing e-mails of a domain and delete its key."""
 
     async def action(core: Postier) -> Any:
-        actor = dataclasses.replace(CONSOLE,
-                                    establishment_id=await _establishment_id(core, establishment))
-        await core.dkim_remove(actor, domain)
+        return await core.dkim_remove(await _console_actor(core, establishment), domain)
 
-    _run(_config(data_dir, database_url), action)
-    err.print(f"E-mails from {domain.strip().lower()} are no longer signed. Its DNS record "
+    removed = _run(_config(data_dir, database_url), action)
+    err.print(f"E-mails from {removed} are no longer signed. Its DNS record "
               "can be removed once the e-mails already sent no longer need checking "
               "(a few days).", highlight=False)
 
