@@ -43,7 +43,7 @@ from postier.errors import (
 )
 from postier.i18n import N_
 from postier.service import SETTINGS_TTL, Postier
-from postier.store.base import User
+from postier.store.base import Store, User
 
 log = logging.getLogger("postier.smtp")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -83,28 +83,34 @@ class SubmissionConfig:
 
 
 class _Limiter:
-    """Failed authentications per client address and per username; accepted messages per
-    account per minute."""
+    """Failed authentications per client address and per username (in the store, shared
+    by every process of the installation); accepted messages per account per minute (in
+    this process: SMTP submission runs in one process of a server)."""
 
-    def __init__(self, config: SubmissionConfig) -> None:
+    def __init__(self, config: SubmissionConfig, store: Store) -> None:
         self.config = config
-        self.failures: dict[str, deque[float]] = {}
+        self.store = store
         self.sent: dict[int, deque[float]] = {}
 
-    def blocked_for(self, *keys: str) -> float:
-        now = time.monotonic()
+    @staticmethod
+    def _keys(peer: str, username: str) -> tuple[str, str]:
+        return "s:a:" + peer, "s:u:" + username
+
+    async def blocked_for(self, peer: str, username: str) -> float:
+        now = time.time()
+        penalty = self.config.auth_penalty
+        recent = await self.store.recent_failures(self._keys(peer, username), now - penalty)
         worst = 0.0
-        for key in keys:
-            q = self.failures.get(key)
-            while q and now - q[0] > self.config.auth_penalty:
-                q.popleft()
-            if q and len(q) >= self.config.auth_failures:
-                worst = max(worst, self.config.auth_penalty - (now - q[0]))
+        for times in recent.values():
+            if len(times) >= self.config.auth_failures:
+                # Free again when enough of them are older than the penalty.
+                worst = max(worst, penalty - (now - times[-self.config.auth_failures]))
         return worst
 
-    def failed(self, *keys: str) -> None:
-        for key in keys:
-            self.failures.setdefault(key, deque()).append(time.monotonic())
+    async def failed(self, peer: str, username: str) -> None:
+        now = time.time()
+        await self.store.add_failure(self._keys(peer, username), now,
+                                     forget_before=now - self.config.auth_penalty)
 
     def take(self, account: int) -> float:
         """0 when the account may send now, else seconds to wait."""
@@ -124,7 +130,7 @@ class SubmissionHandler:
     def __init__(self, core: Postier, config: SubmissionConfig) -> None:
         self.core = core
         self.config = config
-        self.limits = _Limiter(config)
+        self.limits = _Limiter(config, core.store)
         self._trusted_cache: tuple[User | None, float] | None = None
         self._trusted_addresses: dict[str, bool] = {}  # client address -> in a network
 
@@ -175,7 +181,7 @@ class SubmissionHandler:
     ) -> AuthResult:
         peer = str(server.session.peer[0]) if server.session and server.session.peer else "?"
         username = login.decode("utf-8", "replace")
-        wait = self.limits.blocked_for(peer, username)
+        wait = await self.limits.blocked_for(peer, username)
         if wait > 0:
             log.warning("AUTH refused for %r from %s: too many failures", username, peer)
             return AuthResult(
@@ -195,7 +201,7 @@ class SubmissionHandler:
             except PostierError:
                 user = None
         if user is None:
-            self.limits.failed(peer, username)
+            await self.limits.failed(peer, username)
             log.warning("AUTH failed for %r from %s", username, peer)
             await asyncio.sleep(0.5)  # slows down guessing without holding a worker
             return AuthResult(success=False, handled=False,

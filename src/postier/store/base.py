@@ -526,3 +526,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_sender_address(self, user_id: int, address: str) -> bool: ...
+
+    # -- failed sign-ins (the web pages' and SMTP AUTH's throttling) ----------------------
+    @abc.abstractmethod
+    async def recent_failures(self, keys: Sequence[str], since: float) -> dict[str, list[float]]:
+        """The times of the failures recorded under each key since ``since``, oldest first
+        (keys without any are absent)."""
+
+    @abc.abstractmethod
+    async def add_failure(self, keys: Sequence[str], now: float, forget_before: float) -> None:
+        """Record one failure under each key, and forget every failure (of any key) older
+        than ``forget_before``."""
+
+    @abc.abstractmethod
+    async def clear_failures(self, keys: Sequence[str]) -> None: ...

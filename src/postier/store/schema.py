@@ -307,3 +307,15 @@ webhook_outbox = Table(
     Index("ux_webhook_dedupe", "establishment_id", "dedupe_key", unique=True),
     Index("ix_webhook_due", "status", "next_attempt_at"),
 )
+
+# Failed sign-ins, one row per failure and key (``w:u:<username>``, ``s:a:<address>``...):
+# the web pages' and SMTP AUTH's throttling, shared by every process (migration 0009).
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(400), nullable=False),
+    Column("at", Float, nullable=False),
+    Index("ix_login_failures_key", "key", "at"),
+    Index("ix_login_failures_at", "at"),
+)

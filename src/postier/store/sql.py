@@ -54,6 +54,11 @@ from postier.store.base import (
 
 log = logging.getLogger(__name__)
 
+
+def _keys(keys: Sequence[str]) -> list[str]:
+    """Throttling keys as stored: a username given over SMTP can be any length."""
+    return [k[:400] for k in keys]
+
 # A write job runs in a transaction with the other jobs of its group. It may carry two
 # attributes: ``prepare()``, called on the event loop before it runs, and ``whole_alone``,
 # true when each of its statements leaves the store consistent by itself (a backend may
@@ -1179,6 +1184,35 @@ class SQLStore(Store):
             return int(res.rowcount)
 
         return bool(await self.write(job))
+
+    # -- failed sign-ins -------------------------------------------------------------------
+    async def recent_failures(self, keys: Sequence[str], since: float) -> dict[str, list[float]]:
+        lf = t.login_failures
+        rows = await self._read(select(lf.c.key, lf.c.at)
+                                .where(lf.c.key.in_(_keys(keys)), lf.c.at >= since)
+                                .order_by(lf.c.at))
+        out: dict[str, list[float]] = {}
+        for row in rows:
+            out.setdefault(row.key, []).append(row.at)
+        return {key: out[stored] for key, stored in zip(keys, _keys(keys), strict=True)
+                if stored in out}
+
+    async def add_failure(self, keys: Sequence[str], now: float, forget_before: float) -> None:
+        lf = t.login_failures
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(delete(lf).where(lf.c.at < forget_before))
+            await conn.execute(insert(lf), [{"key": k, "at": now} for k in _keys(keys)])
+
+        await self.write(job)
+
+    async def clear_failures(self, keys: Sequence[str]) -> None:
+        lf = t.login_failures
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(delete(lf).where(lf.c.key.in_(_keys(keys))))
+
+        await self.write(job)
 
     # -- relay sending limits ------------------------------------------------------------
     async def _relay_row(self, conn: AsyncConnection, relay_key: str, now: float) -> Any:

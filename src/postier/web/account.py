@@ -38,7 +38,6 @@ from postier.web.session import (
 )
 
 router = APIRouter(include_in_schema=False)
-throttle = LoginThrottle()
 
 WRONG = N_("Wrong username or password.")
 TOO_MANY = N_("Too many failed attempts to sign in. For the security of the accounts, "
@@ -107,17 +106,18 @@ async def login(p: AnyPage) -> Response:
                            error=p._(N_("Enter your username (or e-mail address) and your "
                                         "password.")))
     key = await _throttle_key(p, identifier)
-    wait = throttle.wait_for(key, p.client_address)
+    throttle = LoginThrottle(p.core.store)
+    wait = await throttle.wait_for(key, p.client_address)
     if wait > 0:
         return _login_page(p, status_code=429, username=identifier, next_url=next_url,
                            error=p._(TOO_MANY, wait=p.duration(math.ceil(wait))))
     try:
         user = await p.core.authenticate_password(identifier, password)
     except AuthenticationRequired:
-        throttle.failed(key, p.client_address)
+        await throttle.failed(key, p.client_address)
         return _login_page(p, status_code=401, username=identifier, next_url=next_url,
                            error=p._(WRONG))
-    throttle.succeeded(key)
+    await throttle.succeeded(key)
     response = redirect(next_url or home_for(user))
     _cookie(response, p, SESSION_COOKIE, seal(p.core, new_session(user)))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")

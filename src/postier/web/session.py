@@ -7,10 +7,11 @@ carries the session's CSRF token and a fingerprint of the user's password hash, 
 password reset ends every session of that user; a disabled user's session ends at once
 because the user is read again on every request.
 
-Throttling is kept in the memory of the process: after ``USER_LIMIT`` failures for a
-username (or ``ADDRESS_LIMIT`` from one address — a school is often one address behind its
-router, hence the higher limit) within ``WINDOW`` seconds, further attempts are refused
-without checking the password, for a wait that doubles with each new failure.
+Throttling is kept in the store, so that it holds across every process and server of the
+installation (``--http-processes``): after ``USER_LIMIT`` failures for a username (or
+``ADDRESS_LIMIT`` from one address — a school is often one address behind its router, hence
+the higher limit) within ``WINDOW`` seconds, further attempts are refused without checking
+the password, for a wait that doubles with each new failure.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from postier.errors import PostierError
 from postier.service import Postier
-from postier.store.base import User
+from postier.store.base import Store, User
 
 SESSION_COOKIE = "postier_session"
 LOGIN_CSRF_COOKIE = "postier_login_csrf"
@@ -96,49 +97,42 @@ def same_token(given: str | None, expected: str) -> bool:
 
 
 class LoginThrottle:
-    """Counts recent failed sign-ins per username and per client address."""
+    """Counts recent failed sign-ins per username and per client address, in the store."""
 
     WINDOW = 15 * 60
     USER_LIMIT = 5
     ADDRESS_LIMIT = 20
     FIRST_WAIT = 30.0
     LONGEST_WAIT = 15 * 60.0
-    MAX_KEYS = 10_000
 
-    def __init__(self) -> None:
-        self._failures: dict[str, list[float]] = {}
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
-    def _recent(self, key: str, now: float) -> list[float]:
-        kept = [t for t in self._failures.get(key, ()) if now - t < self.WINDOW]
-        if kept:
-            self._failures[key] = kept
-        else:
-            self._failures.pop(key, None)
-        return kept
+    @staticmethod
+    def _keys(username: str, address: str) -> tuple[str, str]:
+        return "w:u:" + username.casefold(), "w:a:" + address
 
-    def _wait(self, key: str, limit: int, now: float) -> float:
-        recent = self._recent(key, now)
+    def _wait(self, recent: list[float], limit: int, now: float) -> float:
         if len(recent) < limit:
             return 0.0
         wait = min(self.LONGEST_WAIT, self.FIRST_WAIT * 2.0 ** (len(recent) - limit))
         return max(0.0, recent[-1] + wait - now)
 
-    def wait_for(self, username: str, address: str, now: float | None = None) -> float:
+    async def wait_for(self, username: str, address: str, now: float | None = None) -> float:
         """Seconds to wait before this username may try again from this address (0: now)."""
         now = time.time() if now is None else now
+        user_key, address_key = self._keys(username, address)
+        recent = await self.store.recent_failures((user_key, address_key), now - self.WINDOW)
         return max(
-            self._wait("u:" + username.casefold(), self.USER_LIMIT, now),
-            self._wait("a:" + address, self.ADDRESS_LIMIT, now),
+            self._wait(recent.get(user_key, []), self.USER_LIMIT, now),
+            self._wait(recent.get(address_key, []), self.ADDRESS_LIMIT, now),
         )
 
-    def failed(self, username: str, address: str, now: float | None = None) -> None:
+    async def failed(self, username: str, address: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        if len(self._failures) > self.MAX_KEYS:
-            for key in list(self._failures):
-                self._recent(key, now)
-        for key in ("u:" + username.casefold(), "a:" + address):
-            self._failures.setdefault(key, []).append(now)
+        await self.store.add_failure(self._keys(username, address), now,
+                                     forget_before=now - self.WINDOW)
 
-    def succeeded(self, username: str) -> None:
+    async def succeeded(self, username: str) -> None:
         # The address keeps its count: one good account must not clear a password sweep.
-        self._failures.pop("u:" + username.casefold(), None)
+        await self.store.clear_failures([self._keys(username, "")[0]])
