@@ -32,6 +32,11 @@ class ServerConfig(BaseSettings):
         "process). Default: 1 on a machine with two cores or more, so that acceptance and "
         "delivery each have one; else 0",
     )
+    http_processes: int = Field(
+        1, ge=1, le=64,
+        description="Processes answering the HTTP API and the web pages on the same port "
+        "(postier serve); SMTP submission, delivery, alerts and retention stay in the first",
+    )
     relay_concurrency: int = Field(4, ge=1, le=100, description="Connections per relay")
     claim_batch: int = Field(64, ge=1, le=1000)
     lease_seconds: float = Field(120.0, ge=2)

@@ -1,4 +1,6 @@
-"""``postier serve``: the HTTP API and the delivery workers in one process."""
+"""``postier serve``: the HTTP API, SMTP submission and delivery; with two cores or more,
+delivery in child processes (``--delivery-processes``) and the HTTP API in several
+processes sharing its port (``--http-processes``)."""
 
 from __future__ import annotations
 
@@ -9,14 +11,16 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import uvicorn
 
+from postier import metrics
 from postier.api import create_app
 from postier.config import ServerConfig, split_host_port
 from postier.crypto import key_file_problem
@@ -35,6 +39,14 @@ class AlreadyRunning(PostierError):
     default_template = N_(
         "Another Postier server is already delivering from {path} (process {pid}); stop it "
         "first, or give this one another --data-dir."
+    )
+
+
+class CannotListen(PostierError):
+    code = "cannot_listen"
+    default_template = N_(
+        "Cannot listen on {address}: {reason}. Stop the program that uses it, or give "
+        "another HOST:PORT (--http or POSTIER_HTTP)."
     )
 
 
@@ -62,16 +74,26 @@ class _Server(uvicorn.Server):
     """uvicorn, but a SIGTERM or SIGINT ends the process with status 0 after the graceful
     shutdown, as a service manager expects of a clean stop."""
 
+    signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.signals:
             loop.add_signal_handler(sig, self.handle_exit, sig, None)
         try:
             yield
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.signals:
                 loop.remove_signal_handler(sig)
+
+
+class _ChildServer(_Server):
+    """An HTTP process's uvicorn: stopped by its parent (SIGTERM), not by a Ctrl-C in the
+    terminal, which the parent receives too and answers by stopping its children in
+    order."""
+
+    signals = (signal.SIGTERM,)
 
 
 async def start_smtp(core: Postier, config: ServerConfig) -> list[asyncio.Server]:
@@ -296,6 +318,220 @@ class DeliveryProcesses:
         self.running = False
 
 
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP port, bound once here and shared with the HTTP processes, which all accept
+    connections from it (the kernel hands each new connection to one of them)."""
+    address = f"{host}:{port}"
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CannotListen(address=address, reason=exc.strerror or str(exc)) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(address=address, reason=exc.strerror or str(exc)) from exc
+    return sock
+
+
+class HttpProcesses:
+    """The HTTP API and web pages in several processes (``postier serve --http-processes
+    N``): this one and N - 1 children accept connections from the same listening socket,
+    so that reading, checking and rendering e-mails uses every core.
+
+    The children only answer HTTP (store role "accept"); SMTP submission, delivery (or its
+    processes), alerts and retention stay in this process, and whatever must hold across
+    processes is in the store (sign-in throttling) or read again within seconds (settings,
+    tokens). Each child is tied to this process by a socket pair: it tells of each
+    acceptance, so that this process wakes delivery as for its own; this process tells it
+    whether delivery runs (for ``/api/v1/ready`` and ``/metrics``); the child stops when
+    the pair closes, this process being gone. A child that ends is started again.
+    """
+
+    def __init__(self, config: ServerConfig, core: Postier, log_level: str,
+                 listening: socket.socket, delivery_running: Callable[[], bool]) -> None:
+        self.config = config
+        self.core = core
+        self.log_level = log_level
+        self.listening = listening
+        self.delivery_running = delivery_running
+        self._children: list[tuple[asyncio.subprocess.Process | None, socket.socket | None]] = []
+        self._state = b""
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def _spawn(self, index: int) -> tuple[asyncio.subprocess.Process, socket.socket]:
+        mine, theirs = socket.socketpair()
+        mine.setblocking(False)
+        argv = [sys.executable, "-m", "postier", "http-process",
+                "--listen-fd", str(self.listening.fileno()),
+                "--control-fd", str(theirs.fileno()), "--index", str(index),
+                "--log-level", self.log_level]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE,
+                pass_fds=(self.listening.fileno(), theirs.fileno()))
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        # The whole configuration, as this process resolved it (environment and command
+        # line), through a pipe: a database password stays out of the process list.
+        assert proc.stdin is not None
+        proc.stdin.write(self.config.model_dump_json().encode())
+        with contextlib.suppress(ConnectionError):
+            await proc.stdin.drain()
+        proc.stdin.close()
+        asyncio.get_running_loop().add_reader(mine.fileno(), self._from_child, mine)
+        with contextlib.suppress(OSError):
+            mine.send(self._state or b"0")
+        log.info("HTTP process %d started (pid %d)", index, proc.pid)
+        return proc, mine
+
+    def _from_child(self, control: socket.socket) -> None:
+        try:
+            data = control.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.core.accepted_elsewhere()
+        else:  # the child is gone; _supervise starts it again
+            asyncio.get_running_loop().remove_reader(control.fileno())
+
+    def _tell_state(self) -> None:
+        state = b"1" if self.delivery_running() else b"0"
+        if state == self._state:
+            return
+        self._state = state
+        for _, control in self._children:
+            if control is not None:
+                with contextlib.suppress(OSError):
+                    control.send(state)
+
+    async def start(self) -> None:
+        self._state = b"1" if self.delivery_running() else b"0"
+        for index in range(1, self.config.http_processes):
+            self._children.append(await self._spawn(index))
+        self._task = asyncio.create_task(self._supervise(), name="postier-http-procs")
+
+    def _close(self, control: socket.socket | None) -> None:
+        if control is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(control.fileno())
+            control.close()
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            self._tell_state()
+            for i, (proc, control) in enumerate(self._children):
+                if self._stopping:
+                    break
+                if proc is not None and proc.returncode is None:
+                    continue
+                if proc is not None:
+                    log.error("HTTP process %d (pid %d) ended with status %s; starting it "
+                              "again", i + 1, proc.pid, proc.returncode)
+                    self._close(control)
+                    self._children[i] = (None, None)
+                try:
+                    self._children[i] = await self._spawn(i + 1)
+                except Exception:
+                    log.exception("could not start HTTP process %d; trying again", i + 1)
+
+    async def stop(self, grace: float = 20.0) -> None:
+        """Each child finishes the requests it has begun (uvicorn's graceful shutdown)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        procs = [p for p, _ in self._children if p is not None and p.returncode is None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for _, control in self._children:
+            self._close(control)
+        self._children = []
+
+
+class _ParentDelivery:
+    """An HTTP process's view of its parent's delivery, for ``/api/v1/ready`` and
+    ``/metrics`` (shaped like a worker for :func:`postier.metrics.delivery_state`)."""
+
+    running = False
+
+
+async def run_http_process(config: ServerConfig, *, listen_fd: int, control_fd: int,
+                           index: int) -> None:
+    """One of the HTTP processes of ``postier serve --http-processes`` (see
+    :class:`HttpProcesses`)."""
+    core = Postier(config, store_role="accept")
+    await core.open()
+    loop = asyncio.get_running_loop()
+    control = socket.socket(fileno=control_fd)
+    control.setblocking(False)
+    delivery = _ParentDelivery()
+    pending = False
+
+    def tell() -> None:
+        nonlocal pending
+        pending = False
+        # A full socket already holds a wake-up for the parent.
+        with contextlib.suppress(OSError):
+            control.send(b".")
+
+    def accepted() -> None:
+        nonlocal pending
+        if not pending:  # one wake-up for all the acceptances of a turn of the loop
+            pending = True
+            loop.call_soon(tell)
+
+    def from_parent() -> None:
+        try:
+            data = control.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            delivery.running = data[-1:] == b"1"
+            return
+        loop.remove_reader(control.fileno())
+        log.warning("HTTP process %d: the server is gone; stopping", index)
+        server.should_exit = True
+
+    core.on_accept(accepted)
+    loop.add_reader(control.fileno(), from_parent)
+
+    async def startup() -> None:
+        tune_gc()
+        log.info("HTTP process %d answering (pid %d)", index, os.getpid())
+
+    async def shutdown() -> None:
+        await core.close()
+
+    app = create_app(core, on_startup=startup, on_shutdown=shutdown)
+    app.state.worker = delivery
+    server = _ChildServer(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                         access_log=False, timeout_graceful_shutdown=15))
+    await server.serve(sockets=[socket.socket(fileno=listen_fd)])
+
+
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -321,6 +557,11 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
     children = DeliveryProcesses(config, core, log_level, processes) if processes else None
     worker = make_worker(core, config) if config.delivery and children is None else None
     host, port = config.http_host_port()
+    listening = bind_http(host, port) if config.http_processes > 1 else None
+    http_children = HttpProcesses(
+        config, core, log_level, listening,
+        lambda: metrics.delivery_state(worker or children, config.delivery) == "running",
+    ) if listening is not None else None
     smtp_servers: list[asyncio.Server] = []
     data_dir = config.data_dir
     from postier.retention import RetentionTask  # issue 11: purge of old e-mails (RGPD)
@@ -355,6 +596,8 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
             alerts.start()
         smtp_servers.extend(await start_smtp(core, config))
         retention.start()
+        if http_children is not None:
+            await http_children.start()
         tune_gc()
         users = await core.store.list_users(1)
         log.info("Postier listening on http://%s:%d (API description: /docs); data in %s",
@@ -373,6 +616,8 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
         t0 = time.monotonic()
         for s in smtp_servers:
             s.close()
+        if http_children is not None:
+            await http_children.stop()
         await retention.stop()
         if alerts is not None:
             await alerts.stop()
@@ -397,8 +642,10 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
         )
     )
     try:
-        await server.serve()
+        await server.serve(sockets=[listening] if listening is not None else None)
     finally:
+        if listening is not None:
+            listening.close()
         if lock is not None:
             lock.close()
 

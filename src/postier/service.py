@@ -181,6 +181,12 @@ class Postier:
         """Register a callable run after each acceptance (the worker's wake-up)."""
         self._notify.append(callback)
 
+    def accepted_elsewhere(self) -> None:
+        """Another process of this server (``--http-processes``) stored e-mails: wake
+        delivery as for this process's own."""
+        for notify in self._notify:
+            notify()
+
     # -- authentication -----------------------------------------------------------------
     async def authenticate_token(self, token: str | None) -> User:
         if not token:

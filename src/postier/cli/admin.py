@@ -57,6 +57,9 @@ def serve(
         help="Deliver in N child processes (0: in this one). Default: 1 with two cores "
         "or more, else 0")
     ] = None,
+    http_processes: Annotated[int | None, typer.Option(
+        help="Answer the HTTP API and web pages in N processes sharing the port (default 1)")
+    ] = None,
     smtp: Annotated[str | None, typer.Option(
         help="HOST:PORT for SMTP submission with STARTTLS (default 127.0.0.1:2587), or off")
     ] = None,
@@ -79,6 +82,7 @@ def serve(
         if smtp_trusted_networks else None,
         "smtp_trusted_account": smtp_trusted_account,
         "delivery_processes": delivery_processes,
+        "http_processes": http_processes,
     }
     if no_delivery:
         extra["delivery"] = False
@@ -247,6 +251,31 @@ def worker(
     try:
         server.use_fast_loop()
         asyncio.run(server.run_worker(config, wake_fd=wake_fd, worker_id=worker_id))
+    except PostierError as exc:
+        fail_with(exc)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("http-process", hidden=True)
+def http_process(
+    listen_fd: Annotated[int, typer.Option()],
+    control_fd: Annotated[int, typer.Option()],
+    index: Annotated[int, typer.Option()],
+    log_level: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """One of the HTTP processes of `postier serve --http-processes`; its configuration
+    comes on standard input, as the parent resolved it."""
+    import asyncio
+
+    from postier import server
+
+    config = ServerConfig.model_validate_json(sys.stdin.buffer.read())
+    server.setup_logging(log_level)
+    try:
+        server.use_fast_loop()
+        asyncio.run(server.run_http_process(config, listen_fd=listen_fd,
+                                            control_fd=control_fd, index=index))
     except PostierError as exc:
         fail_with(exc)
     except KeyboardInterrupt:

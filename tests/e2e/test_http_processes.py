@@ -1,0 +1,132 @@
+"""``postier serve --http-processes N``: the HTTP API and web pages answered by N processes
+sharing the port. While the main process cannot answer (stopped), its HTTP children
+still accept e-mails durably, and they are delivered as soon as it runs again (the
+children's wake-ups reach delivery through it, not a poll); sign-in throttling holds
+whichever process answers; a killed child comes back; every child ends with the server,
+even when the server is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from support.relay import FaultRelay
+from support.server import ServerProcess
+
+
+def _children(pid: int, kind: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+        if int(stat.rpartition(")")[2].split()[1]) == pid and kind in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+                    == "Z")
+    except OSError:
+        return False
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(what)
+
+
+def _submit(server: ServerProcess, subject: str) -> str:
+    # A new connection each time: the kernel hands it to any process still accepting.
+    r = httpx.post(server.url + "/api/v1/messages", timeout=10,
+                   headers={"Authorization": f"Bearer {server.tokens['alice']}"},
+                   json={"to": ["parent@example.org"], "subject": subject, "text": "Bonjour"})
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def test_children_answer_wake_delivery_and_come_back(
+    server_factory: Any, relay: FaultRelay
+) -> None:
+    # Polling every 60 s: an e-mail delivered within seconds was woken, not polled.
+    server: ServerProcess = server_factory(POSTIER_HTTP_PROCESSES="3",
+                                           POSTIER_POLL_INTERVAL="60").start()
+    server.configure_relay(relay)
+    parent = server.proc.pid  # type: ignore[union-attr]
+    _wait(lambda: len(_children(parent, b"http-process")) == 2, 20,
+          "two HTTP processes were expected")
+    _wait(lambda: "HTTP process 2 answering" in server.log()
+          and "HTTP process 1 answering" in server.log(), 20, "the children did not start")
+    assert httpx.get(server.url + "/api/v1/ready").json()["delivery"] == "running"
+
+    first = _submit(server, "avant")
+    server.wait_status(first, "sent", user="alice", timeout=10)
+
+    # The main process stopped: only its children can take these.
+    os.kill(parent, signal.SIGSTOP)
+    try:
+        ids = [_submit(server, f"pendant-{i}") for i in range(10)]
+    finally:
+        os.kill(parent, signal.SIGCONT)
+    for message_id in ids:
+        server.wait_status(message_id, "sent", user="alice", timeout=10)
+    subjects = sorted(str(m.message["Subject"]) for m in relay.messages)
+    assert subjects == sorted(["avant"] + [f"pendant-{i}" for i in range(10)])
+
+    # Sign-in throttling is counted in the store: five wrong passwords, spread over the
+    # processes, and the sixth try waits even with the right password.
+    codes = []
+    for i in range(6):
+        with httpx.Client(base_url=server.url) as web:
+            csrf = web.get("/login").cookies["postier_login_csrf"]
+            password = "motdepasse-alice" if i == 5 else "faux"
+            codes.append(web.post("/login", data={
+                "username": "alice", "password": password, "csrf": csrf}).status_code)
+    assert codes == [401] * 5 + [429], codes
+
+    # A child killed comes back; the API answers meanwhile.
+    victim = _children(parent, b"http-process")[0]
+    os.kill(victim, signal.SIGKILL)
+    _submit(server, "apres")
+    _wait(lambda: len(_children(parent, b"http-process")) == 2
+          and victim not in _children(parent, b"http-process"), 20, "the child did not return")
+    assert "ended with status -9; starting it again" in server.log()
+
+    children = _children(parent, b"http-process")
+    assert server.stop() == 0
+    assert not any(_alive(pid) for pid in children), "an HTTP process outlived the server"
+
+
+def test_children_stop_when_the_server_is_killed(server_factory: Any) -> None:
+    server: ServerProcess = server_factory(POSTIER_HTTP_PROCESSES="2").start()
+    parent = server.proc.pid  # type: ignore[union-attr]
+    _wait(lambda: "HTTP process 1 answering" in server.log(), 20, "the child did not start")
+    (child,) = _children(parent, b"http-process")
+    server.kill()
+    _wait(lambda: not _alive(child), 20, "the HTTP process outlived a killed server")
+    assert "HTTP process 1: the server is gone; stopping" in server.log()
+    # The port is free again for the next server.
+    again = ServerProcess(server.data_dir, {"POSTIER_HTTP_PROCESSES": "2"})
+    again.port, again.url = server.port, server.url
+    again.tokens = server.tokens
+    try:
+        again.start()
+        assert httpx.get(again.url + "/api/v1/health").status_code == 200
+    finally:
+        again.stop()
