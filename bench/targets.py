@@ -11,6 +11,7 @@ import contextlib
 import os
 import resource
 import sqlite3
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,10 +85,14 @@ def _measure(url: str, pid: int, load: Load) -> tuple[LoadResult, Measurement]:
                                           request_timeout=load.timeout, deadline=load.deadline))
         if warm.errors:
             raise BenchError(f"warm-up failed: {warm.errors} {warm.sample_error}")
-    server_cpu0, client_cpu0, busy0 = cpu_seconds(pid), own_cpu_seconds(), machine_busy_seconds()
+    # The server's CPU is its own and its children's (``--http-processes``).
+    pids = [pid, *child_pids(pid)]
+    server_cpu0 = sum(map(cpu_seconds, pids))
+    client_cpu0, busy0 = own_cpu_seconds(), machine_busy_seconds()
     res = run_async(lambda: run_load(url, load.requests, concurrency=load.concurrency,
                                      request_timeout=load.timeout, deadline=load.deadline))
-    server_cpu, client_cpu = cpu_seconds(pid) - server_cpu0, own_cpu_seconds() - client_cpu0
+    server_cpu = sum(map(cpu_seconds, pids)) - server_cpu0
+    client_cpu = own_cpu_seconds() - client_cpu0
     other = machine_busy_seconds() - busy0 - server_cpu - client_cpu
     lat = sorted(res.latencies)
     messages = res.ok * load.messages_per_request
@@ -115,13 +120,16 @@ def _measure(url: str, pid: int, load: Load) -> tuple[LoadResult, Measurement]:
 
 
 def measure_postier(ctx: Context, template: Path, dir_name: str, load: Load,
-                    profile_name: str | None) -> Measurement:
+                    profile_name: str | None, http_processes: int = 1) -> Measurement:
     """Postier with delivery off: only acceptance (validation, policy, rendering, the
-    durable group commit) is measured."""
+    durable group commit) is measured; by one process, or by ``http_processes``."""
     data_dir = copy_dir(template, ctx.workdir / dir_name)
-    server = PostierServer(ctx, data_dir, delivery=False, profile_name=profile_name)
+    args = ["--http-processes", str(http_processes)] if http_processes > 1 else []
+    server = PostierServer(ctx, data_dir, delivery=False, profile_name=profile_name,
+                           args=args)
     try:
         server.start()
+        wait_log(server, [f"HTTP process {i} answering" for i in range(1, http_processes)])
         _, m = _measure(server.url, server.process.pid, load)
     finally:
         server.stop()
@@ -135,6 +143,18 @@ def measure_postier(ctx: Context, template: Path, dir_name: str, load: Load,
     if profile_name and ctx.profile_dir is not None:
         m.notes.append("profiled with py-spy (slower)")
     return m
+
+
+def wait_log(server: PostierServer, lines: Sequence[str], timeout: float = 60.0) -> None:
+    """Until the server's log holds every line (its HTTP children have started)."""
+    deadline = time.monotonic() + timeout
+    while lines:
+        text = (server.data_dir / "server.log").read_text(errors="replace")
+        if all(line in text for line in lines):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"postier serve did not log {lines} within {timeout} s")
+        time.sleep(0.1)
 
 
 def measure_baseline(ctx: Context, mode: str, name: str, load: Load,

@@ -1,9 +1,11 @@
 """``api_batch``: batches of 1,000 e-mails per request (``POST /api/v1/messages/batch``).
 
-What an integrator's mass mailing looks like. Two clients send their batches back to back,
-so that the server always has a batch to parse while the previous one commits. Baselines:
-the same batches against a FastAPI/uvicorn app that parses the JSON and answers 1,000 ids
-(the ceiling), and one that also INSERTs the batch in one transaction (naive SQLite).
+What an integrator's mass mailing looks like. Eight clients send their batches back to back
+(two before session 6), so that the server always has a batch to parse while the previous
+one commits, and so that ``--http-processes 2`` has connections for both of its
+processes. Baselines: the same batches against a FastAPI/uvicorn app that parses the JSON
+and answers 1,000 ids (the ceiling), and one that also INSERTs the batch in one
+transaction (naive SQLite).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ PATH = "/api/v1/messages/batch"
 
 class ApiBatch(Scenario):
     name = "api_batch"
-    description = "POST /api/v1/messages/batch, 1,000 e-mails of 2 KiB per request, 2 clients"
+    description = "POST /api/v1/messages/batch, 1,000 e-mails of 2 KiB per request, 8 clients"
 
     def prepare(self) -> None:
         quick = self.ctx.quick
         # 60 batches: about three seconds of load, so that one slow second weighs less.
         self.params = {"batches": 4 if quick else 60, "batch_size": 1000, "warmup_batches": 1,
-                       "concurrency": 2, "body_bytes": 2048}
+                       "concurrency": 8, "body_bytes": 2048}
         self.template, token = make_template(self.ctx, self.name)
         body = text_body(self.params["body_bytes"])
         size = self.params["batch_size"]
@@ -47,9 +49,15 @@ class ApiBatch(Scenario):
             return measure_postier(self.ctx, self.template, f"{self.name}-r{r}", self.load,
                                    profile)
 
+        def postier_2http(r: int) -> Measurement:
+            return measure_postier(self.ctx, self.template, f"{self.name}-2http-r{r}",
+                                   self.load, None, http_processes=2)
+
         return [
             System("postier", "postier", postier,
                    "postier serve --no-delivery (SQLite, group commit)"),
+            System("postier-2http", "postier", postier_2http,
+                   "the same with --http-processes 2 (two processes share the port)"),
             System("ceiling", "baseline",
                    lambda r: measure_baseline(self.ctx, "ceiling", "ceiling", self.load),
                    "FastAPI/uvicorn: json.loads, answer 1,000 ids"),
@@ -60,7 +68,9 @@ class ApiBatch(Scenario):
 
     def ratios(self) -> list[Ratio]:
         return [Ratio("Postier / ceiling (JSON parse only)", "postier", "ceiling"),
-                Ratio("Postier / naive SQLite", "postier", "naive-sqlite")]
+                Ratio("Postier / naive SQLite", "postier", "naive-sqlite"),
+                Ratio("Postier, 2 HTTP processes / naive SQLite", "postier-2http",
+                      "naive-sqlite")]
 
 
 SCENARIO = ApiBatch

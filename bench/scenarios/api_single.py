@@ -42,9 +42,15 @@ class ApiSingle(Scenario):
             return measure_postier(self.ctx, self.template, f"{self.name}-r{r}", self.load,
                                    profile)
 
+        def postier_2http(r: int) -> Measurement:
+            return measure_postier(self.ctx, self.template, f"{self.name}-2http-r{r}",
+                                   self.load, None, http_processes=2)
+
         return [
             System("postier", "postier", postier,
                    "postier serve --no-delivery (SQLite, group commit)"),
+            System("postier-2http", "postier", postier_2http,
+                   "the same with --http-processes 2 (two processes share the port)"),
             System("ceiling", "baseline",
                    lambda r: measure_baseline(self.ctx, "ceiling", "ceiling", self.load),
                    "FastAPI/uvicorn (uvloop, httptools) answering 202, nothing else"),
@@ -59,7 +65,9 @@ class ApiSingle(Scenario):
 
     def ratios(self) -> list[Ratio]:
         return [Ratio("Postier / HTTP ceiling", "postier", "ceiling"),
-                Ratio("Postier / naive SQLite", "postier", "naive-sqlite")]
+                Ratio("Postier / naive SQLite", "postier", "naive-sqlite"),
+                Ratio("Postier, 2 HTTP processes / naive SQLite", "postier-2http",
+                      "naive-sqlite")]
 
 
 SCENARIO = ApiSingle

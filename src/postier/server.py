@@ -318,30 +318,42 @@ class DeliveryProcesses:
         self.running = False
 
 
-def bind_http(host: str, port: int) -> socket.socket:
-    """The HTTP port, bound once here and shared with the HTTP processes, which all accept
-    connections from it (the kernel hands each new connection to one of them)."""
+def bind_http(host: str, port: int, count: int) -> list[socket.socket]:
+    """The HTTP port, bound here ``count`` times with ``SO_REUSEPORT``: one listening
+    socket for each HTTP process, among which the kernel spreads new connections evenly
+    (one shared socket would let whichever process wakes first take a whole burst of
+    them). This process keeps them all, so a child that is restarted finds the
+    connections that arrived for it meanwhile waiting, not refused."""
     address = f"{host}:{port}"
+    sockets: list[socket.socket] = []
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # First an ordinary bind: SO_REUSEPORT would let this server share the port with
+        # another one (of the same user) already there, instead of saying it is taken.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+            sockaddr = probe.getsockname()  # port 0: every socket takes the same port
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+            sock.listen(2048)
     except OSError as exc:
+        for sock in sockets:
+            sock.close()
         raise CannotListen(address=address, reason=exc.strerror or str(exc)) from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise CannotListen(address=address, reason=exc.strerror or str(exc)) from exc
-    return sock
+    return sockets
 
 
 class HttpProcesses:
     """The HTTP API and web pages in several processes (``postier serve --http-processes
-    N``): this one and N - 1 children accept connections from the same listening socket,
-    so that reading, checking and rendering e-mails uses every core.
+    N``): this one and N - 1 children accept connections on the same port (each from its
+    own socket, :func:`bind_http`), so that reading, checking and rendering e-mails uses
+    every core.
 
     The children only answer HTTP (store role "accept"); SMTP submission, delivery (or its
     processes), alerts and retention stay in this process, and whatever must hold across
@@ -353,7 +365,8 @@ class HttpProcesses:
     """
 
     def __init__(self, config: ServerConfig, core: Postier, log_level: str,
-                 listening: socket.socket, delivery_running: Callable[[], bool]) -> None:
+                 listening: list[socket.socket],
+                 delivery_running: Callable[[], bool]) -> None:
         self.config = config
         self.core = core
         self.log_level = log_level
@@ -365,16 +378,17 @@ class HttpProcesses:
         self._stopping = False
 
     async def _spawn(self, index: int) -> tuple[asyncio.subprocess.Process, socket.socket]:
+        listening = self.listening[index]
         mine, theirs = socket.socketpair()
         mine.setblocking(False)
         argv = [sys.executable, "-m", "postier", "http-process",
-                "--listen-fd", str(self.listening.fileno()),
+                "--listen-fd", str(listening.fileno()),
                 "--control-fd", str(theirs.fileno()), "--index", str(index),
                 "--log-level", self.log_level]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.PIPE,
-                pass_fds=(self.listening.fileno(), theirs.fileno()))
+                pass_fds=(listening.fileno(), theirs.fileno()))
         except BaseException:
             mine.close()
             raise
@@ -557,7 +571,8 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
     children = DeliveryProcesses(config, core, log_level, processes) if processes else None
     worker = make_worker(core, config) if config.delivery and children is None else None
     host, port = config.http_host_port()
-    listening = bind_http(host, port) if config.http_processes > 1 else None
+    listening = bind_http(host, port, config.http_processes) if config.http_processes > 1 \
+        else None
     http_children = HttpProcesses(
         config, core, log_level, listening,
         lambda: metrics.delivery_state(worker or children, config.delivery) == "running",
@@ -642,10 +657,10 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
         )
     )
     try:
-        await server.serve(sockets=[listening] if listening is not None else None)
+        await server.serve(sockets=listening[:1] if listening is not None else None)
     finally:
-        if listening is not None:
-            listening.close()
+        for sock in listening or ():
+            sock.close()
         if lock is not None:
             lock.close()
 
