@@ -87,11 +87,12 @@ def _measure(url: str, pid: int, load: Load) -> tuple[LoadResult, Measurement]:
             raise BenchError(f"warm-up failed: {warm.errors} {warm.sample_error}")
     # The server's CPU is its own and its children's (``--http-processes``).
     pids = [pid, *child_pids(pid)]
-    server_cpu0 = sum(map(cpu_seconds, pids))
+    cpu0 = [cpu_seconds(p) for p in pids]
     client_cpu0, busy0 = own_cpu_seconds(), machine_busy_seconds()
     res = run_async(lambda: run_load(url, load.requests, concurrency=load.concurrency,
                                      request_timeout=load.timeout, deadline=load.deadline))
-    server_cpu = sum(map(cpu_seconds, pids)) - server_cpu0
+    by_process = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
+    server_cpu = sum(by_process)
     client_cpu = own_cpu_seconds() - client_cpu0
     other = machine_busy_seconds() - busy0 - server_cpu - client_cpu
     lat = sorted(res.latencies)
@@ -108,6 +109,9 @@ def _measure(url: str, pid: int, load: Load) -> tuple[LoadResult, Measurement]:
             "errors": float(sum(res.errors.values())),
             "server_cpu_cores": server_cpu / res.seconds if res.seconds else 0.0,
             "server_cpu_us_per_msg": server_cpu / messages * 1e6 if messages else 0.0,
+            # Each process's share (the server first, then its children), in cores.
+            **({f"process{i}_cpu_cores": c / res.seconds for i, c in enumerate(by_process)}
+               if len(pids) > 1 and res.seconds else {}),
             "loadgen_cpu_cores": client_cpu / res.seconds if res.seconds else 0.0,
             # Everything else on the machine (other people's work, the kernel's): the
             # noise of this measurement.
