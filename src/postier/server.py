@@ -90,8 +90,8 @@ class _Server(uvicorn.Server):
 
 class _ChildServer(_Server):
     """An HTTP process's uvicorn: stopped by its parent (SIGTERM), not by a Ctrl-C in the
-    terminal, which the parent receives too and answers by stopping its children in
-    order."""
+    terminal (ignored), which the parent receives too and answers by stopping its children
+    in order."""
 
     signals = (signal.SIGTERM,)
 
@@ -208,6 +208,20 @@ async def run_worker(
     log.info("worker stopped cleanly")
 
 
+async def terminate(procs: list[asyncio.subprocess.Process], grace: float) -> None:
+    """SIGTERM to each child, then SIGKILL to those still running after ``grace`` s."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
 class DeliveryProcesses:
     """Delivery in child processes (``postier serve --delivery-processes N``).
 
@@ -244,10 +258,13 @@ class DeliveryProcesses:
         argv = [sys.executable, "-m", "postier", "worker", "--data-dir",
                 str(self.config.data_dir), "--log-level", self.log_level,
                 "--wake-fd", str(read_fd), "--worker-id", worker_id]
+        # The database URL in the environment, not on the command line, which any user
+        # of the machine can read (ps) and which may hold a password.
+        env = dict(os.environ)
         if self.config.database_url:
-            argv += ["--database-url", self.config.database_url]
+            env["POSTIER_DATABASE_URL"] = self.config.database_url
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(read_fd,))
+            proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(read_fd,), env=env)
         except BaseException:
             os.close(write_fd)
             raise
@@ -300,16 +317,7 @@ class DeliveryProcesses:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         procs = [p for _, p, _ in self._children if p is not None and p.returncode is None]
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        await terminate(procs, grace)
         for _, _, fd in self._children:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -468,16 +476,7 @@ class HttpProcesses:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         procs = [p for p, _ in self._children if p is not None and p.returncode is None]
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        await terminate(procs, grace)
         for _, control in self._children:
             self._close(control)
         self._children = []

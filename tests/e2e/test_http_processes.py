@@ -3,11 +3,12 @@ sharing the port. While the main process cannot answer (stopped), its HTTP child
 still accept e-mails durably, and they are delivered as soon as it runs again (the
 children's wake-ups reach delivery through it, not a poll); sign-in throttling holds
 whichever process answers; another server cannot take the same port; a killed child comes
-back; every child ends with the server,
-even when the server is killed."""
+back; every child ends with the server, even when the server is killed; on PostgreSQL, no
+child shows the database password on its command line."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from postier.config import ServerConfig
+from postier.service import Postier
 
 from support.relay import FaultRelay
 from support.server import ServerProcess
@@ -128,8 +132,15 @@ def test_children_answer_wake_delivery_and_come_back(
           and victim not in _children(parent, b"http-process"), 20, "the child did not return")
     assert "ended with status -9; starting it again" in server.log()
 
+    # A Ctrl-C in the terminal reaches every process of the group: the children wait for
+    # the server to stop them, after their requests.
     children = _children(parent, b"http-process")
-    assert server.stop() == 0
+    for pid in children:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(1)
+    assert all(_alive(pid) for pid in children), "an HTTP process stopped on its own"
+    assert httpx.get(server.url + "/api/v1/health").status_code == 200
+    assert server.stop(signal.SIGINT) == 0
     assert not any(_alive(pid) for pid in children), "an HTTP process outlived the server"
 
 
@@ -150,3 +161,44 @@ def test_children_stop_when_the_server_is_killed(server_factory: Any) -> None:
         assert httpx.get(again.url + "/api/v1/health").status_code == 200
     finally:
         again.stop()
+
+
+async def _provision_pg(data_dir: Path, url: str) -> dict[str, str]:
+    core = Postier(ServerConfig(data_dir=data_dir, database_url=url))
+    await core.open()
+    try:
+        alice = await core.add_user("alice", "alice.martin@ac-lyon.fr", role="user",
+                                    display_name="Alice Martin", password="motdepasse-alice")
+        admin = await core.add_user("admin", "direction@ac-lyon.fr", role="admin",
+                                    password="motdepasse-admin")
+        return {"alice": (await core.create_token(alice, "t"))[0],
+                "admin": (await core.create_token(admin, "t"))[0]}
+    finally:
+        await core.close()
+
+
+def test_on_postgresql_the_children_keep_the_password_out_of_the_process_list(
+    pg_url: str, relay: FaultRelay, tmp_path: Path
+) -> None:
+    # With a password (trust authentication lets it through): no child shows it to `ps`.
+    url = pg_url.replace("postgres@", "postgres:Mot2passe-secret@", 1)
+    server = ServerProcess(tmp_path / "data", {"POSTIER_HTTP_PROCESSES": "2",
+                                                "POSTIER_DELIVERY_PROCESSES": "1"})
+    server.tokens = asyncio.run(_provision_pg(server.data_dir, url))
+    server.args = ["--database-url", url]
+    try:
+        server.start()
+        server.configure_relay(relay)
+        parent = server.proc.pid  # type: ignore[union-attr]
+        _wait(lambda: "HTTP process 1 answering" in server.log(), 20, "no HTTP child")
+        children = _children(parent, b"postier")
+        assert len(children) == 2, children  # one HTTP process, one delivery process
+        for pid in children:
+            assert b"Mot2passe" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ids = [_submit(server, f"pg-{i}") for i in range(6)]
+        for message_id in ids:
+            server.wait_status(message_id, "sent", user="alice", timeout=15)
+        assert server.stop() == 0
+    finally:
+        if server.proc is not None:
+            server.kill()

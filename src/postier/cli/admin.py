@@ -267,10 +267,14 @@ def http_process(
     """One of the HTTP processes of `postier serve --http-processes`; its configuration
     comes on standard input, as the parent resolved it."""
     import asyncio
+    import signal
 
     from postier import server
 
     config = ServerConfig.model_validate_json(sys.stdin.buffer.read())
+    # A Ctrl-C in the terminal reaches the whole process group: the server answers it by
+    # stopping its children in order, after the requests they have begun.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     server.setup_logging(log_level)
     try:
         server.use_fast_loop()
