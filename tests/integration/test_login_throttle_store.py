@@ -68,6 +68,17 @@ async def test_smtp_auth_failures_count_across_servers(store_url: str, tmp_path:
         assert 295 < wait <= 300
         assert 295 < await on_b.blocked_for("198.51.100.1", "scanner") <= 300
         assert await on_b.blocked_for("198.51.100.1", "someone") == 0
+        # An SMTP failure forgets SMTP failures older than its 5 minutes, not the web
+        # pages' failures of the last 15.
+        web = LoginThrottle(a.store)
+        for _ in range(LoginThrottle.USER_LIMIT):
+            await web.failed("dave", "10.0.0.3", now=time.time() - 600)
+        await on_a.failed("192.0.2.7", "dave")
+        assert await web.wait_for("dave", "10.0.0.4") == 0  # the 30 s wait is over...
+        recent = await a.store.recent_failures(["w:u:dave"], time.time() - 900)
+        assert len(recent["w:u:dave"]) == LoginThrottle.USER_LIMIT  # ...but they count
+        await web.failed("dave", "10.0.0.3")
+        assert await web.wait_for("dave", "10.0.0.4") > 30  # the sixth: a doubled wait
         # A username of any length is counted, not refused by the database.
         await on_a.failed("192.0.2.6", "x" * 2000)
         assert await on_b.blocked_for("192.0.2.6", "x" * 2000) == 0

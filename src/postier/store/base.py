@@ -535,8 +535,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def add_failure(self, keys: Sequence[str], now: float, forget_before: float) -> None:
-        """Record one failure under each key, and forget every failure (of any key) older
-        than ``forget_before``."""
+        """Record one failure under each key, and forget these keys' failures older than
+        ``forget_before`` (and any key's older than a day)."""
 
     @abc.abstractmethod
     async def clear_failures(self, keys: Sequence[str]) -> None: ...

@@ -55,6 +55,11 @@ from postier.store.base import (
 log = logging.getLogger(__name__)
 
 
+# Seconds after which a failed sign-in is forgotten whatever its key: longer than every
+# throttling window (the web pages' 15 minutes, SMTP AUTH's 5).
+FAILURES_KEPT = 24 * 3600.0
+
+
 def _keys(keys: Sequence[str]) -> list[str]:
     """Throttling keys as stored: a username given over SMTP can be any length."""
     return [k[:400] for k in keys]
@@ -1200,9 +1205,14 @@ class SQLStore(Store):
     async def add_failure(self, keys: Sequence[str], now: float, forget_before: float) -> None:
         lf = t.login_failures
 
+        stored = _keys(keys)
+
         async def job(conn: AsyncConnection) -> None:
-            await conn.execute(delete(lf).where(lf.c.at < forget_before))
-            await conn.execute(insert(lf), [{"key": k, "at": now} for k in _keys(keys)])
+            # These keys' old failures (their window is the caller's), and anyone's older
+            # than any window, so that keys never seen again do not pile up.
+            await conn.execute(delete(lf).where(lf.c.key.in_(stored), lf.c.at < forget_before))
+            await conn.execute(delete(lf).where(lf.c.at < now - FAILURES_KEPT))
+            await conn.execute(insert(lf), [{"key": k, "at": now} for k in stored])
 
         await self.write(job)
 
