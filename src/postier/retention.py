@@ -42,7 +42,7 @@ from postier.errors import StoreUnavailable
 from postier.metrics import PURGE_ACTION, Tally, count_attempts
 from postier.settings import RetentionSettings
 from postier.store import schema as t
-from postier.store.base import FINAL_STATUSES, User
+from postier.store.base import FAILURES_KEPT, FINAL_STATUSES, User
 from postier.store.sql import SQLStore
 
 if TYPE_CHECKING:
@@ -414,6 +414,14 @@ async def user_data(core: Postier, subject: User, lang: str = "en") -> dict[str,
 
     got = await _reading(store, read)
     tokens = await core.store.list_tokens(subject.id)
+    # Failed sign-ins under this account's name (the throttling's, kept a day at most):
+    # the web pages count them per account, SMTP AUTH per name as typed.
+    doors = {f"w:u:{subject.establishment_id}:{subject.username}".casefold(): "web",
+             f"s:u:{subject.username}": "smtp", f"s:u:{subject.email}": "smtp"}
+    failures = await core.store.recent_failures(list(doors), time.time() - FAILURES_KEPT)
+    failed_sign_ins = sorted(({"at": iso(at), "door": doors[key]}
+                              for key, times in failures.items() for at in times),
+                             key=lambda f: str(f["at"]))
     out_messages = []
     for row in got["messages"]:
         final = row.status in FINAL_STATUSES
@@ -468,5 +476,6 @@ async def user_data(core: Postier, subject: User, lang: str = "en") -> dict[str,
              "details": json.loads(e.details or "{}")}
             for e in got["audit"]
         ],
+        "failed_sign_ins": failed_sign_ins,
         "messages": out_messages,
     }

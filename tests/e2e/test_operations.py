@@ -323,9 +323,14 @@ def test_retention_removes_bodies_then_records_of_final_emails_only(
     assert after["attempts"] == before["attempts"]
 
     server.start()
+    with httpx.Client(base_url=server.url) as web:  # a wrong password on the sign-in page
+        csrf = web.get("/login").cookies["postier_login_csrf"]
+        assert web.post("/login", data={"username": "alice", "password": "faux",
+                                        "csrf": csrf}).status_code == 401
     with server.client("alice") as c:
         assert c.get(f"/api/v1/messages/{sent[0]}").json()["status"] == "sent"
         data = c.get("/api/v1/me/data").json()
+    assert [f["door"] for f in data["failed_sign_ins"]] == ["web"]
     assert data["retention"]["body_days"] == 30
     assert data["retention"]["metadata_days"] == 365
     shown = {m["id"]: m for m in data["messages"]}

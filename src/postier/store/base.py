@@ -246,6 +246,11 @@ class RelayPause:
     error: str | None
 
 
+# Seconds after which a failed sign-in is forgotten whatever its key: longer than every
+# throttling window (the web pages' 15 minutes, SMTP AUTH's 5).
+FAILURES_KEPT = 24 * 3600.0
+
+
 class Store(abc.ABC):
     """Durable storage of accounts, settings and the queue."""
 

@@ -30,6 +30,7 @@ from postier.store import schema as t
 from postier.store.base import (
     DEFERRED,
     FAILED,
+    FAILURES_KEPT,
     QUEUED,
     SENDING,
     STATUSES,
@@ -53,11 +54,6 @@ from postier.store.base import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# Seconds after which a failed sign-in is forgotten whatever its key: longer than every
-# throttling window (the web pages' 15 minutes, SMTP AUTH's 5).
-FAILURES_KEPT = 24 * 3600.0
 
 
 def _keys(keys: Sequence[str]) -> list[str]:
