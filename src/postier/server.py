@@ -89,9 +89,8 @@ class _Server(uvicorn.Server):
 
 
 class _ChildServer(_Server):
-    """An HTTP process's uvicorn: stopped by its parent (SIGTERM), not by a Ctrl-C in the
-    terminal (ignored), which the parent receives too and answers by stopping its children
-    in order."""
+    """An HTTP process's uvicorn: stopped by its parent (SIGTERM), never by SIGINT (a
+    Ctrl-C is the server's to answer, by stopping its children in order)."""
 
     signals = (signal.SIGTERM,)
 
@@ -394,8 +393,10 @@ class HttpProcesses:
                 "--control-fd", str(theirs.fileno()), "--index", str(index),
                 "--log-level", self.log_level]
         try:
+            # In a session of its own: a Ctrl-C in the terminal reaches the server
+            # only, which stops its children after the requests they have begun.
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE,
+                *argv, stdin=asyncio.subprocess.PIPE, start_new_session=True,
                 pass_fds=(listening.fileno(), theirs.fileno()))
         except BaseException:
             mine.close()

@@ -132,8 +132,10 @@ def test_children_answer_wake_delivery_and_come_back(
           and victim not in _children(parent, b"http-process"), 20, "the child did not return")
     assert "ended with status -9; starting it again" in server.log()
 
-    # A Ctrl-C in the terminal reaches every process of the group: the children wait for
-    # the server to stop them, after their requests.
+    # SIGINT (a Ctrl-C) is the server's to answer: the children wait for it to stop them,
+    # after their requests.
+    _wait(lambda: server.log().count(" answering (pid ") == 3, 20,
+          "the restarted child did not answer")
     children = _children(parent, b"http-process")
     for pid in children:
         os.kill(pid, signal.SIGINT)

@@ -272,8 +272,7 @@ def http_process(
     from postier import server
 
     config = ServerConfig.model_validate_json(sys.stdin.buffer.read())
-    # A Ctrl-C in the terminal reaches the whole process group: the server answers it by
-    # stopping its children in order, after the requests they have begun.
+    # SIGINT is the server's to answer (it stops its children after their requests).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     server.setup_logging(log_level)
     try:
