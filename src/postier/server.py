@@ -356,6 +356,17 @@ def bind_http(host: str, port: int, count: int) -> list[socket.socket]:
     return sockets
 
 
+def _receive(control: socket.socket, size: int) -> bytes | None:
+    """What the other end of a control socket pair sent: None when nothing is waiting,
+    ``b""`` when that end is gone."""
+    try:
+        return control.recv(size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class HttpProcesses:
     """The HTTP API and web pages in several processes (``postier serve --http-processes
     N``): this one and N - 1 children accept connections on the same port (each from its
@@ -417,12 +428,9 @@ class HttpProcesses:
         return proc, mine
 
     def _from_child(self, control: socket.socket) -> None:
-        try:
-            data = control.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(control, 4096)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             self.core.accepted_elsewhere()
         else:  # the child is gone; _supervise starts it again
@@ -516,12 +524,9 @@ async def run_http_process(config: ServerConfig, *, listen_fd: int, control_fd: 
             loop.call_soon(tell)
 
     def from_parent() -> None:
-        try:
-            data = control.recv(64)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(control, 64)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             delivery.running = data[-1:] == b"1"
             return

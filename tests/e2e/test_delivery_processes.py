@@ -15,24 +15,11 @@ from typing import Any
 import httpx
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import ServerProcess, child_processes
 
 
 def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            cmdline = (entry / "cmdline").read_bytes()
-            if b"worker" in cmdline:
-                found.append(int(entry.name))
-    return sorted(found)
+    return child_processes(pid, b"worker")
 
 
 def _send(server: ServerProcess, prefix: str, n: int) -> None:

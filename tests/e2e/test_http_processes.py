@@ -23,23 +23,11 @@ from postier.config import ServerConfig
 from postier.service import Postier
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import ServerProcess, child_processes
 
 
 def _children(pid: int, kind: bytes) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
-        if int(stat.rpartition(")")[2].split()[1]) == pid and kind in cmdline:
-            found.append(int(entry.name))
-    return sorted(found)
+    return child_processes(pid, kind)
 
 
 def _alive(pid: int) -> bool:

@@ -21,6 +21,23 @@ from postier.config import ServerConfig
 from postier.service import Postier
 
 
+def child_processes(pid: int, kind: bytes) -> list[int]:
+    """The processes whose parent is ``pid`` and whose command line holds ``kind``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+        if int(stat.rpartition(")")[2].split()[1]) == pid and kind in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
