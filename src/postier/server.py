@@ -423,7 +423,7 @@ class HttpProcesses:
         proc.stdin.close()
         asyncio.get_running_loop().add_reader(mine.fileno(), self._from_child, mine)
         with contextlib.suppress(OSError):
-            mine.send(self._state or b"0")
+            mine.send(self._state)
         log.info("HTTP process %d started (pid %d)", index, proc.pid)
         return proc, mine
 
@@ -447,7 +447,7 @@ class HttpProcesses:
                     control.send(state)
 
     async def start(self) -> None:
-        self._state = b"1" if self.delivery_running() else b"0"
+        self._tell_state()  # no child yet: sets the state the children start with
         for index in range(1, self.config.http_processes):
             self._children.append(await self._spawn(index))
         self._task = asyncio.create_task(self._supervise(), name="postier-http-procs")

@@ -60,6 +60,7 @@ def _keys(keys: Sequence[str]) -> list[str]:
     """Throttling keys as stored: a username given over SMTP can be any length."""
     return [k[:400] for k in keys]
 
+
 # A write job runs in a transaction with the other jobs of its group. It may carry two
 # attributes: ``prepare()``, called on the event loop before it runs, and ``whole_alone``,
 # true when each of its statements leaves the store consistent by itself (a backend may
