@@ -415,9 +415,10 @@ async def user_data(core: Postier, subject: User, lang: str = "en") -> dict[str,
     got = await _reading(store, read)
     tokens = await core.store.list_tokens(subject.id)
     # Failed sign-ins under this account's name (the throttling's, kept a day at most):
-    # the web pages count them per account, SMTP AUTH per name as typed.
+    # the web pages count them per account, SMTP AUTH per name given (case-folded).
     doors = {f"w:u:{subject.establishment_id}:{subject.username}".casefold(): "web",
-             f"s:u:{subject.username}": "smtp", f"s:u:{subject.email}": "smtp"}
+             f"s:u:{subject.username.casefold()}": "smtp",
+             f"s:u:{subject.email.casefold()}": "smtp"}
     failures = await core.store.recent_failures(list(doors), time.time() - FAILURES_KEPT)
     failed_sign_ins = sorted(({"at": iso(at), "door": doors[key]}
                               for key, times in failures.items() for at in times),

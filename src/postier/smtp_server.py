@@ -94,7 +94,8 @@ class _Limiter:
 
     @staticmethod
     def _keys(peer: str, username: str) -> tuple[str, str]:
-        return "s:a:" + peer, "s:u:" + username
+        # Case-folded, so that changing a name's case does not buy more guesses.
+        return "s:a:" + peer, "s:u:" + username.casefold()
 
     async def blocked_for(self, peer: str, username: str) -> float:
         now = time.time()

@@ -63,7 +63,7 @@ async def test_smtp_auth_failures_count_across_servers(store_url: str, tmp_path:
         for i in range(4):
             await (on_a if i % 2 else on_b).failed("192.0.2.5", "scanner")
         assert await on_a.blocked_for("192.0.2.5", "other") == 0
-        await on_a.failed("192.0.2.5", "scanner")
+        await on_a.failed("192.0.2.5", "SCANNER")  # another case is the same name
         wait = await on_b.blocked_for("192.0.2.5", "other")  # the address is held back
         assert 295 < wait <= 300
         assert 295 < await on_b.blocked_for("198.51.100.1", "scanner") <= 300
