@@ -42,7 +42,13 @@ from postier.errors import StoreUnavailable
 from postier.metrics import PURGE_ACTION, Tally, count_attempts
 from postier.settings import RetentionSettings
 from postier.store import schema as t
-from postier.store.base import FAILURES_KEPT, FINAL_STATUSES, User
+from postier.store.base import (
+    FAILURES_KEPT,
+    FINAL_STATUSES,
+    User,
+    smtp_name_key,
+    web_account_key,
+)
 from postier.store.sql import SQLStore
 
 if TYPE_CHECKING:
@@ -416,9 +422,8 @@ async def user_data(core: Postier, subject: User, lang: str = "en") -> dict[str,
     tokens = await core.store.list_tokens(subject.id)
     # Failed sign-ins under this account's name (the throttling's, kept a day at most):
     # the web pages count them per account, SMTP AUTH per name given (case-folded).
-    doors = {f"w:u:{subject.establishment_id}:{subject.username}".casefold(): "web",
-             f"s:u:{subject.username.casefold()}": "smtp",
-             f"s:u:{subject.email.casefold()}": "smtp"}
+    doors = {web_account_key(subject.establishment_id, subject.username): "web",
+             smtp_name_key(subject.username): "smtp", smtp_name_key(subject.email): "smtp"}
     failures = await core.store.recent_failures(list(doors), time.time() - FAILURES_KEPT)
     failed_sign_ins = sorted(({"at": iso(at), "door": doors[key]}
                               for key, times in failures.items() for at in times),

@@ -43,7 +43,7 @@ from postier.errors import (
 )
 from postier.i18n import N_
 from postier.service import SETTINGS_TTL, Postier
-from postier.store.base import Store, User
+from postier.store.base import Store, User, smtp_address_key, smtp_name_key
 
 log = logging.getLogger("postier.smtp")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -94,8 +94,7 @@ class _Limiter:
 
     @staticmethod
     def _keys(peer: str, username: str) -> tuple[str, str]:
-        # Case-folded, so that changing a name's case does not buy more guesses.
-        return "s:a:" + peer, "s:u:" + username.casefold()
+        return smtp_address_key(peer), smtp_name_key(username)
 
     async def blocked_for(self, peer: str, username: str) -> float:
         now = time.time()

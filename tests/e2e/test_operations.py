@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import smtplib
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.relay import FaultRelay
@@ -327,10 +330,16 @@ def test_retention_removes_bodies_then_records_of_final_emails_only(
         csrf = web.get("/login").cookies["postier_login_csrf"]
         assert web.post("/login", data={"username": "alice", "password": "faux",
                                         "csrf": csrf}).status_code == 401
+    # ...and in SMTP AUTH, under her address in another case (smtplib tries PLAIN, LOGIN).
+    tls = ssl.create_default_context(cafile=str(server.data_dir / "smtp-cert.pem"))
+    with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as smtp:
+        smtp.starttls(context=tls)
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.login("Alice.MARTIN@ac-lyon.fr", "faux")
     with server.client("alice") as c:
         assert c.get(f"/api/v1/messages/{sent[0]}").json()["status"] == "sent"
         data = c.get("/api/v1/me/data").json()
-    assert [f["door"] for f in data["failed_sign_ins"]] == ["web"]
+    assert [f["door"] for f in data["failed_sign_ins"]] == ["web", "smtp", "smtp"]
     assert data["retention"]["body_days"] == 30
     assert data["retention"]["metadata_days"] == 365
     shown = {m["id"]: m for m in data["messages"]}

@@ -11,6 +11,7 @@ from pathlib import Path
 from postier.config import ServerConfig
 from postier.service import Postier
 from postier.smtp_server import SubmissionConfig, _Limiter
+from postier.store.base import web_name_key as name_key
 from postier.web.session import LoginThrottle
 
 
@@ -31,23 +32,23 @@ async def test_web_sign_in_failures_count_across_servers(
         now = time.time()
         for i in range(LoginThrottle.USER_LIMIT - 1):
             # Alternating, as connections spread over processes.
-            await (on_a if i % 2 else on_b).failed("Alice", "10.0.0.7", now=now + i)
-            assert await on_a.wait_for("alice", "10.0.0.8", now=now + i) == 0
-        await on_b.failed("ALICE", "10.0.0.9", now=now + 4)
+            await (on_a if i % 2 else on_b).failed(name_key("Alice"), "10.0.0.7", now=now + i)
+            assert await on_a.wait_for(name_key("alice"), "10.0.0.8", now=now + i) == 0
+        await on_b.failed(name_key("ALICE"), "10.0.0.9", now=now + 4)
         # The fifth failure, wherever it happened, makes every process wait 30 s.
-        assert await on_a.wait_for("alice", "10.0.0.8", now=now + 5) == 29.0
-        assert await on_b.wait_for("alice", "10.0.0.8", now=now + 5) == 29.0
+        assert await on_a.wait_for(name_key("alice"), "10.0.0.8", now=now + 5) == 29.0
+        assert await on_b.wait_for(name_key("alice"), "10.0.0.8", now=now + 5) == 29.0
         # Another username from those addresses is not held back (20 per address).
-        assert await on_a.wait_for("bob", "10.0.0.7", now=now + 5) == 0
+        assert await on_a.wait_for(name_key("bob"), "10.0.0.7", now=now + 5) == 0
         # Failures older than the window no longer count.
         later = now + LoginThrottle.WINDOW + 10
-        assert await on_a.wait_for("alice", "10.0.0.8", now=later) == 0
+        assert await on_a.wait_for(name_key("alice"), "10.0.0.8", now=later) == 0
         # A success clears the username's count for every process; not the address's.
         for _ in range(LoginThrottle.USER_LIMIT):
-            await on_a.failed("carol", "10.0.0.7", now=now + 6)
-        assert await on_b.wait_for("carol", "10.0.0.1", now=now + 7) > 0
-        await on_b.succeeded("carol")
-        assert await on_a.wait_for("carol", "10.0.0.1", now=now + 7) == 0
+            await on_a.failed(name_key("carol"), "10.0.0.7", now=now + 6)
+        assert await on_b.wait_for(name_key("carol"), "10.0.0.1", now=now + 7) > 0
+        await on_b.succeeded(name_key("carol"))
+        assert await on_a.wait_for(name_key("carol"), "10.0.0.1", now=now + 7) == 0
         recent = await a.store.recent_failures(["w:a:10.0.0.7"], now - 1)
         assert len(recent["w:a:10.0.0.7"]) == 2 * LoginThrottle.USER_LIMIT - 1
     finally:
@@ -72,13 +73,13 @@ async def test_smtp_auth_failures_count_across_servers(store_url: str, tmp_path:
         # pages' failures of the last 15.
         web = LoginThrottle(a.store)
         for _ in range(LoginThrottle.USER_LIMIT):
-            await web.failed("dave", "10.0.0.3", now=time.time() - 600)
+            await web.failed(name_key("dave"), "10.0.0.3", now=time.time() - 600)
         await on_a.failed("192.0.2.7", "dave")
-        assert await web.wait_for("dave", "10.0.0.4") == 0  # the 30 s wait is over...
+        assert await web.wait_for(name_key("dave"), "10.0.0.4") == 0  # the 30 s wait is over...
         recent = await a.store.recent_failures(["w:u:dave"], time.time() - 900)
         assert len(recent["w:u:dave"]) == LoginThrottle.USER_LIMIT  # ...but they count
-        await web.failed("dave", "10.0.0.3")
-        assert await web.wait_for("dave", "10.0.0.4") > 30  # the sixth: a doubled wait
+        await web.failed(name_key("dave"), "10.0.0.3")
+        assert await web.wait_for(name_key("dave"), "10.0.0.4") > 30  # the sixth: a doubled wait
         # A username of any length is counted, not refused by the database.
         await on_a.failed("192.0.2.6", "x" * 2000)
         assert await on_b.blocked_for("192.0.2.6", "x" * 2000) == 0

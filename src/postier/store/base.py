@@ -251,6 +251,33 @@ class RelayPause:
 FAILURES_KEPT = 24 * 3600.0
 
 
+# The keys failed sign-ins are counted under, one function per door and kind. The
+# throttles write and read them, the right of access (``me/data``) looks an account's up:
+# both go through these, so they cannot drift apart. Names are case-folded, so that
+# changing a name's case does not buy more guesses.
+def web_account_key(establishment_id: int, username: str) -> str:
+    """The web pages' key for a known account, however it was named at sign-in."""
+    return web_name_key(f"{establishment_id}:{username}")
+
+
+def web_name_key(name: str) -> str:
+    """The web pages' key for a name given at sign-in (an unknown one stays as given)."""
+    return "w:u:" + name.casefold()
+
+
+def web_address_key(address: str) -> str:
+    return "w:a:" + address
+
+
+def smtp_name_key(name: str) -> str:
+    """SMTP AUTH's key: per name given (a username or an e-mail address)."""
+    return "s:u:" + name.casefold()
+
+
+def smtp_address_key(peer: str) -> str:
+    return "s:a:" + peer
+
+
 class Store(abc.ABC):
     """Durable storage of accounts, settings and the queue."""
 

@@ -1201,7 +1201,6 @@ class SQLStore(Store):
 
     async def add_failure(self, keys: Sequence[str], now: float, forget_before: float) -> None:
         lf = t.login_failures
-
         stored = _keys(keys)
 
         async def job(conn: AsyncConnection) -> None:

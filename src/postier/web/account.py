@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from postier.errors import AuthenticationRequired, PostierError
 from postier.i18n import LANGUAGES, N_
 from postier.sender_verification import CODE_TTL
-from postier.store.base import User
+from postier.store.base import User, web_account_key, web_name_key
 from postier.web.context import (
     LANG_COOKIE,
     AnyPage,
@@ -88,7 +88,8 @@ async def _throttle_key(p: Page, identifier: str) -> str:
     """One key per account, however it is named (username, e-mail address, slug:username),
     so that changing the spelling does not buy more attempts."""
     user = await p.core.find_login(identifier)
-    return f"{user.establishment_id}:{user.username}" if user else identifier
+    return (web_account_key(user.establishment_id, user.username) if user
+            else web_name_key(identifier))
 
 
 @router.post("/login")

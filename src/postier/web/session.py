@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from postier.errors import PostierError
 from postier.service import Postier
-from postier.store.base import Store, User
+from postier.store.base import Store, User, web_address_key
 
 SESSION_COOKIE = "postier_session"
 LOGIN_CSRF_COOKIE = "postier_login_csrf"
@@ -108,9 +108,7 @@ class LoginThrottle:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    @staticmethod
-    def _keys(username: str, address: str) -> tuple[str, str]:
-        return "w:u:" + username.casefold(), "w:a:" + address
+    # ``user_key`` is web_account_key()'s for a known account, web_name_key()'s otherwise.
 
     def _wait(self, recent: list[float], limit: int, now: float) -> float:
         if len(recent) < limit:
@@ -118,21 +116,21 @@ class LoginThrottle:
         wait = min(self.LONGEST_WAIT, self.FIRST_WAIT * 2.0 ** (len(recent) - limit))
         return max(0.0, recent[-1] + wait - now)
 
-    async def wait_for(self, username: str, address: str, now: float | None = None) -> float:
-        """Seconds to wait before this username may try again from this address (0: now)."""
+    async def wait_for(self, user_key: str, address: str, now: float | None = None) -> float:
+        """Seconds to wait before this account may try again from this address (0: now)."""
         now = time.time() if now is None else now
-        user_key, address_key = self._keys(username, address)
+        address_key = web_address_key(address)
         recent = await self.store.recent_failures((user_key, address_key), now - self.WINDOW)
         return max(
             self._wait(recent.get(user_key, []), self.USER_LIMIT, now),
             self._wait(recent.get(address_key, []), self.ADDRESS_LIMIT, now),
         )
 
-    async def failed(self, username: str, address: str, now: float | None = None) -> None:
+    async def failed(self, user_key: str, address: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        await self.store.add_failure(self._keys(username, address), now,
+        await self.store.add_failure((user_key, web_address_key(address)), now,
                                      forget_before=now - self.WINDOW)
 
-    async def succeeded(self, username: str) -> None:
+    async def succeeded(self, user_key: str) -> None:
         # The address keeps its count: one good account must not clear a password sweep.
-        await self.store.clear_failures([self._keys(username, "")[0]])
+        await self.store.clear_failures([user_key])
