@@ -20,7 +20,7 @@ import pytest
 
 from postier.store import create_store, database_url
 from postier.store import postgres as pg_module
-from postier.store.base import NewMessage
+from postier.store.base import AttemptRecord, NewMessage, Outcome, RecipientState
 from postier.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.postgres
@@ -116,3 +116,52 @@ async def test_connections_dropped_while_idle_are_replaced_before_use(
         assert (await s.counts())["queued"] == 2
     finally:
         await s.close()
+
+
+async def _scans(pg_url: str) -> dict[str, tuple[int, int]]:
+    """(sequential, index) scans of the queue's tables, once ended connections reported."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await asyncio.sleep(1.2)  # a connection that ends reports its counters at once
+        rows = await conn.fetch(
+            "SELECT relname, seq_scan, idx_scan FROM pg_stat_user_tables"
+            " WHERE relname IN ('messages', 'recipients', 'message_bodies')")
+    finally:
+        await conn.close()
+    return {r["relname"]: (r["seq_scan"], r["idx_scan"] or 0) for r in rows}
+
+
+async def test_queue_writes_find_rows_by_key_on_a_queue_that_grew_from_empty(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # asyncpg prepares each statement and PostgreSQL plans it once for the connection:
+    # planned on a new, near-empty queue, a group of delivery results found its
+    # recipients by reading the whole table, and kept doing so as the queue grew (1.1 ms
+    # a statement at 10,000 rows). The writing connections never choose a sequential scan.
+    url = database_url(tmp_path, pg_url)
+    s = create_store(url)
+    await s.open()  # creates the tables: building their indexes reads them
+    await s.close()
+    before = await _scans(pg_url)
+    s = create_store(url)
+    await s.open()
+    try:
+        n = 0
+        for group in [1] * 8 + [40] * 10:  # small groups first: the plans are made then
+            stored = [_message(n + i) for i in range(group)]
+            n += group
+            await s.enqueue(stored)
+            claimed = await s.claim("w1", group, 60.0, time.time())
+            assert len(claimed) == group
+            await s.record_outcomes("w1", [
+                Outcome(c.id, "sent", 1, 0.0, None,
+                        [RecipientState(r.position, r.address, "sent", 250, "2.0.0 OK")
+                         for r in c.recipients],
+                        AttemptRecord(time.time(), 5, "relay", "sent", 250, "OK"))
+                for c in claimed])
+    finally:
+        await s.close()  # its connections end, and report their counters
+    after = await _scans(pg_url)
+    seq = {table: after[table][0] - before[table][0] for table in after}
+    assert seq == {"messages": 0, "recipients": 0, "message_bodies": 0}
+    assert all(after[table][1] > before[table][1] for table in after)  # by index
