@@ -162,6 +162,33 @@ async def test_an_e_mail_stored_while_a_claim_runs_is_claimed_at_once(
     await engine.wait(stored[0], "sent", timeout=5)
 
 
+async def test_a_busy_worker_takes_a_burst_of_e_mails_in_few_claims(
+    engine: Engine, relay: FaultRelay
+) -> None:
+    # Each claim is a transaction: three workers on PostgreSQL claiming at every e-mail
+    # accepted cost more than the e-mails themselves. A worker with deliveries in flight
+    # waits a moment (claim_gather) after a wake-up, so that one claim takes what came
+    # meanwhile. An idle worker claims at once.
+    relay.stall = ("after_data", 1.0)  # slow enough to stay busy through the burst
+    claims = _count_claims(engine.store)
+    await engine.start(poll_interval=30, claim_gather=0.05)
+    first = await engine.put()
+    for _ in range(1000):  # the idle worker takes it without waiting
+        if claims and claims[-1] == 1:
+            break
+        await asyncio.sleep(0.005)
+    before = len(claims)
+    burst = []
+    for _ in range(10):  # ten e-mails over about 30 ms, each waking the worker
+        burst.append(await engine.put())
+        await asyncio.sleep(0.003)
+    for mid in [first, *burst]:
+        await engine.wait(mid, "sent")
+    assert sum(claims[before:]) == 10
+    assert len(claims) - before <= 4, claims  # ten claims without the wait
+    assert len(relay.messages) == 11
+
+
 async def test_relay_down_then_up_delivers_each_message_once(
     engine: Engine, relay: FaultRelay
 ) -> None:

@@ -167,6 +167,7 @@ class DeliveryWorker:
         max_in_flight_per_establishment: int | None = None,
         lease_seconds: float = 120.0,
         poll_interval: float = 1.0,
+        claim_gather: float = 0.005,
         on_failure: Callable[[str], Awaitable[object]] | None = None,
         on_delay: Callable[[str], Awaitable[object]] | None = None,
         sign: Signer | None = None,
@@ -188,6 +189,7 @@ class DeliveryWorker:
         )
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
+        self.claim_gather = claim_gather
         self.on_failure = on_failure
         self.on_delay = on_delay
         self._wake = asyncio.Event()
@@ -293,6 +295,10 @@ class DeliveryWorker:
                     continue  # more may be due right now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            if self._in_flight and self.claim_gather > 0 and not self._stopping:
+                # Busy already: a moment's wait lets one claim take the e-mails accepted
+                # meanwhile, instead of one claim (a transaction) per wake-up.
+                await asyncio.sleep(self.claim_gather)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         name = task.get_name().removeprefix("deliver-")
