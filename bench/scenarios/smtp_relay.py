@@ -51,7 +51,9 @@ from harness import (
     free_port,
     make_template,
     postier_cli,
+    start_profiler,
     status_counts,
+    stop_profiler,
     wait_settled,
 )
 from targets import child_pids, cpu_seconds, machine_busy_seconds, own_cpu_seconds
@@ -234,6 +236,22 @@ def worker_process(ctx: Context, data_dir: Path, url: str | None, i: int) -> Pro
     return Process(argv, data_dir / f"worker-{i}.log", env=env)
 
 
+def wait_delivering(logs: list[Path], timeout: float = 60.0) -> None:
+    """Until every delivery worker these logs announce is running: a worker process's log
+    says so once; a server's says so once per delivery process it started."""
+    deadline = time.monotonic() + timeout
+    for path in logs:
+        while True:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            started = text.count("started (pid") if path.name == "server.log" else 1
+            if text.count(" running on ") >= started:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"no delivery worker running after {timeout:.0f} s "
+                                 f"({path})")
+            time.sleep(0.05)
+
+
 def listening_addresses(pids: list[int]) -> set[str]:
     """The TCP addresses these processes listen on, as ``ip:port``."""
     inodes: set[str] = set()
@@ -322,6 +340,10 @@ class SmtpRelay(Scenario):
             while not self.sink.wait_for(base + count, 0.02):
                 if accepted_at is None and not source.alive():
                     accepted_at = time.monotonic()
+                    assert source.proc is not None
+                    if source.proc.returncode:  # some e-mails were refused: never all there
+                        raise BenchError(f"smtp-source failed against {label}:\n"
+                                         f"{source.log_tail(3)}")
                 if not alive():
                     raise BenchError(f"{label} stopped during the load")
                 if time.monotonic() > deadline:
@@ -372,7 +394,7 @@ class SmtpRelay(Scenario):
         server = PostierServer(
             self.ctx, data_dir, delivery=workers == 0, database_url=url,
             profile_name=(f"{self.name}-postier{'-inproc' if delivery_processes == 0 else ''}"
-                          if r == 0 and workers <= 1 else None),
+                          f"{f'-{workers}w' if workers else ''}" if r == 0 else None),
             args=["--smtp", f"127.0.0.1:{smtp_port}", "--smtp-trusted-networks",
                   "127.0.0.0/8", "--smtp-trusted-account", APP_USER,
                   *(["--delivery-processes", str(delivery_processes)]
@@ -381,11 +403,20 @@ class SmtpRelay(Scenario):
             # cost: an administrator relaying an application's mailings raises it.
             env={"POSTIER_SMTP_RATE_PER_MINUTE": str(10 * self.params["messages"])})
         extra = [worker_process(self.ctx, data_dir, url, i) for i in range(workers)]
+        profilers: list[Process | None] = []
         try:
             server.start()
             for w in extra:
                 w.start()
+            if r == 0 and self.ctx.profile_dir is not None:
+                profilers = [start_profiler(self.ctx.profile_dir,
+                                            f"{self.name}-{workers}w-worker{i}", w.pid,
+                                            data_dir) for i, w in enumerate(extra)]
             wait_smtp(smtp_port, server.process)
+            # Delivery processes and workers start beside the server: the load starts once
+            # they are ready, or their start-up (imports, about a second of CPU each) would
+            # be timed with it.
+            wait_delivering([server.process.log_path] + [w.log_path for w in extra])
             pids = ([server.process.pid] + [w.pid for w in extra]
                     + child_pids(server.process.pid))
 
@@ -401,11 +432,14 @@ class SmtpRelay(Scenario):
         finally:
             for w in extra:
                 w.stop()
+            for profiler in profilers:
+                if profiler is not None:
+                    stop_profiler(profiler)
             server.stop()
         counts = status_counts(url or data_dir / "postier.db")
         if counts != {"sent": self.params["messages"]}:
             m.notes.append(f"statuses after the run: {counts}")
-        if r == 0 and workers <= 1 and self.ctx.profile_dir is not None:
+        if r == 0 and self.ctx.profile_dir is not None:
             m.notes.append("profiled with py-spy (slower)")
         return m
 

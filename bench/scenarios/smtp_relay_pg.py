@@ -13,6 +13,7 @@ recorded in the results).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from harness import Measurement, Ratio, System, make_template, pg_create, pg_drop, pg_query, pg_url
@@ -53,7 +54,45 @@ class SmtpRelayPg(SmtpRelay):
         name = f"{self._prefix}_{label.rsplit('-', 2)[-2]}_{label.rsplit('-', 1)[-1]}"
         url = pg_create(name, template=f"{self._prefix}_tpl")
         self.on_close(lambda: pg_drop(name))
+        self._database = name
+        self._stats_before = self._database_stats(name)
         return url
+
+    # What the database did for each e-mail: transactions and rows touched (PostgreSQL's
+    # own counters; its backends report them when they end, so read after the stop).
+    STATS = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted",
+             "tup_returned", "blks_hit")
+
+    def _database_stats(self, name: str) -> list[int]:
+        rows = pg_query(pg_url("postgres"), f"SELECT {', '.join(self.STATS)} FROM "
+                        f"pg_stat_database WHERE datname = '{name}'")
+        return [int(v or 0) for v in rows[0].split("|")] if rows else [0] * len(self.STATS)
+
+    def measure_postier(self, r: int, workers: int = 0,
+                        delivery_processes: int | None = None) -> Measurement:
+        m = super().measure_postier(r, workers, delivery_processes)
+        time.sleep(1.0)  # ended backends' counters reach the shared statistics
+        after = self._database_stats(self._database)
+        count = self.params["messages"]
+        for stat, a, b in zip(self.STATS, self._stats_before, after, strict=True):
+            m.extra[f"pg_{stat}_per_msg"] = (b - a) / count
+        # Rows read per e-mail, by index (or by sequential scan of a table): where the
+        # database's work goes.
+        for row in pg_query(pg_url(self._database),
+                            "SELECT relname || '.' || indexrelname, idx_tup_read FROM "
+                            "pg_stat_user_indexes UNION ALL SELECT relname || '.seq', "
+                            "seq_tup_read FROM pg_stat_user_tables"):
+            where, rows = row.rsplit("|", 1)
+            if int(rows) >= count / 10:
+                m.extra[f"pg_read_{where}_per_msg"] = int(rows) / count
+        # Statements per e-mail, by table: how often each is touched.
+        for row in pg_query(pg_url(self._database),
+                            "SELECT relname, coalesce(seq_scan, 0) + coalesce(idx_scan, 0) "
+                            "FROM pg_stat_user_tables"):
+            where, scans = row.rsplit("|", 1)
+            if int(scans) >= count / 100:
+                m.extra[f"pg_scans_{where}_per_msg"] = int(scans) / count
+        return m
 
     def systems(self) -> list[System]:
         def with_workers(n: int) -> System:
