@@ -335,7 +335,10 @@ class Postier:
         """Stop signing for one of the establishment's domains (its key is deleted); the
         domain as stored."""
         require_admin(user)
-        domain = domain.strip().lower()
+        try:  # as generate() stored it: "xn--…" or any case of the Unicode form
+            domain = policy.normalize_domain_pattern(domain)
+        except InvalidInput:
+            domain = domain.strip().lower()  # not a domain: found nowhere, said so below
         if not await self.store.delete_dkim_key(user.establishment_id, domain):
             raise NotFound(N_("There is no DKIM key for {domain}."), domain=domain)
         self._dkim.forget(user.establishment_id)

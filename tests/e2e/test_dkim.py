@@ -77,3 +77,21 @@ def test_dkim_generate_from_the_console(server: ServerProcess, relay: FaultRelay
                            capture_output=True, text=True, env=env, timeout=60)
     assert again.returncode != 0
     assert "There is no DKIM key for ac-lyon.fr" in again.stderr
+
+
+def test_a_key_for_an_internationalised_domain_is_removed_by_either_spelling(
+    server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay, allowed_domains=["ac-lyon.fr", "école-exemple.fr"])
+    with server.client() as admin:
+        for given, removed_as in (("École-Exemple.fr", "xn--cole-exemple-9db.fr"),
+                                  ("xn--cole-exemple-9db.fr", "ÉCOLE-exemple.FR")):
+            r = admin.post("/api/v1/dkim", json={"domain": given})
+            assert r.status_code == 201, r.text
+            assert [k["domain"] for k in admin.get("/api/v1/dkim").json()] == [
+                "école-exemple.fr"]
+            assert admin.delete(f"/api/v1/dkim/{removed_as}").status_code == 204
+            assert admin.get("/api/v1/dkim").json() == []
+        missing = admin.delete("/api/v1/dkim/xn--cole-exemple-9db.fr")
+        assert missing.status_code == 404
+        assert "école-exemple.fr" in missing.json()["error"]["message"]

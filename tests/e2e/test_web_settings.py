@@ -9,6 +9,7 @@ what they see and what the server then holds through its API.
 from __future__ import annotations
 
 import datetime as dt
+import html
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -213,6 +214,40 @@ def test_dkim_key_is_made_and_its_dns_record_shown_with_a_copy_button(
     page.goto("/settings?ok=dkim_generated&domain=banque-en-ligne.example#dkim")
     assert dkim.locator(".flash").count() == 0
 
+    # Removed from the page, after a question that says what it means.
+    page.goto("/settings#dkim")
+    questions: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        questions.append(dialog.message)
+        dialog.dismiss() if len(questions) == 1 else dialog.accept()
+
+    page.on("dialog", answer)
+    remove = row.locator("button:has-text('Supprimer la clé')")
+    remove.click()  # dismissed: nothing happens
+    expect(row).to_be_visible()
+    with web_server.client() as c:
+        assert len(c.get("/api/v1/dkim").json()) == 1
+    remove.click()
+    page.wait_for_url(re.compile(r"/settings\?ok=dkim_removed.*#dkim"))
+    assert questions[0] == ("Ne plus signer les e-mails de ac-lyon.fr ? Sa clé est "
+                            "supprimée : une nouvelle clé demanderait un nouvel "
+                            "enregistrement DNS.")
+    expect(dkim.locator(".flash")).to_have_text(
+        "Les e-mails de ac-lyon.fr ne sont plus signés. Laissez son enregistrement DNS "
+        "encore quelques jours : les destinataires peuvent encore vérifier les e-mails "
+        "déjà envoyés.")
+    expect(dkim).to_contain_text("Aucun domaine n'a encore de clé DKIM")
+    with web_server.client() as c:
+        assert c.get("/api/v1/dkim").json() == []
+    # Removed meanwhile elsewhere (another tab, the console): said, nothing else changes.
+    token = page.get_attribute("meta[name=csrf-token]", "content")
+    r = page.request.post("/settings/dkim/remove", form={"domain": "ac-lyon.fr",
+                                                         "csrf": token},
+                          headers={"Accept-Language": "fr-FR"})
+    assert r.status == 404
+    assert "Il n'y a pas de clé DKIM pour ac-lyon.fr" in html.unescape(r.text())
+
 
 def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved(
     web: Web, web_server: ServerProcess, relay: FaultRelay
@@ -305,6 +340,7 @@ def test_only_administrators_reach_the_settings_forms(
     alice = shared_web.sign_in("alice")
     token = alice.get_attribute("meta[name=csrf-token]", "content")
     for path, form in (("/settings/dkim", {"dkim.domain": "ac-lyon.fr"}),
+                       ("/settings/dkim/remove", {"domain": "ac-lyon.fr"}),
                        ("/settings/preset", {"relay.preset": "microsoft365"}),
                        ("/settings", {"backup_relay": "on", "backup_relay.host": "x"})):
         r = alice.request.post(path, form={**form, "csrf": token},

@@ -97,7 +97,8 @@ def same_token(given: str | None, expected: str) -> bool:
 
 
 class LoginThrottle:
-    """Counts recent failed sign-ins per username and per client address, in the store."""
+    """Counts recent failed sign-ins per account and per client address, in the store.
+    ``user_key`` is web_account_key()'s for a known account, web_name_key()'s otherwise."""
 
     WINDOW = 15 * 60
     USER_LIMIT = 5
@@ -107,8 +108,6 @@ class LoginThrottle:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-
-    # ``user_key`` is web_account_key()'s for a known account, web_name_key()'s otherwise.
 
     def _wait(self, recent: list[float], limit: int, now: float) -> float:
         if len(recent) < limit:

@@ -207,7 +207,7 @@ async def generate_dkim_key(p: AdminPage) -> Response:
     domain = text(form, "dkim.domain").strip()
     selector = text(form, "dkim.selector").strip() or "postier"
     try:
-        await p.core.dkim_generate(p.me, domain, selector)
+        key = await p.core.dkim_generate(p.me, domain, selector)
     except PostierError as exc:
         field = {"domain": "dkim.domain", "selector": "dkim.selector"}.get(exc.field or "")
         errors = ({field: error_text(exc, p.lang)} if field
@@ -215,8 +215,19 @@ async def generate_dkim_key(p: AdminPage) -> Response:
         return await _settings_page(p, status_code=422, dkim_errors=errors,
                                     dkim_values={"dkim.domain": domain,
                                                  "dkim.selector": selector})
-    return redirect(flash_url("/settings", "dkim_generated", domain=domain.lower())
-                    + "#dkim")
+    return redirect(flash_url("/settings", "dkim_generated", domain=key.domain) + "#dkim")
+
+
+@router.post("/settings/dkim/remove")
+async def remove_dkim_key(p: AdminPage) -> Response:
+    """Stop signing for a domain: its key is deleted."""
+    form = await checked_form(p)
+    try:
+        domain = await p.core.dkim_remove(p.me, text(form, "domain"))
+    except PostierError as exc:  # already removed (another page, the console)
+        return await _settings_page(p, status_code=exc.http_status,
+                                    dkim_errors={"remove": error_text(exc, p.lang)})
+    return redirect(flash_url("/settings", "dkim_removed", domain=domain) + "#dkim")
 
 
 @router.get("/preview")
