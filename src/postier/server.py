@@ -167,9 +167,13 @@ async def run_worker(
     worker = make_worker(core, config, worker_id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if wake_fd is not None:
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if wake_fd is None:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    else:
+        # A child of postier serve: SIGINT (a Ctrl-C) is the server's to answer; it stops
+        # its children with SIGTERM, so none is started again meanwhile.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.set_blocking(wake_fd, False)
 
         def woken() -> None:
@@ -263,7 +267,9 @@ class DeliveryProcesses:
         if self.config.database_url:
             env["POSTIER_DATABASE_URL"] = self.config.database_url
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(read_fd,), env=env)
+            # A session of its own: a terminal's Ctrl-C reaches the server only.
+            proc = await asyncio.create_subprocess_exec(*argv, pass_fds=(read_fd,), env=env,
+                                                        start_new_session=True)
         except BaseException:
             os.close(write_fd)
             raise

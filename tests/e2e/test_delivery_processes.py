@@ -81,6 +81,30 @@ def _alive(pids: list[int]) -> list[int]:
     return out
 
 
+def test_a_ctrl_c_is_the_servers_to_answer(server_factory: Any) -> None:
+    # A terminal's Ctrl-C sends SIGINT to its foreground process group. The children have
+    # their own session: they are stopped by the server, not by the Ctrl-C on their own,
+    # in which case the server could take them for dead and start them again.
+    server: ServerProcess = server_factory(POSTIER_DELIVERY_PROCESSES="2")
+    server.new_session = True
+    server.start()
+    pid = server.proc.pid  # type: ignore[union-attr]
+    deadline = time.monotonic() + 20
+    while server.log().count(" running on ") < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = _children(pid)
+    assert len(children) == 2
+    assert all(os.getpgid(c) != os.getpgid(pid) for c in children)
+    for child in children:  # a SIGINT that reaches them all the same changes nothing
+        os.kill(child, signal.SIGINT)
+    time.sleep(1)
+    assert _alive(children) == children, "a delivery process stopped on a SIGINT"
+    os.killpg(pid, signal.SIGINT)  # the Ctrl-C
+    assert server.proc.wait(20) == 0  # type: ignore[union-attr]
+    assert _alive(children) == [], "delivery processes outlived the server"
+    assert "starting it again" not in server.log()
+
+
 def test_children_end_when_the_server_is_killed(server_factory: Any) -> None:
     server: ServerProcess = server_factory(POSTIER_DELIVERY_PROCESSES="2").start()
     children = _children(server.proc.pid)  # type: ignore[union-attr]

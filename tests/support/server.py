@@ -80,6 +80,7 @@ class ServerProcess:
         self.args: list[str] = []
         self.env = {**os.environ, "POSTIER_POLL_INTERVAL": "0.2", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.new_session = False  # True: a process group of its own, as a shell starts it
         self.cpus: set[int] | None = None  # run on these cores only (CPU affinity)
         self.log_path = data_dir / "server.log"
         self.tokens: dict[str, str] = {}
@@ -96,6 +97,7 @@ class ServerProcess:
              "--http", f"127.0.0.1:{self.port}", "--smtp", f"127.0.0.1:{self.smtp_port}",
              *self.args],
             env=self.env,
+            start_new_session=self.new_session,
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=(lambda cpus=self.cpus: os.sched_setaffinity(0, cpus))
