@@ -52,6 +52,7 @@ import httpx
 
 from postier import __version__
 from postier.administration import require_admin
+from postier.aio import cancel_and_wait
 from postier.delivery.relay import RelayPool, tls_context
 from postier.i18n import N_, translate
 from postier.settings import DeliverySettings, RelaySettings, WebhookEvent
@@ -526,11 +527,8 @@ class AlertTask:
         self._task = asyncio.create_task(self._run(), name="postier-alerts")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.sender.close()
 
     async def _run(self) -> None:

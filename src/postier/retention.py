@@ -23,7 +23,6 @@ derived from the rows (see :mod:`postier.metrics`), never go down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -38,6 +37,7 @@ from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from postier.aio import cancel_and_wait
 from postier.errors import StoreUnavailable
 from postier.metrics import PURGE_ACTION, Tally, count_attempts
 from postier.settings import RetentionSettings
@@ -347,11 +347,8 @@ class RetentionTask:
         self._task = asyncio.create_task(self._run(), name="postier-retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         await asyncio.sleep(min(60.0, self.interval))

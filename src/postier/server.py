@@ -21,6 +21,7 @@ from typing import IO
 import uvicorn
 
 from postier import metrics
+from postier.aio import cancel_and_wait
 from postier.api import create_app
 from postier.config import ServerConfig, split_host_port
 from postier.crypto import key_file_problem
@@ -317,10 +318,7 @@ class DeliveryProcesses:
 
     async def stop(self, grace: float = 15.0) -> None:
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         procs = [p for _, p, _ in self._children if p is not None and p.returncode is None]
         await terminate(procs, grace)
         for _, _, fd in self._children:
@@ -486,10 +484,7 @@ class HttpProcesses:
     async def stop(self, grace: float = 20.0) -> None:
         """Each child finishes the requests it has begun (uvicorn's graceful shutdown)."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         procs = [p for p, _ in self._children if p is not None and p.returncode is None]
         await terminate(procs, grace)
         for _, control in self._children:

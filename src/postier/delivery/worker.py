@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from postier.aio import cancel_and_wait
 from postier.delivery.relay import (
     LeaseLost,
     RcptResult,
@@ -230,11 +231,7 @@ class DeliveryWorker:
         return what is left to the queue."""
         self._stopping = True
         self._wake.set()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         if self._in_flight:
             _, pending = await asyncio.wait(list(self._in_flight.values()), timeout=grace)
             for task in pending:

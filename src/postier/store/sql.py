@@ -10,7 +10,6 @@ request is retried alone so one bad request cannot fail the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hmac
 import json
@@ -24,6 +23,7 @@ from sqlalchemy import delete, func, insert, literal, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from postier.aio import cancel_and_wait
 from postier.errors import Conflict, InvalidInput, StoreUnavailable
 from postier.i18n import N_
 from postier.store import schema as t
@@ -94,9 +94,7 @@ class _GroupWriter:
             # Let queued jobs finish before stopping: they were promised an answer.
             if self._pending:
                 await asyncio.gather(*(f for _, f in self._pending), return_exceptions=True)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def run(self, job: WriteJob) -> Any:
