@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from support.oauth import make_certificate
 from support.relay import FaultRelay
 
 
@@ -76,3 +77,36 @@ def test_profiles_from_the_console(data_dir: Path) -> None:
     assert "partage" not in listing
     assert postier(data_dir, "profiles", "remove", "Messagerie académique").returncode == 0
     assert "smtp.ac-lyon.fr" not in postier(data_dir, "profiles", "list").stdout
+
+
+def test_oauth2_certificate_and_key_are_set_together_from_files(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    key, cert = make_certificate()
+    other_key, _ = make_certificate()
+    files = {}
+    for name, text in (("cert", cert), ("key", key), ("other", other_key)):
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_text(text)
+
+    r = postier(data_dir, "settings", "oauth2-certificate", str(files["cert"]),
+                str(files["other"]))
+    assert r.returncode == 1
+    assert "relay.oauth2_private_key: This private key does not match the certificate" in (
+        " ".join(r.stderr.split()))
+    assert '"oauth2_certificate_set": false' in postier(data_dir, "settings", "show").stdout
+
+    r = postier(data_dir, "settings", "oauth2-certificate", str(files["cert"]),
+                str(files["key"]))
+    assert r.returncode == 0, r.stderr
+    shown = postier(data_dir, "settings", "show").stdout
+    assert '"oauth2_certificate_set": true' in shown
+    assert '"oauth2_private_key_set": true' in shown
+    assert "BEGIN" not in r.stdout + shown  # write-only
+
+    r = postier(data_dir, "settings", "oauth2-certificate", str(files["cert"]),
+                str(files["key"]), "--backup")
+    assert r.returncode == 1 and "There is no backup relay yet" in r.stderr
+    r = postier(data_dir, "settings", "oauth2-certificate", str(tmp_path / "missing.pem"),
+                str(files["key"]))
+    assert r.returncode == 2 and "does not exist" in r.stderr

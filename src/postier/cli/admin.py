@@ -419,6 +419,45 @@ def settings_set(
     out.print_json(json.dumps(doc, ensure_ascii=False))
 
 
+@settings_app.command("oauth2-certificate")
+def settings_oauth2_certificate(
+    certificate: Annotated[Path, typer.Argument(
+        help="The certificate registered for the application in Entra ID (PEM file)",
+        exists=True, dir_okay=False, readable=True)],
+    private_key: Annotated[Path, typer.Argument(
+        help="Its private key (PEM file, not encrypted)", exists=True, dir_okay=False,
+        readable=True)],
+    backup: Annotated[bool, typer.Option("--backup", help="For the backup relay")] = False,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """OAuth2 with a certificate (Microsoft 365): store the certificate and its private
+    key, checked together, encrypted at rest and never shown again. Then set
+    relay.auth to oauth2."""
+    section = "backup_relay" if backup else "relay"
+    try:
+        pems = {"oauth2_certificate": certificate.read_text(),
+                "oauth2_private_key": private_key.read_text()}
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"Cannot read the PEM files: {exc}.",
+              "Give the certificate and the key as text files (-----BEGIN …).")
+
+    async def action(core: Postier) -> dict[str, Any]:
+        current = (await core.stored_settings(1)).model_dump(mode="json")
+        if current.get(section) is None:
+            _fail("There is no backup relay yet.",
+                  "Add it first, on the settings page or with PUT /api/v1/settings.")
+        return await core.put_settings(CONSOLE, {section: {**current[section], **pems}})
+
+    try:
+        doc = _run(_config(data_dir, database_url), action)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != section)
+        _fail(f"{section}.{where}: {first['msg'].removeprefix('Value error, ')}")
+    out.print_json(json.dumps(doc[section], ensure_ascii=False))
+
+
 @settings_app.command("preset")
 def settings_preset(
     name: Annotated[str, typer.Argument(
