@@ -306,12 +306,15 @@ class Administration:
                                    field="backup_relay")
             settings = settings.model_copy(update={"relay": settings.backup_relay})
         address = policy.normalize_address(to)
-        # The test e-mail leaves as the administrator's own e-mails would; from the console
-        # (no address of its own), as the establishment's sender.
+        # The test e-mail leaves as the administrator's own e-mails would (an address not
+        # verified yet, when the establishment asks for it, gives way to the
+        # establishment's sender); from the console (no address of its own), as the
+        # establishment's sender.
         sender_name, sender_address = settings.sender.name, settings.sender.address
         if actor.email:
             try:
-                decision = self.core.decide_sender(actor, settings)
+                decision = self.core.decide_sender(
+                    actor, settings, verified=await self.core.senders.verified(actor, settings))
                 sender_name, sender_address = decision.from_name, decision.envelope_from
             except SenderNotConfigured:
                 sender_name, sender_address = actor.display_name, actor.email

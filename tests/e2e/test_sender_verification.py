@@ -129,6 +129,23 @@ def test_verify_then_send_as_oneself(verifying: ServerProcess, relay: FaultRelay
         assert delivered(relay, "Retirée").mail_from == SCHOOL
 
 
+def test_the_test_send_leaves_as_the_administrators_e_mails_would(
+    verifying: ServerProcess, relay: FaultRelay
+) -> None:
+    # The administrator's address is not verified: their e-mails leave under the
+    # establishment's sender, and so does the test e-mail (a relay that accepts only the
+    # establishment's address must not fail the test and pass the real e-mails, or the
+    # other way round).
+    with verifying.client() as admin:
+        report = admin.post("/api/v1/settings/test", json={"to": "verif@example.org"}).json()
+        assert report["ok"], report
+        assert admin.post("/api/v1/settings/preview", json={}).json()["rule"] == (
+            "unverified_sender")
+    (got,) = relay.wait_for(1)
+    assert got.mail_from == SCHOOL
+    assert "direction@ac-lyon.fr" not in got.message["From"]
+
+
 def test_five_wrong_codes_lock_the_code(verifying: ServerProcess, relay: FaultRelay) -> None:
     with verifying.client("alice") as alice:
         assert alice.post(BASE, json={"address": ALICE}).status_code == 200
