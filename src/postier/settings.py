@@ -81,6 +81,9 @@ class RelaySettings(_Model):
     )
     timeout: int = Field(30, ge=1, le=600, description="Server timeout in seconds")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate")
+    pipelining: bool = Field(True, description=(
+        "Send each e-mail's commands together when the server offers PIPELINING (RFC 2920); "
+        "off only for a server that mishandles it"))
     oauth2_provider: OAuth2Provider = OAuth2Provider.MICROSOFT
     oauth2_tenant: str = Field("", max_length=100, description="Microsoft: the tenant id")
     oauth2_client_id: str = Field("", max_length=200)
@@ -214,6 +217,7 @@ class RelaySettings(_Model):
             self.oauth2_private_key,
             self.oauth2_certificate,
             self.verify_tls,
+            self.pipelining,
         )
 
     def public(self) -> dict[str, Any]:

@@ -290,8 +290,12 @@ def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved
     page.fill(_field("retention.body_days"), "7")
     page.fill(_field("backup_relay.port"), "587")
     page.fill(_field("retry.delay_warning"), "0")
+    assert before["relay"]["pipelining"] is True
+    page.uncheck(_field("relay.pipelining"))
     _save(page)
     saved = _settings(web_server)
+    assert saved["relay"]["pipelining"] is False
+    assert saved["backup_relay"]["pipelining"] is True
     assert saved["retention"] == {"body_days": 7, "metadata_days": 365}
     assert saved["retry"]["delay_warning"] == 0
     assert saved["backup_relay"]["host"] == "secours.ac-lyon.fr"

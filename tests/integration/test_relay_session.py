@@ -174,6 +174,20 @@ async def test_one_command_at_a_time_without_pipelining(scripted: ScriptedRelay)
     assert scripted.messages[0][2] == RAW
 
 
+async def test_one_command_at_a_time_when_the_setting_says_so(scripted: ScriptedRelay) -> None:
+    # The relay offers PIPELINING but mishandles it: the administrator unticks it.
+    relay = scripted.relay().model_copy(update={"pipelining": False})
+    pool = RelayPool()
+    result = await pool.send(relay, "vie.scolaire@ac-lyon.fr", ["a@example.org"], RAW,
+                             limit=10)
+    await pool.close()
+    assert [r.status for r in result.recipients] == ["sent"]
+    commands = [c for c in scripted.chunks if c and not c[0].startswith("EHLO")]
+    assert [c[0].split(":")[0] for c in commands[:3]] == ["MAIL FROM", "RCPT TO", "DATA"]
+    assert all(len(c) == 1 for c in commands[:3]), commands
+    assert scripted.messages[0][2] == RAW
+
+
 async def test_each_recipient_gets_its_own_answer_in_a_pipelined_group(
     scripted: ScriptedRelay,
 ) -> None:

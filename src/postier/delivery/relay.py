@@ -383,7 +383,7 @@ async def open_session(
     """:func:`open_smtp`, then the connection taken over for :func:`send_on`."""
     smtp = await open_smtp(relay, local_hostname=local_hostname, on_step=on_step)
     try:
-        return RelaySession.take_over(smtp, float(relay.timeout))
+        return RelaySession.take_over(smtp, float(relay.timeout), pipelining=relay.pipelining)
     except Exception as exc:
         smtp.close()
         raise classify(exc, "ehlo", relay) from exc

@@ -153,16 +153,19 @@ class RelaySession:
     """An open, greeted, secured and authenticated connection to a relay."""
 
     def __init__(self, transport: asyncio.Transport, protocol: _Replies,
-                 extensions: dict[str, str], timeout: float) -> None:
+                 extensions: dict[str, str], timeout: float, pipelining: bool = True) -> None:
         self.transport = transport
         self._protocol = protocol
         self.extensions = extensions
-        self.pipelining = "pipelining" in extensions
+        self.pipelining = pipelining and "pipelining" in extensions
         self.timeout = timeout
 
     @classmethod
-    def take_over(cls, smtp: aiosmtplib.SMTP, timeout: float) -> RelaySession:
-        """Take the connection aiosmtplib opened; ``smtp`` must not be used afterwards."""
+    def take_over(cls, smtp: aiosmtplib.SMTP, timeout: float,
+                  pipelining: bool = True) -> RelaySession:
+        """Take the connection aiosmtplib opened; ``smtp`` must not be used afterwards.
+        ``pipelining=False``: one command at a time even if the relay offers PIPELINING
+        (the relay setting, for a server that mishandles it)."""
         old = smtp.protocol
         transport = cast(asyncio.Transport | None, old.transport if old is not None else None)
         if transport is None or transport.is_closing():
@@ -170,7 +173,7 @@ class RelaySession:
         protocol = _Replies(asyncio.get_running_loop())
         transport.set_protocol(protocol)
         protocol.transport = transport
-        session = cls(transport, protocol, dict(smtp.esmtp_extensions), timeout)
+        session = cls(transport, protocol, dict(smtp.esmtp_extensions), timeout, pipelining)
         if getattr(old, "_buffer", b""):
             # The relay said something nobody asked for before the first e-mail.
             session.close()

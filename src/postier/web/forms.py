@@ -145,6 +145,8 @@ def relay_payload(form: FormData, prefix: str = "") -> dict[str, Any]:
         "timeout": text(form, prefix + "timeout").strip(),
         "verify_tls": checkbox(form, prefix + "verify_tls"),
     }
+    if prefix + "pipelining_shown" in form:  # an unticked box is not sent: was it there?
+        payload["pipelining"] = checkbox(form, prefix + "pipelining")
     for name in _OPTIONAL_RELAY_FIELDS:
         if prefix + name in form:
             payload[name] = text(form, prefix + name).strip()
