@@ -9,13 +9,12 @@ import collections
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from support.relay import FaultRelay
-from support.server import ServerProcess, child_processes
+from support.server import ServerProcess, alive, child_processes
 
 
 def _children(pid: int) -> list[int]:
@@ -70,15 +69,7 @@ def test_children_deliver_once_come_back_after_a_kill_and_end_with_the_server(
 
 
 def _alive(pids: list[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.append(pid)
-    return out
+    return [pid for pid in pids if alive(pid)]
 
 
 def test_a_ctrl_c_is_the_servers_to_answer(server_factory: Any) -> None:

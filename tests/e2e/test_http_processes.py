@@ -23,19 +23,7 @@ from postier.config import ServerConfig
 from postier.service import Postier
 
 from support.relay import FaultRelay
-from support.server import ServerProcess, child_processes
-
-
-def _children(pid: int, kind: bytes) -> list[int]:
-    return child_processes(pid, kind)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return not (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-                    == "Z")
-    except OSError:
-        return False
+from support.server import ServerProcess, alive, child_processes
 
 
 def _wait(condition: Any, timeout: float, what: str) -> None:
@@ -64,7 +52,7 @@ def test_children_answer_wake_delivery_and_come_back(
                                            POSTIER_POLL_INTERVAL="60").start()
     server.configure_relay(relay)
     parent = server.proc.pid  # type: ignore[union-attr]
-    _wait(lambda: len(_children(parent, b"http-process")) == 2, 20,
+    _wait(lambda: len(child_processes(parent, b"http-process")) == 2, 20,
           "two HTTP processes were expected")
     _wait(lambda: "HTTP process 2 answering" in server.log()
           and "HTTP process 1 answering" in server.log(), 20, "the children did not start")
@@ -113,34 +101,35 @@ def test_children_answer_wake_delivery_and_come_back(
     assert f"Cannot listen on 127.0.0.1:{server.port}: Address already in use" in other.stderr
 
     # A child killed comes back; the API answers meanwhile.
-    victim = _children(parent, b"http-process")[0]
+    victim = child_processes(parent, b"http-process")[0]
     os.kill(victim, signal.SIGKILL)
     _submit(server, "apres")
-    _wait(lambda: len(_children(parent, b"http-process")) == 2
-          and victim not in _children(parent, b"http-process"), 20, "the child did not return")
+    _wait(lambda: len(child_processes(parent, b"http-process")) == 2
+          and victim not in child_processes(parent, b"http-process"), 20,
+          "the child did not return")
     assert "ended with status -9; starting it again" in server.log()
 
     # SIGINT (a Ctrl-C) is the server's to answer: the children wait for it to stop them,
     # after their requests.
     _wait(lambda: server.log().count(" answering (pid ") == 3, 20,
           "the restarted child did not answer")
-    children = _children(parent, b"http-process")
+    children = child_processes(parent, b"http-process")
     for pid in children:
         os.kill(pid, signal.SIGINT)
     time.sleep(1)
-    assert all(_alive(pid) for pid in children), "an HTTP process stopped on its own"
+    assert all(alive(pid) for pid in children), "an HTTP process stopped on its own"
     assert httpx.get(server.url + "/api/v1/health").status_code == 200
     assert server.stop(signal.SIGINT) == 0
-    assert not any(_alive(pid) for pid in children), "an HTTP process outlived the server"
+    assert not any(alive(pid) for pid in children), "an HTTP process outlived the server"
 
 
 def test_children_stop_when_the_server_is_killed(server_factory: Any) -> None:
     server: ServerProcess = server_factory(POSTIER_HTTP_PROCESSES="2").start()
     parent = server.proc.pid  # type: ignore[union-attr]
     _wait(lambda: "HTTP process 1 answering" in server.log(), 20, "the child did not start")
-    (child,) = _children(parent, b"http-process")
+    (child,) = child_processes(parent, b"http-process")
     server.kill()
-    _wait(lambda: not _alive(child), 20, "the HTTP process outlived a killed server")
+    _wait(lambda: not alive(child), 20, "the HTTP process outlived a killed server")
     assert "HTTP process 1: the server is gone; stopping" in server.log()
     # The port is free again for the next server.
     again = ServerProcess(server.data_dir, {"POSTIER_HTTP_PROCESSES": "2"})
@@ -181,7 +170,7 @@ def test_on_postgresql_the_children_keep_the_password_out_of_the_process_list(
         server.configure_relay(relay)
         parent = server.proc.pid  # type: ignore[union-attr]
         _wait(lambda: "HTTP process 1 answering" in server.log(), 20, "no HTTP child")
-        children = _children(parent, b"postier")
+        children = child_processes(parent, b"postier")
         assert len(children) == 2, children  # one HTTP process, one delivery process
         for pid in children:
             assert b"Mot2passe" not in Path(f"/proc/{pid}/cmdline").read_bytes()
