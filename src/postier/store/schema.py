@@ -319,3 +319,13 @@ login_failures = Table(
     Index("ix_login_failures_key", "key", "at"),
     Index("ix_login_failures_at", "at"),
 )
+
+# Sign-in sessions ended by signing out, until they would have expired anyway: the session
+# is a sealed cookie, so a copy of it is refused only because its id is here (0010).
+ended_sessions = Table(
+    "ended_sessions",
+    metadata,
+    Column("session_id", String(64), primary_key=True),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_ended_sessions_expires_at", "expires_at"),
+)
