@@ -329,3 +329,15 @@ ended_sessions = Table(
     Column("expires_at", Float, nullable=False),
     Index("ix_ended_sessions_expires_at", "expires_at"),
 )
+
+# Recipients queued per account (``a:<user id>``) and per establishment (``e:<id>``), per
+# clock minute (``span`` "m") and UTC day ("d"), ``bucket`` the minute's or day's number:
+# the submission pace shared by every process (pace.py, migration 0011).
+api_usage = Table(
+    "api_usage",
+    metadata,
+    Column("scope", String(40), primary_key=True),
+    Column("span", String(1), primary_key=True),
+    Column("bucket", Integer, primary_key=True),
+    Column("amount", Integer, nullable=False),
+)
