@@ -97,10 +97,12 @@ messages = Table(
     # The sender policy's rule for this e-mail (unverified_sender is explained to the
     # user); NULL for notices and e-mails accepted before it was recorded.
     Column("sender_rule", String(24)),
-    # The queue's hot path: due messages in priority order. Partial, so a table holding
-    # millions of sent messages costs claims nothing.
+    # The queue's hot path: each establishment's due messages in priority order, which
+    # the claim takes establishment by establishment (round-robin). Partial, so a table
+    # holding millions of sent messages costs claims nothing.
     Index(
-        "ix_messages_due",
+        "ix_messages_due_establishment",
+        "establishment_id",
         "priority",
         "next_attempt_at",
         sqlite_where=text("status IN ('queued', 'deferred')"),
