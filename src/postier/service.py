@@ -232,42 +232,53 @@ class Postier:
         self._tokens.clear()
         self._establishments.forget()
 
-    async def find_login(self, login: str) -> User | None:
-        """The account a person names when signing in: ``username``, ``slug:username``
-        (needed when several establishments have that username) or an e-mail address."""
+    async def login_candidates(self, login: str) -> list[User]:
+        """The accounts a name given at sign-in may mean. ``slug:username`` names one
+        account of one establishment; a username or an e-mail address may name accounts of
+        several establishments, and the password then tells which (check_password): what
+        one establishment creates never changes how another's people sign in."""
         login = login.strip()
         if ":" in login:
             slug, _, username = login.partition(":")
-            est = await self.establishment(slug)
-            if est is None:
-                return None
-            return await self.store.get_user(establishment_id=est.id, username=username)
-        found = await self.store.find_users(username=login)
-        if not found and "@" in login:
-            found = await self.store.find_users(email=login)
-        return found[0] if len(found) == 1 else None
+            est = await self.establishment(slug) if slug else None
+            user = (await self.store.get_user(establishment_id=est.id, username=username)
+                    if est is not None else None)
+            return [user] if user is not None else []
+        found = await self.store.find_users(username=login) if login else []
+        if "@" in login:
+            named = {u.id for u in found}
+            found += [u for u in await self.store.find_users(email=login)
+                      if u.id not in named]
+        return found
 
-    async def authenticate_password(
-        self, username: str, password: str, establishment_id: int | None = None
-    ) -> User:
-        if establishment_id is not None:
-            user = await self.store.get_user(establishment_id=establishment_id,
-                                             username=username)
-        else:
-            user = await self.find_login(username)
-        if user is not None and user.disabled is False:
-            est = await self.establishment(user.establishment_id)
-            if est is None or est.disabled:
-                user = None
-        if (
-            user is None
-            or user.disabled
-            or not await asyncio.to_thread(
-                accounts.verify_password, user.password_hash, password
-            )
-        ):
+    async def check_password(self, candidates: Sequence[User], password: str) -> User:
+        """The one account among ``candidates`` that this password opens (an active account
+        of an active establishment). Every candidate's hash is verified, never stopping
+        early, so that the time taken tells nothing of which one matched. A password that
+        opens two accounts opens none."""
+        hashes = [u.password_hash for u in candidates]
+        matches = await asyncio.to_thread(self._verify_each, hashes, password)
+        opened = []
+        for user, match in zip(candidates, matches, strict=False):
+            if match and await self._may_sign_in(user):
+                opened.append(user)
+        if len(opened) != 1:
             raise AuthenticationRequired(N_("Wrong username or password."))
-        return user
+        return opened[0]
+
+    async def authenticate_password(self, login: str, password: str) -> User:
+        """The account a sign-in names (see login_candidates) and its password opens."""
+        return await self.check_password(await self.login_candidates(login), password)
+
+    async def _may_sign_in(self, user: User) -> bool:
+        if user.disabled:
+            return False
+        est = await self.establishment(user.establishment_id)
+        return est is not None and not est.disabled
+
+    @staticmethod
+    def _verify_each(hashes: Sequence[str | None], password: str) -> list[bool]:
+        return [accounts.verify_password(h, password) for h in hashes]
 
     async def act_in(self, user: User, slug: str) -> User:
         """The operator ``user`` acting in the establishment ``slug``; anybody else may only

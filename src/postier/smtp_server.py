@@ -192,9 +192,9 @@ class SubmissionHandler:
         user: User | None = None
         if secret.startswith(accounts.TOKEN_PREFIX):
             user = await self.core.store.user_for_token(accounts.token_hash(secret))
-            named = await self.core.find_login(username) if user is not None else None
-            if user is None or named is None or named.id != user.id:
-                user = None  # the token must be the named account's
+            if user is not None and user.id not in {
+                    u.id for u in await self.core.login_candidates(username)}:
+                user = None  # the token must be one of the named accounts'
         else:
             try:
                 user = await self.core.authenticate_password(username, secret)

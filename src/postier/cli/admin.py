@@ -37,8 +37,8 @@ from postier.cli.common import (
     users_app,
 )
 from postier.config import ServerConfig
-from postier.errors import PostierError
-from postier.i18n import system_language
+from postier.errors import NotFound, PostierError
+from postier.i18n import N_, system_language
 from postier.service import Postier
 from postier.store.base import User
 
@@ -96,14 +96,21 @@ def serve(
         pass
 
 
-async def _login(core: Postier, login: str) -> Any:
-    """A user named as at sign-in: username, slug:username or e-mail address."""
-    user = await core.find_login(login)
-    if user is None:
-        from postier.errors import NotFound
-
-        raise NotFound("There is no user named {username}.", username=login)
-    return user
+async def _member(core: Postier, login: str, establishment: str | None) -> User:
+    """A user named at the console: a username or an e-mail address of the establishment
+    given (--establishment, else the first one), or ``slug:username`` for another's. The
+    same name in another establishment never changes whom it finds."""
+    if ":" in login:
+        found = await core.login_candidates(login)
+    else:
+        est_id = await _establishment_id(core, establishment)
+        named = [u for u in await core.login_candidates(login) if u.establishment_id == est_id]
+        found = [u for u in named if u.username == login.strip()] or named
+    if len(found) != 1:
+        raise NotFound(N_("There is no user named {username} in this establishment."),
+                       hint=N_("Name the establishment with --establishment, or write "
+                               "slug:username."), username=login)
+    return found[0]
 
 
 Establishment = Annotated[str | None, typer.Option(
@@ -115,8 +122,6 @@ async def _establishment_id(core: Postier, slug: str | None) -> int:
         return 1
     est = await core.establishment(slug)
     if est is None:
-        from postier.errors import NotFound
-
         raise NotFound("There is no establishment {slug} for you.", slug=slug)
     return est.id
 
@@ -332,13 +337,14 @@ def users_list(establishment: Establishment = None, data_dir: DataDir = None,
 def tokens_create(
     username: str,
     name: Annotated[str, typer.Option("--name", help="What the token is for")] = "",
+    establishment: Establishment = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create an API token for a user; the token is printed once, as the last line."""
 
     async def action(core: Postier) -> str:
-        user = await _login(core, username)
+        user = await _member(core, username, establishment)
         token, _ = await core.create_token(user, name)
         return token
 
@@ -349,12 +355,13 @@ def tokens_create(
 
 @tokens_app.command("list")
 def tokens_list(
-    username: str, data_dir: DataDir = None, database_url: DatabaseUrl = None
+    username: str, establishment: Establishment = None, data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
 ) -> None:
     """List a user's tokens (never their values)."""
 
     async def action(core: Postier) -> list[Any]:
-        return await core.store.list_tokens((await _login(core, username)).id)
+        return await core.store.list_tokens((await _member(core, username, establishment)).id)
 
     for t in _run(_config(data_dir, database_url), action):
         state = "revoked" if t.revoked_at else "active"

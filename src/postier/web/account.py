@@ -84,12 +84,12 @@ async def login_form(p: AnyPage, next: str = "") -> Response:
     return _login_page(p, next_url=local_path(next, ""))
 
 
-async def _throttle_key(p: Page, identifier: str) -> str:
+def _throttle_key(identifier: str, candidates: list[User]) -> str:
     """One key per account, however it is named (username, e-mail address, slug:username),
     so that changing the spelling does not buy more attempts."""
-    user = await p.core.find_login(identifier)
-    return (web_account_key(user.establishment_id, user.username) if user
-            else web_name_key(identifier))
+    if len(candidates) == 1:
+        return web_account_key(candidates[0].establishment_id, candidates[0].username)
+    return web_name_key(identifier)
 
 
 @router.post("/login")
@@ -106,14 +106,15 @@ async def login(p: AnyPage) -> Response:
         return _login_page(p, status_code=422, username=identifier, next_url=next_url,
                            error=p._(N_("Enter your username (or e-mail address) and your "
                                         "password.")))
-    key = await _throttle_key(p, identifier)
+    candidates = await p.core.login_candidates(identifier)
+    key = _throttle_key(identifier, candidates)
     throttle = LoginThrottle(p.core.store)
     wait = await throttle.wait_for(key, p.client_address)
     if wait > 0:
         return _login_page(p, status_code=429, username=identifier, next_url=next_url,
                            error=p._(TOO_MANY, wait=p.duration(math.ceil(wait))))
     try:
-        user = await p.core.authenticate_password(identifier, password)
+        user = await p.core.check_password(candidates, password)
     except AuthenticationRequired:
         await throttle.failed(key, p.client_address)
         return _login_page(p, status_code=401, username=identifier, next_url=next_url,
