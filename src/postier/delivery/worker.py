@@ -201,16 +201,9 @@ class DeliveryWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.running = False
-        # A claim that skips full establishments walks the due index past all of their
-        # e-mails: with one establishment and a million queued, 100 ms on the writer for
-        # nothing. After such a claim found nothing, the same one waits for new e-mails
-        # (notify) or the next poll (bench queue_scale, docs/performance.md).
-        self._fruitless_skip: frozenset[int] = frozenset()
-        self._fruitless_until = 0.0
 
     def notify(self) -> None:
         """New work may be due (called by the doors after an acceptance)."""
-        self._fruitless_until = 0.0
         self._wake.set()
 
     async def start(self) -> None:
@@ -269,16 +262,11 @@ class DeliveryWorker:
             if want > 0:
                 try:
                     claimed_at = time.time()
-                    if (full and full == self._fruitless_skip
-                            and time.monotonic() < self._fruitless_until):
-                        pass  # nothing else was due a moment ago
-                    else:
-                        claimed = await self.store.claim(
-                            self.worker_id, want, self.lease_seconds, claimed_at, full
-                        )
-                        if full and not claimed:
-                            self._fruitless_skip = full
-                            self._fruitless_until = time.monotonic() + self.poll_interval
+                    # Full establishments cost the claim one index probe each: it takes
+                    # every establishment's due e-mails in turn (Store.claim).
+                    claimed = await self.store.claim(
+                        self.worker_id, want, self.lease_seconds, claimed_at, full
+                    )
                     for c in claimed:
                         self._lease_until[c.id] = claimed_at + self.lease_seconds
                 except PostierError as exc:

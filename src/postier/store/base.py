@@ -425,9 +425,12 @@ class Store(abc.ABC):
         self, worker_id: str, limit: int, lease_seconds: float, now: float,
         skip_establishments: Collection[int] = (),
     ) -> list[Claimed]:
-        """Take up to ``limit`` due messages under a lease, most urgent first, leaving
-        those of ``skip_establishments`` (whose relay already has as many of this
-        worker's deliveries in flight as it may usefully hold) to later claims."""
+        """Take up to ``limit`` due messages under a lease: each establishment's in turn
+        (round-robin, every establishment's first, then every one's second...), most
+        urgent first within an establishment, so that one establishment's flood holds
+        back no other's e-mail; leaving those of ``skip_establishments`` (whose relay
+        already has as many of this worker's deliveries in flight as it may usefully
+        hold) to later claims."""
 
     @abc.abstractmethod
     async def renew_leases(

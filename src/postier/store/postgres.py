@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from postier.store.base import Outcome, RecipientState
-from postier.store.sql import SQLStore, WriteJob
+from postier.store.sql import ClaimAsk, SQLStore, WriteJob
 
 log = logging.getLogger(__name__)
 CHANNEL = "postier_queue"
@@ -82,9 +82,6 @@ class PostgresStore(SQLStore):
         self._listener: Any = None
         self._listen_conn: AsyncConnection | None = None
 
-    # Competing workers skip the rows another one is taking instead of waiting.
-    _claim_lock = " FOR UPDATE SKIP LOCKED"
-
     # New e-mails, their bodies and recipients in one statement, column by column, with
     # the NOTIFY that wakes workers on other machines once it is committed: one round
     # trip instead of four, and with no BEGIN and COMMIT (see _transaction).
@@ -124,20 +121,72 @@ class PostgresStore(SQLStore):
     # recipients of each as an array of rows, in order. One round trip instead of three,
     # and with no BEGIN and COMMIT (the claim is committed by itself; see _transaction).
     _claim_whole_alone = True
+    # SQLStore._claim_rows in one statement. ``after`` and ``upto`` walk the
+    # (establishment, priority) classes with e-mails waiting, one index probe each (a
+    # loose index scan of ix_messages_due_establishment): after the cursor, then from the
+    # start up to it. ``due`` takes each class's due e-mails in order, locked; competing
+    # workers skip the rows another one is taking instead of waiting. ``picked`` ranks
+    # them within their establishment (priority, then due time) and takes every
+    # establishment's first, then every one's second...: round-robin.
+    _CLAIM = (
+        "WITH RECURSIVE"
+        " after(e, p, n) AS ((SELECT establishment_id, priority, 1 FROM messages"
+        " WHERE status IN ('queued', 'deferred') AND establishment_id > $5"
+        " ORDER BY establishment_id, priority LIMIT 1)"
+        " UNION ALL SELECT x.establishment_id, x.priority, a.n + 1 FROM after a,"
+        " LATERAL (SELECT establishment_id, priority FROM messages"
+        " WHERE status IN ('queued', 'deferred') AND (establishment_id, priority) > (a.e, a.p)"
+        " ORDER BY establishment_id, priority LIMIT 1) x WHERE a.n < $6),"
+        " upto(e, p, n) AS ((SELECT establishment_id, priority, 1 FROM messages"
+        " WHERE status IN ('queued', 'deferred') AND establishment_id <= $5"
+        " ORDER BY establishment_id, priority LIMIT 1)"
+        " UNION ALL SELECT x.establishment_id, x.priority, a.n + 1 FROM upto a,"
+        " LATERAL (SELECT establishment_id, priority FROM messages"
+        " WHERE status IN ('queued', 'deferred') AND establishment_id <= $5"
+        " AND (establishment_id, priority) > (a.e, a.p)"
+        " ORDER BY establishment_id, priority LIMIT 1) x WHERE a.n < $6),"
+        " walk AS (SELECT e, p, lap, n FROM (SELECT e, p, 0 AS lap, n FROM after"
+        " UNION ALL SELECT e, p, 1, n FROM upto) w ORDER BY lap, n LIMIT $6),"
+        " due AS (SELECT d.*, w.lap FROM walk w CROSS JOIN LATERAL"
+        " (SELECT id, establishment_id, priority, next_attempt_at FROM messages"
+        " WHERE status IN ('queued', 'deferred') AND establishment_id = w.e"
+        " AND priority = w.p AND next_attempt_at <= $4 AND establishment_id <> ALL($8)"
+        " ORDER BY next_attempt_at LIMIT $7 FOR UPDATE SKIP LOCKED) d),"
+        " picked AS (SELECT id, rn, lap FROM (SELECT id, lap, establishment_id,"
+        " row_number() OVER (PARTITION BY establishment_id"
+        " ORDER BY priority, next_attempt_at) AS rn FROM due) r"
+        " ORDER BY rn, lap, establishment_id LIMIT $7),"
+        " c AS (UPDATE messages m SET status = 'sending', lease_owner = $1,"
+        " lease_expires_at = $2, updated_at = $3 FROM picked"
+        " WHERE m.id = picked.id RETURNING m.id, m.establishment_id, m.user_id,"
+        " m.envelope_from, m.smtputf8, m.attempts, m.created_at, m.priority,"
+        " m.next_attempt_at, picked.rn, picked.lap),"
+        # One row even when nothing was claimed: where the walk stopped.
+        " s AS (SELECT count(*) AS walked, (SELECT e FROM walk"
+        " ORDER BY lap DESC, n DESC LIMIT 1) AS last_walked FROM walk)"
+        " SELECT c.*, b.data, s.walked, s.last_walked,"
+        " ARRAY(SELECT ROW(r.position, r.address, r.status, r.code, r.reply)"
+        " FROM recipients r WHERE r.message_id = c.id ORDER BY r.position) AS rcpts"
+        " FROM s LEFT JOIN c ON true LEFT JOIN message_bodies b ON b.message_id = c.id"
+    )
 
     async def _claim_rows(
-        self, conn: AsyncConnection, claim_sql: str, claim_params: tuple[Any, ...]
-    ) -> tuple[list[Any], dict[str, bytes], dict[str, list[RecipientState]]]:
-        rows = list((await conn.exec_driver_sql(
-            f"WITH c AS ({claim_sql}) SELECT c.*, b.data,"  # noqa: S608 (our own statement)
-            " ARRAY(SELECT ROW(r.position, r.address, r.status, r.code, r.reply)"
-            " FROM recipients r WHERE r.message_id = c.id ORDER BY r.position) AS rcpts"
-            " FROM c LEFT JOIN message_bodies b ON b.message_id = c.id",
-            claim_params,
-        )).all())
+        self, conn: AsyncConnection, ask: ClaimAsk
+    ) -> tuple[list[Any], dict[str, bytes], dict[str, list[RecipientState]], int]:
+        found = (await conn.exec_driver_sql(self._CLAIM, (
+            ask.worker_id, ask.lease_until, ask.now, ask.now, ask.cursor, ask.walk,
+            ask.limit, list(ask.skip)))).all()
+        cursor = ask.cursor
+        if found[0].walked >= ask.walk:
+            # The walk's bound cut the round short: the next claim goes on from there.
+            cursor = int(found[0].last_walked)
+        rows = [r for r in found if r.id is not None]
+        if len(rows) >= ask.limit:
+            cursor = max(rows, key=lambda r: (r.rn, r.lap, r.establishment_id)
+                         ).establishment_id
         bodies = {r.id: r.data for r in rows if r.data is not None}
         rcpts = {r.id: [RecipientState(*x) for x in r.rcpts] for r in rows}
-        return rows, bodies, rcpts
+        return rows, bodies, rcpts, cursor
 
     # Every result of a group in one statement: recipients, attempts, then the e-mails
     # whose lease this worker still holds (see SQLStore._write_outcomes).

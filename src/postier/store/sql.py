@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, insert, literal, select, update
@@ -246,6 +247,40 @@ def _driver_sql(statement: str, dialect: str) -> str:
         return statement
     first, *rest = statement.split("?")
     return first + "".join(f"${n}{part}" for n, part in enumerate(rest, 1))
+
+
+# A claim looks at this many (establishment, priority) classes at least (more when it
+# takes more e-mails): the cost of a claim is bounded whatever the number of
+# establishments with e-mails waiting; the next claim goes on from where it stopped.
+CLAIM_WALK_MIN = 32
+
+
+@dataclass(frozen=True)
+class ClaimAsk:
+    """One claim's parameters, as the backends' claim statements take them."""
+
+    worker_id: str
+    limit: int
+    lease_until: float
+    now: float
+    skip: tuple[int, ...]  # establishments to leave out of this claim
+    cursor: int  # the round starts after this establishment
+    walk: int  # at most this many (establishment, priority) classes looked at
+
+
+def fair_order(due: Sequence[Any], walk: Sequence[int], limit: int) -> list[Any]:
+    """Round-robin: every establishment's most urgent due e-mail, then every one's
+    second, and so on, establishments in the order of the round (``walk``); ``due`` holds
+    each establishment's rows in priority order, then by due time."""
+    place = {e: i for i, e in reversed(list(enumerate(walk)))}
+    rank: dict[int, int] = {}
+    keyed = []
+    for r in sorted(due, key=lambda r: (place[r.establishment_id], r.priority,
+                                         r.next_attempt_at)):
+        n = rank[r.establishment_id] = rank.get(r.establishment_id, 0) + 1
+        keyed.append(((n, place[r.establishment_id]), r))
+    keyed.sort(key=lambda k: k[0])
+    return [r for _, r in keyed[:limit]]
 
 
 class SQLStore(Store):
@@ -778,10 +813,6 @@ class SQLStore(Store):
     # ``?`` stands for each parameter (see _driver_sql); the statuses are written into the
     # text, which the queue's partial indexes need (see _constant).
 
-    # What a backend adds to the claim's inner select (PostgreSQL: row locks that competing
-    # workers skip instead of waiting for them).
-    _claim_lock = ""
-
     def _sql(self, statement: str) -> str:
         return _driver_sql(statement, self.write_engine.dialect.name)
 
@@ -801,23 +832,13 @@ class SQLStore(Store):
         self, worker_id: str, limit: int, lease_seconds: float, now: float,
         skip_establishments: Collection[int] = (),
     ) -> list[Claimed]:
-        skip, skip_params = "", list[int]()
-        if skip_establishments:
-            cond, skip_params = self._in("establishment_id", sorted(skip_establishments),
-                                         negate=True)
-            skip = f" AND {cond}"
-        claim_sql = self._sql(
-            "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"  # noqa: S608
-            " updated_at = ? WHERE id IN (SELECT id FROM messages"
-            " WHERE status IN ('queued', 'deferred') AND next_attempt_at <= ?"
-            f"{skip} ORDER BY priority, next_attempt_at LIMIT ?{self._claim_lock})"
-            " RETURNING id, establishment_id, user_id, envelope_from, smtputf8, attempts,"
-            " created_at, priority, next_attempt_at"
-        )
-        claim_params = (worker_id, now + lease_seconds, now, now, *skip_params, limit)
+        ask = ClaimAsk(worker_id, limit, now + lease_seconds, now,
+                       tuple(sorted(skip_establishments)), self._claim_cursor,
+                       max(CLAIM_WALK_MIN, limit))
 
         async def job(conn: AsyncConnection) -> list[Claimed]:
-            rows, bodies, rcpts = await self._claim_rows(conn, claim_sql, claim_params)
+            rows, bodies, rcpts, cursor = await self._claim_rows(conn, ask)
+            self._claim_cursor = cursor
             if not rows:
                 return []
             rows = sorted(rows, key=lambda r: (r.priority, r.next_attempt_at))
@@ -860,16 +881,79 @@ class SQLStore(Store):
 
     # True where _claim_rows is one statement (PostgreSQL): see WriteJob.
     _claim_whole_alone = False
+    # Where the next claim's round of the establishments starts (this process's own: each
+    # process goes round, and together they go round too).
+    _claim_cursor = -1
+
+    _WALK_FIRST = ("SELECT establishment_id, priority FROM messages"
+                   " WHERE status IN ('queued', 'deferred') AND {lap}"
+                   " ORDER BY establishment_id, priority LIMIT 1")
+    _WALK_NEXT = ("SELECT establishment_id, priority FROM messages"
+                  " WHERE status IN ('queued', 'deferred') AND {lap}"
+                  " AND (establishment_id, priority) > (?, ?)"
+                  " ORDER BY establishment_id, priority LIMIT 1")
+    _DUE = ("SELECT id, establishment_id, priority, next_attempt_at FROM messages"
+            " WHERE status IN ('queued', 'deferred') AND establishment_id = ?"
+            " AND priority = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?")
+
+    async def _claim_walk(self, conn: AsyncConnection, ask: ClaimAsk) -> list[tuple[int, int]]:
+        """The (establishment, priority) classes that have e-mails waiting, in the round's
+        order: after the cursor, then from the start up to it; at most ``ask.walk``. One
+        index probe each, however many e-mails a class holds."""
+        walk: list[tuple[int, int]] = []
+        for lap in ("establishment_id > ?", "establishment_id <= ?"):
+            last: tuple[int, int] | None = None
+            while len(walk) < ask.walk:
+                params: tuple[int, ...]
+                if last is None:
+                    sql, params = self._WALK_FIRST, (ask.cursor,)
+                else:
+                    sql, params = self._WALK_NEXT, (ask.cursor, *last)
+                row = (await conn.exec_driver_sql(
+                    self._sql(sql.format(lap=lap)), params)).first()
+                if row is None:
+                    break
+                last = (int(row.establishment_id), int(row.priority))
+                walk.append(last)
+        return walk
 
     async def _claim_rows(
-        self, conn: AsyncConnection, claim_sql: str, claim_params: tuple[Any, ...]
-    ) -> tuple[list[Any], dict[str, bytes], dict[str, list[RecipientState]]]:
-        """Run the claim, then read what delivery needs of the claimed e-mails: the rows
-        ``claim_sql`` returns, their bodies and their recipients in order, by id."""
-        rows = list((await conn.exec_driver_sql(claim_sql, claim_params)).all())
-        if not rows:
-            return [], {}, {}
-        ids = [r.id for r in rows]
+        self, conn: AsyncConnection, ask: ClaimAsk
+    ) -> tuple[list[Any], dict[str, bytes], dict[str, list[RecipientState]], int]:
+        """Claim, then read what delivery needs of the claimed e-mails: the claimed rows,
+        their bodies and their recipients in order, by id, and the next claim's cursor.
+
+        Each establishment's due e-mails in turn (round-robin), most urgent first within
+        one: a flood of one establishment holds back no other's e-mail."""
+        skip = set(ask.skip)
+        due: list[Any] = []
+        walk = await self._claim_walk(conn, ask)
+        for est, prio in walk:
+            if est in skip:
+                continue
+            due.extend(await conn.exec_driver_sql(
+                self._sql(self._DUE), (est, prio, ask.now, ask.limit)))
+        cursor = walk[-1][0] if len(walk) >= ask.walk else ask.cursor
+        picked = fair_order(due, [e for e, _ in walk], ask.limit)
+        if not picked:
+            return [], {}, {}, cursor
+        if len(picked) >= ask.limit:
+            cursor = picked[-1].establishment_id
+        cond, params = self._in("id", [r.id for r in picked])
+        rows = list((await conn.exec_driver_sql(self._sql(
+            "UPDATE messages SET status = 'sending', lease_owner = ?, lease_expires_at = ?,"  # noqa: S608
+            f" updated_at = ? WHERE {cond} RETURNING id, establishment_id, user_id,"
+            " envelope_from, smtputf8, attempts, created_at, priority, next_attempt_at"),
+            (ask.worker_id, ask.lease_until, ask.now, *params))).all())
+        bodies, rcpts = await self._claimed_parts(conn, [r.id for r in rows])
+        return rows, bodies, rcpts, cursor
+
+    async def _claimed_parts(
+        self, conn: AsyncConnection, ids: list[str]
+    ) -> tuple[dict[str, bytes], dict[str, list[RecipientState]]]:
+        """The bodies and the recipients (in order) of the claimed e-mails ``ids``."""
+        if not ids:
+            return {}, {}
         cond, params = self._in("message_id", ids)
         bodies = {
             r.message_id: r.data
@@ -889,7 +973,7 @@ class SQLStore(Store):
             rcpts[r.message_id].append(
                 RecipientState(r.position, r.address, r.status, r.code, r.reply)
             )
-        return rows, bodies, rcpts
+        return bodies, rcpts
 
     async def renew_leases(
         self, worker_id: str, ids: Sequence[str], lease_seconds: float, now: float
