@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postier import __version__
+from postier.api.guard import RequestGuard
 from postier.errors import PostierError
 from postier.i18n import N_, negotiate, translate
 from postier.service import Postier
@@ -103,6 +104,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.core = core
+    app.add_middleware(RequestGuard, core=core, limit=core.config.request_size_limit())
     app.add_exception_handler(PostierError, postier_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
@@ -116,6 +118,7 @@ def create_app(
     app.include_router(profiles.router)
     app.include_router(users.router)
     app.include_router(dkim.router)
+    app.include_router(admin.domains_router)
 
     from postier.api import senders  # sender address verification (issue 10)
 

@@ -11,6 +11,7 @@ from fastapi import Depends, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from postier.api.guard import SCOPE_USER
 from postier.i18n import negotiate
 from postier.service import Postier
 from postier.store.base import User
@@ -67,8 +68,10 @@ async def get_user(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> User:
     core: Postier = request.app.state.core
-    token = credentials.credentials if credentials else None
-    user = await core.authenticate_token(token)
+    # A request with a body showed its token before the body was read (guard.py).
+    user: User | None = request.scope.get(SCOPE_USER)
+    if user is None:
+        user = await core.authenticate_token(credentials.credentials if credentials else None)
     slug = request.headers.get(ESTABLISHMENT_HEADER)
     if slug:
         user = await core.act_in(user, slug)
