@@ -54,11 +54,13 @@ from postier.i18n import N_
 
 __all__ = [
     "MAX_RECIPIENTS",
+    "RESERVED_KEY_PREFIXES",
     "AttachmentIn",
     "BuiltMessage",
     "InvalidMessageField",
     "MessageIn",
     "build_message",
+    "check_submitted_key",
     "make_message_id",
 ]
 
@@ -78,6 +80,24 @@ class InvalidMessageField(InvalidInput, ValueError):
     reports it with its location (``("headers",)``, ``("attachments", 0, "filename")``)."""
 
     code = "invalid_message"
+
+
+# Idempotency keys the server gives its own e-mails: the notices to a sender
+# ("notice:failure:<message id>", sender verification codes) and the alerts
+# ("alert:<incident>:<phase>"). An e-mail whose key starts with "notice:" gets no notice
+# and no webhook event, so a submitted key may not start with one of these (any case).
+RESERVED_KEY_PREFIXES = ("notice:", "alert:")
+
+
+def check_submitted_key(key: str | None, field: str = "idempotency_key") -> None:
+    """Refuse (422) a key a user or a program submits when it has a reserved beginning."""
+    if key is None:
+        return
+    start = key[:8].lower()
+    for prefix in RESERVED_KEY_PREFIXES:
+        if start.startswith(prefix):
+            raise InvalidMessageField(_KEY_RESERVED, hint=_KEY_RESERVED_HINT, field=field,
+                                      prefix=key[:len(prefix)])
 
 
 # --------------------------------------------------------------------------- messages
@@ -115,6 +135,12 @@ _BASE64 = N_(
 _BODY_CHAR = N_("The message body contains a character that is not allowed ({char}).")
 _KEY_BREAK = N_("Line breaks are not allowed in the idempotency key.")
 _KEY_CHAR = N_("The idempotency key contains a character that is not allowed ({char}).")
+_KEY_RESERVED = N_(
+    "An idempotency key may not start with {prefix!r}: the server keeps that beginning for "
+    "its own e-mails."
+)
+_KEY_RESERVED_HINT = N_("Choose another key, for example one that starts with your "
+                        "program's name.")
 _TOO_MANY_RECIPIENTS = N_(
     "There are {count} recipients; at most {limit} are allowed (To, Cc and Bcc together, "
     "each address counted once)."

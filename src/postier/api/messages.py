@@ -19,7 +19,7 @@ from postier.api.views import (
     accepted,
     message_view,
 )
-from postier.message import MessageIn
+from postier.message import MessageIn, check_submitted_key
 
 router = APIRouter(prefix="/api/v1/messages", tags=["messages"], route_class=JSONRoute)
 
@@ -68,6 +68,7 @@ class BatchIn(BaseModel):
 @router.post("", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
 async def submit(msg: MessageIn, user: CurrentUser, core: Core, lang: Lang) -> Accepted:
     """Accept an e-mail: answered once it is durably stored; delivery happens later."""
+    check_submitted_key(msg.idempotency_key)
     (result,) = await core.submit(user, [msg])
     return accepted(result, lang)
 
@@ -76,6 +77,9 @@ async def submit(msg: MessageIn, user: CurrentUser, core: Core, lang: Lang) -> A
 async def submit_batch(batch: BatchIn, user: CurrentUser, core: Core,
                        lang: Lang) -> BatchAccepted:
     """Accept many e-mails in one durable commit: all are stored, or none."""
+    for i, msg in enumerate(batch.messages):
+        if msg.idempotency_key is not None:
+            check_submitted_key(msg.idempotency_key, f"messages.{i}.idempotency_key")
     results = await core.submit(user, batch.messages)
     return BatchAccepted(messages=[accepted(r, lang) for r in results])
 
@@ -85,6 +89,7 @@ async def submit_raw(body: RawIn, user: CurrentUser, core: Core, lang: Lang) -> 
     """Accept an e-mail already written, with the same checks as SMTP submission (the
     envelope sender and the From must be yours) and the sender policy. This is how a
     Postier server hands its e-mails on to another (its account has the ``relay`` role)."""
+    check_submitted_key(body.idempotency_key)
     result = await core.submit_raw(
         user, body.envelope_from, body.recipients, base64.b64decode(body.data),
         smtputf8=body.smtputf8, idempotency_key=body.idempotency_key,
