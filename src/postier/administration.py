@@ -150,6 +150,8 @@ class Administration:
         details = {k: v for k, v in values.items() if k != "password_hash"}
         if password is not None:
             details["password"] = "reset"  # noqa: S105 - what happened, not the value
+            await self.core.domains.check_grants(actor.establishment_id,
+                                                 values["granted_senders"], target)
         await self.store.audit(actor.establishment_id, actor.username, "user.update",
                                target.username, details)
         return await self.core.find_user(username, actor.establishment_id)

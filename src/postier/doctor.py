@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from postier.config import ServerConfig
 from postier.crypto import KEY_FILE, KeyError_, SecretBox
+from postier.domains import all_holdings, overlaps
 from postier.errors import PostierError
 from postier.i18n import N_, translate
 from postier.settings import DeliverySettings, RelaySettings
@@ -119,6 +120,7 @@ class Doctor:
             self.check_disk()
             await self.check_queue()
             await self.check_relays()
+            await self.check_domains()
             await self.check_clock()
             self.check_server()
         finally:
@@ -437,6 +439,41 @@ class Doctor:
                               "with postier settings set relay.host.")))
                 continue
             await self._greet(label, relay)
+
+    # -- domains of a hosted installation --------------------------------------------------
+    async def check_domains(self) -> None:
+        """Domains that more than one establishment holds (made before the rule, or by two
+        saves at the same moment): each establishment's e-mails may then leave signed or
+        sent for another's domain. Only said when the installation hosts several."""
+        if not self.store_ok:
+            return
+
+        async def read(conn: AsyncConnection) -> tuple[dict[int, str], list[Any], list[Any]]:
+            slugs = {int(i): str(s) for i, s in await conn.execute(
+                select(t.establishments.c.id, t.establishments.c.slug))}
+            docs = list(await conn.execute(select(t.settings.c.establishment_id,
+                                                  t.settings.c.data)))
+            keys = list(await conn.execute(select(t.dkim_keys.c.establishment_id,
+                                                  t.dkim_keys.c.domain)))
+            return slugs, docs, keys
+
+        slugs, docs, keys = await self._read(read)
+        if len(slugs) < 2:
+            return
+        found = overlaps(all_holdings({int(e): json.loads(d) for e, d in docs},
+                                      [(int(e), str(d)) for e, d in keys]))
+        label = self._(N_("Domains of the establishments"))
+        if not found:
+            self.add("domains", label, OK, self._(
+                N_("Each domain belongs to one establishment.")))
+            return
+        lines = [f"{domain}: {', '.join(sorted(slugs.get(i, str(i)) for i in ids))}"
+                 for domain, ids in sorted(found.items())]
+        self.add("domains", label, WARN, self._(
+            N_("Domains held by several establishments:\n{domains}"),
+            domains="\n".join(lines)),
+            self._(N_("Decide which establishment each domain belongs to, then give it to "
+                      "that one: postier domains move DOMAIN --to ESTABLISHMENT.")))
 
     async def _greet(self, label: str, relay: RelaySettings) -> None:
         from postier.delivery.relay import open_smtp, relay_label

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from postier import policy
+from postier.domains import address_claims
 from postier.errors import Conflict, InvalidInput, NotFound, PostierError
 from postier.i18n import LANGUAGES, N_, normalize, translate
 from postier.service import NOTICE_PREFIX, SETTINGS_TTL
@@ -178,6 +179,10 @@ class SenderAddresses:
         current = await self._find(user, address)
         if current is not None and current.status == VERIFIED:
             return current
+        # Verifying an address at another establishment's domain (or at the platform's)
+        # would prepare a claim on it: refused like the other doors.
+        await self.core.domains.check(user.establishment_id,
+                                      address_claims([address], "address"))
         code = f"{secrets.randbelow(10 ** CODE_DIGITS):0{CODE_DIGITS}d}"
         now = time.time()
         wait = await self.core.store.start_sender_code(

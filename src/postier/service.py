@@ -27,6 +27,7 @@ from postier.cache import TTLCache
 from postier.config import ServerConfig
 from postier.crypto import SecretBox
 from postier.dkim_signing import DkimKey
+from postier.domains import Domains, address_claims, settings_claims
 from postier.errors import (
     AuthenticationRequired,
     Conflict,
@@ -166,6 +167,7 @@ class Postier:
         from postier.sender_verification import SenderAddresses
 
         self.senders = SenderAddresses(self)
+        self.domains = Domains(self)
 
     async def open(self) -> None:
         # The queue holds pupils' and parents' personal data: only its owner may read it.
@@ -329,6 +331,9 @@ class Postier:
                    "address: Postier would never sign for it."),
                 hint=N_("Add it to the allowed domains first."), field="domain", domain=domain,
             )
+        # Signing d=<domain> speaks for the domain: only its holder may.
+        await self.domains.check(user.establishment_id,
+                                 address_claims([f"x@{domain}"], "domain"))
         selector = selector.strip().lower()
         if not dkim_signing.valid_selector(selector):
             raise InvalidInput(N_("A selector is made of letters, digits and hyphens."),
@@ -419,15 +424,30 @@ class Postier:
             slug_or_id, lambda: self.store.get_establishment(slug_or_id)
         )
 
-    async def stored_settings(self, establishment_id: int) -> DeliverySettings:
-        """The establishment's own settings, secrets decrypted (never shown)."""
+    async def stored_settings(self, establishment_id: int, fresh: bool = False
+                              ) -> DeliverySettings:
+        """The establishment's own settings, secrets decrypted (never shown); ``fresh``:
+        read now, not from the short-lived cache."""
         async def load() -> DeliverySettings:
             doc = await self.store.load_settings(establishment_id)
             return self._decode_settings(doc[0]) if doc else DeliverySettings()
 
         return await self._settings.get(establishment_id, load)
+        if fresh:
+            self._settings.forget(establishment_id)
 
     async def delivery_settings(self, establishment_id: int) -> DeliverySettings:
+    async def replace_settings(self, establishment_id: int, settings: DeliverySettings
+                               ) -> None:
+        """Store an establishment's whole settings as an operator's action decided them
+        (audited by that action)."""
+        await self.store.save_settings(establishment_id, self._encode_settings(settings))
+        self._settings.forget(establishment_id)
+
+    def forget_dkim(self, *establishment_ids: int) -> None:
+        for establishment_id in establishment_ids:
+            self._dkim.forget(establishment_id)
+
         """The settings e-mails are sent with. A hosted establishment sends through the
         operator's platform relay with no setup at all: its sender defaults to its name
         and an address of the platform's domain; its allowed domains still apply."""
@@ -491,6 +511,7 @@ class Postier:
             {k: v for k, v in payload.items() if k not in ("hosted", "warnings")}
         )
         await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
+        await self.domains.check(user.establishment_id, settings_claims(current, merged))
         self._settings.forget(user.establishment_id)
         await self.admin.audit_settings_change(user, current, merged)
         log.info("settings of establishment %s changed by %s", user.establishment_id,

@@ -134,3 +134,32 @@ async def relay_presets(user: CurrentUser, lang: Lang) -> list[dict[str, Any]]:
     from postier.presets import presets
 
     return presets(lang)
+
+
+domains_router = APIRouter(prefix="/api/v1/domains", tags=["hosting"])
+
+
+class MoveIn(BaseModel):
+    to: str = Field(description="Short name of the establishment that receives the domain")
+
+
+class MoveOut(BaseModel):
+    domain: str
+    to: str
+    from_: list[str] = Field(alias="from", description="Establishments it was taken from")
+    allowed_domains: list[str] = Field(description="Allowed-domain patterns that moved")
+    dkim: list[str] = Field(description="Domains whose DKIM key moved with it")
+    sender_cleared: list[str] = Field(
+        description="Establishments whose sender address was in the domain, now empty")
+    grants_removed: int = Field(description="Addresses granted to users there, removed")
+
+
+@domains_router.post("/{domain}/move", responses={**_ERRORS, 404: {"model": ErrorResponse},
+                                                   409: {"model": ErrorResponse}})
+async def move_domain(domain: str, body: MoveIn, user: CurrentUser, core: Core) -> MoveOut:
+    """Operators: give a domain (with its sub-domains) to another establishment of the
+    installation. Whatever other establishments held of it (allowed domains, sender
+    address, DKIM keys, addresses granted to users) is taken from them; the DKIM keys move
+    with it. Audited in every establishment concerned."""
+    report = await core.domains.move(user, domain, body.to)
+    return MoveOut.model_validate(report.as_dict())

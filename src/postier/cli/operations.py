@@ -1,8 +1,10 @@
-"""Console commands for running Postier day to day: ``postier doctor`` and ``postier purge``."""
+"""Console commands for running Postier day to day: ``postier doctor``, ``postier purge``
+and, for a hosted installation, ``postier domains move``."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Annotated
 
@@ -10,7 +12,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from postier.cli.common import DatabaseUrl, DataDir, _config, _run, app, out
+from postier.cli.common import CONSOLE, DatabaseUrl, DataDir, _config, _run, app, out
+from postier.domains import MoveReport
 from postier.i18n import N_, system_language, translate
 from postier.service import Postier
 
@@ -88,3 +91,36 @@ def purge(
     )
     out.print(translate(lang, template, bodies=report["bodies"], messages=report["messages"]),
               highlight=False)
+
+
+domains_app = typer.Typer(help="Which establishment holds which domain (operators).",
+                          no_args_is_help=True)
+app.add_typer(domains_app, name="domains")
+
+
+@domains_app.command("move")
+def domains_move(
+    domain: Annotated[str, typer.Argument(help="The domain, e.g. ac-lyon.fr (its "
+                                               "sub-domains move with it)")],
+    to: Annotated[str, typer.Option("--to", help="Short name of the establishment that "
+                                                 "receives it")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Give a domain to another establishment: taken from those that held it (allowed
+    domains, sender address, addresses granted to users), its DKIM keys moving with it;
+    audited in each establishment."""
+    lang = system_language()
+    operator = dataclasses.replace(CONSOLE, role="operator")
+
+    async def action(core: Postier) -> MoveReport:
+        return await core.domains.move(operator, domain, to)
+
+    report = _run(_config(data_dir, database_url), action)
+    out.print(translate(lang, N_("{domain} now belongs to {to} (taken from: {sources})."),
+                        domain=report.domain, to=report.to,
+                        sources=", ".join(report.sources) or "-"), highlight=False)
+    for slug in report.sender_cleared:
+        out.print(translate(lang, N_("The sender address of {slug} was in {domain}: it is now "
+                                     "empty, ask its administrator to set another one."),
+                            slug=slug, domain=report.domain), highlight=False)

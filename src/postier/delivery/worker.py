@@ -404,6 +404,7 @@ async def deliver_one(
                 claimed.data,
                 smtputf8=claimed.smtputf8,
                 priority=claimed.priority,
+                establishment=claimed.establishment_id,
                 limit=whole,
                 still_ours=still_ours,
             )

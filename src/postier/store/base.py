@@ -404,6 +404,20 @@ class Store(abc.ABC):
     async def delete_dkim_key(self, establishment_id: int, domain: str) -> bool: ...
 
     # -- settings ------------------------------------------------------------------------
+    # -- domains of a hosted installation: see postier.domains ----------------------------
+    @abc.abstractmethod
+    async def all_settings(self) -> dict[int, dict[str, Any]]:
+        """Every establishment's stored settings document (secrets still encrypted)."""
+
+    @abc.abstractmethod
+    async def all_dkim_domains(self) -> list[tuple[int, str]]:
+        """(establishment id, domain) of every DKIM key of the installation."""
+
+    @abc.abstractmethod
+    async def move_dkim_key(self, from_id: int, to_id: int, domain: str) -> bool:
+        """Give ``from_id``'s key of ``domain`` to ``to_id``, unless ``to_id`` has one (then
+        ``from_id``'s is deleted); True when ``from_id`` had one."""
+
     @abc.abstractmethod
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
         """The stored settings document and its update time, or None."""

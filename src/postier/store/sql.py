@@ -641,6 +641,34 @@ class SQLStore(Store):
 
         return bool(await self.write(job))
 
+    # -- domains of a hosted installation ---------------------------------------------------
+    async def all_settings(self) -> dict[int, dict[str, Any]]:
+        rows = await self._read(select(t.settings.c.establishment_id, t.settings.c.data))
+        return {int(r.establishment_id): json.loads(r.data) for r in rows}
+
+    async def all_dkim_domains(self) -> list[tuple[int, str]]:
+        rows = await self._read(select(t.dkim_keys.c.establishment_id, t.dkim_keys.c.domain))
+        return [(int(r.establishment_id), str(r.domain)) for r in rows]
+
+    async def move_dkim_key(self, from_id: int, to_id: int, domain: str) -> bool:
+        keys = t.dkim_keys.c
+
+        async def job(conn: AsyncConnection) -> bool:
+            held = await conn.execute(select(keys.establishment_id).where(
+                keys.domain == domain, keys.establishment_id.in_((from_id, to_id))))
+            owners = {int(r.establishment_id) for r in held}
+            if from_id not in owners:
+                return False
+            mine = (keys.establishment_id == from_id) & (keys.domain == domain)
+            if to_id in owners:  # the receiving establishment's own key stays
+                await conn.execute(delete(t.dkim_keys).where(mine))
+            else:
+                await conn.execute(update(t.dkim_keys).where(mine).values(
+                    establishment_id=to_id))
+            return True
+
+        return bool(await self.write(job))
+
     # -- settings ------------------------------------------------------------------------
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
         rows = await self._read(
