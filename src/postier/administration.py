@@ -130,6 +130,8 @@ class Administration:
             values["role"] = role
         if granted_senders is not None:
             values["granted_senders"] = [policy.normalize_address(a) for a in granted_senders]
+            await self.core.domains.check_grants(actor.establishment_id,
+                                                 values["granted_senders"], target)
         if disabled is not None:
             values["disabled"] = disabled
         if target.id == actor.id and (disabled or (role is not None and role != "admin")):
@@ -150,8 +152,6 @@ class Administration:
         details = {k: v for k, v in values.items() if k != "password_hash"}
         if password is not None:
             details["password"] = "reset"  # noqa: S105 - what happened, not the value
-            await self.core.domains.check_grants(actor.establishment_id,
-                                                 values["granted_senders"], target)
         await self.store.audit(actor.establishment_id, actor.username, "user.update",
                                target.username, details)
         return await self.core.find_user(username, actor.establishment_id)

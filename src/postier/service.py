@@ -432,11 +432,10 @@ class Postier:
             doc = await self.store.load_settings(establishment_id)
             return self._decode_settings(doc[0]) if doc else DeliverySettings()
 
-        return await self._settings.get(establishment_id, load)
         if fresh:
             self._settings.forget(establishment_id)
+        return await self._settings.get(establishment_id, load)
 
-    async def delivery_settings(self, establishment_id: int) -> DeliverySettings:
     async def replace_settings(self, establishment_id: int, settings: DeliverySettings
                                ) -> None:
         """Store an establishment's whole settings as an operator's action decided them
@@ -448,6 +447,7 @@ class Postier:
         for establishment_id in establishment_ids:
             self._dkim.forget(establishment_id)
 
+    async def delivery_settings(self, establishment_id: int) -> DeliverySettings:
         """The settings e-mails are sent with. A hosted establishment sends through the
         operator's platform relay with no setup at all: its sender defaults to its name
         and an address of the platform's domain; its allowed domains still apply."""
@@ -510,8 +510,8 @@ class Postier:
         merged = current.updated(
             {k: v for k, v in payload.items() if k not in ("hosted", "warnings")}
         )
-        await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
         await self.domains.check(user.establishment_id, settings_claims(current, merged))
+        await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
         self._settings.forget(user.establishment_id)
         await self.admin.audit_settings_change(user, current, merged)
         log.info("settings of establishment %s changed by %s", user.establishment_id,
