@@ -13,10 +13,39 @@ import secrets
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from postier.errors import InvalidInput
+from postier.i18n import N_
+
 TOKEN_PREFIX = "pst_"  # noqa: S105 - a prefix, not a secret
 # "relay": the account another Postier server hands its e-mails on with; it may send as
 # any address (the downstream server applied its own policy), this server's policy applies.
 ROLES = ("admin", "user", "operator", "relay")
+# Who may act on whom: an account's password, role, tokens, state and data are changed or
+# read only by someone of its rank or above (the server's console excepted). A relay account
+# sends as anybody but administers nothing: it ranks with users.
+RANKS = {"user": 0, "relay": 0, "admin": 1, "operator": 2}
+
+
+# Operator accounts live in the installation's own establishment (the first, `default`),
+# never in a school's: no establishment's administrator holds one, and the rank rule keeps
+# the administrators of `default` off them.
+OPERATORS_ESTABLISHMENT = 1
+
+
+def rank(role: str) -> int:
+    return RANKS.get(role, 0)
+
+
+def check_placement(role: str, establishment_id: int) -> None:
+    """An operator account is made only in the installation's own establishment."""
+    if role == "operator" and establishment_id != OPERATORS_ESTABLISHMENT:
+        raise InvalidInput(
+            N_("Operator accounts live in the installation's own establishment (default), "
+               "never in a school's."),
+            hint=N_("Create the operator account in the default establishment: it serves "
+                    "every establishment from there."),
+            field="role",
+        )
 
 _hasher = PasswordHasher()
 

@@ -77,9 +77,21 @@ def require_admin(user: User) -> None:
 
 
 def _no_escalation(actor: User, role: str | None) -> None:
-    """Only an operator (who serves every establishment) makes operators."""
-    if role == "operator" and not actor.is_operator:
+    """Nobody gives a role that outranks their own: only an operator (who serves every
+    establishment) makes operators."""
+    if role is not None and accounts.rank(role) > accounts.rank(actor.role):
         raise Forbidden(N_("Only an operator of the installation may give the operator role."))
+
+
+def may_act_on(actor: User, target: User) -> None:
+    """Nobody acts on an account whose role outranks their own: an establishment's
+    administrator never sets an operator's password, tokens, role, state or reads its data."""
+    if target.id != actor.id and accounts.rank(target.role) > accounts.rank(actor.role):
+        raise Forbidden(
+            N_("The account {username} outranks yours: only an operator of the installation "
+               "may change it."),
+            username=target.username,
+        )
 
 
 class Administration:
@@ -88,6 +100,14 @@ class Administration:
         self.store = core.store
 
     # -- users ---------------------------------------------------------------------------
+    async def target(self, actor: User, username: str) -> User:
+        """The account of the actor's establishment an administrator acts on, checked
+        against the actor's rank (:func:`may_act_on`)."""
+        require_admin(actor)
+        target = await self.core.find_user(username, actor.establishment_id)
+        may_act_on(actor, target)
+        return target
+
     async def list_users(self, actor: User) -> list[User]:
         require_admin(actor)
         return await self.store.list_users(actor.establishment_id)
@@ -112,8 +132,7 @@ class Administration:
         password: str | None = None,
         granted_senders: list[str] | None = None,
     ) -> User:
-        require_admin(actor)
-        target = await self.core.find_user(username, actor.establishment_id)
+        target = await self.target(actor, username)
         values: dict[str, Any] = {}
         if email is not None:
             values["email"] = policy.normalize_address(email)
@@ -127,6 +146,7 @@ class Administration:
                 raise InvalidInput(
                     N_("Unknown role {role!r}: choose admin, user, operator or relay."),
                     field="role", role=role)
+            accounts.check_placement(role, actor.establishment_id)
             values["role"] = role
         if granted_senders is not None:
             values["granted_senders"] = [policy.normalize_address(a) for a in granted_senders]
@@ -134,7 +154,9 @@ class Administration:
                                                  values["granted_senders"], target)
         if disabled is not None:
             values["disabled"] = disabled
-        if target.id == actor.id and (disabled or (role is not None and role != "admin")):
+        if target.id == actor.id and (
+            disabled or (role is not None and accounts.rank(role) < accounts.rank(actor.role))
+        ):
             raise InvalidInput(
                 N_("You cannot disable yourself or remove your own administrator role."),
                 hint=N_("Ask another administrator to do it."),
@@ -176,8 +198,7 @@ class Administration:
     async def _token_owner(self, actor: User, username: str | None) -> User:
         if username is None or username == actor.username:
             return actor
-        require_admin(actor)
-        return await self.core.find_user(username, actor.establishment_id)
+        return await self.target(actor, username)
 
     async def list_tokens(self, actor: User, username: str | None = None) -> list[TokenInfo]:
         owner = await self._token_owner(actor, username)

@@ -11,6 +11,10 @@ Errors are :class:`postier.errors.PostierError` subclasses carrying the server's
 message and remedy (in the language asked for with ``lang``); a server that cannot be
 reached raises :class:`ServerUnreachable` (transient). The client is synchronous; an
 application running an event loop calls it through ``asyncio.to_thread``.
+
+:func:`send` follows the workstation's settings; in ``server`` mode an e-mail the server
+cannot take now is kept in the local outbox (:mod:`postier.outbox`) and handed over later
+with the idempotency key it was first sent with, so it reaches the server exactly once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import mimetypes
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +48,11 @@ _BY_STATUS: dict[int, type[errors.PostierError]] = {
     507: errors.StoreUnavailable,
 }
 
+# Answers that say "not now" rather than "no": the same request may succeed later.
+_TRANSIENT = frozenset({429})
+CONNECT_TIMEOUT = 5.0
+_CHECK_SERVER = N_("Check server.url and that the server is running.")
+
 
 class ServerUnreachable(errors.PostierError):
     code = "server_unreachable"
@@ -61,7 +72,7 @@ class APIError(errors.PostierError):
             hint=(body.get("hint") or "").replace("{", "{{").replace("}", "}}") or None,
             field=body.get("field"),
             code=str(body.get("code") or "unexpected"),
-            transient=status in (503, 507) or status >= 500,
+            transient=status in _TRANSIENT or status >= 500,
         )
         self.http_status = status
 
@@ -71,6 +82,17 @@ class APIError(errors.PostierError):
     def hint(self, lang: str = "en") -> str | None:
         return self.hint_template.replace("{{", "{").replace("}}", "}") \
             if self.hint_template else None
+
+
+def _reason(exc: httpx.HTTPError) -> str:
+    """Why the server could not be reached, in words that are translated when shown."""
+    if isinstance(exc, httpx.TimeoutException):
+        return N_("timed out")
+    if isinstance(exc, httpx.ConnectError) and "refused" in str(exc).lower():
+        return N_("connection refused")
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return N_("the connection closed before its answer")
+    return str(exc) or type(exc).__name__
 
 
 def _error(status: int, body: dict[str, Any]) -> errors.PostierError:
@@ -171,10 +193,13 @@ class Client:
         token: str,
         *,
         lang: str | None = None,
-        timeout: float = 30.0,
+        timeout: float | httpx.Timeout = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
+        if not isinstance(timeout, httpx.Timeout):
+            # A server that is away is known sooner than a slow answer is given up on.
+            timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}",
@@ -195,14 +220,9 @@ class Client:
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         try:
             r = self._http.request(method, path, **kw)
-        except httpx.TimeoutException as exc:
-            raise ServerUnreachable(url=self.url, reason="timed out",
-                                    hint=N_("Check server.url and that the server is running."),
-                                    ) from exc
         except httpx.HTTPError as exc:
-            raise ServerUnreachable(url=self.url, reason=str(exc) or type(exc).__name__,
-                                    hint=N_("Check server.url and that the server is running."),
-                                    ) from exc
+            raise ServerUnreachable(url=self.url, reason=_reason(exc),
+                                    hint=_CHECK_SERVER) from exc
         if r.status_code == 204:
             return None
         try:
@@ -301,9 +321,12 @@ class Client:
 class SendResult:
     """What became of an e-mail sent with :func:`send`.
 
-    ``status``: ``queued`` (handed to the server), ``sent``, ``kept`` (in the local outbox
-    after a transient failure; sent later by ``postier outbox flush`` or the next send),
-    ``failed`` (refused for good). ``error`` explains anything but success.
+    ``status``: ``queued`` (handed to the server; ``id`` is the server's), ``sent``,
+    ``kept`` (in the local outbox after a transient failure; ``id`` is the outbox's, and
+    the e-mail leaves by itself: see :mod:`postier.outbox`), ``failed`` (refused for
+    good). ``error`` explains anything but success. ``via``: ``server`` or ``smtp`` (this
+    workstation's own or profile SMTP settings). ``kept_as``: the outbox id of a kept
+    e-mail that was handed to the server later.
     """
 
     status: str
@@ -311,9 +334,17 @@ class SendResult:
     error: errors.PostierError | None = None
     recipients: list[Recipient] = field(default_factory=list)
     sender_note: str | None = None  # from the server: why the From is not the user's
+    via: str = "server"
+    kept_as: str | None = None
 
 
-def client_for(settings: WorkstationSettings, lang: str | None = None) -> Client:
+def new_idempotency_key() -> str:
+    """The key an e-mail for the server carries from its first attempt to its last."""
+    return f"workstation-{uuid.uuid4().hex}"
+
+
+def client_for(settings: WorkstationSettings, lang: str | None = None,
+               timeout: float | httpx.Timeout = 30.0) -> Client:
     if not settings.server.url or not settings.server.token:
         raise errors.InvalidInput(
             N_("No Postier server is set for this workstation: set server.url and "
@@ -321,7 +352,7 @@ def client_for(settings: WorkstationSettings, lang: str | None = None) -> Client
             hint=N_("Use: postier config set server.url http://SERVER:8025"),
             field="server.url",
         )
-    return Client(settings.server.url, settings.server.token, lang=lang)
+    return Client(settings.server.url, settings.server.token, lang=lang, timeout=timeout)
 
 
 def send(
@@ -335,18 +366,35 @@ def send(
     **options: Any,
 ) -> SendResult:
     """Send one e-mail the way this workstation is set up: through the server (returns at
-    once, ``queued``), or directly with its own or a profile's SMTP settings (the e-mail
-    is first kept in the local outbox, so nothing is lost if the relay is down)."""
+    once, ``queued``; ``kept`` in the local outbox when the server cannot take it now), or
+    directly with its own or a profile's SMTP settings (the e-mail is first kept in the
+    local outbox, so nothing is lost if the relay is down). A refusal raises."""
     settings = settings or load_settings()
     settings.check_ready()
     payload = message_payload(to, subject, text, html, **options)
     if settings.mode == Mode.SERVER:
-        with client_for(settings, lang) as c:
-            sub = c.submit_message(payload)
-        return SendResult(sub.status, sub.id, sender_note=sub.sender_note)
+        return _send_to_server(settings, payload, lang)
     from postier.outbox import send_direct
 
     return asyncio.run(send_direct(settings, payload, lang or system_language()))
+
+
+def _send_to_server(
+    settings: WorkstationSettings, payload: dict[str, Any], lang: str | None
+) -> SendResult:
+    # Chosen before the first attempt: if its answer is lost, the next one is recognised.
+    payload.setdefault("idempotency_key", new_idempotency_key())
+    started = time.time()
+    try:
+        with client_for(settings, lang) as c:
+            sub = c.submit_message(payload)
+    except errors.PostierError as exc:
+        if not exc.transient:
+            raise
+        from postier.outbox import keep_for_server
+
+        return asyncio.run(keep_for_server(settings, payload, exc, started))
+    return SendResult(sub.status, sub.id, sender_note=sub.sender_note)
 
 
 def pull_profile(

@@ -388,6 +388,7 @@ class Postier:
                 N_("Unknown role {role!r}: choose admin, user, operator or relay."),
                 field="role", role=role,
             )
+        accounts.check_placement(role, establishment_id)
         username = username.strip()
         if not username or len(username) > 100 or any(c.isspace() for c in username):
             raise InvalidInput(
@@ -541,8 +542,7 @@ class Postier:
     async def preview(self, user: User, username: str | None, lang: str) -> Preview:
         target = user
         if username and username != user.username:
-            require_admin(user)
-            target = await self.find_user(username, user.establishment_id)
+            target = await self.admin.target(user, username)
         settings = await self.delivery_settings(user.establishment_id)
         d = self.decide_sender(target, settings,
                                verified=await self.senders.verified(target, settings))

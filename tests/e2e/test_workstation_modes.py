@@ -3,19 +3,27 @@ and a real relay."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from postier.client import Client
+from postier import outbox
+from postier.client import Client, SendResult, send
 from postier.errors import Forbidden, InvalidInput
+from postier.workstation import WorkstationSettings
 
+from support.proxy import AnswerDropper
 from support.relay import FaultRelay
 from support.server import ServerProcess
 
@@ -37,6 +45,11 @@ class Workstation:
         for key, value in values.items():
             r = self.run("config", "set", key.replace("__", "."), str(value))
             assert r.returncode == 0, r.stderr
+
+    def watch(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "postier", "outbox", "watch", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env)
 
     def own(self, relay: FaultRelay) -> None:
         self.set(mode="own", identity__name="Alice Martin",
@@ -148,7 +161,9 @@ def test_bad_settings_and_unreachable_server_are_explained(
     assert r.returncode == 1 and "server.url" in r.stderr
     ws.set(server__url=f"http://127.0.0.1:{closed_port}", server__token="pst_x")
     r = ws.run("send", "--to", "p@example.org", "--text", "x")
-    assert r.returncode == 1 and "cannot be reached" in r.stderr
+    said = " ".join(r.stderr.split())
+    assert r.returncode == 75 and "cannot be reached: connection refused" in said
+    assert "is kept in this workstation's outbox" in said
     shown = ws.run("config", "show").stdout
     assert "pst_x" not in shown, "the token is masked"
 
@@ -188,3 +203,124 @@ def test_sdk_against_the_real_server(server: ServerProcess, relay: FaultRelay) -
             c.test_settings("x@example.org")
         assert "administrateur" in forbidden.value.message()
     assert httpx.get(server.url + "/api/v1/health").status_code == 200
+
+
+# -- server mode: the server away ------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.1)
+    return value
+
+
+def kept_id(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 75, r.stdout + r.stderr
+    found = re.match(r"kept: (\w+)", r.stdout)
+    assert found, r.stdout
+    return found.group(1)
+
+
+def server_copies(server: ServerProcess, subject: str) -> list[dict[str, Any]]:
+    """Alice's e-mails of that subject as the server holds them."""
+    with server.client("alice") as c:
+        return [m for m in c.get("/api/v1/messages", params={"limit": 500}).json()
+                if m["subject"] == subject]
+
+
+def test_server_away_keeps_the_e_mail_and_the_next_command_hands_it_over_once(
+    ws: Workstation, server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay)
+    ws.set(mode="server", server__url=server.url, server__token=server.tokens["alice"])
+    server.stop()
+    r = ws.run("send", "--to", "parent@example.org", "--subject", "Sortie au musée",
+               "--text", "Départ 8 h.", lang="fr_FR.UTF-8")
+    kept = kept_id(r)
+    said = " ".join(r.stderr.split())  # as read, whatever the terminal's width
+    assert "injoignable : connexion refusée" in said
+    assert f"L'e-mail {kept} est gardé dans la boîte d'envoi" in said
+    assert "postier outbox watch" in said
+    listing = ws.run("outbox", "list")
+    assert kept in listing.stdout and "Sortie au musée" in listing.stdout
+    assert "deferred" in listing.stdout and "server" in listing.stdout
+
+    server.start()
+    r = ws.run("status", kept)  # any workstation command hands the kept e-mails over first
+    assert r.returncode == 0, r.stderr
+    assert f"The e-mail {kept} kept in this workstation's outbox was handed" in \
+        " ".join(r.stderr.split())
+    (copy,) = server_copies(server, "Sortie au musée")
+    assert json.loads(r.stdout)["id"] == copy["id"], "status follows it on the server"
+    (got,) = relay.wait_for(1)
+    assert got.message["Subject"] == "Sortie au musée"
+    server.wait_status(copy["id"], "sent", user="alice")
+    assert ws.run("outbox", "flush").stdout.startswith("The outbox is empty")
+    assert "handed over" in ws.run("outbox", "list").stdout
+    assert len(server_copies(server, "Sortie au musée")) == 1
+    assert len(relay.messages) == 1
+
+
+def test_an_answer_lost_after_the_server_stored_the_e_mail_never_makes_a_second_copy(
+    ws: Workstation, server: ServerProcess, relay: FaultRelay
+) -> None:
+    server.configure_relay(relay)
+    with AnswerDropper(server.port) as proxy:
+        ws.set(mode="server", server__url=proxy.url, server__token=server.tokens["alice"])
+        r = ws.run("send", "--to", "parent@example.org", "--subject", "Conseil de classe",
+                   "--text", "Mardi 17 h.")
+        kept = kept_id(r)
+        assert proxy.dropped == 1 and "closed before its answer" in " ".join(r.stderr.split())
+        (first,) = server_copies(server, "Conseil de classe")  # the server did store it
+
+        proxy.drop = False
+        watcher = ws.watch("--interval", "0.2")
+        try:
+            wait_until(lambda: "handed over" in ws.run("outbox", "list").stdout,
+                       "outbox watch hands the kept e-mail over")
+        finally:
+            watcher.send_signal(signal.SIGTERM)
+            out, errors = watcher.communicate(timeout=30)
+        assert watcher.returncode == 0, errors
+        # The server recognised its first copy (already sent by now, or still queued).
+        assert re.search(rf"^(queued|sent): {first['id']}$", out, re.M), out
+        assert kept in errors
+    server.wait_status(first["id"], "sent", user="alice")
+    assert len(server_copies(server, "Conseil de classe")) == 1
+    assert len(relay.messages) == 1
+
+
+def test_a_refusal_is_said_at_once_and_not_kept(
+    ws: Workstation, server: ServerProcess
+) -> None:
+    ws.set(mode="server", server__url=server.url, server__token=server.tokens["alice"])
+    r = ws.run("send", "--to", "pas une adresse", "--subject", "Refusé", "--text", "x")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "kept" not in r.stdout + r.stderr
+    assert "Refusé" not in ws.run("outbox", "list").stdout
+
+
+def test_sdk_keeps_the_e_mail_and_the_background_flusher_hands_it_over(
+    server: ServerProcess, relay: FaultRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POSTIER_OUTBOX", str(tmp_path / "outbox"))
+    server.configure_relay(relay)
+    settings = WorkstationSettings()
+    settings.set("server.url", server.url)
+    settings.set("server.token", server.tokens["alice"])
+    server.stop()
+    result = send(["parent@example.org"], "Bulletin du trimestre", "En ligne.",
+                  settings=settings, lang="en")
+    assert result.status == "kept" and result.error is not None and result.error.transient
+    server.start()
+    handed: list[SendResult] = []
+    with outbox.OutboxFlusher(settings, interval=0.2, report=handed.append):
+        wait_until(lambda: handed, "the flusher hands the kept e-mail over")
+    (done,) = handed
+    assert done.status == "queued" and done.kept_as == result.id
+    (copy,) = server_copies(server, "Bulletin du trimestre")
+    assert copy["id"] == done.id
+    relay.wait_for(1)

@@ -225,11 +225,10 @@ async def _other_schools(data_dir: Path) -> dict[str, str]:
     await core.open()
     try:
         b = await core.add_establishment("lycee-du-parc", "Lycée du Parc")
-        hosting = await core.add_establishment("hebergeur", "Hébergeur")
         tokens = {}
         for role, username, email, est in (
                 ("other_admin", "admin", "proviseur@lyceeduparc.fr", b.id),
-                ("operator", "ops", "ops@hebergeur.fr", hosting.id)):
+                ("operator", "ops", "ops@hebergeur.fr", 1)):
             user = await core.add_user(username, email, password="mot-de-passe-" + username,
                                        role="admin" if role == "other_admin" else "operator",
                                        establishment_id=est)

@@ -99,3 +99,32 @@ def test_status_is_typed() -> None:
         st = c.status("m")
     assert st.status == "deferred" and st.attempts == 2
     assert st.recipients[0].address == "a@x.fr" and st.last_error["code"] == "refused"
+
+
+@pytest.mark.parametrize(("status", "transient"),
+                         [(429, True), (500, True), (502, True), (503, True), (403, False),
+                          (413, False), (422, False)])
+def test_not_now_is_transient_and_a_refusal_is_not(status: int, transient: bool) -> None:
+    # A workstation keeps an e-mail in its outbox only after a transient error.
+    body = {"error": {"code": "x", "message": "m"}}
+    with _client(lambda r: httpx.Response(status, json=body)) as c, pytest.raises(
+            errors.PostierError) as info:
+        c.submit(["p@example.org"], "s", "t")
+    assert info.value.transient is transient
+
+
+@pytest.mark.parametrize(("raised", "french"), [
+    (httpx.ConnectError("[Errno 111] Connection refused"), "connexion refusée"),
+    (httpx.ConnectTimeout("timed out"), "délai dépassé"),
+    (httpx.RemoteProtocolError("Server disconnected without sending a response."),
+     "la connexion s'est fermée avant sa réponse"),
+])
+def test_why_the_server_cannot_be_reached_is_said_in_french(
+    raised: Exception, french: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    with _client(handler) as c, pytest.raises(ServerUnreachable) as info:
+        c.submit(["p@example.org"], "s", "t")
+    assert info.value.message("fr").endswith(f"injoignable : {french}.")

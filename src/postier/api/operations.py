@@ -11,7 +11,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from postier import metrics, retention
-from postier.administration import require_admin
 from postier.api.deps import Core, CurrentUser, Lang
 from postier.api.views import ErrorResponse
 from postier.config import metrics_networks
@@ -114,8 +113,7 @@ async def my_data(user: CurrentUser, core: Core, lang: Lang) -> dict[str, Any]:
 async def user_data(username: str, user: CurrentUser, core: Core, lang: Lang) -> JSONResponse:
     """Administrators: export what Postier keeps about a user's e-mails and account (for a
     request of access; the export is recorded in the audit log)."""
-    require_admin(user)
-    subject = await core.find_user(username, user.establishment_id)
+    subject = await core.admin.target(user, username)
     data = await retention.user_data(core, subject, lang)
     await core.store.audit(user.establishment_id, user.username, "user.data_export",
                            subject.username, {"messages": len(data["messages"])})

@@ -4,12 +4,16 @@ They follow the workstation's settings file (``postier config show``): through t
 Postier server (``server`` mode) or directly with the user's own or a profile's SMTP
 server (``own`` / ``profile`` modes). Exit status: 0 when the e-mail is sent or queued,
 75 (try again later) when it is kept in the outbox, 1 otherwise.
+
+E-mails kept in the outbox leave by themselves: a quick, bounded hand-over to the server
+before each workstation command, and ``postier outbox watch`` (a loop for a service).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,10 +35,66 @@ from postier.cli.common import (
 )
 from postier.client import SendResult, client_for, send
 from postier.errors import InvalidInput, PostierError
-from postier.i18n import system_language
+from postier.i18n import N_, system_language, translate
 from postier.workstation import Mode, WorkstationSettings
 
 EX_TEMPFAIL = 75
+
+# Workstation commands that first hand the outbox's kept e-mails to the server (quickly).
+_HAND_OVER_BEFORE = frozenset({"send", "status", "test", "config", "profiles", "account"})
+
+_KEPT = {
+    "server": N_("The e-mail {id} is kept in this workstation's outbox: it goes to the "
+                 "Postier server as soon as the server answers, at the next postier command "
+                 "or with postier outbox watch (postier outbox flush tries at once)."),
+    "smtp": N_("The e-mail {id} is kept in this workstation's outbox: postier outbox flush "
+               "sends it when the mail server answers again (postier outbox watch does it "
+               "by itself)."),
+}
+_HANDED = N_("The e-mail {kept} kept in this workstation's outbox was handed to the Postier "
+             "server: {id}.")
+_REFUSED = N_("The e-mail {id} kept in this workstation's outbox was refused: it will not be "
+              "sent.")
+
+
+@app.callback()
+def _before_command(ctx: typer.Context) -> None:
+    """Postier: outgoing e-mail for school software."""
+    if ctx.invoked_subcommand in _HAND_OVER_BEFORE and outbox.exists():
+        _hand_over_kept()
+
+
+def _hand_over_kept() -> None:
+    """E-mails kept for the server go first, in a few seconds at most; a server still away
+    costs the command one short connection attempt."""
+    lang = system_language()
+    try:
+        results = asyncio.run(outbox.hand_over(workstation.load(), lang=lang, quick=True))
+    except (PostierError, OSError):
+        return  # the command itself says what is wrong with the settings
+    for r in results:
+        if r.status != "kept":
+            _report(r, lang)
+
+
+def _report(result: SendResult, lang: str) -> None:
+    """A kept e-mail that has just left (or been refused), on stderr: stdout stays the
+    command's own answer."""
+    if result.kept_as:
+        err.print(translate(lang, _HANDED, kept=result.kept_as, id=result.id),
+                  highlight=False)
+        return
+    _error(result, lang)
+    if result.status == "failed" and result.via == "server":
+        err.print(translate(lang, _REFUSED, id=result.id), highlight=False)
+
+
+def _error(result: SendResult, lang: str) -> None:
+    if result.error is not None:
+        err.print(f"[bold red]{result.error.message(lang)}[/]", highlight=False)
+        hint = result.error.hint(lang)
+        if hint:
+            err.print(hint, highlight=False)
 
 
 def _settings() -> WorkstationSettings:
@@ -125,21 +185,20 @@ def list_server_profiles() -> None:
 def _show(result: SendResult, lang: str) -> None:
     if result.status in ("sent", "queued"):
         out.print(f"{result.status}: {result.id}", highlight=False)
+        if result.kept_as:
+            _report(result, lang)
         if result.sender_note:
             err.print(result.sender_note, highlight=False)
         for r in result.recipients:
             if r.status == "failed":
                 err.print(f"{r.address}: {r.code} {r.reply}", highlight=False)
         return
-    if result.error is not None:
-        err.print(f"[bold red]{result.error.message(lang)}[/]", highlight=False)
-        hint = result.error.hint(lang)
-        if hint:
-            err.print(hint, highlight=False)
     if result.status == "kept":
-        err.print(f"The e-mail {result.id} is kept in this workstation's outbox: "
-                  "`postier outbox flush` sends it when the server answers again.",
-                  highlight=False)
+        out.print(f"kept: {result.id}", highlight=False)
+        _error(result, lang)
+        err.print(translate(lang, _KEPT[result.via], id=result.id), highlight=False)
+    else:
+        _report(result, lang)
 
 
 @app.command("send")
@@ -192,14 +251,15 @@ def status_command(message_id: str) -> None:
     s = _settings()
     lang = system_language()
     doc: dict[str, Any]
-    if s.mode == Mode.SERVER:
+    record = asyncio.run(outbox.get(message_id)) if outbox.exists() else None
+    server_id = outbox.handed_as(record) if record is not None else None
+    if s.mode == Mode.SERVER and (record is None or server_id):
         try:
             with client_for(s, lang) as c:
-                doc = c.status(message_id).raw
+                doc = c.status(server_id or message_id).raw
         except PostierError as exc:
             fail_with(exc)
     else:
-        record = asyncio.run(outbox.get(message_id))
         if record is None:
             _fail(f"There is no e-mail {message_id} in this workstation's outbox.")
         from postier.api.views import message_view
@@ -251,13 +311,15 @@ def outbox_list() -> None:
     """E-mails of this workstation's direct sending, newest first, with their state."""
     lang = system_language()
     rows = asyncio.run(outbox.listing())
-    table = Table("id", "status", "subject", "recipients", "last error")
+    table = Table("id", "via", "status", "subject", "recipients", "last error")
     from postier.service import explain_error
 
     for m in rows:
         e = explain_error(m.last_error, lang)
-        table.add_row(m.id, m.status, m.subject, ", ".join(r.address for r in m.recipients),
-                      e["message"] if e else "")
+        to_server = m.establishment_id == outbox.TO_SERVER
+        status = "handed over" if to_server and m.status == "sent" else m.status
+        table.add_row(m.id, "server" if to_server else "smtp", status, m.subject,
+                      ", ".join(r.address for r in m.recipients), e["message"] if e else "")
     out.print(table)
 
 
@@ -270,7 +332,7 @@ def outbox_flush() -> None:
         s.check_ready()
     except PostierError as exc:
         fail_with(exc)
-    results = asyncio.run(outbox.flush(s))
+    results = asyncio.run(outbox.flush(s, lang)) if outbox.exists() else []
     if not results:
         out.print("The outbox is empty: nothing to send.")
     for r in results:
@@ -279,3 +341,27 @@ def outbox_flush() -> None:
         raise typer.Exit(1)
     if any(r.status == "kept" for r in results):
         raise typer.Exit(EX_TEMPFAIL)
+
+
+@outbox_app.command("watch")
+def outbox_watch(
+    interval: Annotated[float, typer.Option(
+        "--interval", min=0.1, help="Seconds between two rounds")] = 15.0,
+) -> None:
+    """Empty this workstation's outbox by itself, as soon as the server (or the mail
+    server) answers: a loop for a workstation service or the host application; SIGINT or
+    SIGTERM stops it after the round in progress."""
+    lang = system_language()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await outbox.watch(interval=interval, stop=stop, lang=lang,
+                           report=lambda r: _show(r, lang))
+
+    err.print(translate(lang, N_("Watching this workstation's outbox every {interval} s "
+                                 "(Ctrl-C stops)."), interval=f"{interval:g}"),
+              highlight=False)
+    asyncio.run(main())

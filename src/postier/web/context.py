@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.datastructures import FormData
 
-from postier import __version__
+from postier import __version__, accounts
 from postier.i18n import LANGUAGES, N_, negotiate, translate
 from postier.service import Postier
 from postier.store.base import User
@@ -144,6 +144,10 @@ class Page:
 
     def role(self, role: str) -> str:
         return self._(ROLE_LABELS.get(role, role))
+
+    def outranks(self, user: User) -> bool:
+        """Whether ``user`` is beyond the signed-in person's reach (no page to change it)."""
+        return accounts.rank(user.role) > accounts.rank(self.me.role)
 
 
 def _security(response: Response) -> Response:

@@ -35,7 +35,7 @@ async def _users_page(p: Page, *, status_code: int = 200, errors: dict[str, str]
 async def _user_page(p: Page, username: str, *, status_code: int = 200,
                      errors: dict[str, str] | None = None,
                      new_token: str | None = None) -> Response:
-    target = await p.core.find_user(username, p.me.establishment_id)
+    target = await p.core.admin.target(p.me, username)
     tokens = await p.core.admin.list_tokens(p.me, target.username)
     return render(p, "user.html", status_code, title=target.display_name or target.username,
                   target=target, tokens=tokens, errors=errors or {}, new_token=new_token)
