@@ -141,7 +141,9 @@ async def test_a_dead_relay_of_one_establishment_holds_back_no_other(
     try:
         await store.enqueue([_msg(i, 2) for i in range(400)])  # its relay never answers
         await worker.start()
+        deadline = time.monotonic() + 30
         while dead_relay.connections < 4:  # the dead relay holds its connections
+            assert time.monotonic() < deadline, "the worker never tried the dead relay"
             await asyncio.sleep(0.02)
         others = await store.enqueue([_msg(i, est) for est in (1, 3, 4) for i in range(20)])
         worker.notify()
