@@ -45,9 +45,9 @@ from postier.store import schema as t
 from postier.store.base import (
     FAILURES_KEPT,
     FINAL_STATUSES,
+    SIGN_IN_DOORS,
     User,
-    smtp_name_key,
-    web_account_key,
+    account_key,
 )
 from postier.store.sql import SQLStore
 
@@ -417,10 +417,10 @@ async def user_data(core: Postier, subject: User, lang: str = "en") -> dict[str,
 
     got = await _reading(store, read)
     tokens = await core.store.list_tokens(subject.id)
-    # Failed sign-ins under this account's name (the throttling's, kept a day at most):
-    # the web pages count them per account, SMTP AUTH per name given (case-folded).
-    doors = {web_account_key(subject.establishment_id, subject.username): "web",
-             smtp_name_key(subject.username): "smtp", smtp_name_key(subject.email): "smtp"}
+    # Failed sign-ins for this account (the throttling's, kept a day at most): each door
+    # counts every one under the account's key, however the account was named.
+    doors = {account_key(door, subject.establishment_id, subject.username): door
+             for door in SIGN_IN_DOORS}
     failures = await core.store.recent_failures(list(doors), time.time() - FAILURES_KEPT)
     failed_sign_ins = sorted(({"at": iso(at), "door": doors[key]}
                               for key, times in failures.items() for at in times),

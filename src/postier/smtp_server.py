@@ -43,7 +43,8 @@ from postier.errors import (
 )
 from postier.i18n import N_
 from postier.service import SETTINGS_TTL, Postier
-from postier.store.base import Store, User, smtp_address_key, smtp_name_key
+from postier.sign_in_throttle import SignInThrottle
+from postier.store.base import Store, User
 
 log = logging.getLogger("postier.smtp")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -73,8 +74,6 @@ class SubmissionConfig:
     max_connections: int = 200
     max_per_client: int = 20  # connections from one address (Postfix: 50 per client)
     rate_per_minute: int = 600  # messages per account
-    auth_failures: int = 5  # before an address is made to wait
-    auth_penalty: float = 300.0  # seconds it waits
     command_timeout: float = 60.0  # silence allowed while a command or the data is due
     # A message's whole DATA phase, however steadily its lines come (25 MB at 14 KB/s).
     data_timeout: float = 1800.0
@@ -83,34 +82,14 @@ class SubmissionConfig:
 
 
 class _Limiter:
-    """Failed authentications per client address and per username (in the store, shared
-    by every process of the installation); accepted messages per account per minute (in
-    this process: SMTP submission runs in one process of a server)."""
+    """Failed authentications (postier.sign_in_throttle: in the store, shared by every
+    process of the installation and with the web pages); accepted messages per account per
+    minute (in this process: SMTP submission runs in one process of a server)."""
 
     def __init__(self, config: SubmissionConfig, store: Store) -> None:
         self.config = config
-        self.store = store
+        self.auth = SignInThrottle(store, "smtp")
         self.sent: dict[int, deque[float]] = {}
-
-    @staticmethod
-    def _keys(peer: str, username: str) -> tuple[str, str]:
-        return smtp_address_key(peer), smtp_name_key(username)
-
-    async def blocked_for(self, peer: str, username: str) -> float:
-        now = time.time()
-        penalty = self.config.auth_penalty
-        recent = await self.store.recent_failures(self._keys(peer, username), now - penalty)
-        worst = 0.0
-        for times in recent.values():
-            if len(times) >= self.config.auth_failures:
-                # Free again when enough of them are older than the penalty.
-                worst = max(worst, penalty - (now - times[-self.config.auth_failures]))
-        return worst
-
-    async def failed(self, peer: str, username: str) -> None:
-        now = time.time()
-        await self.store.add_failure(self._keys(peer, username), now,
-                                     forget_before=now - self.config.auth_penalty)
 
     def take(self, account: int) -> float:
         """0 when the account may send now, else seconds to wait."""
@@ -181,33 +160,37 @@ class SubmissionHandler:
     ) -> AuthResult:
         peer = str(server.session.peer[0]) if server.session and server.session.peer else "?"
         username = login.decode("utf-8", "replace")
-        wait = await self.limits.blocked_for(peer, username)
-        if wait > 0:
+        throttle = self.limits.auth
+        admitted = await throttle.admit(username, await self.core.login_candidates(username),
+                                        peer)
+        if admitted.wait > 0:
             log.warning("AUTH refused for %r from %s: too many failures", username, peer)
             return AuthResult(
-                success=False, handled=False,
-                message=f"454 4.7.0 Too many failed attempts; try again in {int(wait) + 1} s",
+                success=False, handled=False, message="454 4.7.0 Too many failed attempts; "
+                f"try again in {int(admitted.wait) + 1} s",
             )
-        secret = password.decode("utf-8", "replace")
-        user: User | None = None
-        if secret.startswith(accounts.TOKEN_PREFIX):
-            user = await self.core.store.user_for_token(accounts.token_hash(secret))
-            if user is not None and user.id not in {
-                    u.id for u in await self.core.login_candidates(username)}:
-                user = None  # the token must be one of the named accounts'
-        else:
-            try:
-                user = await self.core.authenticate_password(username, secret)
-            except PostierError:
-                user = None
+        user = await self._open(admitted.accounts, password.decode("utf-8", "replace"))
         if user is None:
-            await self.limits.failed(peer, username)
+            await throttle.failed(username, admitted.accounts, peer)
             log.warning("AUTH failed for %r from %s", username, peer)
             await asyncio.sleep(0.5)  # slows down guessing without holding a worker
             return AuthResult(success=False, handled=False,
                               message="535 5.7.8 Authentication credentials invalid")
+        await throttle.succeeded(user, peer)
         log.info("AUTH %s from %s", user.username, peer)
         return AuthResult(success=True, auth_data=user)
+
+    async def _open(self, accounts_named: list[User], secret: str) -> User | None:
+        """The account a password or an API token opens among those named, if any."""
+        if secret.startswith(accounts.TOKEN_PREFIX):
+            user = await self.core.store.user_for_token(accounts.token_hash(secret))
+            # The token must be one of the named accounts'.
+            return (user if user is not None and user.id in {u.id for u in accounts_named}
+                    else None)
+        try:
+            return await self.core.check_password(accounts_named, secret)
+        except PostierError:
+            return None
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:

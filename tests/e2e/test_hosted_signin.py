@@ -24,6 +24,7 @@ import pytest
 
 from postier.config import ServerConfig
 from postier.service import Postier
+from postier.sign_in_throttle import SignInThrottle
 
 from support.server import ServerProcess
 
@@ -128,3 +129,33 @@ def test_same_name_in_another_establishment_changes_nothing_for_alice(
     r = console(hosted, "tokens", "list", "amartin")
     assert r.returncode == 1 and "no user named amartin" in r.stderr, r.stderr
     assert "--establishment" in r.stderr, "the hint says how to name the establishment"
+
+
+# -- a stranger's failures never lock the rightful user out -----------------------------------
+
+STRANGER, ALICE_HOME = "127.0.0.2", "127.0.0.1"
+
+
+def test_a_stranger_failing_holds_back_the_stranger_not_alice(hosted: ServerProcess) -> None:
+    tries = SignInThrottle.SOURCE_LIMIT + 2
+    answers = [web_sign_in(hosted, "alice", f"devine-{i}", STRANGER).status_code
+               for i in range(tries)]
+    assert answers[:SignInThrottle.SOURCE_LIMIT] == [401] * SignInThrottle.SOURCE_LIMIT
+    assert set(answers[SignInThrottle.SOURCE_LIMIT:]) == {429}, answers
+    # The stranger is held back even with the right password, on the web and at SMTP AUTH
+    # (one rule for both doors: their failures add up)...
+    assert web_sign_in(hosted, "alice", ALICE_A[1], STRANGER).status_code == 429
+    assert smtp_auth(hosted, "alice", ALICE_A[1], "PLAIN", STRANGER) == 454
+    # ...while alice, from her own address, signs in on both.
+    r = web_sign_in(hosted, "alice", ALICE_A[1], ALICE_HOME)
+    assert r.status_code == 303 and r.headers["location"] == "/mine"
+    assert smtp_auth(hosted, ALICE_ADDRESS, ALICE_A[1], "LOGIN", ALICE_HOME) == 235
+
+    # The same at SMTP AUTH, for bob, whatever the mechanism.
+    codes = [smtp_auth(hosted, "bob", f"devine-{i}", ("PLAIN", "LOGIN")[i % 2], STRANGER)
+             for i in range(tries)]
+    assert codes[:SignInThrottle.SOURCE_LIMIT] == [535] * SignInThrottle.SOURCE_LIMIT
+    assert set(codes[SignInThrottle.SOURCE_LIMIT:]) == {454}, codes
+    assert smtp_auth(hosted, "bob", "motdepasse-bob", "PLAIN", STRANGER) == 454
+    assert smtp_auth(hosted, "bob", "motdepasse-bob", "PLAIN", ALICE_HOME) == 235
+    assert web_sign_in(hosted, "bob", "motdepasse-bob", ALICE_HOME).status_code == 303

@@ -21,6 +21,7 @@ from reliability_kit import record_figures
 
 from postier.config import ServerConfig
 from postier.service import Postier
+from postier.sign_in_throttle import SignInThrottle
 from postier.smtp_server import SubmissionConfig, self_signed, server_tls_context, start_submission
 
 from support.relay import FaultRelay
@@ -373,27 +374,30 @@ def test_auth_brute_force_is_throttled_per_address_and_logged(
 ) -> None:
     server: ServerProcess = server_factory().start()
     attacker, honest = "127.0.0.2", "127.0.0.1"
+    limit = SignInThrottle.ADDRESS_LIMIT
     t0 = time.monotonic()
     codes = [_auth(server, f"user{i}", f"guess-{i}-secret", attacker) for i in range(5)]
     slow = time.monotonic() - t0
-    assert codes == [535] * 5
+    codes += [_auth(server, f"user{i}", f"guess-{i}-secret", attacker) for i in range(5, limit)]
+    assert codes == [535] * limit
     assert slow >= 2.5, "each failure costs the guesser half a second"
     # Spraying names from one address: now even a right password waits there...
     assert _auth(server, "bob", "motdepasse-bob", attacker) == 454
     # ...while another address signs in as usual.
     assert _auth(server, "bob", "motdepasse-bob", honest) == 235
-    # In one connection, the limit holds too.
+    # In one connection, the limit for one name from one address holds too.
     with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10,
                       source_address=("127.0.0.3", 0)) as c:
         c.starttls(context=_tls(server))
         c.ehlo()
         answers = [c.docmd("AUTH", "PLAIN " + base64.b64encode(
-            f"\0x{i}\0bad-secret-{i}".encode()).decode())[0] for i in range(7)]
+            f"\0x\0bad-secret-{i}".encode()).decode())[0] for i in range(7)]
     assert answers[:5] == [535] * 5 and set(answers[5:]) == {454}, answers
     log = server.log()
     assert log.count("AUTH failed for") >= 10
     assert "too many failures" in log
     assert "guess-" not in log and "bad-secret" not in log and "motdepasse" not in log, \
         "passwords never reach the log"
-    record_figures("SMTP AUTH brute force", failures_before_throttle=5,
-                   seconds_for_5_guesses=round(slow, 2), throttle="454 per address+username")
+    record_figures("SMTP AUTH brute force", failures_before_throttle=limit,
+                   seconds_for_5_guesses=round(slow, 2),
+                   throttle="454 per account from an address, per account, per address")

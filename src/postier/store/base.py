@@ -246,36 +246,37 @@ class RelayPause:
     error: str | None
 
 
-# Seconds after which a failed sign-in is forgotten whatever its key: longer than every
-# throttling window (the web pages' 15 minutes, SMTP AUTH's 5).
+# Seconds after which a failed sign-in is forgotten whatever its key: longer than the
+# throttling window (postier.sign_in_throttle).
 FAILURES_KEPT = 24 * 3600.0
 
-
-# The keys failed sign-ins are counted under, one function per door and kind. The
-# throttles write and read them, the right of access (``me/data``) looks an account's up:
-# both go through these, so they cannot drift apart. Names are case-folded, so that
-# changing a name's case does not buy more guesses.
-def web_account_key(establishment_id: int, username: str) -> str:
-    """The web pages' key for a known account, however it was named at sign-in."""
-    return web_name_key(f"{establishment_id}:{username}")
+# The doors where a password is given, as their failed sign-ins' keys begin.
+SIGN_IN_DOORS = {"web": "w", "smtp": "s"}
 
 
-def web_name_key(name: str) -> str:
-    """The web pages' key for a name given at sign-in (an unknown one stays as given)."""
-    return "w:u:" + name.casefold()
+# The keys failed sign-ins are counted under, one function per kind. The throttle writes
+# and reads them, the right of access (``me/data``) looks an account's up: both go through
+# these, so they cannot drift apart. Names are case-folded, so that changing a name's case
+# does not buy more guesses.
+def account_key(door: str, establishment_id: int, username: str) -> str:
+    """An account's key, however it was named at sign-in (username, address, slug:)."""
+    return f"{SIGN_IN_DOORS[door]}:u:{establishment_id}:{username.casefold()}"
 
 
-def web_address_key(address: str) -> str:
-    return "w:a:" + address
+def name_key(door: str, name: str) -> str:
+    """The key of a name given at sign-in that names no account (its first 200
+    characters: no account's name is longer, and its source keys stay whole)."""
+    return f"{SIGN_IN_DOORS[door]}:n:{name.casefold()[:200]}"
 
 
-def smtp_name_key(name: str) -> str:
-    """SMTP AUTH's key: per name given (a username or an e-mail address)."""
-    return "s:u:" + name.casefold()
+def address_key(door: str, address: str) -> str:
+    """A client address's key."""
+    return f"{SIGN_IN_DOORS[door]}:a:{address}"
 
 
-def smtp_address_key(peer: str) -> str:
-    return "s:a:" + peer
+def source_key(key: str, address: str) -> str:
+    """An account's (or a name's) key from one client address; an address holds no ``|``."""
+    return f"{key}|{address}"
 
 
 class Store(abc.ABC):

@@ -13,7 +13,8 @@ from fastapi.responses import Response
 from postier.errors import AuthenticationRequired, PostierError
 from postier.i18n import LANGUAGES, N_
 from postier.sender_verification import CODE_TTL
-from postier.store.base import User, web_account_key, web_name_key
+from postier.sign_in_throttle import SignInThrottle
+from postier.store.base import User
 from postier.web.context import (
     LANG_COOKIE,
     AnyPage,
@@ -31,7 +32,6 @@ from postier.web.forms import error_text
 from postier.web.session import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
-    LoginThrottle,
     new_session,
     same_token,
     seal,
@@ -84,14 +84,6 @@ async def login_form(p: AnyPage, next: str = "") -> Response:
     return _login_page(p, next_url=local_path(next, ""))
 
 
-def _throttle_key(identifier: str, candidates: list[User]) -> str:
-    """One key per account, however it is named (username, e-mail address, slug:username),
-    so that changing the spelling does not buy more attempts."""
-    if len(candidates) == 1:
-        return web_account_key(candidates[0].establishment_id, candidates[0].username)
-    return web_name_key(identifier)
-
-
 @router.post("/login")
 async def login(p: AnyPage) -> Response:
     check_origin(p.request)
@@ -106,20 +98,19 @@ async def login(p: AnyPage) -> Response:
         return _login_page(p, status_code=422, username=identifier, next_url=next_url,
                            error=p._(N_("Enter your username (or e-mail address) and your "
                                         "password.")))
-    candidates = await p.core.login_candidates(identifier)
-    key = _throttle_key(identifier, candidates)
-    throttle = LoginThrottle(p.core.store)
-    wait = await throttle.wait_for(key, p.client_address)
-    if wait > 0:
+    throttle = SignInThrottle(p.core.store, "web")
+    admitted = await throttle.admit(identifier, await p.core.login_candidates(identifier),
+                                    p.client_address)
+    if admitted.wait > 0:
         return _login_page(p, status_code=429, username=identifier, next_url=next_url,
-                           error=p._(TOO_MANY, wait=p.duration(math.ceil(wait))))
+                           error=p._(TOO_MANY, wait=p.duration(math.ceil(admitted.wait))))
     try:
-        user = await p.core.check_password(candidates, password)
+        user = await p.core.check_password(admitted.accounts, password)
     except AuthenticationRequired:
-        await throttle.failed(key, p.client_address)
+        await throttle.failed(identifier, admitted.accounts, p.client_address)
         return _login_page(p, status_code=401, username=identifier, next_url=next_url,
                            error=p._(WRONG))
-    await throttle.succeeded(key)
+    await throttle.succeeded(user, p.client_address)
     response = redirect(next_url or home_for(user))
     _cookie(response, p, SESSION_COOKIE, seal(p.core, new_session(user)))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")

@@ -1,17 +1,12 @@
-"""Sign-in sessions of the pages, their CSRF token, and the throttling of failed sign-ins.
+"""Sign-in sessions of the pages and their CSRF token.
 
 A session is a small JSON document sealed with the installation's secret box (Fernet:
 encrypted and authenticated), kept in an HttpOnly, SameSite=Lax cookie: nothing to store
 on the server, and every process sharing the secret key understands it. It names the user,
 carries the session's CSRF token and a fingerprint of the user's password hash, so that a
 password reset ends every session of that user; a disabled user's session ends at once
-because the user is read again on every request.
-
-Throttling is kept in the store, so that it holds across every process and server of the
-installation (``--http-processes``): after ``USER_LIMIT`` failures for a username (or
-``ADDRESS_LIMIT`` from one address — a school is often one address behind its router, hence
-the higher limit) within ``WINDOW`` seconds, further attempts are refused without checking
-the password, for a wait that doubles with each new failure.
+because the user is read again on every request. Failed sign-ins are throttled by
+postier.sign_in_throttle, the same rule as SMTP AUTH's.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from postier.errors import PostierError
 from postier.service import Postier
-from postier.store.base import Store, User, web_address_key
+from postier.store.base import User
 
 SESSION_COOKIE = "postier_session"
 LOGIN_CSRF_COOKIE = "postier_login_csrf"
@@ -94,42 +89,3 @@ async def session_user(core: Postier, session: Session) -> User | None:
 
 def same_token(given: str | None, expected: str) -> bool:
     return bool(given) and secrets.compare_digest(str(given), expected)
-
-
-class LoginThrottle:
-    """Counts recent failed sign-ins per account and per client address, in the store.
-    ``user_key`` is web_account_key()'s for a known account, web_name_key()'s otherwise."""
-
-    WINDOW = 15 * 60
-    USER_LIMIT = 5
-    ADDRESS_LIMIT = 20
-    FIRST_WAIT = 30.0
-    LONGEST_WAIT = 15 * 60.0
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def _wait(self, recent: list[float], limit: int, now: float) -> float:
-        if len(recent) < limit:
-            return 0.0
-        wait = min(self.LONGEST_WAIT, self.FIRST_WAIT * 2.0 ** (len(recent) - limit))
-        return max(0.0, recent[-1] + wait - now)
-
-    async def wait_for(self, user_key: str, address: str, now: float | None = None) -> float:
-        """Seconds to wait before this account may try again from this address (0: now)."""
-        now = time.time() if now is None else now
-        address_key = web_address_key(address)
-        recent = await self.store.recent_failures((user_key, address_key), now - self.WINDOW)
-        return max(
-            self._wait(recent.get(user_key, []), self.USER_LIMIT, now),
-            self._wait(recent.get(address_key, []), self.ADDRESS_LIMIT, now),
-        )
-
-    async def failed(self, user_key: str, address: str, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        await self.store.add_failure((user_key, web_address_key(address)), now,
-                                     forget_before=now - self.WINDOW)
-
-    async def succeeded(self, user_key: str) -> None:
-        # The address keeps its count: one good account must not clear a password sweep.
-        await self.store.clear_failures([user_key])
