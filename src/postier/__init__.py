@@ -9,4 +9,8 @@ def __getattr__(name: str) -> object:
         from postier import client
 
         return getattr(client, name)
+    if name in ("flush_outbox", "OutboxFlusher"):
+        from postier import outbox
+
+        return getattr(outbox, name)
     raise AttributeError(name)

@@ -323,6 +323,12 @@ async def flush(settings: WorkstationSettings, lang: str | None = None) -> list[
     return results
 
 
+def flush_outbox(settings: WorkstationSettings | None = None,
+                 lang: str | None = None) -> list[SendResult]:
+    """:func:`flush` for a program without an event loop (``postier.flush_outbox()``)."""
+    return asyncio.run(flush(settings or load_settings(), lang))
+
+
 async def _pass(settings: WorkstationSettings, lang: str | None) -> list[SendResult]:
     """One round of :func:`watch`: kept e-mails for the server, then due direct ones."""
     results = await hand_over(settings, lang=lang)

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from postier import outbox
+import postier
 from postier.client import Client, SendResult, send
 from postier.errors import Forbidden, InvalidInput
 from postier.workstation import WorkstationSettings
@@ -317,7 +317,7 @@ def test_sdk_keeps_the_e_mail_and_the_background_flusher_hands_it_over(
     assert result.status == "kept" and result.error is not None and result.error.transient
     server.start()
     handed: list[SendResult] = []
-    with outbox.OutboxFlusher(settings, interval=0.2, report=handed.append):
+    with postier.OutboxFlusher(settings, interval=0.2, report=handed.append):
         wait_until(lambda: handed, "the flusher hands the kept e-mail over")
     (done,) = handed
     assert done.status == "queued" and done.kept_as == result.id
