@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -80,6 +84,34 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
                         status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+# Swagger UI's and ReDoc's files as the fastapi-offline package ships them: /docs and
+# /redoc load nothing from another site.
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` on assets served by this server."""
+    app.mount("/docs/assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    title = f"{app.title} API"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=title,
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json", title=title,
+            redoc_js_url="/docs/assets/redoc.standalone.js",
+            redoc_favicon_url="/docs/assets/favicon.png", with_google_fonts=False,
+        )
+
+
 def create_app(
     core: Postier,
     *,
@@ -102,6 +134,8 @@ def create_app(
         description="Outgoing e-mail for school software: a durable queue, the "
         "establishment's sender policy, delivery through its SMTP relay.",
         lifespan=lifespan,
+        docs_url=None,  # served by _install_docs, from this server's own files
+        redoc_url=None,
     )
     app.state.core = core
     app.add_middleware(RequestGuard, core=core, limit=core.config.request_size_limit())
@@ -109,6 +143,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    _install_docs(app)
 
     from postier.api import admin, dkim, messages, profiles, users
 
