@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import smtplib
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +161,65 @@ def test_a_stranger_failing_holds_back_the_stranger_not_alice(hosted: ServerProc
     assert smtp_auth(hosted, "bob", "motdepasse-bob", "PLAIN", STRANGER) == 454
     assert smtp_auth(hosted, "bob", "motdepasse-bob", "PLAIN", ALICE_HOME) == 235
     assert web_sign_in(hosted, "bob", "motdepasse-bob", ALICE_HOME).status_code == 303
+
+
+# -- signing out ends the session --------------------------------------------------------------
+
+
+def _signed_in(server: ServerProcess, login: str, password: str) -> httpx.Client:
+    web = httpx.Client(base_url=server.url, timeout=10)
+    csrf = web.get("/login").cookies["postier_login_csrf"]
+    r = web.post("/login", data={"username": login, "password": password, "csrf": csrf})
+    assert r.status_code == 303, r.text[:300]
+    return web
+
+
+def _page_csrf(web: httpx.Client) -> str:
+    page = web.get("/mine")
+    assert page.status_code == 200, page.status_code
+    found = re.search(r'name="csrf" value="([^"]+)"', page.text)
+    assert found is not None
+    return found.group(1)
+
+
+def _opens(server: ServerProcess, cookie: str) -> bool:
+    """Whether a copy of a session cookie, replayed from elsewhere, opens the pages."""
+    with httpx.Client(base_url=server.url, timeout=10,
+                      cookies={"postier_session": cookie}) as replay:
+        r = replay.get("/mine")
+    assert r.status_code in (200, 303), r.status_code
+    return r.status_code == 200
+
+
+def test_signing_out_ends_the_session_for_every_process(server_factory: Any) -> None:
+    server: ServerProcess = server_factory(POSTIER_HTTP_PROCESSES="2").start()
+    deadline = time.monotonic() + 20
+    while "HTTP process 1 answering" not in server.log():
+        assert time.monotonic() < deadline, "the second HTTP process did not start"
+        time.sleep(0.1)
+    web = _signed_in(server, *ALICE_A)
+    cookie = web.cookies["postier_session"]
+    other_device = _signed_in(server, *ALICE_A)
+    assert _opens(server, cookie)
+
+    r = web.post("/logout", data={"csrf": _page_csrf(web)})
+    assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    web.close()
+    # Whichever process answers, the copy opens nothing: the sign-in page instead.
+    for _ in range(6):
+        assert not _opens(server, cookie), "a session cookie outlived its sign-out"
+    with httpx.Client(base_url=server.url, cookies={"postier_session": cookie}) as replay:
+        r = replay.get("/mine")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    # Signing out here leaves alice's other device signed in...
+    assert _opens(server, other_device.cookies["postier_session"])
+    # ...and changing her password there ends every other session, as before.
+    third = _signed_in(server, *ALICE_A)
+    r = other_device.post("/account/password", data={
+        "csrf": _page_csrf(other_device), "current": ALICE_A[1], "new": "nouveau-mdp-alice",
+        "confirm": "nouveau-mdp-alice"})
+    assert r.status_code == 303, r.text[:300]
+    assert not _opens(server, third.cookies["postier_session"])
+    assert _opens(server, other_device.cookies["postier_session"])
+    third.close()
+    other_device.close()

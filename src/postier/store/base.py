@@ -590,3 +590,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def clear_failures(self, keys: Sequence[str]) -> None: ...
+
+    # -- sign-in sessions ended by signing out (the web pages') ----------------------------
+    @abc.abstractmethod
+    async def end_session(self, session_id: str, expires_at: float, now: float) -> None:
+        """Remember that this session ended, until ``expires_at`` when it would have
+        expired anyway; forget the ended sessions expired by ``now``."""
+
+    @abc.abstractmethod
+    async def session_ended(self, session_id: str) -> bool: ...

@@ -1330,6 +1330,22 @@ class SQLStore(Store):
 
         await self.write(job)
 
+    # -- ended sign-in sessions ------------------------------------------------------------
+    async def end_session(self, session_id: str, expires_at: float, now: float) -> None:
+        es = t.ended_sessions
+
+        async def job(conn: AsyncConnection) -> None:
+            await conn.execute(delete(es).where(es.c.expires_at < now))
+            await conn.execute(self._dialect().insert(es).values(
+                session_id=session_id, expires_at=expires_at).on_conflict_do_nothing())
+
+        await self.write(job)
+
+    async def session_ended(self, session_id: str) -> bool:
+        es = t.ended_sessions
+        return bool(await self._read(select(es.c.session_id)
+                                     .where(es.c.session_id == session_id)))
+
     # -- relay sending limits ------------------------------------------------------------
     async def _relay_row(self, conn: AsyncConnection, relay_key: str, now: float) -> Any:
         """The relay's limits row, locked until the transaction ends (PostgreSQL; SQLite's

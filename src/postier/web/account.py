@@ -32,6 +32,7 @@ from postier.web.forms import error_text
 from postier.web.session import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
+    end_session,
     new_session,
     same_token,
     seal,
@@ -121,6 +122,7 @@ async def login(p: AnyPage) -> Response:
 async def logout(p: AnyPage) -> Response:
     if p.session is not None:
         await checked_form(p)
+        await end_session(p.core, p.session)
     response = redirect(flash_url("/login", "signed_out"))
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

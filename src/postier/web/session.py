@@ -1,11 +1,13 @@
 """Sign-in sessions of the pages and their CSRF token.
 
 A session is a small JSON document sealed with the installation's secret box (Fernet:
-encrypted and authenticated), kept in an HttpOnly, SameSite=Lax cookie: nothing to store
-on the server, and every process sharing the secret key understands it. It names the user,
-carries the session's CSRF token and a fingerprint of the user's password hash, so that a
-password reset ends every session of that user; a disabled user's session ends at once
-because the user is read again on every request. Failed sign-ins are throttled by
+encrypted and authenticated), kept in an HttpOnly, SameSite=Lax cookie: every process
+sharing the secret key understands it. It names the user, carries the session's id, its
+CSRF token and a fingerprint of the user's password hash, so that a password reset ends
+every session of that user; a disabled user's session ends at once because the user is
+read again on every request. Signing out ends the session in the store (its id is kept
+until the session would have expired anyway): a copy of the cookie, replayed after, opens
+nothing, whichever process reads it. Failed sign-ins are throttled by
 postier.sign_in_throttle, the same rule as SMTP AUTH's.
 """
 
@@ -28,6 +30,7 @@ SESSION_LIFETIME = 12 * 3600  # a school day; then sign in again
 
 @dataclass(frozen=True)
 class Session:
+    id: str
     user_id: int
     establishment_id: int
     csrf: str
@@ -35,8 +38,12 @@ class Session:
     password_fp: str
 
     @property
+    def expires_at(self) -> float:
+        return self.issued_at + SESSION_LIFETIME
+
+    @property
     def expired(self) -> bool:
-        return time.time() - self.issued_at > SESSION_LIFETIME
+        return time.time() > self.expires_at
 
 
 def password_fingerprint(user: User) -> str:
@@ -45,6 +52,7 @@ def password_fingerprint(user: User) -> str:
 
 def new_session(user: User) -> Session:
     return Session(
+        id=secrets.token_urlsafe(24),
         user_id=user.id,
         establishment_id=user.establishment_id,
         csrf=secrets.token_urlsafe(32),
@@ -63,6 +71,7 @@ def unseal(core: Postier, value: str | None) -> Session | None:
     try:
         doc = json.loads(core.secrets.decrypt(value))
         session = Session(
+            id=str(doc["id"]),
             user_id=int(doc["user_id"]),
             establishment_id=int(doc["establishment_id"]),
             csrf=str(doc["csrf"]),
@@ -75,16 +84,23 @@ def unseal(core: Postier, value: str | None) -> Session | None:
 
 
 async def session_user(core: Postier, session: Session) -> User | None:
-    """The session's user, if they may still use it (active, same password)."""
+    """The session's user, if they may still use it (not signed out, active, same
+    password)."""
     user = await core.store.get_user(user_id=session.user_id)
     if (
         user is None
         or user.disabled
         or user.establishment_id != session.establishment_id
         or not secrets.compare_digest(password_fingerprint(user), session.password_fp)
+        or await core.store.session_ended(session.id)
     ):
         return None
     return user
+
+
+async def end_session(core: Postier, session: Session) -> None:
+    """Signing out: the session opens nothing any more, even from a copy of its cookie."""
+    await core.store.end_session(session.id, session.expires_at, time.time())
 
 
 def same_token(given: str | None, expected: str) -> bool:
