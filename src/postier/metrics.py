@@ -31,9 +31,11 @@ import asyncio
 import bisect
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, case, func, select, update
@@ -436,6 +438,34 @@ async def probe_store(store: SQLStore, within: float = READY_TIMEOUT) -> str | N
     except Exception as exc:  # the store is not open, or broken in another way
         return type(exc).__name__
     return None
+
+
+def room_needed(max_message_size: int) -> int:
+    """Free bytes an SQLite store needs to accept the largest e-mail it may be given: once
+    in the write-ahead log, once more when the log is copied into the database file."""
+    return 2 * max_message_size
+
+
+def store_room(url: str, max_message_size: int) -> str | None:
+    """Whether the disk holding an SQLite database can take one more e-mail of the largest
+    size; None when it can (or for PostgreSQL, whose disk only the probe's write
+    reaches), else a short reason safe to show anyone. Below this floor a submission may
+    be refused with 507: readiness says so first."""
+    if not url.startswith("sqlite") or ":memory:" in url:
+        return None
+    try:
+        free = shutil.disk_usage(Path(url.split(":///", 1)[1]).parent).free
+    except OSError:
+        return None  # no such directory: the probe's write says what is wrong
+    need = room_needed(max_message_size)
+    if free >= need:
+        return None
+    return (f"disk full: {_mib(free)} free, an e-mail of {_mib(max_message_size)} "
+            f"needs {_mib(need)}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.1f} MiB"
 
 
 def delivery_state(worker: Any, enabled: bool) -> str:

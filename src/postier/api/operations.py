@@ -16,6 +16,7 @@ from postier.api.views import ErrorResponse
 from postier.config import metrics_networks
 from postier.errors import Forbidden
 from postier.i18n import N_
+from postier.store import database_url
 
 router = APIRouter(tags=["operations"])
 
@@ -27,10 +28,13 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
     responses={200: {"description": "Ready"}, 503: {"description": "Not ready, and why"}},
 )
 async def ready(request: Request, core: Core) -> JSONResponse:
-    """Readiness, without authentication: the store takes a real write and the delivery
-    workers run (or this process does not deliver: ``--no-delivery``). 503 otherwise,
-    with what is wrong; nothing secret is shown."""
-    store_problem = await metrics.probe_store(retention.sql_store(core))
+    """Readiness, without authentication: the store takes a real write, its disk has room
+    for the largest e-mail (else a submission may get 507), and the delivery workers run
+    (or this process does not deliver: ``--no-delivery``). 503 otherwise, with what is
+    wrong; nothing secret is shown."""
+    store_problem = await metrics.probe_store(retention.sql_store(core)) or \
+        metrics.store_room(database_url(core.data_dir, core.config.database_url),
+                           core.config.max_message_size)
     delivery = metrics.delivery_state(
         getattr(request.app.state, "worker", None), core.config.delivery
     )
