@@ -256,9 +256,10 @@ class Postier:
     async def check_password(self, candidates: Sequence[User], password: str) -> User:
         """The one account among ``candidates`` that this password opens (an active account
         of an active establishment). Every candidate's hash is verified, never stopping
-        early, so that the time taken tells nothing of which one matched. A password that
-        opens two accounts opens none."""
-        hashes = [u.password_hash for u in candidates]
+        early, and a dummy hash stands in when there is no candidate (or no password): the
+        answer takes as long for an unknown name as for a known one, whichever matched. A
+        password that opens two accounts opens none."""
+        hashes = [u.password_hash for u in candidates] or [None]
         matches = await asyncio.to_thread(self._verify_each, hashes, password)
         opened = []
         for user, match in zip(candidates, matches, strict=False):
@@ -280,7 +281,15 @@ class Postier:
 
     @staticmethod
     def _verify_each(hashes: Sequence[str | None], password: str) -> list[bool]:
-        return [accounts.verify_password(h, password) for h in hashes]
+        """One argon2 verification per hash; the dummy's, never a match, for a missing one."""
+        return [accounts.verify_password(h or Postier._dummy_hash(), password) and bool(h)
+                for h in hashes]
+
+    @staticmethod
+    @functools.cache
+    def _dummy_hash() -> str:
+        """The hash of a password nobody knows, made as every other (at the same cost)."""
+        return accounts.hash_password(secrets.token_urlsafe(32))
 
     async def act_in(self, user: User, slug: str) -> User:
         """The operator ``user`` acting in the establishment ``slug``; anybody else may only
