@@ -323,6 +323,7 @@ class Administration:
         require_admin(actor)
         saved = await self.core.delivery_settings(actor.establishment_id)
         settings = saved.updated(candidate) if candidate else saved
+        await self.core.check_targets(actor.establishment_id, settings, saved)
         if backup:
             if settings.backup_relay is None or not settings.backup_relay.configured:
                 raise InvalidInput(N_("No backup relay is set: there is nothing to test."),

@@ -67,6 +67,17 @@ class ServerConfig(BaseSettings):
     platform_sender_domain: str = Field(
         "", description="Hosting: domain of hosted establishments' default sender address"
     )
+    hosted_allowed_networks: str = Field(
+        "", description="Hosting: networks (CIDR, comma-separated) a hosted establishment's "
+        "relay, OAuth2 token URL and webhook may lead to although loopback or private "
+        "(refused otherwise); 0.0.0.0/0,::/0 allows every address"
+    )
+
+    @field_validator("hosted_allowed_networks")
+    @classmethod
+    def _hosted_allowed_networks(cls, value: str) -> str:
+        networks(value, "POSTIER_HOSTED_ALLOWED_NETWORKS")  # a bad CIDR stops the start-up
+        return value
 
     # -- operations (issue 11): metrics access and background retention ----------------
     metrics_token: str | None = Field(
@@ -106,6 +117,15 @@ class ServerConfig(BaseSettings):
 
     def http_host_port(self) -> tuple[str, int]:
         return split_host_port(self.http, 8025)
+
+
+def networks(value: str, name: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of a setting of comma- or space-separated CIDR (``name`` for the error)."""
+    try:
+        return [ipaddress.ip_network(part, strict=False)
+                for part in value.replace(",", " ").split()]
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
 
 
 def metrics_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.exc import DBAPIError
 
-from postier import accounts, dkim_signing, policy
+from postier import accounts, dkim_signing, policy, targets
 from postier.administration import Administration, require_admin
 from postier.cache import TTLCache
-from postier.config import ServerConfig
+from postier.config import ServerConfig, networks
 from postier.crypto import SecretBox
 from postier.dkim_signing import DkimKey
 from postier.domains import Domains, address_claims, settings_claims
@@ -521,12 +521,22 @@ class Postier:
             {k: v for k, v in payload.items() if k not in ("hosted", "warnings")}
         )
         await self.domains.check(user.establishment_id, settings_claims(current, merged))
+        await self.check_targets(user.establishment_id, merged, current)
         await self.store.save_settings(user.establishment_id, self._encode_settings(merged))
         self._settings.forget(user.establishment_id)
         await self.admin.audit_settings_change(user, current, merged)
         log.info("settings of establishment %s changed by %s", user.establishment_id,
                  user.username)
         return merged.public()
+
+    async def check_targets(self, establishment_id: int, settings: DeliverySettings,
+                            before: DeliverySettings | None = None) -> None:
+        """A hosted establishment's servers (relays, OAuth2 token URL, webhook) must not
+        lead to the platform's own networks: see :mod:`postier.targets`."""
+        est = await self.establishment(establishment_id)
+        if est is not None and est.hosted:
+            await targets.check(settings, before, networks(
+                self.config.hosted_allowed_networks, "POSTIER_HOSTED_ALLOWED_NETWORKS"))
 
     # -- sender policy -------------------------------------------------------------------
     def decide_sender(
