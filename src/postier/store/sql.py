@@ -913,13 +913,17 @@ class SQLStore(Store):
     # process goes round, and together they go round too).
     _claim_cursor = -1
 
+    # The walk's probes, each an exact index range (SQLite does not seek an index on a
+    # row-value comparison such as ``(establishment_id, priority) > (?, ?)``, it filters).
     _WALK_FIRST = ("SELECT establishment_id, priority FROM messages"
                    " WHERE status IN ('queued', 'deferred') AND {lap}"
                    " ORDER BY establishment_id, priority LIMIT 1")
+    _WALK_SAME = ("SELECT establishment_id, priority FROM messages"
+                  " WHERE status IN ('queued', 'deferred') AND establishment_id = ?"
+                  " AND priority > ? ORDER BY priority LIMIT 1")
     _WALK_NEXT = ("SELECT establishment_id, priority FROM messages"
                   " WHERE status IN ('queued', 'deferred') AND {lap}"
-                  " AND (establishment_id, priority) > (?, ?)"
-                  " ORDER BY establishment_id, priority LIMIT 1")
+                  " AND establishment_id > ? ORDER BY establishment_id, priority LIMIT 1")
     _DUE = ("SELECT id, establishment_id, priority, next_attempt_at FROM messages"
             " WHERE status IN ('queued', 'deferred') AND establishment_id = ?"
             " AND priority = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?")
@@ -932,13 +936,16 @@ class SQLStore(Store):
         for lap in ("establishment_id > ?", "establishment_id <= ?"):
             last: tuple[int, int] | None = None
             while len(walk) < ask.walk:
-                params: tuple[int, ...]
+                row = None
                 if last is None:
-                    sql, params = self._WALK_FIRST, (ask.cursor,)
+                    row = (await conn.exec_driver_sql(self._sql(
+                        self._WALK_FIRST.format(lap=lap)), (ask.cursor,))).first()
                 else:
-                    sql, params = self._WALK_NEXT, (ask.cursor, *last)
-                row = (await conn.exec_driver_sql(
-                    self._sql(sql.format(lap=lap)), params)).first()
+                    row = (await conn.exec_driver_sql(
+                        self._sql(self._WALK_SAME), last)).first()
+                    if row is None:
+                        row = (await conn.exec_driver_sql(self._sql(
+                            self._WALK_NEXT.format(lap=lap)), (ask.cursor, last[0]))).first()
                 if row is None:
                     break
                 last = (int(row.establishment_id), int(row.priority))
