@@ -38,7 +38,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from postier.client import Recipient, SendResult, Submission, client_for
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import deliver_one
-from postier.errors import AuthenticationRequired, PostierError, load
+from postier.errors import AuthenticationRequired, InvalidInput, PostierError, load
+from postier.i18n import N_
 from postier.message import MessageIn, build_message, make_message_id
 from postier.policy import SenderDecision
 from postier.service import queued
@@ -255,6 +256,16 @@ def _not_handed(claimed: Claimed, url: str, started: float, error: PostierError,
     )
 
 
+def _payload(claimed: Claimed) -> dict[str, Any]:
+    try:
+        payload = json.loads(claimed.data)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise InvalidInput(N_("This kept e-mail is damaged and cannot be handed over."))
+    return payload
+
+
 def _keeps(error: PostierError) -> bool:
     """Whether a kept e-mail waits for another try after ``error``: the server could not
     take it now, or it does not know this workstation's token (fixed in the settings, the
@@ -269,7 +280,7 @@ async def _hand_over_one(
     url = settings.server.url
     started = time.time()
     try:
-        payload = json.loads(claimed.data)
+        payload = _payload(claimed)
         sub = await asyncio.to_thread(_submit, settings, payload, lang, http_timeout)
     except PostierError as exc:
         keep = _keeps(exc)
