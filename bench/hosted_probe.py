@@ -139,7 +139,8 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     controller.start()
     dead = DeadRelay()
     live, silent = settings(port), settings(dead.port, timeout=5)
-    dead_est = a.senders + 2
+    # In --mode shared, the establishment after the senders has the dead relay.
+    dead_est = a.senders + 2 if a.mode == "shared" else -1
 
     async def settings_for(est: int) -> DeliverySettings:
         return silent if est == dead_est else live
