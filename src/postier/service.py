@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import functools
 import json
 import logging
@@ -50,7 +51,11 @@ from postier.message import (
 from postier.settings import (
     RELAY_SECTIONS,
     SECRET_FIELDS,
+    AuthMethod,
     DeliverySettings,
+    RelayKind,
+    RelaySettings,
+    Security,
     SenderSettings,
 )
 from postier.store import create_store, database_url
@@ -503,17 +508,20 @@ class Postier:
             doc["alerts"]["webhook_secret_enc"] = self.secrets.encrypt(secret)
         return doc
 
-    async def get_settings(self, user: User) -> dict[str, Any]:
+    async def get_settings(self, user: User, lang: str = "en") -> dict[str, Any]:
         require_admin(user)
         doc = (await self.stored_settings(user.establishment_id)).public()
         est = await self.establishment(user.establishment_id)
         doc["hosted"] = bool(est and est.hosted and self.config.platform_relay is not None)
-        doc["warnings"] = settings_warnings(await self.stored_settings(user.establishment_id))
+        doc["warnings"] = settings_warnings(await self.stored_settings(user.establishment_id),
+                                            lang)
         return doc
 
-    async def put_settings(self, user: User, payload: dict[str, Any]) -> dict[str, Any]:
+    async def put_settings(self, user: User, payload: dict[str, Any], lang: str = "en"
+                           ) -> dict[str, Any]:
         """Change the settings given in ``payload`` (any part; the rest stays), validated
-        whole before anything is saved; the relay password is kept when none is given."""
+        whole before anything is saved; the relay password is kept when none is given.
+        The answer is the settings as saved, with their ``warnings`` (nothing refused)."""
         require_admin(user)
         current = await self.stored_settings(user.establishment_id)
         # What GET adds for reading (hosted, warnings) may come back: it is not a setting.
@@ -527,7 +535,16 @@ class Postier:
         await self.admin.audit_settings_change(user, current, merged)
         log.info("settings of establishment %s changed by %s", user.establishment_id,
                  user.username)
-        return merged.public()
+        return merged.public() | {"warnings": settings_warnings(merged, lang)}
+
+    async def test_warnings(self, user: User, candidate: dict[str, Any] | None,
+                            backup: bool, lang: str) -> list[str]:
+        """The warnings of the relay a test-send uses (saved settings, or unsaved ones)."""
+        require_admin(user)
+        saved = await self.delivery_settings(user.establishment_id)
+        settings = saved.updated(candidate) if candidate else saved
+        relay = settings.backup_relay if backup else settings.relay
+        return relay_warnings(relay, lang) if relay is not None else []
 
     async def check_targets(self, establishment_id: int, settings: DeliverySettings,
                             before: DeliverySettings | None = None) -> None:
@@ -832,12 +849,23 @@ def explain_error(last_error: str | None, lang: str) -> dict[str, Any] | None:
 
 
 def settings_warnings(settings: DeliverySettings, lang: str = "en") -> list[str]:
-    """What will stop e-mails from leaving soon: an OAuth2 client secret or certificate
-    about to expire."""
-    import datetime
+    """What the administrator must know about the relays: a password sent without
+    encryption, an OAuth2 client secret or certificate about to expire (the backup
+    relay's prefixed as such)."""
+    out = relay_warnings(settings.relay, lang)
+    if settings.backup_relay is not None:
+        out += [translate(lang, N_("Backup relay: {warning}"), warning=w)
+                for w in relay_warnings(settings.backup_relay, lang)]
+    return out
 
+
+def relay_warnings(relay: RelaySettings, lang: str = "en") -> list[str]:
+    """One relay's (or sending profile's) warnings: its sign-in sent without encryption;
+    an OAuth2 client secret or certificate about to expire, or e-mails stop leaving."""
     out: list[str] = []
-    for kind, date in settings.relay.oauth2_expiries():
+    if cleartext_sign_in(relay.kind, relay.security, relay.auth):
+        out.append(translate(lang, CLEARTEXT_WARNING))
+    for kind, date in relay.oauth2_expiries():
         if date - datetime.date.today() > datetime.timedelta(days=30):
             continue
         if kind == "certificate":
@@ -850,3 +878,22 @@ def settings_warnings(settings: DeliverySettings, lang: str = "en") -> list[str]
                 "The OAuth2 client secret expires on {date}: renew it before then, or "
                 "e-mails will stop leaving."), date=date.isoformat()))
     return out
+
+
+CLEARTEXT_WARNING = N_(
+    "The sign-in to this SMTP server travels without encryption (security: none): anyone "
+    "on the network between them can read the password. Choose STARTTLS or SSL/TLS."
+)
+
+
+def cleartext_sign_in(kind: str, security: str, auth: str) -> bool:
+    """A password (or OAuth2 token) would travel in clear to an SMTP server."""
+    return kind == RelayKind.SMTP and security == Security.NONE and auth != AuthMethod.NONE
+
+
+def profile_warnings(profile: dict[str, Any], lang: str = "en") -> list[str]:
+    """A sending profile's warnings, from its public form (workstations sign in with it)."""
+    if cleartext_sign_in(str(profile.get("kind", "smtp")), str(profile.get("security")),
+                         str(profile.get("auth", "none"))):
+        return [translate(lang, CLEARTEXT_WARNING)]
+    return []

@@ -20,16 +20,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("", responses=_ERRORS)
-async def get_settings(user: CurrentUser, core: Core) -> dict[str, Any]:
+async def get_settings(user: CurrentUser, core: Core, lang: Lang) -> dict[str, Any]:
     """The establishment's delivery settings; the relay password is shown as
-    ``password_set`` only."""
-    return await core.get_settings(user)
+    ``password_set`` only. ``warnings``: what the administrator should fix (a password
+    sent without encryption, OAuth2 credentials about to expire), in the caller's
+    language."""
+    return await core.get_settings(user, lang)
 
 
 @router.put("", responses=_ERRORS)
 async def put_settings(
     user: CurrentUser,
     core: Core,
+    lang: Lang,
     payload: dict[str, Any] = Body(
         ...,
         examples=[
@@ -52,8 +55,9 @@ async def put_settings(
     ),
 ) -> dict[str, Any]:
     """Change the settings given (the others stay). Omit ``relay.password`` to keep the
-    stored one. Everything is validated before anything is saved."""
-    return await core.put_settings(user, payload)
+    stored one. Everything is validated before anything is saved. The answer carries the
+    saved settings' ``warnings`` (saved anyway)."""
+    return await core.put_settings(user, payload, lang)
 
 
 class PreviewIn(BaseModel):
@@ -110,6 +114,9 @@ class TestOut(BaseModel):
     suggestion: str | None
     sender_checks: list[dict[str, Any]]
     dkim: dict[str, Any] | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="About the relay tested, e.g. a password sent without encryption")
 
 
 @router.post("/test", responses=_ERRORS)
@@ -121,7 +128,8 @@ async def test_settings(body: TestIn, user: CurrentUser, core: Core, lang: Lang)
         user, body.to, body.settings, lang, check_senders=body.check_senders,
         backup=body.relay == "backup",
     )
-    return TestOut.model_validate(report.as_dict())
+    warnings = await core.test_warnings(user, body.settings, body.relay == "backup", lang)
+    return TestOut.model_validate(report.as_dict() | {"warnings": warnings})
 
 
 presets_router = APIRouter(prefix="/api/v1/relay-presets", tags=["settings"])

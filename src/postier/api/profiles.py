@@ -7,8 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, status
 
-from postier.api.deps import Core, CurrentUser
+from postier.api.deps import Core, CurrentUser, Lang
 from postier.api.views import ErrorResponse
+from postier.service import profile_warnings
 
 router = APIRouter(prefix="/api/v1/profiles", tags=["profiles"])
 # Database ids are 64-bit: anything beyond is no profile (and must not reach the driver).
@@ -39,11 +40,14 @@ async def list_profiles(user: CurrentUser, core: Core) -> list[dict[str, Any]]:
 async def create_profile(
     user: CurrentUser,
     core: Core,
+    lang: Lang,
     payload: dict[str, Any] = Body(..., examples=[_EXAMPLE]),
 ) -> dict[str, Any]:
     """Create a profile (administrators). The label must be unique; the username and the
-    shared password are optional, the password write-only."""
-    return await core.admin.create_profile(user, payload)
+    shared password are optional, the password write-only. ``warnings``: e.g. a password
+    that would travel without encryption (the profile is saved anyway)."""
+    out = await core.admin.create_profile(user, payload)
+    return out | {"warnings": profile_warnings(out, lang)}
 
 
 @router.get("/{profile_id}", responses=_ERRORS)
@@ -56,11 +60,13 @@ async def update_profile(
     profile_id: ProfileId,
     user: CurrentUser,
     core: Core,
+    lang: Lang,
     payload: dict[str, Any] = Body(..., examples=[_EXAMPLE]),
 ) -> dict[str, Any]:
     """Replace a profile (administrators); omit ``password`` to keep the stored one,
-    give ``""`` to remove it."""
-    return await core.admin.update_profile(user, profile_id, payload)
+    give ``""`` to remove it. ``warnings`` as for the creation."""
+    out = await core.admin.update_profile(user, profile_id, payload)
+    return out | {"warnings": profile_warnings(out, lang)}
 
 
 @router.delete("/{profile_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)

@@ -15,7 +15,7 @@ from postier.errors import InvalidAddress, PostierError
 from postier.i18n import N_
 from postier.presets import PRESETS
 from postier.presets import presets as relay_presets
-from postier.service import settings_warnings
+from postier.service import relay_warnings
 from postier.settings import RELAY_SECTIONS, SECRET_FIELDS, DeliverySettings, RelaySettings
 from postier.web.context import (
     AdminPage,
@@ -56,11 +56,11 @@ DKIM_FIELDS = {"dkim.domain", "dkim.selector", "form"}
 
 
 def _relay_warnings(settings: DeliverySettings, lang: str) -> dict[str, list[str]]:
-    """What will soon stop each relay (an OAuth2 secret about to expire), by section."""
-    out = {"relay": settings_warnings(settings, lang)}
+    """What each relay's administrator must know (a password sent without encryption, an
+    OAuth2 secret about to expire), by section."""
+    out = {"relay": relay_warnings(settings.relay, lang)}
     if settings.backup_relay is not None:
-        out["backup_relay"] = settings_warnings(
-            settings.model_copy(update={"relay": settings.backup_relay}), lang)
+        out["backup_relay"] = relay_warnings(settings.backup_relay, lang)
     return out
 
 
