@@ -374,7 +374,7 @@ async def queue_event(core: Postier, establishment_id: int, settings: DeliverySe
                               body, now)
 
 
-# -- events about e-mails, for integrators (issue 10) -----------------------------------------
+# -- events about e-mails, for integrators -----------------------------------------
 
 
 def _wanted(settings: DeliverySettings, category: WebhookEvent) -> bool:

@@ -1,4 +1,4 @@
-"""The establishment's alerts: incidents open now and past (issue 11)."""
+"""The establishment's alerts: incidents open now and past."""
 
 from __future__ import annotations
 

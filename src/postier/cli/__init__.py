@@ -6,10 +6,10 @@ Errors are printed in the terminal's language (``LANG``) with what to do about t
 from __future__ import annotations
 
 from postier.cli import (  # noqa: F401 - they register their commands
-    account,  # account verify-sender, confirm, senders (issue 10)
+    account,  # account verify-sender, confirm, senders
     admin,
-    alerts,  # alerts list (issue 11)
-    operations,  # doctor, purge (issue 11)
+    alerts,  # alerts list
+    operations,  # doctor, purge
     workstation,
 )
 from postier.cli.common import app

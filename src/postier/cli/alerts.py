@@ -1,4 +1,4 @@
-"""``postier alerts list``: the establishment's incidents, open first (issue 11)."""
+"""``postier alerts list``: the establishment's incidents, open first."""
 
 from __future__ import annotations
 

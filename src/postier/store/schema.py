@@ -246,7 +246,7 @@ relay_leases = Table(
     Index("ix_relay_leases_holder", "holder"),
 )
 
-# Sender address verification (issue 10, postier.sender_verification): one row per user and
+# Sender address verification (postier.sender_verification): one row per user and
 # address, with the current code's HMAC while one is waiting; and every code sent, for the
 # resend limits.
 sender_addresses = Table(
@@ -275,7 +275,7 @@ sender_code_sends = Table(
     Index("ix_sender_code_sends_user", "user_id", "at"),
 )
 
-# -- alerts (issue 11) and the webhook outbox (issues 10, 11): see postier.alerts ------------
+# -- alerts and the webhook outbox: see postier.alerts ------------
 incidents = Table(
     "incidents",
     metadata,

@@ -188,7 +188,7 @@ async def revoke_own_token(token_id: int, p: UserPage) -> Response:
     return redirect(flash_url("/account", "token_revoked"))
 
 
-# -- sender addresses (issue 10, postier.sender_verification) ----------------------------
+# -- sender addresses (postier.sender_verification) ----------------------------
 
 CODE_SENT = N_("A code was sent to {address}: enter it below within {minutes} minutes.")
 VERIFIED = N_("{address} is verified: your e-mails leave with it as the sender.")

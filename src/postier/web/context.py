@@ -106,7 +106,7 @@ class Page:
     lang: str
     session: Session | None
     user: User | None
-    # Incidents open now, shown to administrators as a banner on every page (issue 11).
+    # Incidents open now, shown to administrators as a banner on every page.
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
     def _(self, text: str, **params: Any) -> str:
