@@ -55,6 +55,9 @@ class PlatformDomain(Conflict):
 
 
 _PLATFORM_HINT = N_("Use {own}, or an address of your establishment's own domain.")
+_TOP_LEVEL = N_("{domain} is a whole top-level domain: in an installation shared by several "
+                "establishments, it cannot belong to one of them.")
+_TOP_LEVEL_HINT = N_("Enter your establishment's own domain, for example ac-lyon.fr.")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,12 @@ class Domains:
         own address there, or on a domain another establishment holds."""
         if not claims:
             return
+        wide = next((c for c in claims if "." not in c.domain), None)
+        if wide is not None and len(await self.core.store.list_establishments()) > 1:
+            # "fr" or "*.fr" first would keep every other establishment out of a whole
+            # top-level domain.
+            raise InvalidInput(_TOP_LEVEL, hint=_TOP_LEVEL_HINT, field=wide.field,
+                               domain=wide.shown)
         platform = self._platform()
         for claim in claims:
             if platform and related(claim.domain, platform):

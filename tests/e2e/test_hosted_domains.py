@@ -122,6 +122,11 @@ def test_a_domain_of_another_establishment_is_refused_at_every_door(
         fr = _refused(admin_b.put("/api/v1/settings", json={"allowed_domains": ["ac-lyon.fr"]},
                                   headers={"Accept-Language": "fr"}), "domain_taken", "ac-lyon.fr")
         assert "appartient déjà" in fr["message"] and "opérateur" in fr["hint"], fr
+        # Nobody takes a whole top-level domain first, keeping the others out of it.
+        for pattern in ("fr", "*.fr"):
+            r = admin_b.put("/api/v1/settings", json={"allowed_domains": [pattern]})
+            assert r.status_code == 422, r.text
+            assert "top-level" in r.json()["error"]["message"], r.text
         body = _refused(admin_b.put("/api/v1/settings", json={
             "sender": {"address": "secretariat@ac-lyon.fr"}}), "domain_taken", "ac-lyon.fr")
         assert body["field"] == "sender.address"
