@@ -43,6 +43,10 @@ async def ready(request: Request, core: Core) -> JSONResponse:
         problems.append(f"store: {store_problem}")
     if delivery == "stopped":
         problems.append("delivery: the delivery workers are not running")
+    # A background loop that died and is being started again (postier.supervision).
+    failed: list[str] = getattr(getattr(request.app.state, "worker", None), "problems",
+                                list)()
+    problems.extend(f"delivery: {name} failed; starting it again" for name in failed)
     body: dict[str, Any] = {
         "status": "not_ready" if problems else "ready",
         "store": "unavailable" if store_problem else "ok",

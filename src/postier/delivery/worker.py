@@ -20,7 +20,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from postier.aio import cancel_and_wait
 from postier.delivery.relay import (
     LeaseLost,
     RcptResult,
@@ -30,8 +29,9 @@ from postier.delivery.relay import (
     relay_label,
 )
 from postier.delivery.retry import RetryPolicy
-from postier.errors import DeliveryError, PostierError
+from postier.errors import DeliveryError, PostierError, StoreUnavailable
 from postier.i18n import N_
+from postier.outage import Outage
 from postier.settings import DeliverySettings, RelayKind
 from postier.store.base import (
     DEFERRED,
@@ -43,6 +43,7 @@ from postier.store.base import (
     RecipientState,
     Store,
 )
+from postier.supervision import Supervisor
 
 log = logging.getLogger("postier.delivery")
 
@@ -198,6 +199,9 @@ class DeliveryWorker:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._in_flight_by_establishment: collections.Counter[int] = collections.Counter()
         self._lease_until: dict[str, float] = {}
+        self._supervisor = Supervisor()
+        # One log line when results cannot be written, not one per result.
+        self._results_outage = Outage(f"worker {self.worker_id}: delivery results")
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.running = False
@@ -212,10 +216,10 @@ class DeliveryWorker:
         await self.store.release_expired_leases(time.time())
         self._stopping = False
         self._in_flight_by_establishment.clear()
-        self._tasks = [
-            asyncio.create_task(self._claim_loop(), name="postier-claim"),
-            asyncio.create_task(self._maintenance_loop(), name="postier-maintenance"),
-        ]
+        # Each loop outlives the store's errors; one that dies anyway is started again.
+        self._supervisor.start("claims", self._claim_loop)
+        self._supervisor.start("lease renewal", self._maintenance_loop)
+        self._tasks = self._supervisor.tasks
         self.running = True
         log.info("delivery worker %s started", self.worker_id)
 
@@ -224,7 +228,7 @@ class DeliveryWorker:
         return what is left to the queue."""
         self._stopping = True
         self._wake.set()
-        await cancel_and_wait(*self._tasks)
+        await self._supervisor.stop()
         if self._in_flight:
             _, pending = await asyncio.wait(list(self._in_flight.values()), timeout=grace)
             for task in pending:
@@ -238,14 +242,20 @@ class DeliveryWorker:
         await self.pool.close()
         self.running = False
 
+    def problems(self) -> list[str]:
+        """The loops of this worker that failed and are being started again."""
+        return self._supervisor.problems()
+
     async def _record(self, claimed: Claimed, outcome: Outcome) -> None:
         # While the lease holds, nobody else takes the message: keep trying until then.
         await _retry_write(
             lambda: self.store.record_outcomes(self.worker_id, [outcome]),
             self._lease_until.get(claimed.id, time.time() + self.lease_seconds),
+            self._results_outage,
         )
 
     async def _claim_loop(self) -> None:
+        outage = Outage(f"worker {self.worker_id}: claims")
         while not self._stopping:
             # Cleared before the claim: a wake-up that comes while it runs is not lost.
             self._wake.clear()
@@ -269,8 +279,12 @@ class DeliveryWorker:
                     )
                     for c in claimed:
                         self._lease_until[c.id] = claimed_at + self.lease_seconds
-                except PostierError as exc:
-                    log.warning("cannot claim messages: %s", exc)
+                    outage.worked()
+                except Exception as exc:
+                    # Whatever the store says (stopped, restarting, unreachable): wait a
+                    # little and claim again, until it answers.
+                    await outage.pause(exc)
+                    continue
                 for c in claimed:
                     task = asyncio.create_task(self._deliver(c), name=f"deliver-{c.id}")
                     self._in_flight[c.id] = task
@@ -299,8 +313,10 @@ class DeliveryWorker:
 
     async def _maintenance_loop(self) -> None:
         interval = max(1.0, self.lease_seconds / 3)
+        outage = Outage(f"worker {self.worker_id}: lease renewal")
+        wait = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
             now = time.time()
             try:
                 held = await self.store.renew_leases(
@@ -312,8 +328,12 @@ class DeliveryWorker:
                 if await self.store.release_expired_leases(now):
                     self._wake.set()
                 await self.pool.close_idle()
-            except Exception:
-                log.exception("queue maintenance failed; will try again")
+            except Exception as exc:
+                # Renew again as soon as the store answers: the leases run meanwhile.
+                wait = outage.failed(exc)
+                continue
+            outage.worked()
+            wait = interval
 
     async def _deliver(self, claimed: Claimed) -> None:
         try:
@@ -325,8 +345,28 @@ class DeliveryWorker:
             if counts[claimed.establishment_id] <= 0:
                 del counts[claimed.establishment_id]
 
+    async def _settings(self, claimed: Claimed) -> DeliverySettings | None:
+        """The establishment's settings, waiting for the store while the lease holds; None
+        once it is lost (the message is another worker's by then)."""
+        outage = Outage(f"worker {self.worker_id}: settings of {claimed.id}")
+        while True:
+            try:
+                settings = await self.settings_for(claimed.establishment_id)
+            except Exception as exc:
+                if time.time() >= self._lease_until.get(claimed.id, 0.0):
+                    return None
+                await outage.pause(exc)
+                continue
+            outage.worked()
+            return settings
+
     async def _deliver_held(self, claimed: Claimed) -> None:
-        settings = await self.settings_for(claimed.establishment_id)
+        settings = await self._settings(claimed)
+        if settings is None:
+            log.warning("lease on %s lost while the store was unavailable; leaving it to "
+                        "the queue", claimed.id)
+            return
+
         def still_ours() -> bool:
             # False when this worker was frozen or cut off from the database past its
             # lease: the message may already be another worker's; sending would repeat it.
@@ -413,7 +453,9 @@ async def deliver_one(
     except Exception as exc:
         # Whatever went wrong, the message must not stay stuck "sending": it is deferred
         # with the reason, and the caller goes on.
-        if not isinstance(exc, TimeoutError):
+        if isinstance(exc, StoreUnavailable):  # the sending limits shared in the store
+            log.warning("cannot deliver %s now: %s", claimed.id, exc)
+        elif not isinstance(exc, TimeoutError):
             log.exception("unexpected error delivering %s", claimed.id)
         err = classify(exc, "data", relay)
         result = TransactionResult(
@@ -445,21 +487,25 @@ def _policy(first_delay: float, max_delay: float, max_age: float) -> RetryPolicy
     return RetryPolicy(float(first_delay), float(max_delay), float(max_age))
 
 
-async def _retry_write(write: Callable[[], Awaitable[None]], give_up_at: float) -> bool:
+async def _retry_write(write: Callable[[], Awaitable[None]], give_up_at: float,
+                       outage: Outage) -> bool:
     """Write a result the relay already gave, trying again while the store is unavailable
-    (disk full, database locked or restarting): dropping it would send the e-mail twice."""
-    delay = 0.5
+    (disk full, database locked, stopped or restarting): dropping it would send the
+    e-mail twice. Any error but a PostierError that says it is final is worth another try."""
+    delay = 0.25
     while True:
         try:
             await write()
+            outage.worked()
             return True
-        except PostierError as exc:
-            if not exc.transient or time.time() + delay >= give_up_at:
+        except Exception as exc:
+            final = isinstance(exc, PostierError) and not exc.transient
+            if final or time.time() + delay >= give_up_at:
                 log.error("could not record a delivery result: %s", exc)
                 return False
-            log.warning("could not record a delivery result yet (%s); trying again", exc)
+            outage.failed(exc)  # logged once for every result waiting, not at every try
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)
+        delay = min(delay * 2, 3.0)
 
 
 def _log_outcome(claimed: Claimed, outcome: Outcome) -> None:

@@ -20,6 +20,8 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from postier.aio import cancel_and_wait
+from postier.outage import Outage
 from postier.store.base import Outcome, RecipientState
 from postier.store.sql import ClaimAsk, SQLStore, WriteJob
 
@@ -27,6 +29,12 @@ log = logging.getLogger(__name__)
 CHANNEL = "postier_queue"
 # A pooled connection unused for this long is tested before it is handed out.
 IDLE_PING_SECONDS = 1.0
+# A new connection that is not made within this many seconds (a database host that no
+# longer answers at all) fails, so the caller can say "try later" instead of hanging.
+CONNECT_TIMEOUT = 10.0
+# The LISTEN connection is checked this often: a database that went away without closing
+# it (a network cut) is noticed, and the connection made again.
+LISTEN_CHECK_SECONDS = 5.0
 
 
 def _ping_idle_connections(engine: AsyncEngine, idle_for: float) -> None:
@@ -72,15 +80,16 @@ class PostgresStore(SQLStore):
         # delivery results were found by reading the whole table, 1.1 ms a statement at
         # 10,000 rows (bench smtp_relay_pg). Reads keep the planner's free choice.
         write = create_async_engine(url, pool_size=5, max_overflow=10, connect_args={
-            "server_settings": {"enable_seqscan": "off"}})
-        read = create_async_engine(url, pool_size=5, max_overflow=10)
+            "server_settings": {"enable_seqscan": "off"}, "timeout": CONNECT_TIMEOUT})
+        read = create_async_engine(url, pool_size=5, max_overflow=10,
+                                   connect_args={"timeout": CONNECT_TIMEOUT})
         for engine in (write, read):
             _ping_idle_connections(engine, IDLE_PING_SECONDS)
         super().__init__(write, read, transaction=self._transaction)
         # Statements that commit by themselves, on the same pool.
         self._autocommit = write.execution_options(isolation_level="AUTOCOMMIT")
-        self._listener: Any = None
         self._listen_conn: AsyncConnection | None = None
+        self.listen_task: asyncio.Task[None] | None = None
 
     # New e-mails, their bodies and recipients in one statement, column by column, with
     # the NOTIFY that wakes workers on other machines once it is committed: one round
@@ -234,22 +243,71 @@ class PostgresStore(SQLStore):
             return [await job(conn) for job in jobs]
 
     async def listen(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever new messages are committed by any process."""
+        """Call ``callback`` whenever new messages are committed by any process, for as
+        long as the store is open: the LISTEN connection is made again whenever it is
+        lost (a database restart, a network cut), and ``callback`` called then for the
+        notifications missed meanwhile."""
+        self.listen_task = asyncio.create_task(self._keep_listening(callback),
+                                               name="postier-listen")
+
+    async def _keep_listening(self, callback: Callable[[], None]) -> None:
+        outage = Outage("wake-ups (LISTEN)")
+        first = True
+        while True:
+            try:
+                lost = await self._listen_once(callback)
+            except Exception as exc:
+                await self._drop_listen_conn()
+                await outage.pause(exc)
+                continue
+            if not first:
+                callback()  # what was queued while the connection was down
+            first = False
+            outage.worked()
+            await self._until_lost(lost)
+            await self._drop_listen_conn()
+
+    async def _listen_once(self, callback: Callable[[], None]) -> asyncio.Event:
+        """A connection listening on CHANNEL; the event is set when it is lost."""
         conn = await self.write_engine.connect()
+        self._listen_conn = conn
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         assert driver is not None
+        lost = asyncio.Event()
 
         def on_notify(*_: Any) -> None:
             callback()
 
+        driver.add_termination_listener(lambda *_: lost.set())
         await driver.add_listener(CHANNEL, on_notify)
-        self._listen_conn = conn
-        self._listener = on_notify
+        return lost
+
+    async def _until_lost(self, lost: asyncio.Event) -> None:
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), LISTEN_CHECK_SECONDS)
+            if lost.is_set() or self._listen_conn is None:
+                return
+            try:
+                raw = await self._listen_conn.get_raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                await asyncio.wait_for(driver.execute("SELECT 1"), LISTEN_CHECK_SECONDS)
+            except Exception:
+                return
+
+    async def _drop_listen_conn(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.invalidate(), 5)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
 
     async def close(self) -> None:
-        if self._listen_conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._listen_conn.close(), 5)
-            self._listen_conn = None
+        if self.listen_task is not None:
+            await cancel_and_wait(self.listen_task)
+            self.listen_task = None
+        await self._drop_listen_conn()
         await super().close()

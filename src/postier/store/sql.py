@@ -20,7 +20,9 @@ from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import delete, func, insert, literal, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -150,8 +152,56 @@ class _MergeGroup:
         self.future: asyncio.Future[Any]
 
 
+# Failures of the way to the database rather than of a statement: it is stopped,
+# restarting, unreachable, out of connections, or cut the connection. Trying again later
+# may work. Whatever layer raises them: asyncpg raises a refused connection as an OSError,
+# SQLAlchemy wraps most of the others in DBAPIError.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,  # CannotConnectNow, ConnectionDoesNotExist...
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # admin or crash shutdown
+    asyncpg.TooManyConnectionsError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # no pooled connection came free in time
+)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: the driver's error, its cause, its context."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 8:
+        chain.append(current)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return chain
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached (rather than a wrong statement)."""
+    return any(isinstance(e, _UNREACHABLE) for e in _causes(exc))
+
+
+def database_unreachable() -> StoreUnavailable:
+    return StoreUnavailable(
+        N_("The database cannot be reached right now; nothing was changed. Try again in a "
+           "moment."),
+        hint=N_("Postier goes on by itself once the database answers again; if this lasts, "
+                "the administrator can check that the database server is running."),
+    )
+
+
 def _translate(exc: Exception) -> Exception:
-    """Turn database failures into errors a person can act on."""
+    """Turn database failures into errors a person can act on (the original is kept as
+    the new error's cause, for the log)."""
+    translated = _translated(exc)
+    if translated is not exc:
+        translated.__cause__ = exc
+    return translated
+
+
+def _translated(exc: Exception) -> Exception:
     if isinstance(exc, IntegrityError):
         return Conflict(str(exc.orig) if exc.orig else str(exc))
     if isinstance(exc, OperationalError | DBAPIError):
@@ -162,6 +212,9 @@ def _translate(exc: Exception) -> Exception:
             return err
         if "locked" in text or "busy" in text:
             return StoreUnavailable(reason="database locked")
+    if unreachable(exc):
+        return database_unreachable()
+    if isinstance(exc, OperationalError | DBAPIError):
         return StoreUnavailable(reason="database error")
     return exc
 
@@ -318,8 +371,11 @@ class SQLStore(Store):
         try:
             async with self.read_engine.connect() as conn:
                 return list((await conn.execute(stmt)).all())
-        except (OperationalError, DBAPIError) as exc:
-            raise _translate(exc) from exc
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
 
     # -- establishments, users, tokens ---------------------------------------------------
     async def get_establishment(self, slug_or_id: str | int) -> Establishment | None:
