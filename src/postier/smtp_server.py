@@ -189,6 +189,8 @@ class SubmissionHandler:
                     else None)
         try:
             return await self.core.check_password(accounts_named, secret)
+        except StoreUnavailable:
+            raise  # not a wrong password: "try again later" (handle_exception)
         except PostierError:
             return None
 
@@ -224,6 +226,16 @@ class SubmissionHandler:
         if not isinstance(password, bytes):
             return AuthResult(success=False, handled=True)
         return await self._check_credentials(server, login, password)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A command that failed on an error (the store unavailable at AUTH, MAIL...; or a
+        bug): "try again later", never a permanent code that makes a mail client or a
+        copier give up, nor the error's text, which goes to the log."""
+        if isinstance(error, StoreUnavailable):
+            log.warning("SMTP command not answered: %s", error)
+        else:
+            log.error("SMTP command failed", exc_info=error)
+        return "451 4.3.0 Temporary failure; try again in a moment"
 
     # -- the transaction -----------------------------------------------------------------
     async def handle_MAIL(

@@ -5,8 +5,11 @@ stop a private cluster of their own (support/pg_cluster.py), never the shared on
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import re
+import smtplib
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -119,3 +122,70 @@ def test_delivery_resumes_by_itself_after_the_database_comes_back(
         assert set(outages.values()) == {1}, (
             f"each loop logs the outage once, not at every try: {outages}")
 
+
+def _tls(server: ServerProcess) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(server.data_dir / "smtp-cert.pem"))
+
+
+def _say(c: smtplib.SMTP, command: str) -> tuple[int, str]:
+    code, reply = c.docmd(command)
+    return code, reply.decode(errors="replace")
+
+
+@pytest.mark.timeout(120)
+def test_every_door_says_try_later_while_the_database_is_away(
+    outage_setup: dict[str, Any], relay: FaultRelay
+) -> None:
+    server: ServerProcess = outage_setup["server"]
+    cluster: PrivateCluster = outage_setup["cluster"]
+    server.configure_relay(relay)
+    # A copier signed in before the outage, in the middle of its session.
+    signed_in = smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=15)
+    signed_in.starttls(context=_tls(server))
+    signed_in.login("alice", "motdepasse-alice")
+    web = httpx.Client(base_url=server.url, timeout=15)
+    form = web.get("/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    assert csrf, form.text
+    cluster.stop()
+    try:
+        replies: dict[str, tuple[int, str]] = {}
+        with server.client("alice") as c:
+            sent = c.post("/api/v1/messages", json={
+                "to": ["parent@example.org"], "subject": "Absence", "text": "Bonjour"})
+            listed = c.get("/api/v1/messages")
+        signing_in = web.post("/login", data={"username": "alice", "password":
+                                              "motdepasse-alice", "csrf": csrf.group(1)},
+                              headers={"Origin": server.url})
+        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=15) as fresh:
+            replies["EHLO"] = _say(fresh, "EHLO copieur.ac-lyon.fr")
+            fresh.starttls(context=_tls(server))
+            fresh.ehlo()
+            blob = base64.b64encode(b"\0alice\0motdepasse-alice").decode()
+            replies["AUTH"] = _say(fresh, f"AUTH PLAIN {blob}")
+        replies["MAIL"] = _say(signed_in, "MAIL FROM:<alice.martin@ac-lyon.fr>")
+        if replies["MAIL"][0] == 250:
+            replies["RCPT"] = _say(signed_in, "RCPT TO:<parent@example.org>")
+            replies["DATA"] = _say(signed_in, "DATA")
+            if replies["DATA"][0] == 354:
+                signed_in.send(b"Subject: Absence\r\n\r\nBonjour\r\n.\r\n")
+                code, text = signed_in.getreply()
+                replies["DATA"] = code, text.decode(errors="replace")
+    finally:
+        cluster.start()
+        web.close()
+    for answer in (sent, listed):
+        assert answer.status_code == 503, (answer.status_code, answer.text)
+        assert answer.headers["content-type"].startswith("application/json")
+        assert answer.json()["error"]["code"] == "store_unavailable", answer.text
+        assert int(answer.headers["retry-after"]) > 0
+    assert signing_in.status_code == 503, signing_in.text[:500]
+    assert signing_in.headers["content-type"].startswith("text/html")
+    assert "Traceback" not in signing_in.text and "Errno" not in signing_in.text
+    assert replies["AUTH"][0] == 451 and replies["AUTH"][1].startswith("4.3.0"), replies
+    for stage, (code, text) in replies.items():
+        assert code < 400 or (code == 451 and text.startswith("4.3.0")), (stage, code, text)
+        assert "Errno" not in text and "Error" not in text, (stage, text)
+    assert any(code == 451 for code, _ in (replies.get("MAIL", (0, "")),
+                                            replies.get("DATA", (0, "")))), replies
+    signed_in.close()

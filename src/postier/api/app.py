@@ -11,16 +11,20 @@ import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postier import __version__
 from postier.api.guard import RequestGuard
-from postier.errors import PostierError
+from postier.errors import PostierError, StoreUnavailable
 from postier.i18n import N_, negotiate, translate
 from postier.service import Postier
+from postier.store.sql import database_unreachable, unreachable
+
+# Seconds a client is asked to wait when the store cannot answer (a database restart).
+STORE_RETRY_AFTER = "5"
 
 
 def _lang(request: Request) -> str:
@@ -37,9 +41,23 @@ def _field(loc: tuple[Any, ...], kind: str = "") -> str:
 async def postier_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PostierError)
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    if isinstance(exc, StoreUnavailable) and exc.http_status == 503:
+        headers = {"Retry-After": STORE_RETRY_AFTER}
     return JSONResponse(
         {"error": exc.render(_lang(request))}, status_code=exc.http_status, headers=headers
     )
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """An error no handler knows. The database out of reach (however the driver said it)
+    is a 503 "try again later", answered like any StoreUnavailable (the web pages turn it
+    into an error page); anything else a 500 that shows no internal text. The exception
+    itself goes to the log (the server re-raises it after this answer)."""
+    if unreachable(exc):
+        handler = request.app.exception_handlers.get(PostierError, postier_error)
+        answer: Response = await handler(request, database_unreachable())
+        return answer
+    return JSONResponse({"error": PostierError().render(_lang(request))}, status_code=500)
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -143,6 +161,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(ValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
     _install_docs(app)
 
     from postier.api import admin, dkim, messages, profiles, users

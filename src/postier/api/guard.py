@@ -13,7 +13,12 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from postier.errors import AuthenticationRequired, InvalidInput, PostierError
+from postier.errors import (
+    AuthenticationRequired,
+    InvalidInput,
+    PostierError,
+    StoreUnavailable,
+)
 from postier.i18n import N_, negotiate
 from postier.service import Postier
 
@@ -64,6 +69,8 @@ async def _refuse(error: PostierError, lang: str | None, scope: Scope, receive: 
     headers = {"Connection": "close"}
     if error.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, StoreUnavailable) and error.http_status == 503:
+        headers["Retry-After"] = "5"  # the database restarting: as the API's handler says
     response = JSONResponse({"error": error.render(negotiate(lang))},
                             status_code=error.http_status, headers=headers)
     await response(scope, receive, send)
@@ -90,7 +97,7 @@ class RequestGuard:
         if has_body and scope["path"].startswith("/api/"):
             try:
                 scope[SCOPE_USER] = await self.core.authenticate_token(token)
-            except AuthenticationRequired as exc:
+            except (AuthenticationRequired, StoreUnavailable) as exc:
                 await _refuse(exc, lang, scope, receive, send)
                 return
         if chunked and length is None:
