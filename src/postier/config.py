@@ -61,6 +61,16 @@ class ServerConfig(BaseSettings):
     smtp_max_recipients: int = Field(100, ge=1, le=10000)
     smtp_max_connections: int = Field(200, ge=1)
     smtp_rate_per_minute: int = Field(600, ge=1, description="Messages per account")
+    # The submission pace (pace.py): recipients queued through the HTTP API and SMTP
+    # submission together, counted by every process of the installation; 0: no limit.
+    pace_account_per_minute: int = Field(
+        1000, ge=0, description="Recipients an account may queue per clock minute")
+    pace_account_per_day: int = Field(
+        10_000, ge=0, description="Recipients an account may queue per UTC day")
+    pace_establishment_per_minute: int = Field(
+        5000, ge=0, description="Recipients an establishment may queue per clock minute")
+    pace_establishment_per_day: int = Field(
+        50_000, ge=0, description="Recipients an establishment may queue per UTC day")
     platform_relay: RelaySettings | None = Field(
         None, description="Hosting: the relay hosted establishments send through (JSON)"
     )

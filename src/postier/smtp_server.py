@@ -42,6 +42,7 @@ from postier.errors import (
     TooLarge,
 )
 from postier.i18n import N_
+from postier.pace import PaceExceeded, PaceTooLarge, pace_for
 from postier.service import SETTINGS_TTL, Postier
 from postier.sign_in_throttle import SignInThrottle
 from postier.store.base import Store, User
@@ -289,10 +290,20 @@ class SubmissionHandler:
             return ("550 5.6.0 The message contains a bare CR or LF; lines must end "
                     "with CRLF")
         smtputf8 = "SMTPUTF8" in (o.upper() for o in envelope.mail_options)
+        # The same recipients-per-minute and per-day counters as the HTTP API (pace.py).
+        pace, count = pace_for(self.core.store, self.core.config), len(envelope.rcpt_tos)
+        taken = queued = False
         try:
+            await pace.take(user, count)
+            taken = True
             result = await self.core.submit_raw(
                 user, envelope.mail_from, envelope.rcpt_tos, raw, smtputf8=smtputf8
             )
+            queued = True
+        except PaceExceeded as exc:
+            return f"451 4.7.1 {exc.message('en')}"
+        except PaceTooLarge as exc:
+            return f"552 5.5.3 {exc.message('en')}"
         except SenderForbidden as exc:
             return f"553 5.7.1 {exc.message('en')}"
         except TooLarge as exc:
@@ -307,6 +318,9 @@ class SubmissionHandler:
         except Exception:
             log.exception("submission from %s failed", user.username)
             return "451 4.3.0 Temporary failure; nothing was stored. Try again later"
+        finally:
+            if taken and not queued:
+                pace.give_back(user, count)
         log.info("message %s accepted over SMTP from %s for %d recipient(s)",
                  result.id, user.username, len(envelope.rcpt_tos))
         if result.sender_rule == "unverified_sender":

@@ -20,6 +20,7 @@ from postier import __version__
 from postier.api.guard import RequestGuard
 from postier.errors import PostierError, StoreUnavailable
 from postier.i18n import N_, negotiate, translate
+from postier.pace import PaceExceeded
 from postier.service import Postier
 from postier.store.sql import database_unreachable, unreachable
 
@@ -41,6 +42,8 @@ def _field(loc: tuple[Any, ...], kind: str = "") -> str:
 async def postier_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PostierError)
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    if isinstance(exc, PaceExceeded):
+        headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, StoreUnavailable) and exc.http_status == 503:
         headers = {"Retry-After": STORE_RETRY_AFTER}
     return JSONResponse(

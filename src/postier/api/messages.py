@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, status
@@ -20,6 +21,9 @@ from postier.api.views import (
     message_view,
 )
 from postier.message import MessageIn, check_submitted_key
+from postier.pace import pace_for
+from postier.service import Postier
+from postier.store.base import EnqueueResult, User
 
 router = APIRouter(prefix="/api/v1/messages", tags=["messages"], route_class=JSONRoute)
 
@@ -32,6 +36,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse},
     503: {"model": ErrorResponse},
     507: {"model": ErrorResponse},
+}
+# The submissions may also be refused for the pace: 429 with Retry-After (pace.py).
+_LIMITED: dict[int | str, dict[str, Any]] = {
+    **_ERRORS, 429: {"model": ErrorResponse, "headers": {"Retry-After": {
+        "description": "Seconds until the limit reached starts again from zero",
+        "schema": {"type": "integer"}}}},
 }
 
 
@@ -65,22 +75,47 @@ class BatchIn(BaseModel):
     messages: list[MessageIn] = Field(min_length=1, max_length=5000)
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+def _recipients(msg: MessageIn) -> int:
+    return len(msg.to) + len(msg.cc) + len(msg.bcc)
+
+
+async def _paced(core: Postier, user: User, counts: list[int],
+                 submit: Callable[[], Awaitable[list[EnqueueResult]]]) -> list[EnqueueResult]:
+    """Submit once the submission pace admitted every recipient (``counts``: per e-mail);
+    what was not queued after all (an error, a duplicate) is given back."""
+    pace = pace_for(core.store, core.config)
+    total = sum(counts)
+    await pace.take(user, total)
+    try:
+        results = await submit()
+    except BaseException:
+        pace.give_back(user, total)
+        raise
+    again = sum(n for n, r in zip(counts, results, strict=True) if r.duplicate)
+    if again:
+        pace.give_back(user, again)
+    return results
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=_LIMITED)
 async def submit(msg: MessageIn, user: CurrentUser, core: Core, lang: Lang) -> Accepted:
     """Accept an e-mail: answered once it is durably stored; delivery happens later."""
     check_submitted_key(msg.idempotency_key)
-    (result,) = await core.submit(user, [msg])
+    (result,) = await _paced(core, user, [_recipients(msg)],
+                             lambda: core.submit(user, [msg]))
     return accepted(result, lang)
 
 
-@router.post("/batch", status_code=status.HTTP_202_ACCEPTED, responses=_ERRORS)
+@router.post("/batch", status_code=status.HTTP_202_ACCEPTED, responses=_LIMITED)
 async def submit_batch(batch: BatchIn, user: CurrentUser, core: Core,
                        lang: Lang) -> BatchAccepted:
-    """Accept many e-mails in one durable commit: all are stored, or none."""
+    """Accept many e-mails in one durable commit: all are stored, or none (the
+    submission pace too admits the whole batch or nothing of it)."""
     for i, msg in enumerate(batch.messages):
         if msg.idempotency_key is not None:
             check_submitted_key(msg.idempotency_key, f"messages.{i}.idempotency_key")
-    results = await core.submit(user, batch.messages)
+    results = await _paced(core, user, [_recipients(m) for m in batch.messages],
+                           lambda: core.submit(user, batch.messages))
     return BatchAccepted(messages=[accepted(r, lang) for r in results])
 
 
@@ -90,10 +125,14 @@ async def submit_raw(body: RawIn, user: CurrentUser, core: Core, lang: Lang) -> 
     envelope sender and the From must be yours) and the sender policy. This is how a
     Postier server hands its e-mails on to another (its account has the ``relay`` role)."""
     check_submitted_key(body.idempotency_key)
-    result = await core.submit_raw(
-        user, body.envelope_from, body.recipients, base64.b64decode(body.data),
-        smtputf8=body.smtputf8, idempotency_key=body.idempotency_key,
-    )
+
+    async def submit() -> list[EnqueueResult]:
+        return [await core.submit_raw(
+            user, body.envelope_from, body.recipients, base64.b64decode(body.data),
+            smtputf8=body.smtputf8, idempotency_key=body.idempotency_key,
+        )]
+
+    (result,) = await _paced(core, user, [len(body.recipients)], submit)
     return accepted(result, lang)
 
 

@@ -237,6 +237,32 @@ class RelayGrant:
 
 
 @dataclass(frozen=True)
+class PaceAsk:
+    """One counter of the submission pace (``api_usage``): ``scope`` (``a:<user id>`` or
+    ``e:<establishment id>``), ``span`` (``m`` minute, ``d`` day) and the current
+    ``bucket``; ``need`` recipients must fit under ``limit``, and up to ``want`` are
+    taken (what the asking process keeps for its next requests)."""
+
+    scope: str
+    span: str
+    bucket: int
+    need: int
+    want: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class PaceGrant:
+    """What a pace reservation gave: ``granted[i]`` for ``asks[i]`` (all counted), or,
+    when ``refused`` is the index of an ask whose ``need`` did not fit, nothing at all;
+    ``used`` is then what that counter already held."""
+
+    granted: list[int]
+    refused: int | None = None
+    used: int = 0
+
+
+@dataclass(frozen=True)
 class RelayPause:
     """A relay's shared pause after a rate-limit reply: until when, how long the next
     one lasts if it asks again, and its reply (a dumped DeliveryError)."""
@@ -499,6 +525,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def counts(self, establishment_id: int | None = None) -> dict[str, int]: ...
+
+    # -- the submission pace, shared by every process (pace.py) ---------------------------
+    @abc.abstractmethod
+    async def reserve_pace(self, asks: Sequence[PaceAsk]) -> PaceGrant:
+        """In one transaction, atomically for every process: if every ask's ``need`` fits
+        under its ``limit`` in its counter, count for each ``min(want, what is left)``
+        (at least ``need``); else count nothing and say which ask did not fit. A counter's
+        older buckets are deleted."""
 
     # -- relay sending limits, shared by every worker ----------------------------------------
     @abc.abstractmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-from sqlalchemy import delete, func, insert, literal, select, update
+from sqlalchemy import delete, func, insert, literal, select, tuple_, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -45,6 +45,8 @@ from postier.store.base import (
     MessageRecord,
     NewMessage,
     Outcome,
+    PaceAsk,
+    PaceGrant,
     ProfileRecord,
     RecipientState,
     RelayGrant,
@@ -1429,6 +1431,43 @@ class SQLStore(Store):
             )
             row = (await conn.execute(stmt)).one()
         return row
+
+    async def reserve_pace(self, asks: Sequence[PaceAsk]) -> PaceGrant:
+        # The same order in every process, so that two transactions lock rows alike.
+        order = sorted(range(len(asks)), key=lambda i: (asks[i].scope, asks[i].span))
+
+        async def job(conn: AsyncConnection) -> PaceGrant:
+            return await self._reserve_pace(conn, [asks[i] for i in order], order)
+
+        result: PaceGrant = await self.write(job)
+        return result
+
+    async def _reserve_pace(self, conn: AsyncConnection, asks: list[PaceAsk],
+                            order: list[int]) -> PaceGrant:
+        u = t.api_usage.c
+        await conn.execute(self._dialect().insert(t.api_usage).values([
+            {"scope": a.scope, "span": a.span, "bucket": a.bucket, "amount": 0} for a in asks
+        ]).on_conflict_do_nothing())
+        key = tuple_(u.scope, u.span, u.bucket)
+        rows = await conn.execute(
+            select(u.scope, u.span, u.amount)
+            .where(key.in_([(a.scope, a.span, a.bucket) for a in asks]))
+            .order_by(u.scope, u.span).with_for_update())
+        used = {(r.scope, r.span): int(r.amount) for r in rows}
+        granted = [0] * len(asks)
+        for i, a in enumerate(asks):
+            held = used[(a.scope, a.span)]
+            if held + a.need > a.limit:
+                return PaceGrant([0] * len(asks), refused=order[i], used=held)
+            granted[order[i]] = max(a.need, min(a.want, a.limit - held))
+        for i, a in enumerate(asks):
+            await conn.execute(
+                update(t.api_usage)
+                .where(u.scope == a.scope, u.span == a.span, u.bucket == a.bucket)
+                .values(amount=u.amount + granted[order[i]]))
+            await conn.execute(delete(t.api_usage).where(
+                u.scope == a.scope, u.span == a.span, u.bucket < a.bucket))
+        return PaceGrant(granted)
 
     async def reserve_relay(
         self, relay_key: str, limits: RelayLimits, recipients: Sequence[int], now: float,
