@@ -124,7 +124,10 @@ class Pace:
         self.clock = clock
         # (scope, span) -> (bucket, recipients this process reserved and has not spent)
         self._left: dict[tuple[str, str], tuple[int, int]] = {}
-        self._asking = asyncio.Lock()
+        # One reservation at a time per account, so that a burst of its requests asks the
+        # store once; different accounts ask together (the store's writer commits their
+        # reservations in one transaction).
+        self._asking: dict[int, asyncio.Lock] = {}
 
     def _counters(self, user: User, now: float) -> list[_Counter]:
         lim = self.limits
@@ -151,9 +154,17 @@ class Pace:
                                    reason=_REASONS[(c.kind, c.span)])
         if self._spend(counters, count):
             return
-        async with self._asking:  # one reservation at a time per process
+        async with self._lock(user.id):
             if not self._spend(counters, count):
                 await self._reserve(counters, count)
+
+    def _lock(self, account: int) -> asyncio.Lock:
+        lock = self._asking.get(account)
+        if lock is None:
+            if len(self._asking) > _KEEP:
+                self._asking = {k: v for k, v in self._asking.items() if v.locked()}
+            lock = self._asking[account] = asyncio.Lock()
+        return lock
 
     def give_back(self, user: User, count: int) -> None:
         """``count`` recipients taken were not queued after all (a refused submission, a
