@@ -45,7 +45,9 @@ class ServerConfig(BaseSettings):
     )
     relay_concurrency: int = Field(4, ge=1, le=100, description="Connections per relay")
     claim_batch: int = Field(64, ge=1, le=1000)
-    lease_seconds: float = Field(120.0, ge=2)
+    # A worker renews its leases every quarter of this (its heartbeat): a dead one's
+    # e-mails go back to the queue this long after its last renewal.
+    lease_seconds: float = Field(20.0, ge=2)
     poll_interval: float = Field(1.0, gt=0, description="Seconds between queue polls")
     idle_timeout: float = Field(30.0, gt=0, description="Close idle relay connections after")
     smtp: str = Field("127.0.0.1:2587", description="SMTP submission (STARTTLS), or off")

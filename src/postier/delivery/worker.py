@@ -1,8 +1,9 @@
 """The delivery worker: claims due messages under a lease and sends them through the relay.
 
 One worker runs many deliveries at once (bounded by ``max_in_flight`` and by the relay
-pool's per-relay concurrency). Leases are renewed while a delivery runs; a worker that dies
-stops renewing and its messages return to the queue when the lease expires. Results are
+pool's per-relay concurrency). Leases are short and renewed four times per lease (the
+worker's heartbeat) however long a delivery runs; a worker that dies stops renewing and
+its messages return to the queue one lease after its death, to be sent by another. Results are
 written back per recipient, so a retry only goes to the recipients that have no final
 answer yet.
 """
@@ -167,7 +168,7 @@ class DeliveryWorker:
         claim_batch: int = 64,
         max_in_flight: int = 256,
         max_in_flight_per_establishment: int | None = None,
-        lease_seconds: float = 120.0,
+        lease_seconds: float = 20.0,
         poll_interval: float = 1.0,
         claim_gather: float = 0.005,
         on_failure: Callable[[str], Awaitable[object]] | None = None,
@@ -312,7 +313,11 @@ class DeliveryWorker:
             self._wake.set()
 
     async def _maintenance_loop(self) -> None:
-        interval = max(1.0, self.lease_seconds / 3)
+        # The worker's heartbeat: its leases are renewed four times per lease, so a live
+        # worker keeps its e-mails however long a delivery takes, while a dead one's
+        # expire one lease after its last renewal; the other workers look for expired
+        # leases as often, and take those e-mails over.
+        interval = max(0.5, self.lease_seconds / 4)
         outage = Outage(f"worker {self.worker_id}: lease renewal")
         wait = interval
         while True:
