@@ -19,7 +19,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -579,6 +579,26 @@ class _Idle:
     lease: ConnectionLease | None = None
 
 
+# Given the relay's answer to an e-mail before its connection may carry another one: the
+# worker records the result there, so that at any instant each connection has at most one
+# conversation whose result the store does not hold yet (what a killed worker may repeat).
+Settle = Callable[[TransactionResult], Awaitable[None]]
+
+
+@dataclass
+class _Settling:
+    """A ``send``'s :data:`Settle`, and its conversation's time limit, lifted while it
+    runs: recording a result is Postier's own doing, not the relay's."""
+
+    settle_result: Settle | None
+    window: asyncio.Timeout
+
+    async def settle(self, result: TransactionResult) -> None:
+        if self.settle_result is not None:
+            self.window.reschedule(None)
+            await self.settle_result(result)
+
+
 class LeaseLost(Exception):
     """The worker no longer holds the message: another worker may be sending it."""
 
@@ -776,12 +796,14 @@ class RelayPool:
         establishment: int = 0,
         limit: float | None = None,
         still_ours: Callable[[], bool] | None = None,
+        settle: Settle | None = None,
     ) -> TransactionResult:
         """Deliver one message. ``limit`` bounds the conversation itself — not the wait
         for a free connection or for the relay's pace, which are Postier's own doing.
         The relay's connections go to the ``establishment``s sending through it in turn.
         ``still_ours`` is asked once the turn has come: a message whose lease was lost
-        meanwhile is not sent (:class:`LeaseLost`)."""
+        meanwhile is not sent (:class:`LeaseLost`). ``settle`` is given the relay's
+        answer before the connection may carry another e-mail (see :data:`Settle`)."""
         state = self._state(relay)
         await state.slots.acquire(priority, establishment)
         # A shared connection slot taken for this e-mail and not yet given to a connection.
@@ -803,9 +825,9 @@ class RelayPool:
                     state.shared_pause(pause)
             if still_ours is not None and not still_ours():
                 raise LeaseLost()
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as window:
                 return await self._send(state, relay, envelope_from, recipients, data,
-                                        smtputf8, spare)
+                                        smtputf8, spare, _Settling(settle, window))
         finally:
             state.slots.release()
             for lease in spare:
@@ -820,6 +842,7 @@ class RelayPool:
         data: bytes,
         smtputf8: bool,
         spare: list[ConnectionLease],
+        settling: _Settling,
     ) -> TransactionResult:
         for attempt in range(2):
             now = time.monotonic()
@@ -855,13 +878,22 @@ class RelayPool:
                 state.failed(result.error)
             else:
                 state.answered()  # it replied: whatever it said, it is up
-            if result.reusable and smtp.is_connected and self._lease_ok(lease):
+            reuse = result.reusable and smtp.is_connected and self._lease_ok(lease)
+            # A reused connection the server had quietly closed: one fresh try.
+            again = not reuse and reused and attempt == 0 and _nothing_happened(result)
+            if not again:
+                try:
+                    await settling.settle(result)
+                except BaseException:
+                    smtp.close()
+                    self._release_later(state, lease)
+                    raise
+            if reuse and smtp.is_connected and self._lease_ok(lease):
                 self._put_idle(state, _Idle(smtp, time.monotonic(), lease))
             else:
                 smtp.close()
                 self._release_later(state, lease)
-                # A reused connection the server had quietly closed: one fresh try.
-                if reused and attempt == 0 and _nothing_happened(result):
+                if again:
                     continue
             return result
         raise AssertionError("unreachable")

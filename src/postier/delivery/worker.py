@@ -377,13 +377,16 @@ class DeliveryWorker:
             # lease: the message may already be another worker's; sending would repeat it.
             return time.time() < self._lease_until.get(claimed.id, 0.0)
 
+        async def record(outcome: Outcome) -> None:
+            await self._record(claimed, outcome)
+
         try:
-            outcome = await deliver_one(claimed, settings, self.pool, self.sign, still_ours)
+            outcome = await deliver_one(claimed, settings, self.pool, self.sign, still_ours,
+                                        record)
         except LeaseLost:
             log.warning("lease on %s lost before sending; leaving it to the queue",
                         claimed.id)
             return
-        await self._record(claimed, outcome)
         _log_outcome(claimed, outcome)
         try:
             if self.on_failure is not None and any(
@@ -409,10 +412,13 @@ async def deliver_one(
     pool: RelayPool,
     sign: Signer | None = None,
     still_ours: Callable[[], bool] | None = None,
+    record: Callable[[Outcome], Awaitable[None]] | None = None,
 ) -> Outcome:
     """One delivery attempt of a claimed message through ``settings.relay``: what the
     server's workers and a workstation's outbox both do. ``sign`` may add a DKIM
-    signature to the bytes (the stored message itself stays as accepted)."""
+    signature to the bytes (the stored message itself stays as accepted). ``record``
+    stores the outcome: through the relay pool, before the connection may carry another
+    e-mail, so a killed worker repeats at most one conversation per connection."""
     relay = settings.relay
     backup = settings.backup_relay
     if backup is not None and backup.configured and (
@@ -435,6 +441,19 @@ async def deliver_one(
     # A bound on the whole conversation, beyond each command's own timeout, so a relay
     # that answers one byte at a time cannot hold a delivery forever.
     whole = relay.timeout * (6 + len(attempted)) + len(claimed.data) / 50_000
+    recorded: list[Outcome] = []
+
+    def outcome_of(result: TransactionResult) -> Outcome:
+        return decide(claimed, attempted, result, _retry_policy(settings), now=time.time(),
+                      started_at=started_at,
+                      duration_ms=int((time.perf_counter() - t0) * 1000),
+                      relay=relay_label(relay))
+
+    async def settle(result: TransactionResult) -> None:
+        recorded.append(outcome_of(result))
+        if record is not None:
+            await record(recorded[-1])
+
     try:
         if relay.kind == RelayKind.POSTIER:
             from postier.delivery.upstream import hand_on
@@ -452,6 +471,7 @@ async def deliver_one(
                 establishment=claimed.establishment_id,
                 limit=whole,
                 still_ours=still_ours,
+                settle=settle,
             )
     except LeaseLost:
         raise
@@ -469,16 +489,10 @@ async def deliver_one(
             error=err,
             reusable=False,
         )
-    return decide(
-        claimed,
-        attempted,
-        result,
-        _retry_policy(settings),
-        now=time.time(),
-        started_at=started_at,
-        duration_ms=int((time.perf_counter() - t0) * 1000),
-        relay=relay_label(relay),
-    )
+    if recorded:  # settled (and recorded) while the relay's connection was held
+        return recorded[-1]
+    await settle(result)
+    return recorded[-1]
 
 
 def _retry_policy(settings: DeliverySettings) -> RetryPolicy:
