@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import resource
 import socket
 import statistics
@@ -210,6 +211,29 @@ async def hosted(a: argparse.Namespace, store: Store, worker: DeliveryWorker, re
     return out
 
 
+async def database_cpu(store: Store) -> dict[int, float]:
+    """PostgreSQL: the CPU seconds used so far by each server process serving this
+    database (the store's pooled connections; the server runs on this machine). Empty on
+    SQLite, whose work is done in this process."""
+    engine = getattr(store, "write_engine", None)
+    if engine is None or engine.dialect.name != "postgresql":
+        return {}
+    async with engine.connect() as conn:
+        pids = [int(r[0]) for r in await conn.exec_driver_sql(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+    return {pid: t for pid in pids if (t := process_cpu(pid)) is not None}
+
+
+def process_cpu(pid: int) -> float | None:
+    """The CPU seconds (user and system) process ``pid`` used so far; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def scale(a: argparse.Namespace, store: Store, worker: DeliveryWorker, relay: Relay,
                 timed: TimedStore) -> dict[str, Any]:
     ids = [f"m{i}" for i in range(a.messages)]
@@ -217,13 +241,18 @@ async def scale(a: argparse.Namespace, store: Store, worker: DeliveryWorker, rel
         await store.enqueue([message(i, 1 + n % a.establishments)
                              for n, i in enumerate(ids[start:start + 1000], start)])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    db0 = await database_cpu(store)
     cpu0 = time.process_time()
     t0 = time.monotonic()
     await worker.start()
     await until(lambda: len(relay.arrived) >= a.messages, 0.02)
     seconds = time.monotonic() - t0
     cpu = time.process_time() - cpu0
-    return {"establishments": a.establishments, "messages": a.messages, "seconds": seconds,
+    db1 = await database_cpu(store)
+    db_cpu = sum(t - db0.get(pid, 0.0) for pid, t in db1.items())
+    return {"db_cpu_us_per_msg": db_cpu / a.messages * 1e6,
+            "total_cpu_us_per_msg": (cpu + db_cpu) / a.messages * 1e6,
+            "establishments": a.establishments, "messages": a.messages, "seconds": seconds,
             "rate": a.messages / seconds, "cpu_us_per_msg": cpu / a.messages * 1e6,
             "claims": timed.claims,
             "claim_ms": timed.claim_seconds / max(1, timed.claims) * 1000,

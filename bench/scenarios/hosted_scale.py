@@ -36,8 +36,8 @@ class HostedScale(Scenario):
             f"{self._prefix}_{r}" if pg else None, timeout=600)
         m = Measurement(throughput=out["rate"], seconds=out["seconds"],
                         count=int(out["messages"]))
-        for key in ("cpu_us_per_msg", "claims", "claim_ms", "claim_us_per_msg",
-                    "maxrss_growth_kib"):
+        for key in ("cpu_us_per_msg", "db_cpu_us_per_msg", "total_cpu_us_per_msg", "claims",
+                    "claim_ms", "claim_us_per_msg", "maxrss_growth_kib"):
             m.extra[key] = out[key]
         return m
 
