@@ -4,12 +4,15 @@ CDN, whose script would run with the page's rights, unchecked."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
-from support.browser import Web
 from support.server import ServerProcess
+
+if TYPE_CHECKING:
+    from support.browser import Web
 
 pytest_plugins = ["support.browser"]
 
