@@ -20,7 +20,7 @@ from typing import IO
 
 import uvicorn
 
-from postier import metrics
+from postier import first_run, metrics
 from postier.aio import cancel_and_wait
 from postier.api import create_app
 from postier.config import ServerConfig, split_host_port
@@ -620,18 +620,9 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
         if http_children is not None:
             await http_children.start()
         tune_gc()
-        users = await core.store.list_users(1)
         log.info("Postier listening on http://%s:%d (API description: /docs); data in %s",
                  host, port, data_dir)
-        if not users:
-            log.info(
-                "No user yet. Create the first administrator (the password lets them sign "
-                "in at http://%s:%d/):\n"
-                "  postier users add admin --email you@example.org --role admin "
-                "--password-stdin --data-dir %s\n"
-                "and an API token for programs:\n  postier tokens create admin --data-dir %s",
-                host, port, config.data_dir, config.data_dir,
-            )
+        await first_run.announce(core.store, host, port, data_dir)
 
     async def shutdown() -> None:
         t0 = time.monotonic()

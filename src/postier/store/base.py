@@ -418,6 +418,11 @@ class Store(abc.ABC):
     async def set_meta(self, key: str, value: str) -> None: ...
 
     @abc.abstractmethod
+    async def swap_meta(self, key: str, expected: str, value: str) -> bool:
+        """Set ``key`` to ``value`` only if it still holds ``expected``, in one step:
+        whether it did (of two processes swapping the same value, one wins)."""
+
+    @abc.abstractmethod
     async def save_dkim_key(
         self, establishment_id: int, domain: str, selector: str, private_enc: str,
         public_b64: str,

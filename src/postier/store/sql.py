@@ -671,6 +671,14 @@ class SQLStore(Store):
 
         await self.write(job)
 
+    async def swap_meta(self, key: str, expected: str, value: str) -> bool:
+        async def job(conn: AsyncConnection) -> bool:
+            res = await conn.execute(update(t.meta).where(
+                t.meta.c.key == key, t.meta.c.value == expected).values(value=value))
+            return bool(res.rowcount == 1)
+
+        return bool(await self.write(job))
+
     async def save_dkim_key(
         self, establishment_id: int, domain: str, selector: str, private_enc: str,
         public_b64: str,

@@ -51,11 +51,11 @@ async def _render_error(request: Request, status: int, message: str,
 
 def install(app: FastAPI) -> None:
     """Mount the pages and their assets on the API's application."""
-    from postier.web import account, profiles, queue, settings_pages, users
+    from postier.web import account, profiles, queue, settings_pages, setup, users
     from postier.web.context import PageError, SignInRequired, page_lang, redirect, wants_json
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    for module in (account, settings_pages, profiles, queue, users):
+    for module in (account, settings_pages, profiles, queue, users, setup):
         app.include_router(module.router)
 
     async def sign_in_required(request: Request, exc: Exception) -> Response:
