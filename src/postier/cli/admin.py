@@ -6,7 +6,9 @@ They work on the same data as the server (``--data-dir`` or ``POSTIER_DATA_DIR``
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -17,6 +19,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from postier import accounts
 from postier.cli.common import (
     CONSOLE,
     DatabaseUrl,
@@ -38,7 +41,7 @@ from postier.cli.common import (
 )
 from postier.config import ServerConfig
 from postier.errors import NotFound, PostierError
-from postier.i18n import N_, system_language
+from postier.i18n import N_, system_language, translate
 from postier.service import Postier
 from postier.store.base import User
 
@@ -315,6 +318,56 @@ def users_add(
 
     user = _run(_config(data_dir, database_url), action)
     out.print(f"User {user.username} <{user.email}> created ({user.role}).", highlight=False)
+
+
+PASSWORD_PROMPT = N_("New password for {username}: ")
+PASSWORD_AGAIN = N_("The same password again: ")
+PASSWORD_SHORT = N_("A password has at least 8 characters.")
+PASSWORD_DIFFERENT = N_("The two passwords are different.")
+PASSWORD_SET = N_("The password of {username} is set: they can sign in to the web pages.")
+
+
+def _new_password(username: str, from_stdin: bool, lang: str) -> str:
+    """The password typed twice at a terminal (hidden), or read from standard input."""
+    if from_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(translate(lang, PASSWORD_PROMPT, username=username))
+        if getpass.getpass(translate(lang, PASSWORD_AGAIN)) != password:
+            _fail(translate(lang, PASSWORD_DIFFERENT))
+    if len(password) < 8:
+        _fail(translate(lang, PASSWORD_SHORT),
+              translate(lang, N_("Example: echo 'a long passphrase' | postier users "
+                                 "set-password {username} --password-stdin"),
+                        username=username))
+    return password
+
+
+@users_app.command("set-password")
+def users_set_password(
+    username: Annotated[str, typer.Argument(help="Username or e-mail address")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input")
+    ] = False,
+    establishment: Establishment = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Set a user's password (asked twice, hidden); their open sessions end."""
+    lang = system_language()
+    password = _new_password(username, password_stdin, lang)
+
+    async def action(core: Postier) -> User:
+        user = await _member(core, username, establishment)
+        digest = await asyncio.to_thread(accounts.hash_password, password)
+        await core.store.update_user(user.id, password_hash=digest)
+        core.forget_tokens()
+        await core.store.audit(user.establishment_id, CONSOLE.username, "user.password",
+                               user.username, {})
+        return user
+
+    user = _run(_config(data_dir, database_url), action)
+    out.print(translate(lang, PASSWORD_SET, username=user.username), highlight=False)
 
 
 @users_app.command("list")
