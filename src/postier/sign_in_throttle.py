@@ -43,6 +43,9 @@ class Admission:
 
     accounts: list[User]
     wait: float
+    # The keys with failures counted now: a sign-in that succeeds clears only those, so an
+    # ordinary sign-in writes nothing (and goes through while the store cannot write).
+    failing: frozenset[str] = frozenset()
 
 
 class SignInThrottle:
@@ -90,9 +93,9 @@ class SignInThrottle:
                  for keys in idents]
         held = max(wait(addresses, self.ADDRESS_LIMIT), min(waits))
         if held > 0:
-            return Admission([], held)
+            return Admission([], held, frozenset(recent))
         return Admission([u for u, w in zip(named, waits, strict=True)
-                          if u is not None and w == 0], 0.0)
+                          if u is not None and w == 0], 0.0, frozenset(recent))
 
     async def failed(self, login: str, tried: Sequence[User], address: str,
                      now: float | None = None) -> None:
@@ -104,9 +107,11 @@ class SignInThrottle:
                 *(source_key(k, address) for k in idents)]
         await self.store.add_failure(keys, now, forget_before=now - self.WINDOW)
 
-    async def succeeded(self, user: User, address: str) -> None:
+    async def succeeded(self, user: User, address: str, admission: Admission) -> None:
         # Only this account from this address is cleared: the address keeps its count (one
         # good account must not clear a password sweep), the account its own (a right
         # password from here must not clear a guesser's count from everywhere).
-        await self.store.clear_failures([source_key(self.identity(door, "", user), address)
-                                         for door in SIGN_IN_DOORS])
+        keys = [source_key(self.identity(door, "", user), address) for door in SIGN_IN_DOORS]
+        keys = [k for k in keys if k in admission.failing]
+        if keys:
+            await self.store.clear_failures(keys)

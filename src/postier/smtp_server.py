@@ -177,7 +177,7 @@ class SubmissionHandler:
             await asyncio.sleep(0.5)  # slows down guessing without holding a worker
             return AuthResult(success=False, handled=False,
                               message="535 5.7.8 Authentication credentials invalid")
-        await throttle.succeeded(user, peer)
+        await throttle.succeeded(user, peer, admitted)
         log.info("AUTH %s from %s", user.username, peer)
         return AuthResult(success=True, auth_data=user)
 

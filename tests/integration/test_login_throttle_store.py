@@ -45,7 +45,8 @@ async def test_failures_count_across_servers_and_doors(store_url: str, tmp_path:
         later = now + Throttle.WINDOW + 10
         assert (await web_a.admit("alice", alice, "10.0.0.7", now=later)).wait == 0
         # A success clears alice's count from that address only.
-        await web_a.succeeded(alice[0], "10.0.0.7")
+        await web_a.succeeded(alice[0], "10.0.0.7",
+                              await web_a.admit("alice", alice, "10.0.0.7", now=now + 5))
         assert (await web_a.admit("alice", alice, "10.0.0.7", now=now + 5)).wait == 0
         recent = await a.store.recent_failures(
             [account_key("web", 1, "alice"), account_key("smtp", 1, "alice"),

@@ -111,7 +111,7 @@ async def login(p: AnyPage) -> Response:
         await throttle.failed(identifier, admitted.accounts, p.client_address)
         return _login_page(p, status_code=401, username=identifier, next_url=next_url,
                            error=p._(WRONG))
-    await throttle.succeeded(user, p.client_address)
+    await throttle.succeeded(user, p.client_address, admitted)
     response = redirect(next_url or home_for(user))
     _cookie(response, p, SESSION_COOKIE, seal(p.core, new_session(user)))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
