@@ -333,7 +333,9 @@ async def open_smtp(
             timeout=timeout,
             use_tls=relay.security == Security.TLS,
             start_tls=False,
-            tls_context=tls_context(relay),
+            # Building a context reads the system's certificates (tens of ms of CPU):
+            # only for a connection that will use TLS.
+            tls_context=None if relay.security == Security.NONE else tls_context(relay),
             sock=sock,
         )
         async with steps.step("tls" if relay.security == Security.TLS else "greeting") as d:
