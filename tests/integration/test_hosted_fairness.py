@@ -81,6 +81,22 @@ async def test_priorities_hold_within_an_establishment(store: Store) -> None:
         f"mailing, and establishment 2's e-mail; it took {[c.id for c in claimed]}")
 
 
+async def test_a_full_claim_takes_the_most_urgent_beside_a_small_establishment(
+    store: Store,
+) -> None:
+    # Establishment 1 has normal e-mails and a bulk mailing, establishment 2 one e-mail:
+    # the claim fills up with establishment 1's normal e-mails, none of its bulk.
+    await store.enqueue([_msg(i, 1, BULK) for i in range(100)])
+    await store.enqueue([_msg(i, 1, NORMAL) for i in range(100)])
+    (other,) = await store.enqueue([_msg(0, 2, BULK)])
+    claimed = await store.claim("w1", 64, 60, time.time())
+    bulk = [c.id for c in claimed if c.establishment_id == 1 and c.priority == BULK]
+    assert len(claimed) == 64 and other.id in {c.id for c in claimed} and not bulk, (
+        f"a claim of 64 took {len(claimed)} e-mails, {len(bulk)} of establishment 1's "
+        "bulk mailing before its normal e-mails, establishment 2's e-mail "
+        f"{'' if other.id in {c.id for c in claimed} else 'not '}among them")
+
+
 async def test_successive_claims_go_round_every_establishment(store: Store) -> None:
     # More establishments than one claim looks at: the next claim goes on from there.
     count = 40

@@ -70,6 +70,14 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(width)]
 
 
+# The due e-mails of each class of the claim's walk, read locked, at most ``{limit}`` each.
+_DUE = ("SELECT d.*, w.lap FROM walk w CROSS JOIN LATERAL"
+        " (SELECT id, establishment_id, priority, next_attempt_at FROM messages"
+        " WHERE status IN ('queued', 'deferred') AND establishment_id = w.e"
+        " AND priority = w.p AND next_attempt_at <= $4 AND establishment_id <> ALL($8)"
+        " ORDER BY next_attempt_at LIMIT {limit} FOR UPDATE SKIP LOCKED) d")
+
+
 class PostgresStore(SQLStore):
     def __init__(self, url: str) -> None:
         # Writes find their rows by key (an e-mail's id, its recipients' positions, the
@@ -138,7 +146,7 @@ class PostgresStore(SQLStore):
     # them within their establishment (priority, then due time) and takes every
     # establishment's first, then every one's second...: round-robin.
     _CLAIM = (
-        "WITH RECURSIVE"
+        "WITH RECURSIVE"  # noqa: S608 (only _DUE and constant limits formatted in)
         " after(e, p, n) AS ((SELECT establishment_id, priority, 1 FROM messages"
         " WHERE status IN ('queued', 'deferred') AND establishment_id > $5"
         " ORDER BY establishment_id, priority LIMIT 1)"
@@ -156,11 +164,18 @@ class PostgresStore(SQLStore):
         " ORDER BY establishment_id, priority LIMIT 1) x WHERE a.n < $6),"
         " walk AS (SELECT e, p, lap, n FROM (SELECT e, p, 0 AS lap, n FROM after"
         " UNION ALL SELECT e, p, 1, n FROM upto) w ORDER BY lap, n LIMIT $6),"
-        " due AS (SELECT d.*, w.lap FROM walk w CROSS JOIN LATERAL"
-        " (SELECT id, establishment_id, priority, next_attempt_at FROM messages"
-        " WHERE status IN ('queued', 'deferred') AND establishment_id = w.e"
-        " AND priority = w.p AND next_attempt_at <= $4 AND establishment_id <> ALL($8)"
-        " ORDER BY next_attempt_at LIMIT $7 FOR UPDATE SKIP LOCKED) d),"
+        # Each class's due e-mails, read locked: first as many as the round takes from
+        # each establishment when all have that many (cap), then, only if the round came
+        # short of the limit, up to as many more as it lacked.
+        " cap AS (SELECT ($7 + k - 1) / k AS c FROM (SELECT greatest(1, count(DISTINCT e))"
+        " AS k FROM walk WHERE e <> ALL($8)) x),"
+        f" due1 AS ({_DUE.format(limit='(SELECT c FROM cap)')}),"
+        " short AS (SELECT coalesce($7 - sum(least(n, (SELECT c FROM cap))), $7) AS n"
+        " FROM (SELECT count(*) AS n FROM due1 GROUP BY establishment_id) x),"
+        f" due2 AS ({_DUE.format(limit='(SELECT c FROM cap) + (SELECT n FROM short)')}"
+        " WHERE (SELECT n FROM short) > 0),"
+        " due AS (SELECT * FROM due1 WHERE (SELECT n FROM short) <= 0"
+        " UNION ALL SELECT * FROM due2),"
         " picked AS (SELECT id, rn, lap FROM (SELECT id, lap, establishment_id,"
         " row_number() OVER (PARTITION BY establishment_id"
         " ORDER BY priority, next_attempt_at) AS rn FROM due) r"
