@@ -65,6 +65,14 @@ def fresh_message(world: World) -> dict[str, str]:
         return {"message_id": r.json()["id"]}
 
 
+def fresh_sent_message(world: World) -> dict[str, str]:
+    """One of alice's e-mails, marked sent in the store (the server does not deliver)."""
+    made = fresh_message(world)
+    with sqlite3.connect(world.server.data_dir / "postier.db", timeout=10) as db:
+        db.execute("UPDATE messages SET status = 'sent' WHERE id = ?", (made["message_id"],))
+    return made
+
+
 def alice_message(world: World) -> dict[str, str]:
     return {"message_id": world.alice_message}
 
@@ -153,6 +161,12 @@ TABLE: dict[tuple[str, str], Row] = {
         (401, 200, 404, 200, 404, 200), setup=fresh_message),
     ("POST", "/api/v1/messages/{message_id}/cancel"): Row(
         (401, 200, 404, 200, 404, 200), setup=fresh_message),
+    # Everyone retries what their own list shows (test_retry_all checks whose).
+    ("POST", "/api/v1/messages/retry"): Row(
+        (401, 200, 200, 200, 200, 200), body=lambda: {"status": "queued"}),
+    # Only an administrator of the e-mail's school resends it.
+    ("POST", "/api/v1/messages/{message_id}/resend"): Row(
+        (401, 403, 403, 202, 404, 202), setup=fresh_sent_message),
     ("GET", "/api/v1/settings"): Row((401, 403, 403, 200, 200, 200)),
     ("PUT", "/api/v1/settings"): Row(
         (401, 403, 403, 200, 200, 200), body=lambda: {"sender": {"name": "Nom"}}),
@@ -215,6 +229,11 @@ TABLE: dict[tuple[str, str], Row] = {
     ("DELETE", "/api/v1/dkim/{domain}"): Row(
         (401, 403, 403, 204, 404, 204), setup=fresh_dkim_key),
     ("GET", "/api/v1/relay-presets"): Row((401, 200, 200, 200, 200, 200)),
+    # Only an operator moves a domain between establishments (one nobody holds here, so
+    # that the other rows keep theirs).
+    ("POST", "/api/v1/domains/{domain}/move"): Row(
+        (401, 403, 403, 403, 403, 200), setup=lambda world: {"domain": "ecole-libre.fr"},
+        body=lambda: {"to": "lycee-du-parc"}),
     # Each administrator sees their own school's incidents (test_alerts checks which).
     ("GET", "/api/v1/alerts"): Row((401, 403, 403, 200, 200, 200)),
 }
