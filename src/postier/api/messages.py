@@ -154,6 +154,26 @@ async def list_messages(
     return [MessageView.model_validate(message_view(r, lang)) for r in records]
 
 
+class RetryAllIn(BaseModel):
+    """Which e-mails to try again: the filters GET /api/v1/messages takes."""
+
+    status: Literal["queued", "deferred", "failed"] | None = Field(
+        None, description="Only e-mails with this status; none: every waiting or failed one")
+    mine: bool = Field(False, description="An administrator's own e-mails only")
+
+
+class RetriedOut(BaseModel):
+    retried: int = Field(description="How many e-mails were made due now")
+
+
+@router.post("/retry", responses=_ERRORS)
+async def retry_all(body: RetryAllIn, user: CurrentUser, core: Core) -> RetriedOut:
+    """Try again now every waiting or failed e-mail the list shows you with these filters
+    (after an outage of the relay, for example): your own, or all of the establishment's
+    for an administrator. E-mails whose content is no longer kept are left alone."""
+    return RetriedOut(retried=await core.retry_all(user, body.status, body.mine))
+
+
 @router.get("/{message_id}", responses=_ERRORS)
 async def get_message(message_id: str, user: CurrentUser, core: Core, lang: Lang) -> MessageView:
     """One e-mail with its recipients' results and every delivery attempt."""
@@ -173,3 +193,11 @@ async def cancel(message_id: str, user: CurrentUser, core: Core, lang: Lang) -> 
     """Stop an e-mail that has not been sent yet."""
     record = await core.cancel(user, message_id)
     return MessageView.model_validate(message_view(record, lang, history=True))
+
+
+@router.post("/{message_id}/resend", status_code=status.HTTP_202_ACCEPTED,
+             responses=_LIMITED)
+async def resend(message_id: str, user: CurrentUser, core: Core, lang: Lang) -> Accepted:
+    """Administrators: send a sent e-mail again, as a new e-mail (new id and Message-ID)
+    with the same content, sender and recipients. Counts in the submission pace."""
+    return accepted(await core.resend(user, message_id), lang)

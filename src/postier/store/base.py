@@ -529,6 +529,23 @@ class Store(abc.ABC):
         """Make a waiting or failed message due now; failed recipients are tried again."""
 
     @abc.abstractmethod
+    async def retry_matching(
+        self, *, establishment_id: int, user_id: int | None, statuses: Sequence[str],
+        now: float, sender: str | None = None, recipient: str | None = None,
+        since: float | None = None, until: float | None = None,
+    ) -> int:
+        """:meth:`retry_now` for every message of the establishment (of ``user_id`` only,
+        unless ``None``) in one of ``statuses`` (waiting or failed ones) whose content is
+        still kept, in one transaction; how many were made due. ``sender`` and
+        ``recipient`` are parts of an address (any case), ``since`` and ``until`` bound
+        the creation time, as the queue page's filters."""
+
+    @abc.abstractmethod
+    async def get_content(self, message_id: str) -> tuple[bytes, bool] | None:
+        """The message's stored bytes and whether it needs SMTPUTF8, or ``None`` once
+        retention removed them."""
+
+    @abc.abstractmethod
     async def counts(self, establishment_id: int | None = None) -> dict[str, int]: ...
 
     # -- the submission pace, shared by every process (pace.py) ---------------------------

@@ -1278,6 +1278,53 @@ class SQLStore(Store):
 
         return bool(await self.write(job))
 
+    async def retry_matching(
+        self, *, establishment_id: int, user_id: int | None, statuses: Sequence[str],
+        now: float, sender: str | None = None, recipient: str | None = None,
+        since: float | None = None, until: float | None = None,
+    ) -> int:
+        m, r = t.messages, t.recipients
+        chosen = [m.c.establishment_id == establishment_id,
+                  m.c.status.in_([s for s in statuses if s in (QUEUED, DEFERRED, FAILED)]),
+                  select(t.bodies.c.message_id).where(t.bodies.c.message_id == m.c.id)
+                  .exists()]
+        if user_id is not None:
+            chosen.append(m.c.user_id == user_id)
+        if sender:
+            chosen.append(m.c.header_from.icontains(sender, autoescape=True)
+                          | m.c.envelope_from.icontains(sender, autoescape=True))
+        if recipient:
+            chosen.append(select(r.c.message_id).where(
+                r.c.message_id == m.c.id,
+                r.c.address.icontains(recipient, autoescape=True)).exists())
+        if since is not None:
+            chosen.append(m.c.created_at >= since)
+        if until is not None:
+            chosen.append(m.c.created_at < until)
+
+        async def job(conn: AsyncConnection) -> int:
+            # Recipients first, while the messages still have their old status; a message
+            # in "sending" is left to its worker.
+            await conn.execute(
+                update(t.recipients)
+                .where(t.recipients.c.status == FAILED,
+                       t.recipients.c.message_id.in_(select(m.c.id).where(*chosen)))
+                .values(status="pending", updated_at=now)
+            )
+            res = await conn.execute(
+                update(m).where(*chosen).values(status=QUEUED, next_attempt_at=now,
+                                                updated_at=now))
+            return int(res.rowcount)
+
+        return int(await self.write(job))
+
+    async def get_content(self, message_id: str) -> tuple[bytes, bool] | None:
+        rows = await self._read(
+            select(t.bodies.c.data, t.messages.c.smtputf8)
+            .join(t.messages, t.messages.c.id == t.bodies.c.message_id)
+            .where(t.bodies.c.message_id == message_id))
+        return (bytes(rows[0].data), bool(rows[0].smtputf8)) if rows else None
+
     async def counts(self, establishment_id: int | None = None) -> dict[str, int]:
         stmt = select(t.messages.c.status, func.count()).group_by(t.messages.c.status)
         if establishment_id is not None:

@@ -8,6 +8,7 @@ import datetime as dt
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -26,6 +27,7 @@ from postier.web.context import (
     redirect,
     render,
     render_fragment,
+    text,
 )
 
 router = APIRouter(include_in_schema=False)
@@ -131,6 +133,19 @@ async def queue(p: AdminPage, status: str = "", sender: str = "", recipient: str
                   periods=PERIOD_LABELS, **data)
 
 
+@router.post("/queue/retry")
+async def retry_all(p: AdminPage) -> Response:
+    """The queue's "Retry all" button: every waiting or failed e-mail the current filters
+    show, tried again now."""
+    form = await checked_form(p)
+    q = _query(*(text(form, name) for name in
+                 ("status", "sender", "recipient", "since", "until", "period")))
+    f = q.filters()
+    count = await p.core.retry_all(p.me, f.status, sender=f.sender, recipient=f.recipient,
+                                   since=f.since, until=f.until)
+    return redirect(f"/queue?{urlencode({**q.params(), 'ok': 'retried_all', 'n': count})}")
+
+
 @router.get("/queue/live.json")
 async def queue_live(p: AdminPage, status: str = "", sender: str = "", recipient: str = "",
                      since: str = "", until: str = "", period: str = "24h") -> Response:
@@ -154,6 +169,7 @@ def _message_data(p: Page, record: MessageRecord) -> dict[str, Any]:
             "final": record.status in FINAL_STATUSES,
             "can_retry": record.status in ("queued", "deferred", "failed"),
             "can_cancel": record.status in ("queued", "deferred"),
+            "can_resend": record.status == "sent" and p.me.is_admin,
             "outcome_labels": OUTCOME_LABELS, "updated": p.datetime(time.time(), "medium")}
 
 
@@ -179,6 +195,13 @@ async def retry(message_id: str, p: UserPage) -> Response:
     await checked_form(p)
     await p.core.retry(p.me, message_id)
     return redirect(flash_url(f"/messages/{message_id}", "retried"))
+
+
+@router.post("/messages/{message_id}/resend")
+async def resend(message_id: str, p: AdminPage) -> Response:
+    await checked_form(p)
+    result = await p.core.resend(p.me, message_id)
+    return redirect(flash_url(f"/messages/{result.id}", "resent"))
 
 
 @router.post("/messages/{message_id}/cancel")
