@@ -54,7 +54,9 @@ from postier import __version__
 from postier.administration import require_admin
 from postier.aio import cancel_and_wait
 from postier.delivery.relay import RelayPool, tls_context
+from postier.errors import StoreUnavailable
 from postier.i18n import N_, translate
+from postier.outage import Outage
 from postier.settings import DeliverySettings, RelaySettings, WebhookEvent
 from postier.store import alerts as db
 from postier.store.base import Establishment, User
@@ -508,6 +510,21 @@ class WebhookSender:
         return f"HTTP {answer.status_code}: {answer.text[:200]}"
 
 
+async def _survive(outage: Outage, failure: str, step: Callable[[], Awaitable[object]]
+                   ) -> None:
+    """One round of a background step: the store away is said once per outage (the next
+    round tries again), anything else with its stack."""
+    try:
+        await step()
+    except StoreUnavailable as exc:
+        outage.failed(exc)
+        return
+    except Exception:
+        log.exception(failure)
+        return
+    outage.worked()
+
+
 class AlertTask:
     """The background of a delivering process: checks every ``CHECK_EVERY`` seconds, posts
     the webhook's due events every few seconds or as soon as one is stored."""
@@ -533,17 +550,14 @@ class AlertTask:
 
     async def _run(self) -> None:
         next_check = time.monotonic() + min(10.0, self.check_every)
+        checks, posts = Outage("alert checks"), Outage("webhook events")
         while True:
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + self.check_every
-                try:
-                    await self.engine.check()
-                except Exception:
-                    log.exception("alert check failed; will try again")
-            try:
-                await self.sender.deliver_due()
-            except Exception:
-                log.exception("posting webhook events failed; will try again")
+                await _survive(checks, "alert check failed; will try again",
+                               self.engine.check)
+            await _survive(posts, "posting webhook events failed; will try again",
+                           self.sender.deliver_due)
             self.engine.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.engine.wake.wait(), self.post_every)

@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from postier.aio import cancel_and_wait
 from postier.errors import StoreUnavailable
 from postier.metrics import PURGE_ACTION, Tally, count_attempts
+from postier.outage import Outage
 from postier.settings import RetentionSettings
 from postier.store import schema as t
 from postier.store.base import (
@@ -352,12 +353,18 @@ class RetentionTask:
 
     async def _run(self) -> None:
         await asyncio.sleep(min(60.0, self.interval))
+        outage = Outage("retention purge")
         while True:
             try:
                 self.last = report = await purge(self.core)
+                outage.worked()
                 if report.bodies or report.messages:
                     log.info("retention: %d bodies and %d e-mail records removed",
                              report.bodies, report.messages)
+            except StoreUnavailable as exc:
+                # Said once per outage; the purge waits for the database, then its round.
+                await asyncio.sleep(outage.failed(exc))
+                continue
             except Exception:
                 log.exception("retention purge failed; will try again")
             await asyncio.sleep(self.interval)

@@ -121,6 +121,8 @@ def test_delivery_resumes_by_itself_after_the_database_comes_back(
         assert outages, "the outage is in the worker's log"
         assert set(outages.values()) == {1}, (
             f"each loop logs the outage once, not at every try: {outages}")
+        # The alerts' and webhook's rounds too: no stack trace at each round.
+        assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def _tls(server: ServerProcess) -> ssl.SSLContext:
