@@ -94,12 +94,11 @@ def decide(
     waiting = [r for r in states.values() if r.status in ("pending", DEFERRED)]
     next_at = now
     status: str
-    slow_down = result.error is not None and result.error.code in ("rate_limited",
-                                                                    "relay_limit")
+    slow_down = result.error is not None and result.error.code in NOT_AN_ATTEMPT
     if slow_down and waiting and now < claimed.created_at + retry.max_age:
-        # The relay asked to slow down, or its sending limit is reached until a given
-        # time: not a failure of this e-mail. It waits without the attempt counting
-        # towards its backoff.
+        # The relay asked to slow down, its sending limit is reached until a given time,
+        # or the database the limits are counted in is away: not a failure of this
+        # e-mail. It waits without the attempt counting towards its backoff.
         attempts = claimed.attempts
         assert result.error is not None
         resume = result.error.params.get("resume_at")
@@ -480,9 +479,11 @@ async def deliver_one(
         # with the reason, and the caller goes on.
         if isinstance(exc, StoreUnavailable):  # the sending limits shared in the store
             log.warning("cannot deliver %s now: %s", claimed.id, exc)
-        elif not isinstance(exc, TimeoutError):
-            log.exception("unexpected error delivering %s", claimed.id)
-        err = classify(exc, "data", relay)
+            err = store_away()
+        else:
+            if not isinstance(exc, TimeoutError):
+                log.exception("unexpected error delivering %s", claimed.id)
+            err = classify(exc, "data", relay)
         result = TransactionResult(
             [RcptResult(r.address, DEFERRED, None, err.reply or err.message())
              for r in attempted],
@@ -493,6 +494,19 @@ async def deliver_one(
         return recorded[-1]
     await settle(result)
     return recorded[-1]
+
+
+# Deferrals that say nothing about the e-mail or its relay: they do not count as attempts.
+NOT_AN_ATTEMPT = frozenset({"rate_limited", "relay_limit", "store_unavailable"})
+
+
+def store_away() -> DeliveryError:
+    """The relay was never reached: the store the sending limits are counted in is away."""
+    return DeliveryError(
+        N_("Not sent yet: the server's database is unavailable for a moment."),
+        hint=N_("Nothing to do: Postier tries again as soon as its database answers."),
+        code="store_unavailable", transient=True, step="connect",
+    )
 
 
 def _retry_policy(settings: DeliverySettings) -> RetryPolicy:
