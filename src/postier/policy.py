@@ -50,6 +50,7 @@ __all__ = [
     "normalize_address",
     "normalize_domain_pattern",
     "sendable",
+    "via_name",
 ]
 
 Rule = Literal["inside_allowed", "outside_allowed", "no_allowed_domains", "unverified_sender"]
@@ -421,8 +422,13 @@ def decide_sender(
     message_reply_to: Sequence[str] = (),
     granted_addresses: Sequence[str] = (),
     verified_addresses: Sequence[str] | None = None,
+    display: str = "establishment",
 ) -> SenderDecision:
     """Apply the sender policy for one user and one message.
+
+    ``display`` is how the establishment's sender is named when it is used: by the
+    establishment's name (``establishment``), or ``user_via``, "Bob Durand via Collège
+    Jean Moulin", so that recipients still see who wrote (see :func:`via_name`).
 
     ``verified_addresses`` is ``None`` when the establishment does not ask for sender
     verification. Otherwise an address inside the allowed domains is used as is only when
@@ -467,7 +473,8 @@ def decide_sender(
         raise SenderNotConfigured(address=address, hint=_HINT_SET_SENDER)
     sender = _normalize_field(establishment_address, "sender.address")
     return SenderDecision(
-        from_name=clean_display_name(establishment_name),
+        from_name=via_name(user_name, establishment_name, sender) if display == USER_VIA
+        else clean_display_name(establishment_name),
         from_address=sender,
         # The user's own address goes to Reply-To so that answers reach them even though
         # the From is the establishment's.
@@ -480,6 +487,21 @@ def decide_sender(
         matched_pattern=None,
         allowed_domains=domains,
     )
+
+
+USER_VIA = "user_via"
+VIA = "via"  # the same word in French and English, as Moodle and Odoo write it
+
+
+def via_name(user_name: str, establishment_name: str, establishment_address: str) -> str:
+    """The display name "<user> via <establishment>" (the establishment's sender domain
+    when it has no name); the establishment's name alone when the user has none."""
+    user = clean_display_name(user_name)
+    establishment = (clean_display_name(establishment_name)
+                     or establishment_address.rpartition("@")[2])
+    if not user:
+        return clean_display_name(establishment_name)
+    return f"{user} {VIA} {establishment}"
 
 
 def sendable(

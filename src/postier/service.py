@@ -107,12 +107,12 @@ SETTINGS_TTL = 2.0  # seconds a process trusts its cached copy of another proces
 def _decide(user_address: str, user_name: str, allowed_domains: tuple[str, ...],
             establishment_name: str, establishment_address: str, requested_from: str | None,
             reply_to: tuple[str, ...], granted: tuple[str, ...],
-            verified: tuple[str, ...] | None) -> policy.SenderDecision:
+            verified: tuple[str, ...] | None, display: str) -> policy.SenderDecision:
     return policy.decide_sender(
         user_address=user_address, user_name=user_name, allowed_domains=allowed_domains,
         establishment_name=establishment_name, establishment_address=establishment_address,
         requested_from=requested_from, message_reply_to=reply_to,
-        granted_addresses=granted, verified_addresses=verified)
+        granted_addresses=granted, verified_addresses=verified, display=display)
 
 
 def new_message_id() -> str:
@@ -576,7 +576,7 @@ class Postier:
         return _decide(user.email, user.display_name, tuple(settings.allowed_domains),
                        settings.sender.name, settings.sender.address, requested_from,
                        tuple(reply_to), granted,
-                       None if verified is None else tuple(verified))
+                       None if verified is None else tuple(verified), settings.sender.display)
 
     async def preview(self, user: User, username: str | None, lang: str) -> Preview:
         target = user

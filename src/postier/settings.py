@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -238,6 +238,10 @@ class SenderSettings(_Model):
 
     name: str = Field("", max_length=200)
     address: str = Field("", max_length=320)
+    display: Literal["establishment", "user_via"] = Field(
+        "establishment",
+        description="How the establishment's sender is named when it replaces a user's "
+        "address: the establishment's name, or \"<user> via <establishment>\"")
 
     @field_validator("name")
     @classmethod

@@ -171,7 +171,9 @@ def settings_payload(form: FormData) -> dict[str, Any]:
     domains = [line.strip() for line in text(form, "allowed_domains").splitlines()]
     payload: dict[str, Any] = {
         "delegation": checkbox(form, "delegation"),
-        "sender": {"name": text(form, "sender.name"), "address": text(form, "sender.address")},
+        "sender": {"name": text(form, "sender.name"), "address": text(form, "sender.address"),
+                   **({"display": text(form, "sender.display")}
+                      if "sender.display" in form else {})},
         "allowed_domains": [d for d in domains if d],
         "relay": relay_payload(form, "relay."),
         "retry": {
@@ -220,6 +222,7 @@ def settings_values(payload: dict[str, Any]) -> dict[str, Any]:
         "delegation": payload["delegation"],
         "sender.name": payload["sender"]["name"],
         "sender.address": payload["sender"]["address"],
+        "sender.display": payload["sender"].get("display", "establishment"),
         "allowed_domains": "\n".join(payload["allowed_domains"]),
         "backup_relay": payload.get("backup_relay") is not None,
     }

@@ -44,7 +44,8 @@ router = APIRouter(include_in_schema=False)
 _RELAY_FIELDS = [*RelaySettings.model_fields,
                  *(f"remove_{name}" for name in SECRET_FIELDS)]
 FIELDS = {
-    "delegation", "sender.name", "sender.address", "allowed_domains", "backup_relay",
+    "delegation", "sender.name", "sender.address", "sender.display", "allowed_domains",
+    "backup_relay",
     "failover_after", "retry.first_delay", "retry.max_delay", "retry.max_age",
     "retry.delay_warning", "retention.body_days", "retention.metadata_days", "test_to",
     "form", "alerts.relay_failing_after", "alerts.oldest_deferred_after",
