@@ -149,6 +149,10 @@ attempts = Table(
     Column("outcome", String(12), nullable=False),
     Column("code", Integer),
     Column("detail", Text),
+    # Why the attempt did not deliver: the error's code and parameters as JSON
+    # (PostierError.dump), rendered in the reader's language; NULL when it delivered and
+    # for attempts recorded before it was kept (shown as their detail).
+    Column("reason", Text),
     Index("ix_attempts_message", "message_id"),
 )
 
