@@ -17,7 +17,13 @@ from pydantic import Field, field_validator
 from postier import accounts, diagnose, policy
 from postier.errors import Forbidden, InvalidInput, NotFound, SenderNotConfigured
 from postier.i18n import N_, translate
-from postier.settings import RELAY_SECTIONS, SECRET_FIELDS, DeliverySettings, RelaySettings
+from postier.settings import (
+    RELAY_SECTIONS,
+    SECRET_FIELDS,
+    AuthMethod,
+    DeliverySettings,
+    RelaySettings,
+)
 from postier.store.base import AuditEntry, ProfileRecord, TokenInfo, User
 
 if TYPE_CHECKING:
@@ -317,12 +323,17 @@ class Administration:
         *,
         check_senders: bool = False,
         backup: bool = False,
+        send: bool = True,
     ) -> diagnose.TestReport:
         """Send a real test e-mail with the saved settings, or with unsaved ones given in
-        ``candidate`` (any part of the settings, merged over the saved ones)."""
+        ``candidate`` (any part of the settings, merged over the saved ones); ``send=False``
+        only checks the connection (up to authentication, no e-mail). When the settings
+        tested differ from the saved ones, the report and the e-mail say they are not
+        saved yet."""
         require_admin(actor)
         saved = await self.core.delivery_settings(actor.establishment_id)
         settings = saved.updated(candidate) if candidate else saved
+        unsaved = settings != saved
         await self.core.check_targets(actor.establishment_id, settings, saved)
         if backup:
             if settings.backup_relay is None or not settings.backup_relay.configured:
@@ -364,14 +375,67 @@ class Administration:
             label=translate(
                 lang,
                 N_("the establishment's delivery settings, not saved yet")
-                if candidate
+                if unsaved
                 else N_("the establishment's delivery settings"),
             ),
+            send=send,
+            unsaved=unsaved,
         )
         await self.store.audit(
-            actor.establishment_id, actor.username, "settings.test", address,
+            actor.establishment_id, actor.username,
+            "settings.test" if send else "settings.check", address,
             {"ok": report.ok, "code": (report.error or {}).get("code"),
-             "ms": int((time.monotonic() - started) * 1000), "unsaved": bool(candidate)},
+             "ms": int((time.monotonic() - started) * 1000), "unsaved": unsaved},
+        )
+        return report
+
+    async def test_profile(
+        self,
+        actor: User,
+        profile_id: int,
+        candidate: dict[str, Any] | None,
+        lang: str,
+        *,
+        to: str | None = None,
+        send: bool = True,
+    ) -> diagnose.TestReport:
+        """Check a sending profile's SMTP server (``send=False``) or send a test e-mail
+        through it, as the administrator (their address is the sender and, by default,
+        the recipient). ``candidate``: the profile's fields being edited, merged over the
+        saved ones (a blank password keeps the shared one); the report says when they
+        differ from what is saved."""
+        require_admin(actor)
+        record = await self._profile(actor, profile_id)
+        enc = record.data.get("password_enc")
+        stored = {k: v for k, v in record.data.items() if k != "password_enc"}
+        stored |= {"label": record.label,
+                   "password": self.core.secrets.decrypt(enc) if enc else None}
+        saved = ProfileIn.model_validate(stored)
+        merged = stored | {k: v for k, v in (candidate or {}).items()
+                           if not (k == "password" and v is None)}
+        if merged.get("password") == "":
+            merged["password"] = None
+        profile = ProfileIn.model_validate(merged)
+        if not actor.email:
+            raise InvalidInput(N_("Your account has no e-mail address to test from."),
+                               field="form")
+        if profile.auth == AuthMethod.PASSWORD and not (profile.username and profile.password):
+            raise InvalidInput(
+                N_("This profile has no shared username and password: enter them to test "
+                   "it (they are saved only if you click Save)."), field="username")
+        address = policy.normalize_address(to or actor.email)
+        started = time.monotonic()
+        report = await diagnose.test_send(
+            profile, to=address, sender_name=actor.display_name, sender_address=actor.email,
+            lang=lang, local_hostname=self.core.config.hostname, send=send,
+            unsaved=profile != saved,
+            label=translate(lang, N_("the sending profile {label}"), label=profile.label),
+        )
+        await self.store.audit(
+            actor.establishment_id, actor.username,
+            "profile.test" if send else "profile.check", record.label,
+            {"id": profile_id, "ok": report.ok, "code": (report.error or {}).get("code"),
+             "ms": int((time.monotonic() - started) * 1000), "unsaved": profile != saved},
         )
         return report
 

@@ -12,6 +12,11 @@ On top of relay.py's classification, the test-send can afford one more connectio
 sure instead of guessing: when no greeting arrives on a port configured without implicit
 TLS, it tries a short TLS handshake on the same port and, if that works, says the port
 expects implicit TLS.
+
+The connection check ("Vérifier la connexion") is the same conversation stopped before
+MAIL FROM: connect, TLS, authentication, then QUIT, no e-mail sent. Either way the report
+carries the SMTP conversation (commands and replies, AUTH payloads masked) for a help
+desk, and says when the settings tested are not saved yet.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
 from babel.numbers import format_decimal
@@ -42,7 +47,7 @@ from postier.errors import DeliveryError
 from postier.i18n import N_, normalize, translate
 from postier.settings import AuthMethod, RelaySettings, Security
 
-__all__ = ["SenderCheck", "Step", "TestReport", "test_send"]
+__all__ = ["SenderCheck", "Step", "TestReport", "Transcript", "test_send"]
 
 # The whole test-send is bounded by this many times the relay's timeout (each step is
 # bounded by the timeout itself, but an implicit-TLS connection alone may take two).
@@ -51,6 +56,15 @@ BUDGET_FACTOR = 3
 TIGHT_SHARE = 1 / 3
 # Highest timeout the settings accept (RelaySettings.timeout).
 MAX_TIMEOUT = 600
+# The conversation kept in a report: enough for a help desk, bounded for a chatty server.
+MAX_CONVERSATION_LINES = 200
+MAX_LINE = 300
+# What stands for a secret in the conversation.
+MASK = "********"
+
+UNSAVED_OK = N_("These settings work but are not saved yet: click Save.")
+UNSAVED_FAILED = N_("These settings are not saved yet: the saved settings are still the "
+                    "ones in use.")
 
 STEP_LABELS: dict[str, str] = {
     "resolve": N_("name resolution"),
@@ -63,6 +77,7 @@ STEP_LABELS: dict[str, str] = {
     "mail_from": N_("sender (MAIL FROM)"),
     "rcpt_to": N_("recipient (RCPT TO)"),
     "data": N_("message (DATA)"),
+    "quit": "QUIT",
 }
 
 _SECURITY_LABELS: dict[str, str] = {
@@ -111,10 +126,20 @@ class TestReport:
     suggestion: str | None
     sender_checks: list[dict[str, Any]] = field(default_factory=list)
     dkim: dict[str, Any] | None = None
+    sent: bool = False
+    unsaved: bool = False
+    unsaved_message: str | None = None
+    conversation: list[str] = field(default_factory=list)
+    # A connection check (no e-mail): known to whoever asked, so not in the API's shape.
+    check: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "sent": self.sent,
+            "unsaved": self.unsaved,
+            "unsaved_message": self.unsaved_message,
+            "conversation": list(self.conversation),
             "steps": [asdict(s) for s in self.steps],
             "error": None if self.error is None else dict(self.error),
             "latency_ms": self.latency_ms,
@@ -135,6 +160,8 @@ async def test_send(
     check_senders: Sequence[str] = (),
     label: str = "",
     dkim_key: DkimKey | None = None,
+    send: bool = True,
+    unsaved: bool = False,
 ) -> TestReport:
     """Send a real test e-mail to ``to`` through ``relay`` and report every step.
 
@@ -169,18 +196,23 @@ async def test_send(
     (``code``/``reply``: the relay's answer; ``code`` is None when the relay gave none) and
     never change ``ok``. When the test failed before reaching MAIL FROM, they are reported
     as not checked.
+
+    ``send=False`` checks the connection only: the steps stop after authentication and
+    the connection ends with QUIT (its own step); nothing is sent, and the recipient, the
+    message and the DKIM key are not used. ``unsaved``: the settings tested differ from
+    the saved ones; the report says so (``unsaved_message``) and so does the test e-mail.
     """
     lang = normalize(lang)
-    run = _Run(relay, lang)
+    run = _Run(relay, lang, send=send)
     smtp: RelaySession | None = None
     error: DeliveryError | None = None
     latency_ms: int | None = None
     data = _test_message(
         relay, to=to, sender_name=sender_name, sender_address=sender_address,
-        lang=lang, label=label,
-    )
+        lang=lang, label=label, unsaved=unsaved,
+    ) if send else b""
     dkim_report: dict[str, Any] | None = None
-    if dkim_key is not None:
+    if dkim_key is not None and send:
         # Signed as deliveries are, and checked against the record to publish, so the
         # administrator knows the key works before the first real e-mail.
         data = await asyncio.to_thread(dkim_signing.sign, data, dkim_key)
@@ -199,8 +231,8 @@ async def test_send(
         try:
             async with limit:
                 smtp, error = await _converse(
-                    run, data, to=to, sender_address=sender_address, smtputf8=smtputf8,
-                    local_hostname=local_hostname, deadline=deadline,
+                    run, data if send else None, to=to, sender_address=sender_address,
+                    smtputf8=smtputf8, local_hostname=local_hostname, deadline=deadline,
                 )
         except TimeoutError:
             if not limit.expired():
@@ -227,21 +259,28 @@ async def test_send(
                 ]
     finally:
         if smtp is not None:
-            await _quit(smtp, relay)
+            await run.quit(smtp)
+    ok = error is None
     return TestReport(
-        ok=error is None,
+        ok=ok,
         steps=run.steps,
         error=None if error is None else run.render(error),
         latency_ms=latency_ms,
         suggestion=None if error is not None else run.suggestion(),
         sender_checks=[asdict(c) for c in checks],
         dkim=dkim_report,
+        sent=ok and send,
+        unsaved=unsaved,
+        unsaved_message=translate(lang, UNSAVED_OK if ok else UNSAVED_FAILED)
+        if unsaved else None,
+        conversation=run.transcript.lines,
+        check=not send,
     )
 
 
 async def _converse(
     run: _Run,
-    data: bytes,
+    data: bytes | None,
     *,
     to: str,
     sender_address: str,
@@ -249,12 +288,17 @@ async def _converse(
     local_hostname: str | None,
     deadline: float,
 ) -> tuple[RelaySession | None, DeliveryError | None]:
-    """Connect and send; return the connection (if one was opened) and the failure."""
+    """Connect and send ``data`` (None: stop before MAIL FROM); return the connection (if
+    one was opened) and the failure."""
     relay = run.relay
     try:
-        smtp = await open_session(relay, local_hostname=local_hostname, on_step=run.on_step)
+        smtp = await open_session(relay, local_hostname=local_hostname, on_step=run.on_step,
+                                  on_connect=run.transcript.attach)
     except DeliveryError as err:
         return None, await run.explain_open_failure(err, deadline)
+    run.transcript.follow(smtp)
+    if data is None:
+        return smtp, None
     try:
         result = await send_on(
             smtp, relay, sender_address, [to], data, smtputf8=smtputf8, on_step=run.on_step
@@ -280,10 +324,12 @@ test_send.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test
 class _Run:
     """Collects the steps of one test-send and renders what it found."""
 
-    def __init__(self, relay: RelaySettings, lang: str) -> None:
+    def __init__(self, relay: RelaySettings, lang: str, *, send: bool = True) -> None:
         self.relay = relay
         self.lang = lang
+        self.send = send
         self.steps: list[Step] = []
+        self.transcript = Transcript()
         self._mark = time.perf_counter()
 
     def on_step(self, step: str, ok: bool, ms: int, detail: str) -> None:
@@ -298,7 +344,7 @@ class _Run:
             out.append("tls")
         if relay.auth == AuthMethod.PASSWORD:
             out.append("auth")
-        return [*out, "mail_from", "rcpt_to", "data"]
+        return [*out, "mail_from", "rcpt_to", "data"] if self.send else [*out, "quit"]
 
     def current_step(self) -> str:
         expected = self.expected_steps()
@@ -359,6 +405,15 @@ class _Run:
 
     def render(self, err: DeliveryError) -> dict[str, Any]:
         return _render(err, self.lang)
+
+    async def quit(self, smtp: RelaySession) -> None:
+        """End the connection; a connection check reports its QUIT as a step."""
+        connected = smtp.is_connected
+        start = time.perf_counter()
+        reply = await _quit(smtp, self.relay)
+        if not self.send and connected and (not self.steps or self.steps[-1].ok):
+            self.steps.append(Step("quit", reply is not None, _ms(start),
+                                   reply or "no answer to QUIT"))
 
     def suggestion(self) -> str | None:
         """A larger timeout when the slowest step took more than a third of it."""
@@ -431,6 +486,112 @@ async def _tls_probe(relay: RelaySettings, wait: float) -> str | None:
     finally:
         if writer is not None:
             writer.transport.abort()
+
+
+# -- the conversation ------------------------------------------------------------------------
+
+
+class Transcript:
+    """The SMTP conversation of one test, line by line (``C:`` what Postier sent, ``S:``
+    what the server answered), for the help desk. The AUTH payloads (a password, a
+    username, a token) are masked, and the message itself is summed up by its size.
+
+    It listens on the test's own connection, at the level of commands and replies (so
+    after TLS, and whatever the event loop): aiosmtplib's protocol from the greeting to
+    the authentication (:meth:`attach`), then the taken-over session (:meth:`follow`).
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._auth = False  # the last reply was 334: the next line is an AUTH payload
+        self._content = False  # the last reply was 354: the next write is the message
+
+    def attach(self, smtp: aiosmtplib.SMTP, greeting: aiosmtplib.SMTPResponse) -> None:
+        self.replied(greeting.code, greeting.message)
+        protocol = smtp.protocol
+        if protocol is None:
+            return
+        write, read_response = protocol.write, protocol.read_response
+
+        def tapped_write(data: bytes) -> None:
+            self.sent(bytes(data))
+            write(data)
+
+        async def tapped_read(timeout: float | None = None) -> aiosmtplib.SMTPResponse:  # noqa: ASYNC109
+            response = await read_response(timeout=timeout)
+            self.replied(response.code, response.message)
+            return response
+
+        setattr(protocol, "write", tapped_write)  # noqa: B010 (this connection's only)
+        setattr(protocol, "read_response", tapped_read)  # noqa: B010
+
+    def follow(self, session: RelaySession) -> None:
+        replies = session.transport.get_protocol()
+        read = replies.read  # type: ignore[attr-defined]  # session.py's _Replies
+
+        async def tapped_read(
+            count: int, timeout: float, out: list[tuple[int, str]]  # noqa: ASYNC109
+        ) -> None:
+            first = len(out)
+            try:
+                await read(count, timeout, out)
+            finally:
+                for code, text in out[first:]:
+                    self.replied(code, text)
+
+        setattr(replies, "read", tapped_read)  # noqa: B010
+        session.transport = cast(asyncio.Transport, _TappedTransport(session.transport, self))
+
+    def sent(self, data: bytes) -> None:
+        if self._content:
+            self._content = False
+            self._add("C", f"[{len(data)} bytes: the test e-mail]")
+            return
+        lines = data.split(b"\r\n")
+        if not lines[-1]:
+            lines.pop()
+        for raw in lines:
+            self._add("C", self._masked(raw.decode("utf-8", "replace")))
+
+    def replied(self, code: int, text: str) -> None:
+        for line in _reply_lines(code, text):
+            self._add("S", line)
+        self._auth = code == 334
+        self._content = code == 354
+
+    def _masked(self, line: str) -> str:
+        if self._auth:
+            self._auth = False
+            return MASK
+        verb, _, rest = line.partition(" ")
+        if verb.upper() == "AUTH":
+            mechanism, _, payload = rest.partition(" ")
+            return f"{verb} {mechanism} {MASK}" if payload else line
+        return line
+
+    def _add(self, who: str, line: str) -> None:
+        if len(self.lines) < MAX_CONVERSATION_LINES:
+            self.lines.append(f"{who}: {line[:MAX_LINE]}")
+
+
+class _TappedTransport:
+    """A session's transport whose writes the transcript sees (everything else as is)."""
+
+    def __init__(self, transport: asyncio.Transport, transcript: Transcript) -> None:
+        self._transport = transport
+        self._transcript = transcript
+
+    def write(self, data: bytes) -> None:
+        self._transcript.sent(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _reply_lines(code: int, message: str) -> list[str]:
+    texts = message.splitlines() or [""]
+    return [f"{code}{'-' if i < len(texts) - 1 else ' '}{text}" for i, text in enumerate(texts)]
 
 
 # -- sender checks ---------------------------------------------------------------------------
@@ -511,6 +672,7 @@ def _test_message(
     sender_address: str,
     lang: str,
     label: str,
+    unsaved: bool = False,
 ) -> bytes:
     def t(template: str, **params: Any) -> str:
         return translate(lang, template, **params)
@@ -527,7 +689,12 @@ def _test_message(
     ]
     if relay.auth == AuthMethod.PASSWORD:
         lines.append(t(N_("Username: {username}"), username=relay.username))
-    lines += ["", t(N_("If you are reading this, these settings work: nothing else to do."))]
+    if unsaved:
+        lines += ["", t(N_("If you are reading this, these settings work but are not saved "
+                           "yet: click Save on the settings page, or they will be lost."))]
+    else:
+        lines += ["", t(N_("If you are reading this, these settings work: nothing else to "
+                           "do."))]
 
     utf8 = not (to.isascii() and sender_address.isascii())
     policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
@@ -561,12 +728,17 @@ def _unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(a.strip() for a in addresses if a.strip()))
 
 
-async def _quit(smtp: RelaySession, relay: RelaySettings) -> None:
-    """Say goodbye politely but briefly, then make sure the connection is closed."""
+async def _quit(smtp: RelaySession, relay: RelaySettings) -> str | None:
+    """Say goodbye politely but briefly, then make sure the connection is closed; return
+    the server's reply to QUIT (None without one)."""
+    reply: str | None = None
     if smtp.is_connected:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(smtp.quit(), min(2.0, float(relay.timeout)))
+            code, text = await asyncio.wait_for(
+                smtp.command(b"QUIT\r\n"), min(2.0, float(relay.timeout)))
+            reply = f"{code} {text}"
     smtp.close()
+    return reply
 
 
 def _ms(start: float) -> int:

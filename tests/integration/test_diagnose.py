@@ -91,7 +91,7 @@ async def test_report_has_the_api_shape(relay: FaultRelay) -> None:
     doc = (await run(settings(relay.port), check_senders=[SENDER])).as_dict()
 
     assert set(doc) == {"ok", "steps", "error", "latency_ms", "suggestion", "sender_checks",
-                        "dkim"}
+                        "dkim", "sent", "unsaved", "unsaved_message", "conversation"}
     assert all(set(s) == {"step", "ok", "ms", "detail"} for s in doc["steps"])
     assert doc["ok"] is True and doc["error"] is None
     assert doc["sender_checks"] == [

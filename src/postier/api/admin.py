@@ -97,6 +97,11 @@ class TestIn(BaseModel):
         description="Also check that the relay accepts MAIL FROM for the sender addresses "
         "the policy will use (no e-mail sent for these)",
     )
+    send: bool = Field(
+        True,
+        description="false: only check the connection (connect, TLS, authentication, then "
+        "QUIT); no e-mail is sent",
+    )
 
 
 class StepOut(BaseModel):
@@ -114,6 +119,16 @@ class TestOut(BaseModel):
     suggestion: str | None
     sender_checks: list[dict[str, Any]]
     dkim: dict[str, Any] | None = None
+    sent: bool = Field(False, description="Whether the relay accepted a test e-mail")
+    unsaved: bool = Field(
+        False, description="The settings tested differ from the saved ones: save them to "
+        "use them")
+    unsaved_message: str | None = Field(
+        None, description="What to tell the user when unsaved is true, in their language")
+    conversation: list[str] = Field(
+        default_factory=list,
+        description="The SMTP conversation, one line each (C: sent, S: received); AUTH "
+        "payloads masked, the e-mail itself summed up by its size")
     warnings: list[str] = Field(
         default_factory=list,
         description="About the relay tested, e.g. a password sent without encryption")
@@ -123,10 +138,12 @@ class TestOut(BaseModel):
 async def test_settings(body: TestIn, user: CurrentUser, core: Core, lang: Lang) -> TestOut:
     """"Tester l'envoi d'e-mails": send a real test e-mail and report every step, with
     its timing and the server's replies; a failure comes with its explanation and remedy
-    in the caller's language. Never longer than three times the configured timeout."""
+    in the caller's language. Never longer than three times the configured timeout.
+    ``"send": false`` ("Vérifier la connexion") stops after authentication: no e-mail.
+    ``unsaved``: the settings given differ from the saved ones (not in use until saved)."""
     report = await core.admin.test_settings(
         user, body.to, body.settings, lang, check_senders=body.check_senders,
-        backup=body.relay == "backup",
+        backup=body.relay == "backup", send=body.send,
     )
     warnings = await core.test_warnings(user, body.settings, body.relay == "backup", lang)
     return TestOut.model_validate(report.as_dict() | {"warnings": warnings})

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, status
+from pydantic import BaseModel, Field
 
+from postier.api.admin import TestOut
 from postier.api.deps import Core, CurrentUser, Lang
 from postier.api.views import ErrorResponse
 from postier.service import profile_warnings
@@ -80,3 +82,24 @@ async def retrieve_profile(profile_id: ProfileId, user: CurrentUser, core: Core)
     this profile, including the shared password if the administrator stored one. Each
     retrieval is recorded."""
     return await core.admin.retrieve_profile(user, profile_id)
+
+
+class ProfileTestIn(BaseModel):
+    to: str | None = Field(None, description="Who receives the test e-mail; default: you")
+    send: bool = Field(
+        True, description="false: only check the connection (up to authentication); no "
+        "e-mail is sent")
+    profile: dict[str, Any] | None = Field(
+        None, description="Unsaved fields of the profile to test (same shape as PUT); "
+        "omitted: the saved profile")
+
+
+@router.post("/{profile_id}/test", responses=_ERRORS)
+async def test_profile(
+    profile_id: ProfileId, body: ProfileTestIn, user: CurrentUser, core: Core, lang: Lang
+) -> TestOut:
+    """Administrators: check the profile's SMTP server or send a test e-mail through it
+    (from your own address), reported step by step as for the settings' test."""
+    report = await core.admin.test_profile(user, profile_id, body.profile, lang,
+                                           to=body.to, send=body.send)
+    return TestOut.model_validate(report.as_dict())

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("postier.delivery")
 
 StepCallback = Callable[[str, bool, int, str], None]
+ConnectCallback = Callable[[aiosmtplib.SMTP, aiosmtplib.SMTPResponse], None]
 
 # Reply texts that mean "slow down" rather than "this recipient is wrong" (Exchange Online:
 # "4.4.2 message submission rate ... exceeded"; Google: "peak SMTP relay limit exceeded").
@@ -300,8 +301,11 @@ async def open_smtp(
     *,
     local_hostname: str | None = None,
     on_step: StepCallback | None = None,
+    on_connect: ConnectCallback | None = None,
 ) -> aiosmtplib.SMTP:
-    """Connect, greet, secure and authenticate, step by step; return a ready connection."""
+    """Connect, greet, secure and authenticate, step by step; return a ready connection.
+    ``on_connect`` sees the connection and its greeting before EHLO (the test-send
+    records the conversation from there)."""
     if not relay.configured:
         raise DeliveryError(
             N_("No SMTP server is configured."),
@@ -341,6 +345,8 @@ async def open_smtp(
         async with steps.step("tls" if relay.security == Security.TLS else "greeting") as d:
             greeting = await smtp.connect()
             d.append(f"{greeting.code} {greeting.message}")
+            if on_connect is not None:
+                on_connect(smtp, greeting)
     except BaseException:
         sock.close()
         raise
@@ -382,9 +388,11 @@ async def open_session(
     *,
     local_hostname: str | None = None,
     on_step: StepCallback | None = None,
+    on_connect: ConnectCallback | None = None,
 ) -> RelaySession:
     """:func:`open_smtp`, then the connection taken over for :func:`send_on`."""
-    smtp = await open_smtp(relay, local_hostname=local_hostname, on_step=on_step)
+    smtp = await open_smtp(relay, local_hostname=local_hostname, on_step=on_step,
+                           on_connect=on_connect)
     try:
         return RelaySession.take_over(smtp, float(relay.timeout), pipelining=relay.pipelining)
     except Exception as exc:

@@ -1,7 +1,8 @@
 """The "Profils d'envoi d'e-mails" page: administrators create a profile from the creation
 line (a label, then Enter) and fill in its SMTP server on the right; every user sees the
 list and retrieves a profile ("Récupérer un profil d'envoi d'e-mails") as a file that
-``postier config import FILE`` accepts."""
+``postier config import FILE`` accepts. Administrators also check a profile's server or
+send a test e-mail through it, saved or being edited, with the settings' test report."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from postier.errors import PostierError
+from postier.diagnose import STEP_LABELS, TestReport
+from postier.errors import InvalidAddress, PostierError
 from postier.web.context import (
     AdminPage,
     Page,
@@ -25,13 +27,15 @@ from postier.web.context import (
     redirect,
     render,
     text,
+    wants_json,
 )
-from postier.web.forms import field_errors, postier_field_errors, relay_payload
+from postier.web.forms import error_text, field_errors, postier_field_errors, relay_payload
+from postier.web.settings_pages import test_json
 
 router = APIRouter(include_in_schema=False)
 
 FIELDS = {"label", "host", "port", "security", "auth", "username", "password", "timeout",
-          "verify_tls", "form"}
+          "verify_tls", "test_to", "form"}
 
 
 def file_name(label: str) -> str:
@@ -48,6 +52,8 @@ async def _profiles_page(
     errors: dict[str, str] | None = None,
     values: dict[str, Any] | None = None,
     new_label: str = "",
+    report: TestReport | None = None,
+    test_to: str | None = None,
 ) -> Response:
     profiles = await p.core.admin.list_profiles(p.me)
     selected = None
@@ -58,6 +64,10 @@ async def _profiles_page(
         profiles=profiles, selected=selected, v=values or selected or {},
         errors=errors or {}, new_label=new_label,
         file_name=file_name(str(selected["label"])) if selected else "",
+        report=report, step_labels=STEP_LABELS,
+        test_to=p.me.email if test_to is None else test_to,
+        # The form shows values that are not the saved ones: leaving warns at once.
+        unsaved=report.unsaved if report is not None else values is not None,
     )
 
 
@@ -103,6 +113,33 @@ async def update_profile(profile_id: int, p: AdminPage) -> Response:
         return redirect(flash_url(f"/profiles/{profile_id}", "profile_saved"))
     values = {k: v for k, v in payload.items() if k != "password"}
     return await _profiles_page(p, profile_id, status_code=422, errors=errors, values=values)
+
+
+@router.post("/profiles/{profile_id}/test")
+async def test_profile(profile_id: int, p: AdminPage) -> Response:
+    """The profile's form as it is (saved or not): "send=0" checks the connection, else a
+    test e-mail goes to ``test_to``. JSON for the page's script, else the whole page."""
+    form = await checked_form(p)
+    payload = {"label": text(form, "label"), **relay_payload(form)}
+    to = text(form, "test_to").strip() or p.me.email
+    errors: dict[str, str] = {}
+    report: TestReport | None = None
+    try:
+        report = await p.core.admin.test_profile(p.me, profile_id, payload, p.lang, to=to,
+                                                 send=text(form, "send", "1") != "0")
+    except ValidationError as exc:
+        errors = field_errors(exc, p.lang)
+    except InvalidAddress as exc:
+        errors = {"test_to": error_text(exc, p.lang)}
+    except PostierError as exc:
+        if exc.http_status == 404:
+            raise
+        errors = postier_field_errors(exc, p.lang, FIELDS)
+    if wants_json(p.request):
+        return test_json(p, report, errors)
+    values = {k: v for k, v in payload.items() if k != "password"}
+    return await _profiles_page(p, profile_id, status_code=200 if report else 422,
+                                errors=errors, values=values, report=report, test_to=to)
 
 
 @router.post("/profiles/{profile_id}/delete")

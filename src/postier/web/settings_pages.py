@@ -113,6 +113,8 @@ async def _settings_page(
         test_to=p.me.email if test_to is None else test_to,
         test_relay=test_relay,
         notice=notice,
+        # The form shows values that are not the saved ones: leaving warns at once.
+        unsaved=report.unsaved if report is not None else values is not None,
         dkim_keys=sorted(keys.values(), key=lambda k: k.domain),
         dkim_domains=_signable_domains(stored),
         dkim_values=dkim_values or {},
@@ -163,19 +165,20 @@ async def apply_preset(p: AdminPage) -> Response:
 
 @router.post("/settings/test")
 async def test_settings(p: AdminPage) -> Response:
-    """Test the values in the form, saved or not. The page's script asks for JSON (the
-    report's HTML, revealed step by step, and the field errors); without script the
-    whole page comes back with the report."""
+    """Test the values in the form, saved or not ("send=0": "Vérifier la connexion", no
+    e-mail). The page's script asks for JSON (the report's HTML, revealed step by step,
+    and the field errors); without script the whole page comes back with the report."""
     form = await checked_form(p)
     payload = settings_payload(form)
     to = text(form, "test_to").strip() or p.me.email
     backup = text(form, "test_relay") == "backup"
+    send = text(form, "send", "1") != "0"
     errors: dict[str, str] = {}
     report: TestReport | None = None
     try:
         report = await p.core.admin.test_settings(
             p.me, to, payload, p.lang, check_senders=checkbox(form, "test_check_senders"),
-            backup=backup,
+            backup=backup, send=send,
         )
     except ValidationError as exc:
         errors = field_errors(exc, p.lang)
@@ -186,19 +189,26 @@ async def test_settings(p: AdminPage) -> Response:
     except PostierError as exc:
         errors = postier_field_errors(exc, p.lang, FIELDS)
     if wants_json(p.request):
-        html = (render_fragment(p, "_test_report.html", report=report,
-                                step_labels=STEP_LABELS) if report else "")
-        return json_response({
-            "ok": None if report is None else report.ok,
-            "html": html,
-            "errors": errors,
-            "message": p._(N_("Nothing was tested: correct the fields marked.")) if errors
-            else "",
-        }, 200 if report else 422)
+        return test_json(p, report, errors)
     return await _settings_page(p, status_code=200 if report else 422,
                                 values=settings_values(payload), errors=errors,
                                 report=report, test_to=to,
                                 test_relay="backup" if backup else "main")
+
+
+def test_json(p: Page, report: TestReport | None, errors: dict[str, str]) -> Response:
+    """A test's answer to the page's script: the report's HTML, or the field errors."""
+    html = (render_fragment(p, "_test_report.html", report=report, step_labels=STEP_LABELS)
+            if report else "")
+    return json_response({
+        "ok": None if report is None else report.ok,
+        "unsaved": bool(report and report.unsaved),
+        "unsaved_message": report.unsaved_message if report else None,
+        "html": html,
+        "errors": errors,
+        "message": p._(N_("Nothing was tested: correct the fields marked.")) if errors
+        else "",
+    }, 200 if report else 422)
 
 
 @router.post("/settings/dkim")

@@ -1,5 +1,7 @@
 /* Postier — the little script of the pages. Every page works without it; with it:
-   - "Tester l'envoi d'e-mails" runs without leaving the page and shows its steps one by one;
+   - "Tester l'envoi d'e-mails" and "Vérifier la connexion" run without leaving the page and
+     show their steps one by one;
+   - leaving a settings or profile form with unsaved changes asks first;
    - the queue, "My e-mails" and an e-mail's detail refresh themselves (JSON polling);
    - confirmations before deleting, copying a new token, focus on an error summary.
    Texts come from the page (data-* attributes), so they are translated with the page. */
@@ -75,17 +77,25 @@
     })();
   }
 
+  // Every test button of the form ("Vérifier la connexion", "Tester l'envoi d'e-mails")
+  // shares the status line and the result; one test at a time.
   function setupTest(button) {
     var form = button.form;
     var status = form.querySelector("[data-test-status]");
     var result = document.getElementById("test-result");
     var to = document.getElementById("f-test_to");
+    var buttons = form.querySelectorAll("[data-test-button]");
     var timer = null;
+
+    function busy(on) {
+      buttons.forEach(function (b) { b.disabled = on; });
+      if (on) { button.setAttribute("aria-busy", "true"); }
+      else { button.removeAttribute("aria-busy"); }
+    }
 
     function finish() {
       window.clearInterval(timer);
-      button.disabled = false;
-      button.removeAttribute("aria-busy");
+      busy(false);
     }
 
     function run(event) {
@@ -94,14 +104,15 @@
       clearErrors(form);
       result.innerHTML = "";
       var started = Date.now();
-      button.disabled = true;
-      button.setAttribute("aria-busy", "true");
+      var body = new FormData(form);
+      if (button.name) { body.append(button.name, button.value); }
+      busy(true);
       status.textContent = button.getAttribute("data-running");
       timer = window.setInterval(function () {
         var s = Math.floor((Date.now() - started) / 1000);
         status.textContent = button.getAttribute("data-running") + " " + s + " s";
       }, 1000);
-      post(button.getAttribute("formaction"), new FormData(form))
+      post(button.getAttribute("formaction"), body)
         .then(function (response) { return response.json(); })
         .then(function (data) {
           window.clearInterval(timer);
@@ -122,7 +133,8 @@
           revealSteps(result, function () {
             finish();
             var title = result.querySelector(".report-title");
-            status.textContent = title ? title.textContent : "";
+            status.textContent = (title ? title.textContent : "") +
+              (data.unsaved_message ? " " + data.unsaved_message : "");
             result.focus();
           });
         })
@@ -133,11 +145,42 @@
     }
 
     button.addEventListener("click", run);
-    if (to) {
+    if (to && button.hasAttribute("data-test-default")) {
       to.addEventListener("keydown", function (event) {
         if (event.key === "Enter") { run(event); }
       });
     }
+  }
+
+  /* -- unsaved changes ------------------------------------------------------------------ */
+  // A form marked data-warn-unsaved asks before the page is left while its fields differ
+  // from what was loaded (data-dirty: what was loaded is not saved either), except when
+  // the form itself is submitted (saved) or a form marked data-unsaved-ok is (deleting).
+  // The test fields are not settings: they do not count.
+  function setupUnsaved(form) {
+    function snapshot() {
+      var parts = [];
+      new FormData(form).forEach(function (value, name) {
+        if (name === "csrf" || name.indexOf("test_") === 0) { return; }
+        parts.push(name + "=" + value);
+      });
+      return parts.join("&");
+    }
+    var loaded = snapshot();
+    var dirty = form.hasAttribute("data-dirty");
+    var leaving = false;
+    document.addEventListener("submit", function (event) {
+      var target = event.target;
+      if (!event.defaultPrevented &&
+          (target === form || (target.hasAttribute && target.hasAttribute("data-unsaved-ok")))) {
+        leaving = true;
+      }
+    });
+    window.addEventListener("beforeunload", function (event) {
+      if (leaving || (!dirty && snapshot() === loaded)) { return; }
+      event.preventDefault();
+      event.returnValue = "";  // older browsers need it to ask
+    });
   }
 
   /* -- live refresh --------------------------------------------------------------------- */
@@ -232,10 +275,17 @@
     var button = event.target.closest && event.target.closest("[data-copy]");
     if (!button) { return; }
     var source = document.getElementById(button.getAttribute("data-copy"));
-    if (source && navigator.clipboard) {
-      navigator.clipboard.writeText(source.textContent.trim()).then(function () {
-        button.textContent = button.getAttribute("data-copied");
-      });
+    if (!source) { return; }
+    function copied() { button.textContent = button.getAttribute("data-copied"); }
+    if (navigator.clipboard) {
+      navigator.clipboard.writeText(source.textContent.trim()).then(copied);
+    } else {
+      // A page served over plain HTTP has no clipboard API: select and copy.
+      var range = document.createRange();
+      range.selectNodeContents(source);
+      window.getSelection().removeAllRanges();
+      window.getSelection().addRange(range);
+      if (document.execCommand("copy")) { copied(); }
     }
   });
 
@@ -244,6 +294,7 @@
     document.querySelectorAll("[data-live]").forEach(setupLive);
     document.querySelectorAll("[data-show-when]").forEach(setupShowWhen);
     document.querySelectorAll("[data-preset]").forEach(setupPreset);
+    document.querySelectorAll("[data-warn-unsaved]").forEach(setupUnsaved);
     var summary = document.querySelector("[data-autofocus]");
     if (summary) { summary.focus(); }
   });
