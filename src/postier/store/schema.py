@@ -224,6 +224,12 @@ relay_limits = Table(
     Column("pause", Float, nullable=False, server_default=text("0")),
     Column("pause_error", Text),
     Column("updated_at", Float, nullable=False),
+    # Since when the relay keeps failing as any worker saw it (NULL while it answers),
+    # when one last found it answering again, and when one last probed it while the
+    # backup relay stood in (migration 0014).
+    Column("failing_since", Float),
+    Column("recovered_at", Float),
+    Column("probed_at", Float, nullable=False, server_default=text("0")),
 )
 
 # What was sent through a relay, per time bucket: ``kind`` "h" counts e-mails in buckets of
@@ -247,7 +253,24 @@ relay_leases = Table(
     Column("slot", Integer, primary_key=True),
     Column("holder", String(100), nullable=False),
     Column("expires_at", Float, nullable=False),
+    # Whose e-mail the connection was opened for (migration 0014).
+    Column("establishment_id", Integer, nullable=False, server_default=text("0")),
     Index("ix_relay_leases_holder", "holder"),
+)
+
+# Processes waiting for one of a relay's connection slots, per establishment: ``since``
+# when it waits (put back to now when its process gave a slot up for the others),
+# ``seen_at`` when it last asked; a row not asked for a few seconds is ignored (its
+# process died or stopped waiting). A free slot goes to the waiter whose establishment
+# holds fewest of the relay's slots, then to the longest waiting (migration 0014).
+relay_waiters = Table(
+    "relay_waiters",
+    metadata,
+    Column("relay_key", String(64), primary_key=True),
+    Column("holder", String(100), primary_key=True),
+    Column("establishment_id", Integer, primary_key=True),
+    Column("since", Float, nullable=False),
+    Column("seen_at", Float, nullable=False),
 )
 
 # Sender address verification (postier.sender_verification): one row per user and
