@@ -34,7 +34,7 @@ import httpx
 
 from postier import errors
 from postier.i18n import N_, system_language
-from postier.workstation import Mode, WorkstationSettings, apply_profile
+from postier.workstation import Mode, WorkstationSettings, apply_profile, with_identity
 from postier.workstation import load as load_settings
 
 _BY_STATUS: dict[int, type[errors.PostierError]] = {
@@ -401,8 +401,11 @@ def pull_profile(
     label: str, settings: WorkstationSettings | None = None
 ) -> WorkstationSettings:
     """Retrieve a server profile into the workstation's settings (not saved: call
-    :func:`postier.workstation.save`)."""
+    :func:`postier.workstation.save`), with the sender identity of the account the token
+    belongs to where the workstation has none."""
     settings = settings or load_settings()
     with client_for(settings) as c:
         profile = c.retrieve_profile(label)
-    return apply_profile(settings, profile)
+        account = c.me()
+    return with_identity(apply_profile(settings, profile), str(account.get("name") or ""),
+                         str(account.get("email") or ""))

@@ -215,3 +215,21 @@ def apply_profile(
         raise InvalidInput(N_("This profile cannot be used: {reason}"),
                            reason=_reason(exc)) from exc
     return new
+
+
+def with_identity(settings: WorkstationSettings, name: str, address: str) -> WorkstationSettings:
+    """The account's name and address (GET /api/v1/me) as the sender identity where the
+    workstation has none, so that a pulled profile is ready to send; what the user set
+    stays."""
+    new = settings.model_copy(deep=True)
+    try:
+        if not new.identity.address and address:
+            new.identity.address = address
+        if not new.identity.name and name:
+            new.identity.name = name
+    except ValidationError as exc:
+        raise InvalidInput(N_("Your account's identity cannot be used: {reason}"),
+                           hint=N_("Set it with postier config set identity.address ADDRESS."),
+                           reason=_reason(exc)) from exc
+    return new
+

@@ -152,6 +152,47 @@ def config_import(
               highlight=False)
 
 
+_OWN_KEYS = ("host", "port", "security", "auth", "username")
+
+
+@workstation_config_app.command("own")
+def config_own(
+    host: Annotated[str | None, typer.Option(help=N_("Your SMTP server's address"))] = None,
+    port: Annotated[int | None, typer.Option(help=N_("Its port (587, 465, 25)"))] = None,
+    security: Annotated[str | None, typer.Option(help=N_("none, starttls or tls"))] = None,
+    auth: Annotated[str | None, typer.Option(help=N_("none or password"))] = None,
+    username: Annotated[str | None, typer.Option(help=N_("Your username"))] = None,
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help=N_("Read your password from standard input"))] = False,
+    name: Annotated[str | None, typer.Option(help=N_("Your name as the sender"))] = None,
+    address: Annotated[str | None, typer.Option(help=N_("Your sender address"))] = None,
+) -> None:
+    """Define my own parameters: this workstation sends directly through your own SMTP
+    server (mode own). Settings not given are kept."""
+    lang = system_language()
+    s = _settings()
+    given = {f"smtp.{k}": v for k, v in zip(_OWN_KEYS, (host, port, security, auth, username),
+                                              strict=True) if v is not None}
+    given |= {k: v for k, v in (("identity.name", name), ("identity.address", address))
+              if v is not None}
+    if password_stdin:
+        given["smtp.password"] = sys.stdin.readline().rstrip("\r\n")
+    try:
+        for key, value in {**given, "mode": "own"}.items():
+            s.set(key, str(value))
+    except PostierError as exc:
+        fail_with(exc)
+    workstation.save(s)
+    out.print(translate(lang, N_("This workstation now sends with your own parameters, "
+                                 "through {host}:{port}."), host=s.smtp.host or "-",
+                        port=s.smtp.port), highlight=False)
+    try:
+        s.check_ready()
+    except PostierError as exc:  # saved all the same: the rest may be set afterwards
+        err.print(exc.message(lang), highlight=False)
+        err.print(exc.hint(lang) or "", highlight=False)
+
+
 @profiles_app.command("pull")
 def profiles_pull(
     label: Annotated[str, typer.Argument(help="The profile's label (see postier profiles list)")],
