@@ -23,7 +23,7 @@ from reliability_kit import record_figures
 from postier.config import ServerConfig
 from postier.service import Postier
 
-from support.relay import FaultRelay
+from support.relay import FaultRelay, closed_port
 from support.server import ServerProcess
 
 ROLES = ("anonymous", "user", "peer", "admin", "other_admin", "operator")
@@ -186,6 +186,11 @@ TABLE: dict[tuple[str, str], Row] = {
         (401, 403, 403, 204, 404, 204), setup=fresh_profile),
     ("POST", "/api/v1/profiles/{profile_id}/retrieve"): Row(
         (401, 200, 200, 200, 404, 200), setup=fresh_profile),
+    # A connection check to a port of this machine where nothing listens: nothing sent.
+    ("POST", "/api/v1/profiles/{profile_id}/test"): Row(
+        (401, 403, 403, 200, 404, 200), setup=fresh_profile,
+        body=lambda: {"send": False, "profile": {"host": "127.0.0.1", "port": closed_port(),
+                                                 "auth": "none", "timeout": 2}}),
     ("GET", "/api/v1/me"): Row((401, 200, 200, 200, 200, 200)),
     ("POST", "/api/v1/me/password"): Row(
         (401, 422, 422, 422, 422, 422),
