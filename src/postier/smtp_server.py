@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    Envelope,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from postier import accounts, policy
 from postier.errors import (
@@ -234,6 +242,11 @@ class SubmissionHandler:
         copier give up, nor the error's text, which goes to the log."""
         if isinstance(error, StoreUnavailable):
             log.warning("SMTP command not answered: %s", error)
+        elif isinstance(error, TLSSetupException):
+            # A client that does not trust the certificate (or speaks no common TLS
+            # version) is a fact about that client, not an error of the server.
+            log.info("STARTTLS refused by the client: %s", error.__cause__ or error)
+            return "454 4.7.0 TLS negotiation failed"
         else:
             log.error("SMTP command failed", exc_info=error)
         return "451 4.3.0 Temporary failure; try again in a moment"
@@ -330,6 +343,19 @@ class SubmissionHandler:
         return f"250 2.0.0 OK queued as {result.id}"
 
 
+class _QuietSession(Session):
+    """aiosmtpd's session without its deprecation warning at every successful AUTH (it
+    sets the legacy ``login_data`` itself; Postier reads ``auth_data`` only)."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class _Submission(SMTP):
     """aiosmtpd's protocol with caps on simultaneous connections, in all and per client
     address (so one client holding idle connections cannot lock every other out)."""
@@ -347,6 +373,9 @@ class _Submission(SMTP):
         self._data_timeout = data_timeout
         self._data_deadline: float | None = None  # set while a message's data comes in
         self._last_input = 0.0
+
+    def _create_session(self) -> Session:
+        return _QuietSession(self.loop)
 
     # aiosmtpd arms its timeout once per command, so a long DATA phase would be cut
     # however steadily its lines come (a large attachment over a slow link). During DATA,

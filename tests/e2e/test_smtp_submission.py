@@ -51,6 +51,25 @@ def submit(server: ServerProcess, user: str, password: str, sender: str, rcpts: 
         return c.sendmail(sender, rcpts, data)
 
 
+def test_an_untrusting_client_and_a_sign_in_are_one_plain_log_line_each(
+    smtp_server: ServerProcess, relay: FaultRelay
+) -> None:
+    """A copier that does not trust the self-signed certificate, then a successful AUTH:
+    what an operator reads is one line each, no stack trace, no library warning."""
+    with smtplib.SMTP("127.0.0.1", smtp_server.smtp_port, timeout=10) as c:
+        c.ehlo()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            c.starttls(context=ssl.create_default_context())
+    assert submit(smtp_server, "alice", "motdepasse-alice", "alice.martin@ac-lyon.fr",
+                  ["p@example.org"], "Subject: copie\r\n\r\nscan\r\n") == {}
+    relay.wait_for(1)
+    log = smtp_server.log()
+    assert "AUTH alice from 127.0.0.1" in log
+    assert "Traceback" not in log and "deprecated" not in log, log[-3000:]
+    refused = [line for line in log.splitlines() if "STARTTLS refused by the client" in line]
+    assert len(refused) == 1 and " INFO " in refused[0], refused
+
+
 def test_starttls_auth_delivers_with_the_policy_applied(
     smtp_server: ServerProcess, relay: FaultRelay
 ) -> None:
