@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.exc import DBAPIError
 
-from postier import accounts, dkim_signing, policy, targets
+from postier import accounts, dkim_signing, policy, reasons, targets
 from postier.administration import Administration, require_admin
 from postier.cache import TTLCache
 from postier.config import ServerConfig, networks
@@ -726,13 +726,16 @@ class Postier:
             # A downstream Postier server tells its own user; it needs no e-mail from us.
             return None
         settings = await self.delivery_settings(record.establishment_id)
-        lines = "\n".join(f"  - {r.address} : {r.code or ''} {r.reply or ''}".rstrip()
-                          for r in concerned)
+        # The relay's reply only when a relay replied: never a Python exception's text.
+        lines = "\n".join(f"  - {r.address} : {r.code} {r.reply or ''}".rstrip()
+                           if r.code is not None else f"  - {r.address}" for r in concerned)
 
         def text(lang: str) -> str:
-            error = explain_error(record.last_error, lang) or {}
+            # The sender's wording: what happened and what is asked of them, never the
+            # administrator's remedy (see postier.reasons).
+            why = reasons.explain(record.last_error, lang, admin=False)
             return translate(lang, body, subject=record.subject, recipients=lines,
-                             hint=error.get("hint") if kind == "failure" and error.get("hint")
+                             hint=why["sender"] if kind == "failure" and why
                              else translate(lang, hint))
 
         return await self.system_email(

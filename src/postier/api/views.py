@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from postier import reasons
 from postier.i18n import translate
 from postier.sender_verification import NOTE_UNVERIFIED
 from postier.service import explain_error
@@ -47,13 +48,33 @@ class RecipientView(BaseModel):
     reply: str | None = None
 
 
+class ReasonView(BaseModel):
+    """Why an e-mail waits or failed, as a code and its parameters (see postier.reasons)."""
+
+    code: str = Field(description="Stable machine-readable code (timeout, refused, "
+                      "recipient_refused, ...)")
+    params: dict[str, Any] = Field(description="The code's parameters (host, port, step, "
+                                   "timeout, reply_code, ...)")
+    transient: bool = Field(description="True when Postier keeps trying")
+    sender: str = Field(description="What happens to the e-mail and whether the sender has "
+                        "anything to do, in the caller's language")
+    message: str = Field(description="What went wrong, for an administrator, in the "
+                         "caller's language")
+    hint: str | None = Field(None, description="What an administrator may change")
+    reply: str | None = Field(None, description="The relay's reply (SMTP code and text), "
+                              "only when a relay replied")
+
+
 class AttemptView(BaseModel):
     at: str
     duration_ms: int
     relay: str
     outcome: str
     code: int | None = None
-    detail: str | None = None
+    detail: str | None = Field(None, description="An English line for logs; read reason")
+    reason: ReasonView | None = Field(
+        None, description="Why this attempt did not deliver; none when it delivered and for "
+        "attempts recorded by an older version (read detail)")
 
 
 class MessageView(BaseModel):
@@ -69,6 +90,8 @@ class MessageView(BaseModel):
     updated_at: str
     next_attempt_at: str | None
     last_error: ErrorBody | None
+    reason: ReasonView | None = Field(
+        None, description="Why the e-mail waits or failed, as a code and its parameters")
     recipients: list[RecipientView]
     history: list[AttemptView] | None = None
     sender_note: str | None = Field(
@@ -106,6 +129,8 @@ def message_view(r: MessageRecord, lang: str, *, history: bool = False) -> dict[
         "updated_at": iso(r.updated_at),
         "next_attempt_at": None if r.status in FINAL_STATUSES else iso(r.next_attempt_at),
         "last_error": explain_error(r.last_error, lang),
+        "reason": reasons.explain(r.last_error, lang, admin=True)
+        if r.status in ("deferred", "failed") else None,
         "sender_note": sender_note(r.sender_rule, lang),
         "recipients": [
             {"address": x.address, "status": x.status, "code": x.code, "reply": x.reply}
@@ -119,6 +144,7 @@ def message_view(r: MessageRecord, lang: str, *, history: bool = False) -> dict[
                 "outcome": a.outcome,
                 "code": a.code,
                 "detail": a.detail,
+                "reason": reasons.explain(a.reason, lang, admin=True),
             }
             for a in r.history
         ]

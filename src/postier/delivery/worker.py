@@ -148,6 +148,7 @@ def decide(
             outcome=status,
             code=(error.smtp_code if error is not None else None) or (codes[-1] if codes else None),
             detail=error.message("en") if error is not None else _summary(changed),
+            reason=json.dumps(error.dump()) if error is not None else None,
         ),
     )
 

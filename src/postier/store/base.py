@@ -117,7 +117,10 @@ class AttemptRecord:
     relay: str
     outcome: str
     code: int | None
-    detail: str | None
+    detail: str | None  # English, for the log; what older attempts show
+    # Why it did not deliver, as PostierError.dump's JSON: rendered in the reader's language
+    # (postier.reasons); None when it delivered and for attempts recorded before it was kept.
+    reason: str | None = None
 
 
 @dataclass

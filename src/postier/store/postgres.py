@@ -222,14 +222,14 @@ class PostgresStore(SQLStore):
         " AS u(id, pos, status, code, reply)"
         " WHERE x.message_id = u.id AND x.position = u.pos),"
         " a AS (INSERT INTO attempts (message_id, started_at, duration_ms, relay, outcome,"
-        " code, detail) SELECT * FROM unnest($7::text[], $8::float8[], $9::int[],"
-        " $10::text[], $11::text[], $12::int[], $13::text[])),"
+        " code, detail, reason) SELECT * FROM unnest($7::text[], $8::float8[], $9::int[],"
+        " $10::text[], $11::text[], $12::int[], $13::text[], $14::text[])),"
         " m AS (UPDATE messages AS x SET status = u.status, attempts = u.attempts,"
         " next_attempt_at = u.due, last_error = u.error, lease_owner = NULL,"
         " lease_expires_at = NULL, updated_at = $1"
-        " FROM unnest($14::text[], $15::text[], $16::int[], $17::float8[], $18::text[])"
+        " FROM unnest($15::text[], $16::text[], $17::int[], $18::float8[], $19::text[])"
         " AS u(id, status, attempts, due, error)"
-        " WHERE x.id = u.id AND x.lease_owner = $19)"
+        " WHERE x.id = u.id AND x.lease_owner = $20)"
         " SELECT 1"
     )
 
@@ -239,11 +239,12 @@ class PostgresStore(SQLStore):
         rcpts = [(o.message_id, r.position, r.status, r.code, r.reply)
                  for o in items for r in o.recipients]
         tries = [(o.message_id, o.attempt.started_at, o.attempt.duration_ms, o.attempt.relay,
-                  o.attempt.outcome, o.attempt.code, o.attempt.detail) for o in items]
+                  o.attempt.outcome, o.attempt.code, o.attempt.detail, o.attempt.reason)
+                 for o in items]
         ends = [(o.message_id, o.status, o.attempts, o.next_attempt_at, o.last_error)
                 for o in items]
         await conn.exec_driver_sql(self._WRITE_OUTCOMES, (
-            time.time(), *_columns(rcpts, 5), *_columns(tries, 7), *_columns(ends, 5),
+            time.time(), *_columns(rcpts, 5), *_columns(tries, 8), *_columns(ends, 5),
             worker_id,
         ))
 

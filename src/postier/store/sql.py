@@ -1156,10 +1156,10 @@ class SQLStore(Store):
             ), rcpt_rows)
         await conn.exec_driver_sql(self._sql(
             "INSERT INTO attempts (message_id, started_at, duration_ms, relay, outcome, code,"
-            " detail) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " detail, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
         ), [
             (o.message_id, o.attempt.started_at, o.attempt.duration_ms, o.attempt.relay,
-             o.attempt.outcome, o.attempt.code, o.attempt.detail)
+             o.attempt.outcome, o.attempt.code, o.attempt.detail, o.attempt.reason)
             for o in items
         ])
         # Only the lease holder decides the message's status: if the lease was lost
@@ -1190,7 +1190,8 @@ class SQLStore(Store):
             )
         ]
         record.history = [
-            AttemptRecord(r.started_at, r.duration_ms, r.relay, r.outcome, r.code, r.detail)
+            AttemptRecord(r.started_at, r.duration_ms, r.relay, r.outcome, r.code, r.detail,
+                          r.reason)
             for r in await self._read(
                 select(t.attempts)
                 .where(t.attempts.c.message_id == message_id)

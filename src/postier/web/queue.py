@@ -13,9 +13,9 @@ from urllib.parse import urlencode
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from postier import reasons
 from postier.i18n import N_
-from postier.service import explain_error
-from postier.store.base import FINAL_STATUSES, STATUSES, MessageRecord
+from postier.store.base import FINAL_STATUSES, STATUSES, AttemptRecord, MessageRecord
 from postier.web import stats
 from postier.web.context import (
     AdminPage,
@@ -106,7 +106,34 @@ def chart(p: Page, buckets: list[stats.Bucket], period: str) -> dict[str, Any]:
 
 
 def explain(p: Page, last_error: str | None) -> dict[str, Any] | None:
-    return explain_error(last_error, p.lang)
+    """Why an e-mail waits or failed, for this reader: what happens to it for everyone,
+    what to change for an administrator (see postier.reasons)."""
+    return reasons.explain(last_error, p.lang, admin=p.me.is_admin)
+
+
+@dataclass
+class AttemptRow:
+    """One attempt as the e-mail's page shows it: its reason for this reader, the relay's
+    reply only when a relay replied; an attempt recorded before reasons were kept shows
+    its stored detail."""
+
+    attempt: AttemptRecord
+    why: dict[str, Any] | None
+    reply: str | None
+    stored: str | None
+
+
+def attempt_rows(p: Page, record: MessageRecord) -> list[AttemptRow]:
+    rows = []
+    for a in record.history:
+        why = explain(p, a.reason)
+        if why is not None:
+            rows.append(AttemptRow(a, why, why["reply"], None))
+        elif a.code is not None:
+            rows.append(AttemptRow(a, None, f"{a.code} {a.detail or ''}".strip(), None))
+        else:
+            rows.append(AttemptRow(a, None, None, a.detail))
+    return rows
 
 
 async def _queue_data(p: Page, q: QueueQuery) -> dict[str, Any]:
@@ -165,7 +192,10 @@ async def queue_live(p: AdminPage, status: str = "", sender: str = "", recipient
 
 
 def _message_data(p: Page, record: MessageRecord) -> dict[str, Any]:
-    return {"m": record, "error": explain(p, record.last_error),
+    attempts = attempt_rows(p, record)
+    return {"m": record, "error": explain(p, record.last_error), "attempts": attempts,
+            "attempt_replies": any(a.reply for a in attempts),
+            "recipient_replies": any(r.code is not None for r in record.recipients),
             "final": record.status in FINAL_STATUSES,
             "can_retry": record.status in ("queued", "deferred", "failed"),
             "can_cancel": record.status in ("queued", "deferred"),
