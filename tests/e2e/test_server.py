@@ -228,7 +228,8 @@ def test_settings_password_is_write_only_and_encrypted(
         r = c.put("/api/v1/settings", json={"sender": {"name": "Lycée du Parc"}})
         assert r.status_code == 200
         assert r.json()["sender"] == {"name": "Lycée du Parc",
-                                      "address": "ne-pas-repondre@ac-lyon.fr"}
+                                      "address": "ne-pas-repondre@ac-lyon.fr",
+                                      "display": "establishment"}
         assert r.json()["relay"]["password_set"] is True
     db = (server.data_dir / "postier.db").read_bytes()
     wal = server.data_dir / "postier.db-wal"

@@ -119,7 +119,8 @@ def test_settings_are_saved_and_a_bad_port_is_shown_next_to_its_field(
 
     saved = _settings(web_server)
     assert saved["sender"] == {"name": "Collège Jean Moulin",
-                               "address": "ne-pas-repondre@ac-lyon.fr"}
+                               "address": "ne-pas-repondre@ac-lyon.fr",
+                               "display": "establishment"}
     assert saved["relay"]["host"] == "smtp.ac-lyon.fr" and saved["relay"]["timeout"] == 45
     assert saved["relay"]["password_set"] is True
     assert saved["allowed_domains"] == ["ac-lyon.fr", "*.ac-lyon.fr"]
