@@ -691,7 +691,7 @@ def _test_message(
         lines.append(t(N_("Username: {username}"), username=relay.username))
     if unsaved:
         lines += ["", t(N_("If you are reading this, these settings work but are not saved "
-                           "yet: click Save on the settings page, or they will be lost."))]
+                           "yet: click Save in Postier's page, or they will be lost."))]
     else:
         lines += ["", t(N_("If you are reading this, these settings work: nothing else to "
                            "do."))]
