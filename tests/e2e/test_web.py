@@ -295,7 +295,7 @@ def test_my_emails_and_the_queue_show_what_became_of_each_e_mail(
     sent = alice.locator("#mine-rows tr", has_text="Conseil de classe")
     assert "Envoyé" in sent.inner_text() and "parent@example.org" in sent.inner_text()
     failed = alice.locator("#mine-rows tr", has_text="Convocation").inner_text()
-    assert "Échec" in failed and "Que faire :" in failed, failed
+    assert "Échec" in failed and "Vérifiez l'adresse" in failed, failed
     web.screenshot(alice, "my-emails")
 
     # The queue, live: a new e-mail appears in the counts without reloading the page.
