@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 from urllib.parse import urlencode
 
-from babel.dates import format_datetime, format_timedelta
+from babel.dates import format_datetime, format_time, format_timedelta
 from babel.numbers import format_decimal
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -130,6 +130,11 @@ class Page:
             return ""
         when = dt.datetime.fromtimestamp(ts).astimezone()
         return str(format_datetime(when, fmt, locale=self.lang))
+
+    def updated_now(self) -> str:
+        """When a live page was last refreshed, as a phrase ("Updated at 14:05:12")."""
+        return self._(N_("Updated at {time}"), time=format_time(
+            dt.datetime.now().astimezone(), "medium", locale=self.lang))
 
     def duration(self, seconds: float | int | None) -> str:
         if seconds is None:

@@ -144,7 +144,7 @@ async def _queue_data(p: Page, q: QueueQuery) -> dict[str, Any]:
     rows = await stats.search(core.store, eid, q.filters(), LIST_LIMIT)
     return {"counts": counts, "chart": chart(p, buckets, period), "rows": rows, "q": q,
             "period": period, "explain": lambda e: explain(p, e), "limit": LIST_LIMIT,
-            "updated": p.datetime(time.time(), "medium")}
+            "updated": p.updated_now()}
 
 
 def _query(status: str, sender: str, recipient: str, since: str, until: str,
@@ -200,7 +200,7 @@ def _message_data(p: Page, record: MessageRecord) -> dict[str, Any]:
             "can_retry": record.status in ("queued", "deferred", "failed"),
             "can_cancel": record.status in ("queued", "deferred"),
             "can_resend": record.status == "sent" and p.me.is_admin,
-            "outcome_labels": OUTCOME_LABELS, "updated": p.datetime(time.time(), "medium")}
+            "outcome_labels": OUTCOME_LABELS, "updated": p.updated_now()}
 
 
 @router.get("/messages/{message_id}")
@@ -248,7 +248,7 @@ async def _mine_data(p: Page, status: str) -> dict[str, Any]:
     chosen = status if status in STATUSES else None
     records = await p.core.list_messages(p.me, chosen, LIST_LIMIT, mine=True)
     return {"messages": records, "status": chosen or "",
-            "explain": lambda e: explain(p, e), "updated": p.datetime(time.time(), "medium")}
+            "explain": lambda e: explain(p, e), "updated": p.updated_now()}
 
 
 @router.get("/mine")
