@@ -129,8 +129,8 @@ def message_view(r: MessageRecord, lang: str, *, history: bool = False) -> dict[
         "updated_at": iso(r.updated_at),
         "next_attempt_at": None if r.status in FINAL_STATUSES else iso(r.next_attempt_at),
         "last_error": explain_error(r.last_error, lang),
-        "reason": reasons.explain(r.last_error, lang, admin=True)
-        if r.status in ("deferred", "failed") else None,
+        "reason": None if r.status in ("sent", "cancelled")
+        else reasons.explain(r.last_error, lang, admin=True),
         "sender_note": sender_note(r.sender_rule, lang),
         "recipients": [
             {"address": x.address, "status": x.status, "code": x.code, "reply": x.reply}
