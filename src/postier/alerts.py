@@ -3,10 +3,11 @@
 **Incidents.** :class:`AlertEngine` checks, for each establishment, three conditions:
 
 - ``relay_failing``: the relay (and the backup relay, when there is one) has kept failing
-  for ``alerts.relay_failing_after`` seconds, as this process's relay pool saw it (the
-  failover state of :mod:`postier.delivery.relay`); a relay this process never tried gives
-  no opinion, and a failing one is probed in the background so that its return is seen
-  even when nothing is being sent;
+  for ``alerts.relay_failing_after`` seconds, as any worker saw it (the failover state
+  shared through the store, :class:`postier.delivery.limits.SharedLimits`); a relay no
+  worker has seen fail or come back, and this process never tried, gives no opinion, and
+  a failing one is probed in the background so that its return is seen even when nothing
+  is being sent;
 - ``queue_behind``: an e-mail still waiting (queued, being sent or deferred) was accepted
   more than ``alerts.oldest_deferred_after`` seconds ago;
 - ``oauth2_expiry``: an OAuth2 client secret (or certificate) expires within
@@ -209,7 +210,7 @@ class AlertEngine:
             try:
                 settings = await self.core.delivery_settings(est.id)
                 conditions = {
-                    RELAY_FAILING: self._relay(settings, now),
+                    RELAY_FAILING: await self._relay(settings, now),
                     QUEUE_BEHIND: _queue(settings, now, waiting.get(est.id)),
                     OAUTH2_EXPIRY: _expiry(settings, now),
                 }
@@ -233,7 +234,8 @@ class AlertEngine:
     async def _raise(self, est: Establishment, kind: str, firing: Firing
                      ) -> db.Incident | None:
         # A condition that began before the last incident of its kind ended is that
-        # incident, seen late by another worker (its relay pool is its own): not a new one.
+        # incident, seen late by another worker (its view may be a moment old): not a new
+        # one.
         last = await db.last_resolved(self.store, est.id, kind)
         if last is not None and firing.since <= last:
             return None
@@ -255,7 +257,7 @@ class AlertEngine:
                              describe(incident, "en")):
             self.wake.set()
 
-    def _relay(self, settings: DeliverySettings, now: float) -> Condition:
+    async def _relay(self, settings: DeliverySettings, now: float) -> Condition:
         pool = self.pool
         main = settings.relay
         if pool is None or not main.configured:
@@ -266,15 +268,15 @@ class AlertEngine:
             relays.append(backup)
         starts: list[float] = []
         for relay in relays:
-            if not pool.tried(relay):
+            if not await pool.known(relay):
                 continue
-            failing = pool.failing_for(relay)
-            if failing <= 0:
+            failing_since = await pool.failing_since(relay)
+            if failing_since is None:
                 return CLEAR  # one of them delivers
             # Probed in the background (at most every few seconds): its return is seen
             # even when no e-mail is being sent.
             pool.probe_later(relay)
-            starts.append(time.time() - failing)
+            starts.append(failing_since)
         if len(starts) < len(relays):
             return UNKNOWN
         since = max(starts)

@@ -23,6 +23,19 @@ connection the pool takes one of the relay's numbered slots in the store
 (``take_connection``), keeps it while the connection is open, renews it with the worker's
 heartbeat (``renew_connections``) and gives it back when the connection closes. A killed
 worker stops renewing: its slots lapse after ``lease_seconds`` and the others take them over.
+Slots go round by establishment among the workers: a worker that finds no free slot notes
+in the store which establishment it waits for (``relay_waiters``), a free slot goes to the
+waiter whose establishment holds fewest of the relay's slots, then to the longest waiting,
+and a worker holding a slot gives it back after its e-mail when another worker waits for
+another establishment (after a few e-mails when it waits for the same one). Nobody waiting
+costs nothing more per e-mail: the holder learns of waiters through the relay's health,
+read at most every ``health_refresh`` seconds.
+
+A relay's health is shared too (``health``): since when it keeps failing (connection, TLS,
+authentication) as any worker saw it, written once when a worker first sees it fail and
+once when one finds it answering again. The failover to the backup relay and the alerts
+read it, at most every ``health_refresh`` seconds per relay, so every worker switches to
+the backup and back together, and an incident opens once whichever worker saw the failures.
 """
 
 from __future__ import annotations
@@ -41,8 +54,9 @@ from typing import Any
 
 from postier.errors import DeliveryError
 from postier.i18n import N_
+from postier.outage import Outage
 from postier.settings import RelaySettings
-from postier.store.base import RelayGrant, RelayLimits, RelayPause, Store
+from postier.store.base import RelayGrant, RelayHealth, RelayLimits, RelayPause, Store
 
 # A worker reserves pace slots at most this far ahead of now.
 RESERVE_HORIZON = 10.0
@@ -57,6 +71,12 @@ CONNECTION_LEASE = 120.0
 # When every connection slot stayed taken for ``wait_at_most`` seconds, the e-mail is
 # deferred by this much.
 CONNECTION_RETRY = 15.0
+# How old a relay's shared health (failing state, waiters for its slots) may be.
+HEALTH_REFRESH = 1.0
+# A worker holding a connection slot while another worker waits for the same establishment
+# gives it back after this many of its e-mails in a row (a new connection each time costs
+# the relay's handshake, so not after every one).
+SAME_TURN = 5
 
 _LIMIT_TEXT = {
     "minute": N_("Sending limit of the relay reached: {limit:,} e-mails per minute; "
@@ -124,6 +144,10 @@ class ConnectionLease:
     expires_at: float
     lost: bool = False
     released: bool = False
+    # The establishment whose e-mail the connection carries last, and how many in a row
+    # for it (what handing the slot round looks at).
+    establishment: int = 0
+    run: int = 0
 
     def usable(self, now: float) -> bool:
         return not self.lost and not self.released and now < self.expires_at
@@ -142,6 +166,9 @@ class _Relay:
     pause: RelayPause | None = None
     read_at: float = float("-inf")
     reading: asyncio.Future[None] | None = None
+    health: RelayHealth = field(default_factory=RelayHealth)
+    health_at: float = float("-inf")
+    health_reading: asyncio.Future[None] | None = None
 
 
 class SharedLimits:
@@ -156,6 +183,7 @@ class SharedLimits:
         horizon: float = RESERVE_HORIZON,
         wait_at_most: float = WAIT_AT_MOST,
         refresh: float = PAUSE_REFRESH,
+        health_refresh: float = HEALTH_REFRESH,
         lease_seconds: float = CONNECTION_LEASE,
         clock: Callable[[], float] = time.time,
         holder: str | None = None,
@@ -171,6 +199,8 @@ class SharedLimits:
         self.horizon = horizon
         self.wait_at_most = wait_at_most
         self.refresh = refresh
+        self.health_refresh = health_refresh
+        self._health_outage = Outage("relays' health shared with the other workers")
         self.clock = clock
         self._relays: dict[str, _Relay] = {}
 
@@ -279,31 +309,105 @@ class SharedLimits:
             state.pause = RelayPause(state.pause.paused_until, 0.0, state.pause.error)
             await self.store.relay_recovered(key)
 
+    # -- the relay's health, as every worker sees it ----------------------------------------
+
+    async def health(self, relay: RelaySettings) -> RelayHealth:
+        """The relay's shared failing state and its slots' waiters, at most
+        ``health_refresh`` seconds old (one round trip per relay that often, shared by
+        the e-mails asking meanwhile)."""
+        state = self._relay(relay_key(relay))
+        if self.clock() - state.health_at >= self.health_refresh:
+            if state.health_reading is not None:
+                await asyncio.shield(state.health_reading)
+            else:
+                await self._read_health(relay, state)
+        return state.health
+
+    async def _read_health(self, relay: RelaySettings, state: _Relay) -> None:
+        state.health_reading = asyncio.get_running_loop().create_future()
+        try:
+            holder = self.holder if relay.max_connections else None
+            state.health = await self.store.relay_health(relay_key(relay), holder,
+                                                         self.clock())
+            self._health_outage.worked()
+        except Exception as exc:
+            # The store is away: the last view stands until it answers again.
+            self._health_outage.failed(exc)
+        finally:
+            state.health_at = self.clock()
+            state.health_reading.set_result(None)
+            state.health_reading = None
+
+    async def relay_failing(self, relay: RelaySettings) -> None:
+        """This worker saw the relay fail (the first failure of a run): every worker
+        counts its failing time from the first such failure any of them saw."""
+        key = relay_key(relay)
+        state = self._relay(key)
+        since = await self.store.relay_failing(key, self.clock())
+        state.health = RelayHealth(since, state.health.recovered_at, state.health.waiting)
+
+    async def relay_answered(self, relay: RelaySettings) -> None:
+        """The relay answered this worker: when it was failing as every worker saw it, it
+        no longer is, for all. A write only then."""
+        key = relay_key(relay)
+        state = self._relay(key)
+        if (await self.health(relay)).failing_since is None:
+            return
+        now = self.clock()
+        await self.store.relay_answered(key, now)
+        state.health = RelayHealth(None, now, state.health.waiting)
+
+    async def probe_turn(self, relay: RelaySettings, every: float) -> bool:
+        """Whether this worker probes the failing relay now: one worker does, every
+        ``every`` seconds, for all."""
+        return await self.store.claim_relay_probe(relay_key(relay), self.clock(), every)
+
     # -- connection slots (max_connections) -------------------------------------------------
 
-    async def take_connection(self, relay: RelaySettings) -> ConnectionLease | None:
-        """One of the relay's ``max_connections`` slots for a new connection, or None when
-        all are held (by any worker). One round trip."""
+    async def take_connection(
+        self, relay: RelaySettings, establishment: int = 0, *, queue: bool = True
+    ) -> ConnectionLease | None:
+        """One of the relay's ``max_connections`` slots for a new connection carrying an
+        ``establishment``'s e-mail, or None when all are held (by any worker) or the next
+        free one is another waiter's; then this worker waits in line for it (unless not
+        ``queue``: a probe). One round trip."""
         assert relay.max_connections
         key = relay_key(relay)
         now = self.clock()
         slot = await self.store.take_relay_slot(key, relay.max_connections, self.holder, now,
-                                                self.lease_seconds)
+                                                self.lease_seconds, establishment,
+                                                queue=queue)
         if slot is None:
             return None
-        lease = ConnectionLease(key, slot, now + self.lease_seconds)
+        lease = ConnectionLease(key, slot, now + self.lease_seconds, establishment=establishment)
         self._leases[(key, slot)] = lease
         return lease
 
-    async def release_connection(self, lease: ConnectionLease) -> None:
-        """The connection closed: its slot is free for every worker."""
+    async def hand_round(self, relay: RelaySettings, lease: ConnectionLease,
+                         establishment: int) -> bool:
+        """Whether to give the slot back after an e-mail of ``establishment`` rather than
+        keep its connection: another worker waits for it, for another establishment, or
+        for this one after ``SAME_TURN`` e-mails in a row. No round trip but the health's."""
+        if lease.establishment != establishment:
+            lease.establishment, lease.run = establishment, 0
+        lease.run += 1
+        waiting = (await self.health(relay)).waiting
+        return bool(waiting - {establishment}) or (
+            establishment in waiting and lease.run >= SAME_TURN)
+
+    async def release_connection(self, lease: ConnectionLease, *,
+                                 handed_round: bool = False) -> None:
+        """The connection closed: its slot is free for every worker (``handed_round``:
+        given up for the waiters, so this worker's own waits go behind theirs)."""
         if lease.released:
             return
         lease.released = True
         if self._leases.get((lease.relay_key, lease.slot)) is lease:
             del self._leases[(lease.relay_key, lease.slot)]
         if not lease.lost:
-            await self.store.release_relay_slot(lease.relay_key, lease.slot, self.holder)
+            await self.store.release_relay_slot(
+                lease.relay_key, lease.slot, self.holder,
+                self.clock() if handed_round else None)
 
     async def renew_connections(self) -> None:
         """Extend the leases of this process's open connections (its heartbeat); a lease

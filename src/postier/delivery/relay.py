@@ -755,7 +755,13 @@ class RelayPool:
     the relay's slots shared by every worker (a lease in the store, one round trip per
     connection, not per message): without a free slot the e-mail waits up to
     ``limits.wait_at_most`` seconds, then is deferred (``relay_limit``, not an attempt).
-    Such a connection is closed after ``shared_idle`` seconds idle to give its slot back.
+    Such a connection is closed after ``shared_idle`` seconds idle to give its slot back,
+    and after an e-mail when another worker waits for a slot for another establishment
+    (``SharedLimits.hand_round``), so the slots go round the establishments.
+
+    With ``limits``, the relay's failing state is shared too: the first failure of a run
+    and the relay's return are written to the store, and ``failing_since()`` (what the
+    failover and the alerts look at) is what every worker saw, at most a second old.
 
     A relay whose connection attempt fails is marked down for ``down_for`` seconds: the
     messages already waiting for it are deferred at once with the same explanation instead
@@ -826,7 +832,7 @@ class RelayPool:
                     pause = await self.limits.admit(relay, len(recipients))
                     if self._shared(relay) and not state.idle:
                         # Waiting for a slot is Postier's doing: not within ``limit``.
-                        lease = await self._take_slot(state, relay)
+                        lease = await self._take_slot(state, relay, establishment)
                         if lease is not None:
                             spare.append(lease)
                 except DeliveryError as err:  # over a limit until later: deferred to then
@@ -837,7 +843,8 @@ class RelayPool:
                 raise LeaseLost()
             async with asyncio.timeout(limit) as window:
                 return await self._send(state, relay, envelope_from, recipients, data,
-                                        smtputf8, spare, _Settling(settle, window))
+                                        smtputf8, spare, _Settling(settle, window),
+                                        establishment)
         finally:
             state.slots.release()
             for lease in spare:
@@ -853,6 +860,7 @@ class RelayPool:
         smtputf8: bool,
         spare: list[ConnectionLease],
         settling: _Settling,
+        establishment: int = 0,
     ) -> TransactionResult:
         for attempt in range(2):
             now = time.monotonic()
@@ -862,7 +870,8 @@ class RelayPool:
                 # The relay asked to slow down: wait here without knocking on its door.
                 return _all(recipients, state.pause_error, reusable=False)
             try:
-                smtp, lease, reused = await self._checkout(state, relay, spare)
+                smtp, lease, reused = await self._checkout(state, relay, spare,
+                                                           establishment)
             except DeliveryError as err:  # no connection slot came free in time
                 return _all(recipients, err, reusable=False)
             if smtp is None:
@@ -885,10 +894,12 @@ class RelayPool:
                 if self.limits is not None:
                     await self.limits.went_through(relay)
             if result.error is not None and result.error.smtp_code is None:
-                state.failed(result.error)
+                await self._failed(state, relay, result.error)
             else:
-                state.answered()  # it replied: whatever it said, it is up
+                await self._answered(state, relay)  # it replied: whatever it said, it is up
             reuse = result.reusable and smtp.is_connected and self._lease_ok(lease)
+            handed = reuse and await self._hand_round(relay, lease, establishment)
+            reuse = reuse and not handed
             # A reused connection the server had quietly closed: one fresh try.
             again = not reuse and reused and attempt == 0 and _nothing_happened(result)
             if not again:
@@ -902,14 +913,15 @@ class RelayPool:
                 self._put_idle(state, _Idle(smtp, time.monotonic(), lease))
             else:
                 smtp.close()
-                self._release_later(state, lease)
+                self._release_later(state, lease, handed_round=handed)
                 if again:
                     continue
             return result
         raise AssertionError("unreachable")
 
     async def _checkout(
-        self, state: _RelayState, relay: RelaySettings, spare: list[ConnectionLease]
+        self, state: _RelayState, relay: RelaySettings, spare: list[ConnectionLease],
+        establishment: int = 0,
     ) -> tuple[RelaySession | None, ConnectionLease | None, bool]:
         """An idle connection, or a new one (holding a shared slot taken beforehand in
         ``spare``, or now). Raises ``relay_limit`` when no slot came free in time."""
@@ -926,7 +938,8 @@ class RelayPool:
                 self._release_later(state, idle.lease)
             lease: ConnectionLease | None = None
             if self._shared(relay):
-                lease = spare.pop() if spare else await self._take_slot(state, relay)
+                lease = spare.pop() if spare else await self._take_slot(state, relay,
+                                                                        establishment)
                 if lease is None:
                     continue  # a connection of this process became idle meanwhile
             break
@@ -942,7 +955,7 @@ class RelayPool:
             if err.code == "rate_limited":
                 await self._slowed_down(state, relay, err)
             else:
-                state.failed(err)
+                await self._failed(state, relay, err)
             return None, None, False
         state.down_error = None
         return smtp, lease, False
@@ -956,18 +969,18 @@ class RelayPool:
         return lease is None or (self.limits is not None and lease.usable(self.limits.clock()))
 
     async def _take_slot(
-        self, state: _RelayState, relay: RelaySettings
+        self, state: _RelayState, relay: RelaySettings, establishment: int = 0
     ) -> ConnectionLease | None:
-        """A free connection slot of the relay among every worker's, waiting for one up to
-        ``limits.wait_at_most`` seconds; None when a connection of this process became
-        idle meanwhile (use it instead)."""
+        """A free connection slot of the relay among every worker's for an e-mail of
+        ``establishment``, waiting in line for one up to ``limits.wait_at_most`` seconds;
+        None when a connection of this process became idle meanwhile (use it instead)."""
         assert self.limits is not None
         deadline = time.monotonic() + self.limits.wait_at_most
         delay = 0.05
         while True:
             if state.idle:
                 return None
-            lease = await self.limits.take_connection(relay)
+            lease = await self.limits.take_connection(relay, establishment)
             if lease is not None:
                 return lease
             left = deadline - time.monotonic()
@@ -991,18 +1004,28 @@ class RelayPool:
                for i in state.idle):
             self._spawn(self._close_state_idle(state, self.shared_idle, leased_only=True))
 
-    async def _release(self, state: _RelayState, lease: ConnectionLease) -> None:
+    async def _hand_round(self, relay: RelaySettings, lease: ConnectionLease | None,
+                          establishment: int) -> bool:
+        """Whether to give the connection's slot back after this e-mail, for the other
+        workers waiting for it (see ``SharedLimits.hand_round``)."""
+        if lease is None or self.limits is None:
+            return False
+        return await self.limits.hand_round(relay, lease, establishment)
+
+    async def _release(self, state: _RelayState, lease: ConnectionLease,
+                       handed_round: bool = False) -> None:
         assert self.limits is not None
         try:
-            await self.limits.release_connection(lease)
+            await self.limits.release_connection(lease, handed_round=handed_round)
         except Exception as exc:
             # Not given back: the slot lapses with its lease instead.
             log.warning("could not give back a connection slot of a relay: %s", exc)
         state.signal_freed()
 
-    def _release_later(self, state: _RelayState, lease: ConnectionLease | None) -> None:
+    def _release_later(self, state: _RelayState, lease: ConnectionLease | None, *,
+                       handed_round: bool = False) -> None:
         if lease is not None and not lease.released:
-            self._spawn(self._release(state, lease))
+            self._spawn(self._release(state, lease, handed_round))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1018,8 +1041,57 @@ class RelayPool:
             state.shared_pause(await self.limits.slowed_down(
                 relay, err, self.rate_pause, RATE_PAUSE_MAX))
 
+    # -- the relay's failing state, shared by every worker (failover, alerts) -------------
+
+    async def _failed(self, state: _RelayState, relay: RelaySettings,
+                      err: DeliveryError) -> None:
+        """The relay failed: told to every worker unless they know it fails already (a
+        write at the first failure of a run, not at each)."""
+        state.failed(err)
+        if self.limits is None or state.failing_since is None:
+            return
+        try:
+            if (await self.limits.health(relay)).failing_since is None:
+                await self.limits.relay_failing(relay)
+        except Exception as exc:  # told at its next failure
+            log.warning("could not share that a relay fails: %s", exc)
+
+    async def _answered(self, state: _RelayState, relay: RelaySettings) -> None:
+        """The relay answered: no longer failing, for every worker (a write only when it
+        was failing as they saw it)."""
+        state.answered()
+        if self.limits is None:
+            return
+        try:
+            await self.limits.relay_answered(relay)
+        except Exception as exc:
+            log.warning("could not share that a relay answers again: %s", exc)
+
+    async def failing_since(self, relay: RelaySettings) -> float | None:
+        """Since when (wall clock) the relay has kept failing, as any worker saw it (as
+        this process did, without shared limits); None while it answers. At most a
+        second old: no round trip per e-mail."""
+        if self.limits is not None:
+            return (await self.limits.health(relay)).failing_since
+        state = self._relays.get(relay.key())
+        if state is None or state.failing_since is None:
+            return None
+        return time.time() - (time.monotonic() - state.failing_since)
+
+    async def known(self, relay: RelaySettings) -> bool:
+        """Whether the relay's state means something: this process talked to it, or a
+        worker saw it fail or come back (without that, "not failing" says nothing of it:
+        the alerts need the difference)."""
+        if self.tried(relay):
+            return True
+        if self.limits is None:
+            return False
+        health = await self.limits.health(relay)
+        return health.failing_since is not None or health.recovered_at is not None
+
     def failing_for(self, relay: RelaySettings) -> float:
-        """Seconds the relay has kept failing (0 when it answers)."""
+        """Seconds the relay has kept failing as this process saw it (0 when it
+        answers)."""
         state = self._relays.get(relay.key())
         if state is None or state.failing_since is None:
             return 0.0
@@ -1032,37 +1104,44 @@ class RelayPool:
 
     def probe_later(self, relay: RelaySettings) -> None:
         """While the backup relay stands in, check in the background whether the main one
-        answers again (connection, TLS, greeting, authentication; nothing is sent)."""
+        answers again (connection, TLS, greeting, authentication; nothing is sent). With
+        shared limits, one worker probes for all every ``PROBE_EVERY`` seconds, and its
+        answer brings every worker back."""
         state = self._state(relay)
         now = time.monotonic()
         if now - state.last_probe < PROBE_EVERY:
             return
         state.last_probe = now
-
-        async def probe() -> None:
-            lease = None
-            if self._shared(relay):
-                assert self.limits is not None
-                lease = await self.limits.take_connection(relay)
-                if lease is None:
-                    return  # every slot is in use: the next probe will see
-            try:
-                try:
-                    smtp = await open_smtp(relay, local_hostname=self.local_hostname)
-                except DeliveryError:
-                    return
-                state.answered()
-                state.down_error = None
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(smtp.quit(), 2)
-                smtp.close()
-            finally:
-                if lease is not None:
-                    await self._release(state, lease)
-
-        task = asyncio.get_running_loop().create_task(probe())
+        task = asyncio.get_running_loop().create_task(self._probe(state, relay))
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, state: _RelayState, relay: RelaySettings) -> None:
+        lease = None
+        if self.limits is not None:
+            try:
+                if not await self.limits.probe_turn(relay, PROBE_EVERY * 0.9):
+                    return  # another worker probes it now
+                if self._shared(relay):
+                    lease = await self.limits.take_connection(relay, queue=False)
+                    if lease is None:
+                        return  # every slot is in use: the next probe will see
+            except Exception as exc:
+                log.warning("could not probe a relay: %s", exc)
+                return
+        try:
+            try:
+                smtp = await open_smtp(relay, local_hostname=self.local_hostname)
+            except DeliveryError:
+                return
+            state.down_error = None
+            await self._answered(state, relay)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(smtp.quit(), 2)
+            smtp.close()
+        finally:
+            if lease is not None:
+                await self._release(state, lease)
 
     async def close_idle(self, older_than: float | None = None) -> None:
         """Close the connections idle for ``older_than`` seconds (the idle timeout), then

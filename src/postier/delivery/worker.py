@@ -33,7 +33,7 @@ from postier.delivery.retry import RetryPolicy
 from postier.errors import DeliveryError, PostierError, StoreUnavailable
 from postier.i18n import N_
 from postier.outage import Outage
-from postier.settings import DeliverySettings, RelayKind
+from postier.settings import DeliverySettings, RelayKind, RelaySettings
 from postier.store.base import (
     DEFERRED,
     FAILED,
@@ -421,10 +421,10 @@ async def deliver_one(
     e-mail, so a killed worker repeats at most one conversation per connection."""
     relay = settings.relay
     backup = settings.backup_relay
-    if backup is not None and backup.configured and (
-        pool.failing_for(relay) >= settings.failover_after
-    ):
-        # The main relay has kept failing: the backup takes over until it answers again.
+    if backup is not None and backup.configured and await _failed_over(pool, relay,
+                                                                         settings):
+        # The main relay has kept failing, as any worker saw it: the backup takes over,
+        # for every worker, until a probe (any worker's) finds the main one answering.
         pool.probe_later(relay)
         relay = backup
     if sign is not None:
@@ -495,6 +495,12 @@ async def deliver_one(
         return recorded[-1]
     await settle(result)
     return recorded[-1]
+
+
+async def _failed_over(pool: RelayPool, relay: RelaySettings,
+                       settings: DeliverySettings) -> bool:
+    since = await pool.failing_since(relay)
+    return since is not None and time.time() - since >= settings.failover_after
 
 
 # Deferrals that say nothing about the e-mail or its relay: they do not count as attempts.

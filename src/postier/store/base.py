@@ -275,6 +275,23 @@ class RelayPause:
     error: str | None
 
 
+@dataclass(frozen=True)
+class RelayHealth:
+    """A relay as every worker sees it: since when it keeps failing (None while it
+    answers; wall-clock seconds), when a worker last found it answering again after
+    failing, and the establishments other workers wait for one of its connection slots
+    for."""
+
+    failing_since: float | None = None
+    recovered_at: float | None = None
+    waiting: frozenset[int] = frozenset()
+
+
+# A worker waiting for a relay's connection slot asks again at least this often; its
+# ``relay_waiters`` row is ignored once it has not asked for this many seconds.
+WAITER_STALE = 3.0
+
+
 # Seconds after which a failed sign-in is forgotten whatever its key: longer than the
 # throttling window (postier.sign_in_throttle).
 FAILURES_KEPT = 24 * 3600.0
@@ -586,15 +603,42 @@ class Store(abc.ABC):
     async def relay_recovered(self, relay_key: str) -> None:
         """An e-mail went through: the next pause starts short again."""
 
+    @abc.abstractmethod
+    async def relay_health(self, relay_key: str, holder: str | None, now: float
+                           ) -> RelayHealth:
+        """The relay's shared failing state; with ``holder``, also the establishments
+        other holders have been waiting for a connection slot for (seen within
+        ``WAITER_STALE`` seconds of ``now``)."""
+
+    @abc.abstractmethod
+    async def relay_failing(self, relay_key: str, now: float) -> float:
+        """A worker saw the relay fail: unless already failing, it fails since ``now``;
+        returns since when it fails."""
+
+    @abc.abstractmethod
+    async def relay_answered(self, relay_key: str, now: float) -> bool:
+        """A worker (or a probe) found the relay answering: it no longer fails, for every
+        worker. True when it was failing."""
+
+    @abc.abstractmethod
+    async def claim_relay_probe(self, relay_key: str, now: float, every: float) -> bool:
+        """Whether this worker is the one to probe the relay now (no worker did within
+        ``every`` seconds); noted when so."""
+
     # -- a relay's connection slots, shared by every worker (max_connections) -------------
     @abc.abstractmethod
     async def take_relay_slot(
         self, relay_key: str, max_connections: int, holder: str, now: float,
-        lease_seconds: float,
+        lease_seconds: float, establishment_id: int = 0, *, queue: bool = False,
     ) -> int | None:
         """Take, atomically for every process, one of the relay's ``max_connections``
         connection slots for ``holder`` until ``now + lease_seconds``: a free one, or one
-        whose lease expired (its holder died). None when every slot is held."""
+        whose lease expired (its holder died). None when every slot is held.
+
+        With ``queue``, the slot is for an e-mail of ``establishment_id``, and free
+        slots go first to the waiters (``relay_waiters``) whose establishment holds
+        fewest slots, then to the longest waiting: without a slot for it, the holder is
+        noted (or kept) as waiting for that establishment."""
 
     @abc.abstractmethod
     async def renew_relay_slots(
@@ -605,9 +649,11 @@ class Store(abc.ABC):
         it still held (the others were taken over after expiring)."""
 
     @abc.abstractmethod
-    async def release_relay_slot(self, relay_key: str, slot: int, holder: str) -> None:
+    async def release_relay_slot(self, relay_key: str, slot: int, holder: str,
+                                 handed_round: float | None = None) -> None:
         """The connection closed: the slot is free for any worker (unless another holder
-        took it over meanwhile)."""
+        took it over meanwhile). ``handed_round`` (the time): given up for the other
+        waiters, so ``holder``'s own waits go to the back of the line."""
 
     # -- sender address verification (postier.sender_verification) ----------------------
     @abc.abstractmethod

@@ -10,6 +10,7 @@ request is retried alone so one bad request cannot fail the others.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hmac
 import json
@@ -37,6 +38,7 @@ from postier.store.base import (
     QUEUED,
     SENDING,
     STATUSES,
+    WAITER_STALE,
     AttemptRecord,
     AuditEntry,
     Claimed,
@@ -50,6 +52,7 @@ from postier.store.base import (
     ProfileRecord,
     RecipientState,
     RelayGrant,
+    RelayHealth,
     RelayLimits,
     RelayPause,
     SenderAddress,
@@ -59,6 +62,62 @@ from postier.store.base import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Waiter:
+    """A holder waiting for one of a relay's connection slots for an establishment's
+    e-mail, in the ``relay_waiters`` line (see ``Store.take_relay_slot``)."""
+
+    relay_key: str
+    holder: str
+    establishment_id: int
+    now: float
+    since: float | None = None  # its place in the line, None when not in it yet
+
+    async def ahead(self, conn: AsyncConnection, held: collections.Counter[int]) -> int:
+        """How many live waiters come before this one: their establishment holds fewer
+        slots, or as many and they wait longer. Forgets the lapsed ones."""
+        w = t.relay_waiters.c
+        rows = (await conn.execute(select(w.holder, w.establishment_id, w.since, w.seen_at)
+                                   .where(w.relay_key == self.relay_key))).all()
+        if not rows:
+            return 0
+        if any(r.seen_at < self.now - WAITER_STALE for r in rows):
+            await conn.execute(delete(t.relay_waiters).where(
+                w.relay_key == self.relay_key, w.seen_at < self.now - WAITER_STALE))
+        others = []
+        for r in rows:
+            if r.holder == self.holder and r.establishment_id == self.establishment_id:
+                self.since = float(r.since)
+            elif r.seen_at >= self.now - WAITER_STALE:
+                others.append((held[int(r.establishment_id)], float(r.since)))
+        mine = (held[self.establishment_id],
+                self.since if self.since is not None else self.now)
+        return sum(1 for rank in others if rank < mine)
+
+    async def wait(self, conn: AsyncConnection, dialect: Any) -> None:
+        """Noted as waiting (keeping its place when it was already)."""
+        w = t.relay_waiters.c
+        if self.since is not None:
+            await conn.execute(update(t.relay_waiters).where(
+                w.relay_key == self.relay_key, w.holder == self.holder,
+                w.establishment_id == self.establishment_id).values(seen_at=self.now))
+            return
+        await conn.execute(dialect.insert(t.relay_waiters).values(
+            relay_key=self.relay_key, holder=self.holder,
+            establishment_id=self.establishment_id, since=self.now, seen_at=self.now,
+        ).on_conflict_do_update(index_elements=["relay_key", "holder", "establishment_id"],
+                                set_={"seen_at": self.now}))
+
+    async def done(self, conn: AsyncConnection) -> None:
+        """Served: out of the line (only a write when it was in it)."""
+        if self.since is None:
+            return
+        w = t.relay_waiters.c
+        await conn.execute(delete(t.relay_waiters).where(
+            w.relay_key == self.relay_key, w.holder == self.holder,
+            w.establishment_id == self.establishment_id))
 
 
 def _keys(keys: Sequence[str]) -> list[str]:
@@ -1663,44 +1722,128 @@ class SQLStore(Store):
 
         await self.write(job)
 
+    # -- a relay's failing state, shared (failover, alerts) -------------------------------
+    async def relay_health(self, relay_key: str, holder: str | None, now: float
+                           ) -> RelayHealth:
+        lim, w = t.relay_limits.c, t.relay_waiters.c
+        try:
+            async with self.read_engine.connect() as conn:
+                row = (await conn.execute(select(lim.failing_since, lim.recovered_at)
+                                          .where(lim.relay_key == relay_key))).first()
+                waiting: frozenset[int] = frozenset()
+                if holder is not None:
+                    waiting = frozenset(int(r[0]) for r in await conn.execute(
+                        select(w.establishment_id).distinct()
+                        .where(w.relay_key == relay_key, w.holder != holder,
+                               w.seen_at >= now - WAITER_STALE)))
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        if row is None:
+            return RelayHealth(waiting=waiting)
+        return RelayHealth(row.failing_since, row.recovered_at, waiting)
+
+    async def relay_failing(self, relay_key: str, now: float) -> float:
+        async def job(conn: AsyncConnection) -> float:
+            row = await self._relay_row(conn, relay_key, now)
+            if row.failing_since is not None:
+                return float(row.failing_since)
+            await conn.execute(update(t.relay_limits)
+                               .where(t.relay_limits.c.relay_key == relay_key)
+                               .values(failing_since=now, updated_at=now))
+            return now
+
+        result: float = await self.write(job)
+        return result
+
+    async def relay_answered(self, relay_key: str, now: float) -> bool:
+        lim = t.relay_limits.c
+
+        async def job(conn: AsyncConnection) -> bool:
+            res = await conn.execute(
+                update(t.relay_limits)
+                .where(lim.relay_key == relay_key, lim.failing_since.is_not(None))
+                .values(failing_since=None, recovered_at=now, updated_at=now))
+            return bool(res.rowcount)
+
+        result: bool = await self.write(job)
+        return result
+
+    async def claim_relay_probe(self, relay_key: str, now: float, every: float) -> bool:
+        lim = t.relay_limits.c
+
+        async def job(conn: AsyncConnection) -> bool:
+            await self._relay_row(conn, relay_key, now)
+            res = await conn.execute(
+                update(t.relay_limits)
+                .where(lim.relay_key == relay_key, lim.probed_at <= now - every)
+                .values(probed_at=now))
+            return bool(res.rowcount)
+
+        result: bool = await self.write(job)
+        return result
+
     # -- a relay's connection slots (max_connections) ------------------------------------
     async def take_relay_slot(
         self, relay_key: str, max_connections: int, holder: str, now: float,
-        lease_seconds: float,
+        lease_seconds: float, establishment_id: int = 0, *, queue: bool = False,
     ) -> int | None:
         rl = t.relay_leases.c
 
         async def job(conn: AsyncConnection) -> int | None:
             rows = (await conn.execute(
-                select(rl.slot, rl.expires_at).where(rl.relay_key == relay_key))).all()
-            live = {int(r.slot) for r in rows if r.expires_at > now}
-            if len(live) >= max_connections:
+                select(rl.slot, rl.expires_at, rl.establishment_id)
+                .where(rl.relay_key == relay_key))).all()
+            live = [r for r in rows if r.expires_at > now]
+            free = max_connections - len(live)
+            waiter = _Waiter(relay_key, holder, establishment_id, now)
+            if queue:
+                held = collections.Counter(int(r.establishment_id) for r in live)
+                free -= await waiter.ahead(conn, held)
+            if free <= 0:
+                if queue:
+                    await waiter.wait(conn, self._dialect())
                 return None
-            expired = {int(r.slot) for r in rows if r.expires_at <= now}
-            until = now + lease_seconds
-            for slot in range(max_connections):
-                if slot in live:
-                    continue
-                if slot in expired:
-                    # A dead holder's slot. The condition is checked again under the row
-                    # lock (PostgreSQL), so of two workers taking it over, one gets it.
-                    res = await conn.execute(
-                        update(t.relay_leases)
-                        .where(rl.relay_key == relay_key, rl.slot == slot,
-                               rl.expires_at <= now)
-                        .values(holder=holder, expires_at=until))
-                else:
-                    res = await conn.execute(
-                        self._dialect().insert(t.relay_leases)
-                        .values(relay_key=relay_key, slot=slot, holder=holder,
-                                expires_at=until)
-                        .on_conflict_do_nothing())
-                if res.rowcount == 1:
-                    return slot
-            return None  # every free slot was taken meanwhile by other workers
+            slot = await self._take_free_slot(
+                conn, relay_key, max_connections, holder, now, lease_seconds,
+                establishment_id, {int(r.slot): r.expires_at > now for r in rows})
+            if queue:
+                await (waiter.done(conn) if slot is not None
+                       else waiter.wait(conn, self._dialect()))
+            return slot
 
         result: int | None = await self.write(job)
         return result
+
+    async def _take_free_slot(
+        self, conn: AsyncConnection, relay_key: str, max_connections: int, holder: str,
+        now: float, lease_seconds: float, establishment_id: int, rows: dict[int, bool],
+    ) -> int | None:
+        """A slot not held (``rows``: the slots with a row, whether its lease is live)."""
+        rl = t.relay_leases.c
+        until = now + lease_seconds
+        for slot in range(max_connections):
+            if rows.get(slot):
+                continue
+            if slot in rows:
+                # A dead holder's slot. The condition is checked again under the row
+                # lock (PostgreSQL), so of two workers taking it over, one gets it.
+                res = await conn.execute(
+                    update(t.relay_leases)
+                    .where(rl.relay_key == relay_key, rl.slot == slot, rl.expires_at <= now)
+                    .values(holder=holder, expires_at=until,
+                            establishment_id=establishment_id))
+            else:
+                res = await conn.execute(
+                    self._dialect().insert(t.relay_leases)
+                    .values(relay_key=relay_key, slot=slot, holder=holder,
+                            expires_at=until, establishment_id=establishment_id)
+                    .on_conflict_do_nothing())
+            if res.rowcount == 1:
+                return slot
+        return None  # every free slot was taken meanwhile by other workers
 
     async def renew_relay_slots(
         self, holder: str, slots: Collection[tuple[str, int]], now: float,
@@ -1724,12 +1867,18 @@ class SQLStore(Store):
         result: set[tuple[str, int]] = await self.write(job)
         return result
 
-    async def release_relay_slot(self, relay_key: str, slot: int, holder: str) -> None:
-        rl = t.relay_leases.c
+    async def release_relay_slot(self, relay_key: str, slot: int, holder: str,
+                                 handed_round: float | None = None) -> None:
+        rl, w = t.relay_leases.c, t.relay_waiters.c
 
         async def job(conn: AsyncConnection) -> None:
             await conn.execute(delete(t.relay_leases).where(
                 rl.relay_key == relay_key, rl.slot == slot, rl.holder == holder))
+            if handed_round is not None:
+                # Given up for the others: this holder's own waits queue behind theirs.
+                await conn.execute(update(t.relay_waiters)
+                                   .where(w.relay_key == relay_key, w.holder == holder)
+                                   .values(since=handed_round))
 
         await self.write(job)
 
