@@ -9,38 +9,26 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from cryptography.fernet import Fernet
 from reliability_kit import subjects, wait_delivered, wait_until
 
-from support.databases import create_pg_database, drop_pg_database
 from support.relay import FaultRelay
-from support.workers import fill_queue, start_worker, stop_workers
+from support.workers import CONCURRENCY, fill_queue, pg_queue, start_worker
 
 pytestmark = pytest.mark.postgres
-CONCURRENCY = 4  # connections per relay and worker
 HELD_BACK_SECONDS = 2.0  # the scenario itself: how long results cannot be written
 
 
 @pytest.fixture
 def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    url = create_pg_database()
-    key = Fernet.generate_key().decode()
-    monkeypatch.setenv("POSTIER_SECRET_KEY", key)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield {"url": url, "procs": procs, "tmp": tmp_path,
-               "env": {"POSTIER_SECRET_KEY": key, "POSTIER_LEASE_SECONDS": "4",
-                       "POSTIER_RELAY_CONCURRENCY": str(CONCURRENCY)}}
-    finally:
-        stop_workers(procs)
-        drop_pg_database(url)
+    with pg_queue(tmp_path, POSTIER_LEASE_SECONDS="4") as q:
+        monkeypatch.setenv("POSTIER_SECRET_KEY", q["env"]["POSTIER_SECRET_KEY"])
+        yield q
 
 
 async def _hold_results_then_kill(url: str, pid: int) -> None:

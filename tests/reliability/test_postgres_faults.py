@@ -5,7 +5,6 @@ SIGSTOP) until its leases expire, then back."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import re
 import signal
@@ -23,10 +22,9 @@ from reliability_kit import Submitter, record_figures, subjects, wait_delivered,
 from support.databases import PG_ADMIN, create_pg_database, drop_pg_database
 from support.relay import FaultRelay
 from support.server import ServerProcess
-from support.workers import fill_queue, start_worker
+from support.workers import CONCURRENCY, fill_queue, leases_by_worker, start_worker
 
 pytestmark = pytest.mark.postgres
-CONCURRENCY = 4  # connections per relay and worker
 
 
 async def _terminate(db_name: str) -> int:
@@ -86,16 +84,6 @@ def test_connections_cut_under_load_lose_nothing_acknowledged(
                    results_not_written=unrecorded)
 
 
-async def _owned(url: str) -> collections.Counter[str]:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        return collections.Counter({r["lease_owner"]: r["n"] for r in await conn.fetch(
-            "SELECT lease_owner, count(*) AS n FROM messages WHERE status = 'sending' "
-            "GROUP BY lease_owner")})
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def frozen_run(tmp_path_factory: pytest.TempPathFactory, relay_cert: tuple[Path, Path]
                ) -> Iterator[dict[str, Any]]:
@@ -120,10 +108,10 @@ def frozen_run(tmp_path_factory: pytest.TempPathFactory, relay_cert: tuple[Path,
         worker_id = wait_until(
             lambda: (re.findall(r"delivery worker (w-[0-9a-f]+)", frozen_log.read_text())
                      or [None])[0], timeout=20, what="the first worker running")
-        wait_until(lambda: asyncio.run(_owned(pg_url))[worker_id] > 0 and
+        wait_until(lambda: asyncio.run(leases_by_worker(pg_url))[worker_id] > 0 and
                    len(relay.messages) >= 10, timeout=20, what="deliveries under way")
         os.kill(frozen.pid, signal.SIGSTOP)  # cut off: no renewal, no result written
-        held = asyncio.run(_owned(pg_url))[worker_id]
+        held = asyncio.run(leases_by_worker(pg_url))[worker_id]
         other, _ = start_worker(pg_url, tmp_path, "w1", env)
         time.sleep(6)  # twice the lease: the other worker takes over
         os.kill(frozen.pid, signal.SIGCONT)

@@ -5,40 +5,24 @@ over. Real worker processes on the shared PostgreSQL, a real relay."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
-from cryptography.fernet import Fernet
 from reliability_kit import subjects, wait_delivered, wait_until
 
-from support.databases import create_pg_database, drop_pg_database
 from support.relay import FaultRelay
-from support.workers import fill_queue, start_worker, stop_workers
+from support.workers import CONCURRENCY, fill_queue, leases_by_worker, pg_queue, start_worker
 
 pytestmark = pytest.mark.postgres
-CONCURRENCY = 4  # connections per relay and worker
 # Well under the lease of 120 s e-mails had before: a dead worker's e-mails go out again
 # this soon after its death.
 TAKEN_OVER_WITHIN = 30.0
-
-
-async def _owned(url: str) -> collections.Counter[str]:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        return collections.Counter({r["lease_owner"]: r["n"] for r in await conn.fetch(
-            "SELECT lease_owner, count(*) AS n FROM messages WHERE status = 'sending' "
-            "GROUP BY lease_owner")})
-    finally:
-        await conn.close()
 
 
 def _worker_id(log: Path) -> str | None:
@@ -47,19 +31,10 @@ def _worker_id(log: Path) -> str | None:
 
 
 @pytest.fixture
-def queue(tmp_path: Path, relay: FaultRelay, monkeypatch: pytest.MonkeyPatch
-          ) -> Iterator[dict[str, Any]]:
-    url = create_pg_database()
-    key = Fernet.generate_key().decode()
-    monkeypatch.setenv("POSTIER_SECRET_KEY", key)
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield {"url": url, "procs": procs, "tmp": tmp_path,
-               "env": {"POSTIER_SECRET_KEY": key,
-                       "POSTIER_RELAY_CONCURRENCY": str(CONCURRENCY)}}
-    finally:
-        stop_workers(procs)
-        drop_pg_database(url)
+def queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    with pg_queue(tmp_path) as q:
+        monkeypatch.setenv("POSTIER_SECRET_KEY", q["env"]["POSTIER_SECRET_KEY"])
+        yield q
 
 
 @pytest.mark.timeout(180)
@@ -73,16 +48,16 @@ def test_a_killed_workers_emails_are_sent_by_another_within_seconds(
     queue["procs"].append(killed)
     worker_id = wait_until(lambda: _worker_id(killed_log), timeout=30,
                            what="the first worker running")
-    wait_until(lambda: asyncio.run(_owned(queue["url"]))[worker_id] >= 50
+    wait_until(lambda: asyncio.run(leases_by_worker(queue["url"]))[worker_id] >= 50
                and len(relay.messages) >= 5, timeout=30, what="e-mails in hand")
     other, _ = start_worker(queue["url"], queue["tmp"], "w1", queue["env"])
     queue["procs"].append(other)
     os.kill(killed.pid, signal.SIGKILL)
     died = time.monotonic()
     killed.wait(10)
-    held = asyncio.run(_owned(queue["url"]))[worker_id]
+    held = asyncio.run(leases_by_worker(queue["url"]))[worker_id]
     assert held > 0, "the killed worker held e-mails"
-    wait_until(lambda: asyncio.run(_owned(queue["url"]))[worker_id] == 0,
+    wait_until(lambda: asyncio.run(leases_by_worker(queue["url"]))[worker_id] == 0,
                timeout=TAKEN_OVER_WITHIN, what="the dead worker's e-mails taken over")
     taken_over = time.monotonic() - died
     wait_delivered(relay, {f"n{i}" for i in range(total)},
@@ -110,7 +85,7 @@ def test_a_slow_live_delivery_is_not_taken_over(
     first, first_log = start_worker(queue["url"], queue["tmp"], "w0", env)
     queue["procs"].append(first)
     wait_until(lambda: _worker_id(first_log), timeout=30, what="the first worker running")
-    wait_until(lambda: sum(asyncio.run(_owned(queue["url"])).values()) == 1, timeout=30,
+    wait_until(lambda: sum(asyncio.run(leases_by_worker(queue["url"])).values()) == 1, timeout=30,
                what="the e-mail in hand")
     second, _ = start_worker(queue["url"], queue["tmp"], "w1", env)
     queue["procs"].append(second)

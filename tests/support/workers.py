@@ -2,17 +2,57 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import asyncpg
+from cryptography.fernet import Fernet
 
 from postier.config import ServerConfig
 from postier.message import MessageIn
 from postier.service import Postier
 
+from support.databases import create_pg_database, drop_pg_database
 from support.relay import FaultRelay
+
+CONCURRENCY = 4  # relay connections per worker in the scenarios below
+
+
+@contextlib.contextmanager
+def pg_queue(data_dir: Path, **env: str) -> Iterator[dict[str, Any]]:
+    """A PostgreSQL database of its own for a scenario with worker processes: its URL,
+    the processes started (stopped at the end), a data directory and the workers'
+    environment (one secret key, ``CONCURRENCY`` connections, then ``env``). The caller
+    sets ``POSTIER_SECRET_KEY`` in its own environment to ``env``'s, so that what it
+    queues is readable by the workers."""
+    url = create_pg_database()
+    key = Fernet.generate_key().decode()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield {"url": url, "procs": procs, "tmp": data_dir,
+               "env": {"POSTIER_SECRET_KEY": key,
+                       "POSTIER_RELAY_CONCURRENCY": str(CONCURRENCY), **env}}
+    finally:
+        stop_workers(procs)
+        drop_pg_database(url)
+
+
+async def leases_by_worker(url: str) -> collections.Counter[str]:
+    """How many e-mails each worker holds now (status ``sending``), by lease owner."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return collections.Counter({r["lease_owner"]: r["n"] for r in await conn.fetch(
+            "SELECT lease_owner, count(*) AS n FROM messages WHERE status = 'sending' "
+            "GROUP BY lease_owner")})
+    finally:
+        await conn.close()
 
 
 async def fill_queue(url: str, data_dir: Path, relay: FaultRelay, count: int,
