@@ -101,7 +101,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryError:
-    """Explain a failure at ``step`` of a conversation with ``relay``."""
+    """Explain a failure at ``step`` of a conversation with ``relay``: the message and
+    hint are the administrator's (what to change); each code's words for the sender (what
+    happens, whether anything is asked of them) are in :data:`postier.reasons.SENDER`."""
     if isinstance(exc, DeliveryError):
         return exc
     params: dict[str, Any] = {
