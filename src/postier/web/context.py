@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 from urllib.parse import urlencode
 
-from babel.dates import format_datetime, format_time, format_timedelta
+from babel.dates import format_date, format_datetime, format_time, format_timedelta
 from babel.numbers import format_decimal
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -130,6 +130,13 @@ class Page:
             return ""
         when = dt.datetime.fromtimestamp(ts).astimezone()
         return str(format_datetime(when, fmt, locale=self.lang))
+
+    def short_date(self, iso: str) -> str:
+        """A day (ISO, as the filters keep it) as the page's language writes it short:
+        07/12/2026 in French, 12/7/26 in English."""
+        if not iso:
+            return ""
+        return str(format_date(dt.date.fromisoformat(iso), "short", locale=self.lang))
 
     def updated_now(self) -> str:
         """When a live page was last refreshed, as a phrase ("Updated at 14:05:12")."""

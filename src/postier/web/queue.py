@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
+from babel.dates import parse_date
 from fastapi import APIRouter
 from fastapi.responses import Response
 
@@ -144,18 +145,35 @@ async def _queue_data(p: Page, q: QueueQuery) -> dict[str, Any]:
     rows = await stats.search(core.store, eid, q.filters(), LIST_LIMIT)
     return {"counts": counts, "chart": chart(p, buckets, period), "rows": rows, "q": q,
             "period": period, "explain": lambda e: explain(p, e), "limit": LIST_LIMIT,
-            "updated": p.updated_now()}
+            "updated": p.updated_now(), "today": dt.date.today().isoformat()}
 
 
-def _query(status: str, sender: str, recipient: str, since: str, until: str,
+def iso_day(value: str, lang: str) -> str:
+    """A day as typed in the page's language (07/12/2026 in French, 12/7/26 in English) or
+    in ISO (2026-12-07, as links carry it), in ISO; empty when it is neither."""
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        pass
+    try:
+        return parse_date(value, locale=lang).isoformat()
+    except (ValueError, IndexError):
+        return ""
+
+
+def _query(p: Page, status: str, sender: str, recipient: str, since: str, until: str,
            period: str) -> QueueQuery:
-    return QueueQuery(status, sender, recipient, since, until, period)
+    return QueueQuery(status, sender, recipient, iso_day(since, p.lang),
+                      iso_day(until, p.lang), period)
 
 
 @router.get("/queue")
 async def queue(p: AdminPage, status: str = "", sender: str = "", recipient: str = "",
                 since: str = "", until: str = "", period: str = "24h") -> Response:
-    data = await _queue_data(p, _query(status, sender, recipient, since, until, period))
+    data = await _queue_data(p, _query(p, status, sender, recipient, since, until, period))
     return render(p, "queue.html", title=p._("Queue"), statuses=STATUSES,
                   periods=PERIOD_LABELS, **data)
 
@@ -165,7 +183,7 @@ async def retry_all(p: AdminPage) -> Response:
     """The queue's "Retry all" button: every waiting or failed e-mail the current filters
     show, tried again now."""
     form = await checked_form(p)
-    q = _query(*(text(form, name) for name in
+    q = _query(p, *(text(form, name) for name in
                  ("status", "sender", "recipient", "since", "until", "period")))
     f = q.filters()
     count = await p.core.retry_all(p.me, f.status, sender=f.sender, recipient=f.recipient,
@@ -176,7 +194,7 @@ async def retry_all(p: AdminPage) -> Response:
 @router.get("/queue/live.json")
 async def queue_live(p: AdminPage, status: str = "", sender: str = "", recipient: str = "",
                      since: str = "", until: str = "", period: str = "24h") -> Response:
-    data = await _queue_data(p, _query(status, sender, recipient, since, until, period))
+    data = await _queue_data(p, _query(p, status, sender, recipient, since, until, period))
     return json_response({
         "counts": data["counts"],
         "regions": {
