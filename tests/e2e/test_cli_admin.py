@@ -41,7 +41,7 @@ def test_settings_set_show_and_test(data_dir: Path, relay: FaultRelay) -> None:
     assert '"*.ac-lyon.fr"' in shown and str(relay.port) in shown
     r = postier(data_dir, "settings", "test", "--to", "verif@example.org")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "data" in r.stdout and "OK" in r.stdout
+    assert "message (DATA)" in r.stdout and "OK" in r.stdout
     (got,) = relay.wait_for(1)
     assert got.rcpt_tos == ["verif@example.org"]
 

@@ -77,7 +77,7 @@ def test_server_mode_hands_the_e_mail_to_the_server(
     (got,) = relay.wait_for(1)
     assert got.mail_from == "alice.martin@ac-lyon.fr"
     server.wait_status(message_id, "sent", user="alice")
-    st = ws.run("status", message_id)
+    st = ws.run("status", message_id, "--json")
     assert st.returncode == 0 and '"sent"' in st.stdout
 
 
@@ -174,7 +174,7 @@ def test_workstation_test_send_explains_timeouts_in_french(
     ws.own(relay)
     r = ws.run("test", "--to", "verif@example.org")
     assert r.returncode == 0, r.stderr
-    assert "rcpt_to" in r.stdout
+    assert "recipient (RCPT TO)" in r.stdout
     relay.wait_for(1)
     ws.set(smtp__port=blackhole)
     r = ws.run("test", "--to", "verif@example.org", lang="fr_FR.UTF-8")
@@ -219,7 +219,7 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 20) -> 
 
 def kept_id(r: subprocess.CompletedProcess[str]) -> str:
     assert r.returncode == 75, r.stdout + r.stderr
-    found = re.match(r"kept: (\w+)", r.stdout)
+    found = re.match(r"(?:kept|gardé): (\w+)", r.stdout)
     assert found, r.stdout
     return found.group(1)
 
@@ -249,7 +249,7 @@ def test_server_away_keeps_the_e_mail_and_the_next_command_hands_it_over_once(
     assert "deferred" in listing.stdout and "server" in listing.stdout
 
     server.start()
-    r = ws.run("status", kept)  # any workstation command hands the kept e-mails over first
+    r = ws.run("status", kept, "--json")  # any command hands the kept e-mails over first
     assert r.returncode == 0, r.stderr
     assert f"The e-mail {kept} kept in this workstation's outbox was handed" in \
         " ".join(r.stderr.split())

@@ -10,17 +10,18 @@ import typer
 from rich.table import Table
 
 from postier import workstation
-from postier.cli.common import app, fail_with, out
+from postier.cli.common import app, fail_with, heading, out, when
 from postier.client import client_for
 from postier.errors import PostierError
+from postier.i18n import N_, system_language, translate
 
-account_app = typer.Typer(help="Your account on the Postier server.", no_args_is_help=True)
+account_app = typer.Typer(help=N_("Your account on the Postier server."), no_args_is_help=True)
 app.add_typer(account_app, name="account")
 
 
 @account_app.command("verify-sender")
 def verify_sender(
-    address: Annotated[str, typer.Argument(help="Your address, or one granted to you")],
+    address: Annotated[str, typer.Argument(help=N_("Your address, or one granted to you"))],
 ) -> None:
     """E-mail a 6-digit code to ADDRESS; then run `postier account confirm ADDRESS CODE`."""
     try:
@@ -28,18 +29,21 @@ def verify_sender(
             state = c.verify_sender(address)
     except PostierError as exc:
         fail_with(exc)
+    lang = system_language()
     if state["status"] == "verified":
-        out.print(f"{state['address']} is already verified.", highlight=False)
+        out.print(translate(lang, N_("{address} is already verified."),
+                            address=state["address"]), highlight=False)
     else:
-        out.print(f"A code was sent to {state['address']} (valid until "
-                  f"{state['code_expires_at']}): postier account confirm "
-                  f"{state['address']} CODE", highlight=False)
+        out.print(translate(lang, N_("A code was sent to {address} (valid until {until}): "
+                                     "postier account confirm {address} CODE"),
+                            address=state["address"],
+                            until=when(state["code_expires_at"], lang)), highlight=False)
 
 
 @account_app.command("confirm")
 def confirm(
-    address: Annotated[str, typer.Argument(help="The address the code was sent to")],
-    code: Annotated[str, typer.Argument(help="The 6 digits of the e-mail")],
+    address: Annotated[str, typer.Argument(help=N_("The address the code was sent to"))],
+    code: Annotated[str, typer.Argument(help=N_("The 6 digits of the e-mail"))],
 ) -> None:
     """Give the code received: ADDRESS is then verified."""
     try:
@@ -47,7 +51,8 @@ def confirm(
             state = c.confirm_sender(address, code)
     except PostierError as exc:
         fail_with(exc)
-    out.print(f"{state['address']} is verified.", highlight=False)
+    out.print(translate(system_language(), N_("{address} is verified."),
+                        address=state["address"]), highlight=False)
 
 
 @account_app.command("senders")
@@ -58,8 +63,12 @@ def senders() -> None:
             rows = c.sender_addresses()
     except PostierError as exc:
         fail_with(exc)
-    table = Table("address", "status", "verified at", "code valid until")
+    lang = system_language()
+    table = Table(*heading(lang, N_("Address"), N_("State"), N_("Verified on"),
+                           N_("Code valid until")))
+    states = {"verified": N_("verified"), "pending": N_("waiting for its code"),
+              "expired": N_("code expired"), "locked": N_("locked (too many wrong codes)")}
     for r in rows:
-        table.add_row(r["address"], r["status"], r["verified_at"] or "",
-                      r["code_expires_at"] or "")
+        table.add_row(r["address"], translate(lang, states.get(r["status"], r["status"])),
+                      when(r["verified_at"], lang), when(r["code_expires_at"], lang))
     out.print(table)

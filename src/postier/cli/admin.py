@@ -33,13 +33,17 @@ from postier.cli.common import (
     err,
     establishments_app,
     fail_with,
+    heading,
     out,
     profiles_app,
     settings_app,
     tokens_app,
     users_app,
+    yes_no,
 )
+from postier.cli.language import pydantic_problems
 from postier.config import ServerConfig
+from postier.diagnose import STEP_LABELS
 from postier.errors import NotFound, PostierError
 from postier.i18n import N_, system_language, translate
 from postier.service import Postier
@@ -51,30 +55,31 @@ def serve(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     http: Annotated[
-        str | None, typer.Option(help="HOST:PORT for the HTTP API (default 127.0.0.1:8025)")
+        str | None, typer.Option(help=N_("HOST:PORT for the HTTP API (default 127.0.0.1:8025)"))
     ] = None,
     no_delivery: Annotated[
-        bool, typer.Option("--no-delivery", help="Accept e-mails only; another process delivers")
+        bool, typer.Option("--no-delivery",
+                           help=N_("Accept e-mails only; another process delivers"))
     ] = False,
     delivery_processes: Annotated[int | None, typer.Option(
-        help="Deliver in N child processes (0: in this one). Default: 1 with two cores "
-        "or more, else 0")
+        help=N_("Deliver in N child processes (0: in this one). Default: 1 with two cores "
+        "or more, else 0"))
     ] = None,
     http_processes: Annotated[int | None, typer.Option(
-        help="Answer the HTTP API and web pages in N processes sharing the port (default 1)")
+        help=N_("Answer the HTTP API and web pages in N processes sharing the port (default 1)"))
     ] = None,
     smtp: Annotated[str | None, typer.Option(
-        help="HOST:PORT for SMTP submission with STARTTLS (default 127.0.0.1:2587), or off")
+        help=N_("HOST:PORT for SMTP submission with STARTTLS (default 127.0.0.1:2587), or off"))
     ] = None,
     smtps: Annotated[str | None, typer.Option(
-        help="HOST:PORT for SMTP submission with implicit TLS (default off)")] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="Certificate (PEM) for SMTP")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="Its private key (PEM)")] = None,
+        help=N_("HOST:PORT for SMTP submission with implicit TLS (default off)"))] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help=N_("Certificate (PEM) for SMTP"))] = None,
+    tls_key: Annotated[Path | None, typer.Option(help=N_("Its private key (PEM)"))] = None,
     smtp_trusted_networks: Annotated[list[str] | None, typer.Option(
-        help="Networks (CIDR) that may submit without AUTH, e.g. 127.0.0.0/8")] = None,
+        help=N_("Networks (CIDR) that may submit without AUTH, e.g. 127.0.0.0/8"))] = None,
     smtp_trusted_account: Annotated[str | None, typer.Option(
-        help="The account trusted networks submit for")] = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+        help=N_("The account trusted networks submit for"))] = None,
+    log_level: Annotated[str, typer.Option(help=N_("DEBUG, INFO, WARNING"))] = "INFO",
 ) -> None:
     """Start the server: the HTTP API, SMTP submission and the delivery workers."""
     from postier import server
@@ -117,7 +122,7 @@ async def _member(core: Postier, login: str, establishment: str | None) -> User:
 
 
 Establishment = Annotated[str | None, typer.Option(
-    "--establishment", help="Short name of the establishment (default: the first one)")]
+    "--establishment", help=N_("Short name of the establishment (default: the first one)"))]
 
 
 async def _establishment_id(core: Postier, slug: str | None) -> int:
@@ -125,34 +130,36 @@ async def _establishment_id(core: Postier, slug: str | None) -> int:
         return 1
     est = await core.establishment(slug)
     if est is None:
-        raise NotFound("There is no establishment {slug} for you.", slug=slug)
+        raise NotFound(N_("There is no establishment {slug} for you."), slug=slug)
     return est.id
 
 
 @establishments_app.command("add")
 def establishments_add(
-    slug: Annotated[str, typer.Argument(help="Short name, e.g. clg-jean-moulin")],
-    name: Annotated[str, typer.Option("--name", help="Full name")] = "",
-    hosted: Annotated[bool, typer.Option("--hosted", help="Sends through the platform relay "
-                                                          "with no setup")] = False,
+    slug: Annotated[str, typer.Argument(help=N_("Short name, e.g. clg-jean-moulin"))],
+    name: Annotated[str, typer.Option("--name", help=N_("Full name"))] = "",
+    hosted: Annotated[bool, typer.Option("--hosted", help=N_("Sends through the platform relay "
+                                                          "with no setup"))] = False,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Add an establishment to this installation (hosting several schools)."""
     est = _run(_config(data_dir, database_url),
                lambda core: core.add_establishment(slug, name, hosted))
-    out.print(f"Establishment {est.slug} ({est.name}) created"
-              f"{', hosted' if est.hosted else ''}.", highlight=False)
+    lang = system_language()
+    template = (N_("Establishment {slug} ({name}) created, hosted.") if est.hosted
+                else N_("Establishment {slug} ({name}) created."))
+    out.print(translate(lang, template, slug=est.slug, name=est.name), highlight=False)
 
 
 @establishments_app.command("list")
 def establishments_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """The establishments of this installation."""
     rows = _run(_config(data_dir, database_url), lambda core: core.store.list_establishments())
-    table = Table("slug", "name", "hosted", "state")
+    lang = system_language()
+    table = Table(*heading(lang, N_("Short name"), N_("Name"), N_("Hosted"), N_("State")))
     for e in rows:
-        table.add_row(e.slug, e.name, "yes" if e.hosted else "no",
-                      "disabled" if e.disabled else "active")
+        table.add_row(e.slug, e.name, yes_no(e.hosted, lang), _state(e.disabled, lang))
     out.print(table)
 
 
@@ -167,7 +174,8 @@ def establishments_disable(
                                               disabled=True)
 
     _run(_config(data_dir, database_url), action)
-    out.print(f"Establishment {slug} disabled.", highlight=False)
+    out.print(translate(system_language(), N_("Establishment {slug} disabled."), slug=slug),
+              highlight=False)
 
 
 async def _console_actor(core: Postier, establishment: str | None) -> User:
@@ -178,8 +186,8 @@ async def _console_actor(core: Postier, establishment: str | None) -> User:
 
 @dkim_app.command("generate")
 def dkim_generate(
-    domain: Annotated[str, typer.Argument(help="An allowed domain, e.g. ac-lyon.fr")],
-    selector: Annotated[str, typer.Option(help="DNS selector")] = "postier",
+    domain: Annotated[str, typer.Argument(help=N_("An allowed domain, e.g. ac-lyon.fr"))],
+    selector: Annotated[str, typer.Option(help=N_("DNS selector"))] = "postier",
     establishment: Establishment = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
@@ -191,8 +199,9 @@ def dkim_generate(
                                         selector)
 
     key = _run(_config(data_dir, database_url), action)
-    err.print(f"E-mails from {key.domain} are signed from now on. Publish this TXT record "
-              "in the domain's DNS so that receivers can check the signatures:",
+    err.print(translate(system_language(), N_(
+        "E-mails from {domain} are signed from now on. Publish this TXT record in the "
+        "domain's DNS so that receivers can check the signatures:"), domain=key.domain),
               highlight=False)
     out.print(zone_line(key), highlight=False, soft_wrap=True)
 
@@ -211,7 +220,7 @@ def dkim_list(establishment: Establishment = None, data_dir: DataDir = None,
 
 @dkim_app.command("remove")
 def dkim_remove(
-    domain: Annotated[str, typer.Argument(help="The domain to stop signing for")],
+    domain: Annotated[str, typer.Argument(help=N_("The domain to stop signing for"))],
     establishment: Establishment = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
@@ -222,9 +231,10 @@ def dkim_remove(
         return await core.dkim_remove(await _console_actor(core, establishment), domain)
 
     removed = _run(_config(data_dir, database_url), action)
-    err.print(f"E-mails from {removed} are no longer signed. Its DNS record "
-              "can be removed once the e-mails already sent no longer need checking "
-              "(a few days).", highlight=False)
+    err.print(translate(system_language(), N_(
+        "E-mails from {domain} are no longer signed. Its DNS record can be removed once the "
+        "e-mails already sent no longer need checking (a few days)."), domain=removed),
+              highlight=False)
 
 
 def zone_line(key: Any) -> str:
@@ -239,7 +249,7 @@ def zone_line(key: Any) -> str:
 def worker(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    log_level: Annotated[str, typer.Option(help=N_("DEBUG, INFO, WARNING"))] = "INFO",
     wake_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     worker_id: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -253,8 +263,10 @@ def worker(
     # A child of `postier serve --delivery-processes` (wake_fd) shares its parent's store,
     # whose data-dir lock the parent holds.
     if wake_fd is None and not (config.database_url or "").startswith(("postgres", "postgresql")):
-        _fail("postier worker needs a shared PostgreSQL queue (--database-url "
-              "postgresql://...).", "With the embedded store, postier serve delivers itself.")
+        lang = system_language()
+        _fail(translate(lang, N_("postier worker needs a shared PostgreSQL queue "
+                                 "(--database-url postgresql://...).")),
+              translate(lang, N_("With the embedded store, postier serve delivers itself.")))
     server.setup_logging(log_level)
     try:
         server.use_fast_loop()
@@ -296,11 +308,11 @@ def http_process(
 @users_app.command("add")
 def users_add(
     username: str,
-    email: Annotated[str, typer.Option("--email", help="The user's e-mail address")],
-    name: Annotated[str, typer.Option("--name", help="Display name")] = "",
-    role: Annotated[str, typer.Option("--role", help="admin, user or operator")] = "user",
+    email: Annotated[str, typer.Option("--email", help=N_("The user's e-mail address"))],
+    name: Annotated[str, typer.Option("--name", help=N_("Display name"))] = "",
+    role: Annotated[str, typer.Option("--role", help=N_("admin, user or operator"))] = "user",
     password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input")
+        bool, typer.Option("--password-stdin", help=N_("Read the password from standard input"))
     ] = False,
     establishment: Establishment = None,
     data_dir: DataDir = None,
@@ -309,7 +321,9 @@ def users_add(
     """Create a user of the establishment (an operator serves every establishment)."""
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
     if password_stdin and not password:
-        _fail("No password on standard input.", "Example: echo 'secret' | postier users add ...")
+        lang = system_language()
+        _fail(translate(lang, N_("No password on standard input.")),
+              translate(lang, N_("Example: echo 'secret' | postier users add ...")))
 
     async def action(core: Postier) -> Any:
         est_id = await _establishment_id(core, establishment)
@@ -317,7 +331,9 @@ def users_add(
                                    password=password, establishment_id=est_id)
 
     user = _run(_config(data_dir, database_url), action)
-    out.print(f"User {user.username} <{user.email}> created ({user.role}).", highlight=False)
+    out.print(translate(system_language(), N_("User {username} <{email}> created ({role})."),
+                        username=user.username, email=user.email, role=user.role),
+              highlight=False)
 
 
 PASSWORD_PROMPT = N_("New password for {username}: ")
@@ -345,9 +361,9 @@ def _new_password(username: str, from_stdin: bool, lang: str) -> str:
 
 @users_app.command("set-password")
 def users_set_password(
-    username: Annotated[str, typer.Argument(help="Username or e-mail address")],
+    username: Annotated[str, typer.Argument(help=N_("Username or e-mail address"))],
     password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from standard input")
+        bool, typer.Option("--password-stdin", help=N_("Read the password from standard input"))
     ] = False,
     establishment: Establishment = None,
     data_dir: DataDir = None,
@@ -379,17 +395,18 @@ def users_list(establishment: Establishment = None, data_dir: DataDir = None,
         return await core.store.list_users(await _establishment_id(core, establishment))
 
     users = _run(_config(data_dir, database_url), action)
-    table = Table("username", "e-mail", "name", "role", "state")
+    lang = system_language()
+    table = Table(*heading(lang, N_("Username"), N_("E-mail address"), N_("Name"), N_("Role"),
+                           N_("State")))
     for u in users:
-        table.add_row(u.username, u.email, u.display_name, u.role,
-                      "disabled" if u.disabled else "active")
+        table.add_row(u.username, u.email, u.display_name, u.role, _state(u.disabled, lang))
     out.print(table)
 
 
 @tokens_app.command("create")
 def tokens_create(
     username: str,
-    name: Annotated[str, typer.Option("--name", help="What the token is for")] = "",
+    name: Annotated[str, typer.Option("--name", help=N_("What the token is for"))] = "",
     establishment: Establishment = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
@@ -402,7 +419,9 @@ def tokens_create(
         return token
 
     token = _run(_config(data_dir, database_url), action)
-    err.print(f"API token for {username} (shown only once; keep it secret):", highlight=False)
+    err.print(translate(system_language(), N_("API token for {username} (shown only once; "
+                                              "keep it secret):"), username=username),
+              highlight=False)
     print(token)
 
 
@@ -416,9 +435,52 @@ def tokens_list(
     async def action(core: Postier) -> list[Any]:
         return await core.store.list_tokens((await _member(core, username, establishment)).id)
 
+    lang = system_language()
+    table = Table(*heading(lang, N_("Id"), N_("Name"), N_("State")))
     for t in _run(_config(data_dir, database_url), action):
-        state = "revoked" if t.revoked_at else "active"
-        out.print(json.dumps({"id": t.id, "name": t.name, "state": state}))
+        state = N_("revoked") if t.revoked_at else N_("active")
+        table.add_row(str(t.id), t.name, translate(lang, state))
+    out.print(table)
+
+
+def _state(disabled: bool, lang: str) -> str:
+    return translate(lang, N_("disabled") if disabled else N_("active"))
+
+
+def _flat(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"relay": {"port": 25}}`` as ``{"relay.port": 25}``."""
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict) and value:
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value: Any, lang: str) -> str:
+    if isinstance(value, bool):
+        return yes_no(value, lang)
+    if value is None or value == "" or value == []:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(str(x) for x in value)
+    return str(value)
+
+
+def print_changes(before: dict[str, Any], after: dict[str, Any], lang: str) -> None:
+    """What a change of the settings changed, one line a setting (« relay.port : 25 → 587 »),
+    then the warnings of the settings as saved."""
+    old, new = _flat(before), _flat(after)
+    changed = [k for k in new if k not in ("warnings", "hosted") and old.get(k) != new[k]]
+    for key in changed:
+        out.print(translate(lang, N_("{key}: {old} → {new}"), key=key,
+                            old=_shown(old.get(key), lang), new=_shown(new[key], lang)),
+                  highlight=False)
+    if not changed:
+        out.print(translate(lang, N_("Nothing changed.")), highlight=False)
+    for warning in after.get("warnings") or []:
+        err.print(f"⚠ {warning}", highlight=False)
 
 
 def _parse_value(key: str, raw: str) -> Any:
@@ -440,19 +502,21 @@ def settings_show(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
 
 @settings_app.command("set")
 def settings_set(
-    key: Annotated[str, typer.Argument(help="Dotted key, e.g. relay.host, sender.address, "
-                                            "allowed_domains, delegation, retry.max_age")],
+    key: Annotated[str, typer.Argument(help=N_("Dotted key, e.g. relay.host, sender.address, "
+                                            "allowed_domains, delegation, retry.max_age"))],
     value: Annotated[str, typer.Argument(
-        help="The value; allowed_domains: comma-separated; - reads it from standard input "
-        "(for relay.password, so it stays out of the shell history)")],
+        help=N_("The value; allowed_domains: comma-separated; - reads it from standard input "
+        "(for relay.password, so it stays out of the shell history)"))],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Change one setting; the whole settings are validated before anything is saved."""
     if value == "-":
         value = sys.stdin.readline().rstrip("\r\n")
+    lang = system_language()
 
-    async def action(core: Postier) -> dict[str, Any]:
+    async def action(core: Postier) -> tuple[dict[str, Any], dict[str, Any]]:
+        before = await core.get_settings(CONSOLE, lang)
         current = (await core.stored_settings(1)).model_dump(mode="json")
         section, _, leaf = key.partition(".")
         if section not in current or (leaf and not isinstance(current[section], dict)) or (
@@ -462,32 +526,31 @@ def settings_set(
                 f"{sec}.{k}" for sec, sub in current.items() if isinstance(sub, dict)
                 for k in sub
             ] + [sec for sec, sub in current.items() if not isinstance(sub, dict)]
-            _fail(f"Unknown setting {key!r}.", "Settings: " + ", ".join(sorted(names)))
+            _fail(translate(lang, N_("Unknown setting {key!r}."), key=key),
+                  translate(lang, N_("Settings: {names}"), names=", ".join(sorted(names))))
         if leaf:
             current[section][leaf] = _parse_value(leaf, value)
             payload = {section: current[section]}
         else:
             payload = {section: _parse_value(section, value)}
-        return await core.put_settings(CONSOLE, payload)
+        return before, await core.put_settings(CONSOLE, payload, lang)
 
     try:
-        doc = _run(_config(data_dir, database_url), action)
+        before, after = _run(_config(data_dir, database_url), action)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        _fail(f"{key}: {first['msg'].removeprefix('Value error, ')}")
-        raise
-    out.print_json(json.dumps(doc, ensure_ascii=False))
+        _fail(pydantic_problems(exc, lang))
+    print_changes(before, after, lang)
 
 
 @settings_app.command("oauth2-certificate")
 def settings_oauth2_certificate(
     certificate: Annotated[Path, typer.Argument(
-        help="The certificate registered for the application in Entra ID (PEM file)",
+        help=N_("The certificate registered for the application in Entra ID (PEM file)"),
         exists=True, dir_okay=False, readable=True)],
     private_key: Annotated[Path, typer.Argument(
-        help="Its private key (PEM file, not encrypted)", exists=True, dir_okay=False,
+        help=N_("Its private key (PEM file, not encrypted)"), exists=True, dir_okay=False,
         readable=True)],
-    backup: Annotated[bool, typer.Option("--backup", help="For the backup relay")] = False,
+    backup: Annotated[bool, typer.Option("--backup", help=N_("For the backup relay"))] = False,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -495,52 +558,60 @@ def settings_oauth2_certificate(
     key, checked together, encrypted at rest and never shown again. Then set
     relay.auth to oauth2."""
     section = "backup_relay" if backup else "relay"
+    lang = system_language()
     try:
         pems = {"oauth2_certificate": certificate.read_text(),
                 "oauth2_private_key": private_key.read_text()}
     except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"Cannot read the PEM files: {exc}.",
-              "Give the certificate and the key as text files (-----BEGIN …).")
+        _fail(translate(lang, N_("Cannot read the PEM files: {error}."), error=exc),
+              translate(lang, N_("Give the certificate and the key as text files "
+                                 "(-----BEGIN …).")))
 
-    async def action(core: Postier) -> dict[str, Any]:
+    async def action(core: Postier) -> tuple[dict[str, Any], dict[str, Any]]:
+        before = await core.get_settings(CONSOLE, lang)
         current = (await core.stored_settings(1)).model_dump(mode="json")
         if current.get(section) is None:
-            _fail("There is no backup relay yet.",
-                  "Add it first, on the settings page or with PUT /api/v1/settings.")
-        return await core.put_settings(CONSOLE, {section: {**current[section], **pems}})
+            _fail(translate(lang, N_("There is no backup relay yet.")),
+                  translate(lang, N_("Add it first, on the settings page or with PUT "
+                                     "/api/v1/settings.")))
+        return before, await core.put_settings(CONSOLE, {section: {**current[section], **pems}},
+                                               lang)
 
     try:
-        doc = _run(_config(data_dir, database_url), action)
+        before, after = _run(_config(data_dir, database_url), action)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != section)
-        _fail(f"{section}.{where}: {first['msg'].removeprefix('Value error, ')}")
-    out.print_json(json.dumps(doc[section], ensure_ascii=False))
+        _fail(pydantic_problems(exc, lang, prefix=section, strip=(section,)))
+    print_changes(before, after, lang)
 
 
 @settings_app.command("preset")
 def settings_preset(
     name: Annotated[str, typer.Argument(
-        help="microsoft365, google-workspace, google-relay or academy")],
+        help=N_("microsoft365, google-workspace, google-relay or academy"))],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Fill the SMTP server settings from a preset (username and password are kept)."""
     from postier.presets import PRESETS
 
+    lang = system_language()
     if name not in PRESETS:
-        _fail(f"Unknown preset {name!r}.", "Presets: " + ", ".join(PRESETS))
+        _fail(translate(lang, N_("Unknown preset {name!r}."), name=name),
+              translate(lang, N_("Presets: {names}"), names=", ".join(PRESETS)))
     relay = {k: v for k, v in PRESETS[name]["relay"].items() if v != "" or k != "host"}
-    doc = _run(_config(data_dir, database_url),
-               lambda core: core.put_settings(CONSOLE, {"relay": relay}))
-    out.print_json(json.dumps(doc["relay"], ensure_ascii=False))
+
+    async def action(core: Postier) -> tuple[dict[str, Any], dict[str, Any]]:
+        before = await core.get_settings(CONSOLE, lang)
+        return before, await core.put_settings(CONSOLE, {"relay": relay}, lang)
+
+    print_changes(*_run(_config(data_dir, database_url), action), lang)
 
 
 @settings_app.command("test")
 def settings_test(
-    to: Annotated[str, typer.Option("--to", help="Who receives the test e-mail")],
+    to: Annotated[str, typer.Option("--to", help=N_("Who receives the test e-mail"))],
     check_senders: Annotated[
-        bool, typer.Option("--check-senders", help="Also check the policy's sender addresses")
+        bool, typer.Option("--check-senders", help=N_("Also check the policy's sender addresses"))
     ] = False,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
@@ -560,9 +631,11 @@ def settings_test(
 
 def print_report(report: dict[str, Any]) -> None:
     """Show a test-send report as a person reads it."""
-    table = Table("", "step", "ms", "detail")
+    lang = system_language()
+    table = Table("", *heading(lang, N_("Step"), N_("ms"), N_("Detail")))
     for s in report["steps"]:
-        table.add_row("[green]✓[/]" if s["ok"] else "[red]✗[/]", s["step"], str(s["ms"]),
+        table.add_row("[green]✓[/]" if s["ok"] else "[red]✗[/]",
+                      translate(lang, STEP_LABELS.get(s["step"], s["step"])), str(s["ms"]),
                       s["detail"])
     out.print(table)
     if report.get("error"):
@@ -571,7 +644,7 @@ def print_report(report: dict[str, Any]) -> None:
         if e.get("hint"):
             err.print(e["hint"], highlight=False)
     else:
-        out.print(f"[green]OK[/] ({report.get('latency_ms')} ms)")
+        out.print(f"[green]OK[/] ({report.get('latency_ms')} ms)", highlight=False)
         if report.get("suggestion"):
             out.print(report["suggestion"], highlight=False)
     for c in report.get("sender_checks") or []:
@@ -580,7 +653,7 @@ def print_report(report: dict[str, Any]) -> None:
                   highlight=False)
 
 
-ProfileOpt = Annotated[str | None, typer.Option(help="SMTP server host")]
+ProfileOpt = Annotated[str | None, typer.Option(help=N_("SMTP server host"))]
 
 
 def _profile_payload(
@@ -609,24 +682,27 @@ def profiles_list(data_dir: DataDir = None, database_url: DatabaseUrl = None) ->
         list_server_profiles()
         return
     rows = _run(_config(data_dir, database_url), lambda core: core.admin.list_profiles(CONSOLE))
-    table = Table("id", "label", "server", "security", "auth", "username", "password")
+    lang = system_language()
+    table = Table(*heading(lang, N_("Id"), N_("Label"), N_("Server"), N_("Security"),
+                           N_("Sign-in"), N_("Username"), N_("Password")))
     for p in rows:
         table.add_row(str(p["id"]), p["label"], f"{p['host']}:{p['port']}", p["security"],
-                      p["auth"], p["username"], "stored" if p["password_set"] else "-")
+                      p["auth"], p["username"],
+                      translate(lang, N_("stored")) if p["password_set"] else "-")
     out.print(table)
 
 
 @profiles_app.command("add")
 def profiles_add(
     label: str,
-    host: Annotated[str, typer.Option(help="SMTP server host")],
-    port: Annotated[int, typer.Option(help="SMTP port")] = 587,
-    security: Annotated[str, typer.Option(help="none, starttls or tls")] = "starttls",
-    auth: Annotated[str, typer.Option(help="none or password")] = "none",
-    username: Annotated[str, typer.Option(help="Shared username (optional)")] = "",
-    password_stdin: Annotated[bool, typer.Option("--password-stdin",
-                                                 help="Read a shared password from stdin")] = False,
-    timeout: Annotated[int, typer.Option(help="Server timeout in seconds")] = 30,
+    host: Annotated[str, typer.Option(help=N_("SMTP server host"))],
+    port: Annotated[int, typer.Option(help=N_("SMTP port"))] = 587,
+    security: Annotated[str, typer.Option(help=N_("none, starttls or tls"))] = "starttls",
+    auth: Annotated[str, typer.Option(help=N_("none or password"))] = "none",
+    username: Annotated[str, typer.Option(help=N_("Shared username (optional)"))] = "",
+    password_stdin: Annotated[bool, typer.Option(
+        "--password-stdin", help=N_("Read a shared password from stdin"))] = False,
+    timeout: Annotated[int, typer.Option(help=N_("Server timeout in seconds"))] = 30,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -635,21 +711,22 @@ def profiles_add(
                                timeout)
     p = _run_validated(_config(data_dir, database_url),
                        lambda core: core.admin.create_profile(CONSOLE, payload))
-    out.print(f"Profile {p['id']} {p['label']!r} created.", highlight=False)
+    out.print(translate(system_language(), N_("Profile {id} {label!r} created."),
+                        id=p["id"], label=p["label"]), highlight=False)
 
 
 @profiles_app.command("edit")
 def profiles_edit(
     label: str,
-    new_label: Annotated[str | None, typer.Option(help="Rename the profile")] = None,
+    new_label: Annotated[str | None, typer.Option(help=N_("Rename the profile"))] = None,
     host: ProfileOpt = None,
-    port: Annotated[int | None, typer.Option(help="SMTP port")] = None,
-    security: Annotated[str | None, typer.Option(help="none, starttls or tls")] = None,
-    auth: Annotated[str | None, typer.Option(help="none or password")] = None,
-    username: Annotated[str | None, typer.Option(help="Shared username")] = None,
+    port: Annotated[int | None, typer.Option(help=N_("SMTP port"))] = None,
+    security: Annotated[str | None, typer.Option(help=N_("none, starttls or tls"))] = None,
+    auth: Annotated[str | None, typer.Option(help=N_("none or password"))] = None,
+    username: Annotated[str | None, typer.Option(help=N_("Shared username"))] = None,
     password_stdin: Annotated[bool, typer.Option("--password-stdin",
-                                                 help="Read a new shared password")] = False,
-    timeout: Annotated[int | None, typer.Option(help="Server timeout in seconds")] = None,
+                                                 help=N_("Read a new shared password"))] = False,
+    timeout: Annotated[int | None, typer.Option(help=N_("Server timeout in seconds"))] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -662,7 +739,8 @@ def profiles_edit(
         return await core.admin.update_profile(CONSOLE, current["id"], payload)
 
     p = _run_validated(_config(data_dir, database_url), action)
-    out.print(f"Profile {p['label']!r} updated.", highlight=False)
+    out.print(translate(system_language(), N_("Profile {label!r} updated."),
+                        label=p["label"]), highlight=False)
 
 
 @profiles_app.command("remove")
@@ -674,7 +752,8 @@ def profiles_remove(label: str, data_dir: DataDir = None,
         await core.admin.delete_profile(CONSOLE, (await _find_profile(core, label))["id"])
 
     _run(_config(data_dir, database_url), action)
-    out.print(f"Profile {label!r} removed.", highlight=False)
+    out.print(translate(system_language(), N_("Profile {label!r} removed."), label=label),
+              highlight=False)
 
 
 async def _find_profile(core: Postier, label: str) -> dict[str, Any]:
@@ -683,16 +762,11 @@ async def _find_profile(core: Postier, label: str) -> dict[str, Any]:
             return p
     from postier.errors import NotFound
 
-    raise NotFound("There is no sending profile {id}.", id=label)
+    raise NotFound(N_("There is no sending profile {id}."), id=label)
 
 
 def _run_validated(config: ServerConfig, action: Callable[[Postier], Awaitable[T]]) -> T:
     try:
         return _run(config, action)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        _fail(problems)
-        raise
+        _fail(pydantic_problems(exc, system_language()))

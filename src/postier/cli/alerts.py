@@ -10,11 +10,11 @@ import typer
 from rich.table import Table
 
 from postier.cli.admin import Establishment, _establishment_id
-from postier.cli.common import CONSOLE, DatabaseUrl, DataDir, _config, _run, app, out
+from postier.cli.common import CONSOLE, DatabaseUrl, DataDir, _config, _run, app, out, when
 from postier.i18n import N_, system_language, translate
 from postier.service import Postier
 
-alerts_app = typer.Typer(help="Alerts of the establishment: incidents open now and past.",
+alerts_app = typer.Typer(help=N_("Alerts of the establishment: incidents open now and past."),
                          no_args_is_help=True)
 app.add_typer(alerts_app, name="alerts")
 
@@ -24,8 +24,8 @@ def alerts_list(
     establishment: Establishment = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
-    limit: Annotated[int, typer.Option(help="At most this many incidents")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON")] = False,
+    limit: Annotated[int, typer.Option(help=N_("At most this many incidents"))] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help=N_("Print them as JSON"))] = False,
 ) -> None:
     """The incidents of the establishment (relay failing, e-mails waiting too long, an
     OAuth2 secret about to expire), open ones first. Exit status 1 while one is open, so
@@ -52,7 +52,7 @@ def alerts_list(
                   show_lines=True)
     states = {"open": N_("open"), "resolved": N_("over")}
     for a in found:
-        table.add_row(translate(lang, states[a["status"]]), a["started_at"] or "",
-                      a["resolved_at"] or "", f"{a['message']}\n→ {a['hint'] or ''}")
+        table.add_row(translate(lang, states[a["status"]]), when(a["started_at"], lang),
+                      when(a["resolved_at"], lang), f"{a['message']}\n→ {a['hint'] or ''}")
     out.print(table)
     raise typer.Exit(1 if open_now else 0)

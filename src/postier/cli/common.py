@@ -4,39 +4,52 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
+from postier.cli.language import pydantic_problems, speak
 from postier.config import ServerConfig
 from postier.errors import PostierError
-from postier.i18n import system_language
+from postier.i18n import N_, system_language, translate
 from postier.service import Postier
 from postier.store.base import User
 
 T = TypeVar("T")
 
-app = typer.Typer(
-    help="Postier: outgoing e-mail for school software.",
+
+class _Console(typer.Typer):
+    """The ``postier`` command, built in the reader's language (``LANG``) when it runs."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        command = typer.main.get_command(self)
+        speak(command, system_language())
+        return command(*args, **kwargs)
+
+
+app = _Console(
+    help=N_("Postier: outgoing e-mail for school software."),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-users_app = typer.Typer(help="Accounts of the establishment.", no_args_is_help=True)
-tokens_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+users_app = typer.Typer(help=N_("Accounts of the establishment."), no_args_is_help=True)
+tokens_app = typer.Typer(help=N_("API tokens."), no_args_is_help=True)
 settings_app = typer.Typer(
-    help="Delivery settings of the establishment (Paramètres d'envoi des e-mails).",
+    help=N_("Delivery settings of the establishment (Paramètres d'envoi des e-mails)."),
     no_args_is_help=True,
 )
-profiles_app = typer.Typer(help="Sending profiles (profils d'envoi d'e-mails).",
+profiles_app = typer.Typer(help=N_("Sending profiles (profils d'envoi d'e-mails)."),
                            no_args_is_help=True)
 establishments_app = typer.Typer(
-    help="Establishments of a hosted installation (operators).", no_args_is_help=True)
+    help=N_("Establishments of a hosted installation (operators)."), no_args_is_help=True)
 app.add_typer(establishments_app, name="establishments")
-dkim_app = typer.Typer(help="DKIM signing of the establishment's domains.",
+dkim_app = typer.Typer(help=N_("DKIM signing of the establishment's domains."),
                        no_args_is_help=True)
 app.add_typer(dkim_app, name="dkim")
 app.add_typer(users_app, name="users")
@@ -50,10 +63,10 @@ CONSOLE = User(id=0, establishment_id=1, username="console", email="", display_n
                role="admin", disabled=False)
 
 workstation_config_app = typer.Typer(
-    help="This workstation's sending settings (Paramétrer l'envoi d'e-mails pour ce poste).",
+    help=N_("This workstation's sending settings (Paramétrer l'envoi d'e-mails pour ce poste)."),
     no_args_is_help=True,
 )
-outbox_app = typer.Typer(help="E-mails waiting on this workstation.", no_args_is_help=True)
+outbox_app = typer.Typer(help=N_("E-mails waiting on this workstation."), no_args_is_help=True)
 app.add_typer(workstation_config_app, name="config")
 app.add_typer(outbox_app, name="outbox")
 
@@ -62,11 +75,11 @@ err = Console(stderr=True)
 
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", envvar="POSTIER_DATA_DIR", help="Data directory of the server"),
+    typer.Option("--data-dir", envvar="POSTIER_DATA_DIR", help=N_("Data directory of the server")),
 ]
 DatabaseUrl = Annotated[
     str | None,
-    typer.Option("--database-url", envvar="POSTIER_DATABASE_URL", help="Default: SQLite"),
+    typer.Option("--database-url", envvar="POSTIER_DATABASE_URL", help=N_("Default: SQLite")),
 ]
 
 
@@ -79,12 +92,12 @@ def _config(data_dir: Path | None, database_url: str | None, **extra: Any) -> Se
     try:
         return ServerConfig(**values)
     except ValidationError as exc:
-        _fail(str(exc))
-        raise
+        _fail(pydantic_problems(exc, system_language()))
 
 
 def _fail(message: str, hint: str | None = None) -> NoReturn:
-    err.print(f"[bold red]Error:[/] {message}", highlight=False)
+    label = translate(system_language(), N_("Error:"))
+    err.print(f"[bold red]{label}[/] {escape(message)}", highlight=False)
     if hint:
         err.print(hint, highlight=False)
     raise typer.Exit(1)
@@ -112,3 +125,46 @@ def _run(config: ServerConfig, action: Callable[[Postier], Awaitable[T]]) -> T:
         fail_with(exc)
 
 
+
+
+_DATE_FORMATS = {"fr": "%d/%m/%Y %H:%M", "en": "%Y-%m-%d %H:%M"}
+
+
+def when(value: str | None, lang: str) -> str:
+    """A moment given by the server (ISO 8601) as the reader writes dates, in local time."""
+    if not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime(_DATE_FORMATS.get(lang, _DATE_FORMATS["en"]))
+
+
+def yes_no(flag: bool, lang: str) -> str:
+    return translate(lang, N_("yes") if flag else N_("no"))
+
+
+def heading(lang: str, *names: str) -> list[str]:
+    """Column headings in the reader's language."""
+    return [translate(lang, name) for name in names]
+
+
+# The states of an e-mail and of its recipients, as the console names them.
+STATUS_WORDS = {
+    "queued": N_("queued"),
+    "sending": N_("being sent"),
+    "deferred": N_("deferred"),
+    "sent": N_("sent"),
+    "failed": N_("failed"),
+    "cancelled": N_("cancelled"),
+    "pending": N_("waiting"),
+    "kept": N_("kept"),
+    "handed over": N_("handed over"),
+}
+
+
+def status_word(status: str, lang: str) -> str:
+    return translate(lang, STATUS_WORDS.get(status, status))

@@ -24,7 +24,7 @@ _MARKS = {"ok": ("✓", "green"), "warn": ("⚠", "yellow"), "fail": ("✗", "re
 def doctor(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the checks as JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=N_("Print the checks as JSON"))] = False,
 ) -> None:
     """Check this installation: configuration, database and migrations, key file, stored
     secrets, disk space, relay (greeted, nothing sent), clock. Exit status 0 when all is
@@ -61,7 +61,7 @@ def purge(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Only count what would be removed")] = False,
+        "--dry-run", help=N_("Only count what would be removed"))] = False,
 ) -> None:
     """Apply the retention of personal data now: remove the bodies, then the records, of
     e-mails sent, failed or cancelled longer ago than each establishment's retention
@@ -93,17 +93,17 @@ def purge(
               highlight=False)
 
 
-domains_app = typer.Typer(help="Which establishment holds which domain (operators).",
+domains_app = typer.Typer(help=N_("Which establishment holds which domain (operators)."),
                           no_args_is_help=True)
 app.add_typer(domains_app, name="domains")
 
 
 @domains_app.command("move")
 def domains_move(
-    domain: Annotated[str, typer.Argument(help="The domain, e.g. ac-lyon.fr (its "
-                                               "sub-domains move with it)")],
-    to: Annotated[str, typer.Option("--to", help="Short name of the establishment that "
-                                                 "receives it")],
+    domain: Annotated[str, typer.Argument(help=N_("The domain, e.g. ac-lyon.fr (its "
+                                               "sub-domains move with it)"))],
+    to: Annotated[str, typer.Option("--to", help=N_("Short name of the establishment that "
+                                                 "receives it"))],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from postier import diagnose, outbox, workstation
 from postier.cli.admin import print_report
@@ -28,11 +29,15 @@ from postier.cli.common import (
     app,
     err,
     fail_with,
+    heading,
     out,
     outbox_app,
     profiles_app,
+    status_word,
+    when,
     workstation_config_app,
 )
+from postier.cli.language import pydantic_problems
 from postier.client import SendResult, client_for, send
 from postier.errors import InvalidInput, PostierError
 from postier.i18n import N_, system_language, translate
@@ -114,11 +119,11 @@ def config_show() -> None:
 
 @workstation_config_app.command("set")
 def config_set(
-    key: Annotated[str, typer.Argument(help="mode, server.url, server.token, identity.name, "
-                                            "identity.address, smtp.host, smtp.port, ...")],
+    key: Annotated[str, typer.Argument(help=N_("mode, server.url, server.token, identity.name, "
+                                            "identity.address, smtp.host, smtp.port, ..."))],
     value: Annotated[str, typer.Argument(
-        help="The value (mode: server, own or profile); - reads it from standard input, "
-        "for smtp.password and server.token")],
+        help=N_("The value (mode: server, own or profile); - reads it from standard input, "
+        "for smtp.password and server.token"))],
 ) -> None:
     """Change one setting of this workstation; refused with the allowed values if wrong."""
     if value == "-":
@@ -129,27 +134,30 @@ def config_set(
     except PostierError as exc:
         fail_with(exc)
     path = workstation.save(s)
-    out.print(f"{key} set ({path}).", highlight=False)
+    out.print(translate(system_language(), N_("{key} set ({path})."), key=key, path=path),
+              highlight=False)
 
 
 @workstation_config_app.command("import")
 def config_import(
-    file: Annotated[Path, typer.Argument(help="A profile file (JSON) given by the server")],
+    file: Annotated[Path, typer.Argument(help=N_("A profile file (JSON) given by the server"))],
 ) -> None:
     """Use a sending profile saved from the web interface (mode becomes profile)."""
+    lang = system_language()
     try:
         profile = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(profile, dict) or "host" not in profile:
-            raise ValueError("no SMTP server in this file")
+            raise ValueError(translate(lang, N_("no SMTP server in this file")))
     except (OSError, ValueError) as exc:
-        _fail(f"{file}: {exc}", "Give the profile file downloaded from the Postier server.")
+        _fail(f"{file}: {exc}",
+              translate(lang, N_("Give the profile file downloaded from the Postier server.")))
     try:
         s = workstation.apply_profile(_settings(), profile)
     except PostierError as exc:
         fail_with(exc)
     workstation.save(s)
-    out.print(f"Profile {s.profile.label!r} imported: this workstation now sends with it.",
-              highlight=False)
+    out.print(translate(lang, N_("Profile {label!r} imported: this workstation now sends "
+                                 "with it."), label=s.profile.label), highlight=False)
 
 
 _OWN_KEYS = ("host", "port", "security", "auth", "username")
@@ -195,7 +203,8 @@ def config_own(
 
 @profiles_app.command("pull")
 def profiles_pull(
-    label: Annotated[str, typer.Argument(help="The profile's label (see postier profiles list)")],
+    label: Annotated[str, typer.Argument(
+        help=N_("The profile's label (see postier profiles list)"))],
 ) -> None:
     """"Récupérer un profil d'envoi d'e-mails": retrieve a profile from the server into this
     workstation's settings (your own username and password are kept if it has none)."""
@@ -206,8 +215,10 @@ def profiles_pull(
     except PostierError as exc:
         fail_with(exc)
     workstation.save(s)
-    out.print(f"Profile {s.profile.label!r} retrieved: this workstation sends through "
-              f"{s.smtp.host}:{s.smtp.port}.", highlight=False)
+    out.print(translate(system_language(), N_("Profile {label!r} retrieved: this workstation "
+                                              "sends through {host}:{port}."),
+                        label=s.profile.label, host=s.smtp.host, port=s.smtp.port),
+              highlight=False)
 
 
 def list_server_profiles() -> None:
@@ -217,7 +228,8 @@ def list_server_profiles() -> None:
             rows = c.profiles()
     except PostierError as exc:
         fail_with(exc)
-    table = Table("label", "server", "security", "auth")
+    table = Table(*heading(system_language(), N_("Label"), N_("Server"), N_("Security"),
+                           N_("Sign-in")))
     for p in rows:
         table.add_row(p["label"], f"{p['host']}:{p['port']}", p["security"], p["auth"])
     out.print(table)
@@ -225,7 +237,7 @@ def list_server_profiles() -> None:
 
 def _show(result: SendResult, lang: str) -> None:
     if result.status in ("sent", "queued"):
-        out.print(f"{result.status}: {result.id}", highlight=False)
+        out.print(f"{status_word(result.status, lang)}: {result.id}", highlight=False)
         if result.kept_as:
             _report(result, lang)
         if result.sender_note:
@@ -235,7 +247,7 @@ def _show(result: SendResult, lang: str) -> None:
                 err.print(f"{r.address}: {r.code} {r.reply}", highlight=False)
         return
     if result.status == "kept":
-        out.print(f"kept: {result.id}", highlight=False)
+        out.print(f"{status_word('kept', lang)}: {result.id}", highlight=False)
         _error(result, lang)
         err.print(translate(lang, _KEPT[result.via], id=result.id), highlight=False)
     else:
@@ -244,26 +256,31 @@ def _show(result: SendResult, lang: str) -> None:
 
 @app.command("send")
 def send_command(
-    to: Annotated[list[str], typer.Option("--to", help="Recipient (repeat for several)")],
-    subject: Annotated[str, typer.Option("--subject")] = "",
-    text: Annotated[str | None, typer.Option("--text", help="The text of the e-mail")] = None,
-    text_file: Annotated[Path | None, typer.Option("--text-file")] = None,
-    html_file: Annotated[Path | None, typer.Option("--html-file")] = None,
-    attach: Annotated[list[Path] | None, typer.Option("--attach", help="File to attach")] = None,
-    cc: Annotated[list[str] | None, typer.Option("--cc")] = None,
-    bcc: Annotated[list[str] | None, typer.Option("--bcc")] = None,
-    from_: Annotated[str | None, typer.Option("--from", help="Sender, if allowed")] = None,
+    to: Annotated[list[str], typer.Option("--to", help=N_("Recipient (repeat for several)"))],
+    subject: Annotated[str, typer.Option("--subject", help=N_("The subject"))] = "",
+    text: Annotated[str | None, typer.Option("--text", help=N_("The text of the e-mail"))] = None,
+    text_file: Annotated[Path | None, typer.Option(
+        "--text-file", help=N_("A file holding the text of the e-mail"))] = None,
+    html_file: Annotated[Path | None, typer.Option(
+        "--html-file", help=N_("A file holding its HTML version"))] = None,
+    attach: Annotated[list[Path] | None, typer.Option(
+        "--attach", help=N_("File to attach"))] = None,
+    cc: Annotated[list[str] | None, typer.Option(
+        "--cc", help=N_("Copy to (repeat for several)"))] = None,
+    bcc: Annotated[list[str] | None, typer.Option(
+        "--bcc", help=N_("Hidden copy to (repeat for several)"))] = None,
+    from_: Annotated[str | None, typer.Option("--from", help=N_("Sender, if allowed"))] = None,
 ) -> None:
     """Send an e-mail as this workstation is set up (server, own or profile)."""
     lang = system_language()
     if text is not None and text_file is not None:
-        _fail("Give --text or --text-file, not both.")
+        _fail(translate(lang, N_("Give --text or --text-file, not both.")))
     try:
         body = text_file.read_text(encoding="utf-8") if text_file else text
         html = html_file.read_text(encoding="utf-8") if html_file else None
         for f in attach or []:
             if not f.is_file():
-                raise OSError(f"{f}: no such file")
+                raise OSError(translate(lang, N_("{file}: no such file"), file=f))
     except OSError as exc:
         _fail(str(exc))
     try:
@@ -275,9 +292,7 @@ def send_command(
         from pydantic import ValidationError
 
         if isinstance(exc, ValidationError):
-            e = exc.errors()[0]
-            _fail(f"{'.'.join(str(x) for x in e['loc'])}: "
-                  f"{str(e['msg']).removeprefix('Value error, ')}")
+            _fail(pydantic_problems(exc, lang))
         raise
     _show(result, lang)
     if result.status == "kept":
@@ -287,7 +302,11 @@ def send_command(
 
 
 @app.command("status")
-def status_command(message_id: str) -> None:
+def status_command(
+    message_id: Annotated[str, typer.Argument(help=N_("The e-mail's id, as send printed it"))],
+    as_json: Annotated[bool, typer.Option("--json", help=N_("Print it as JSON, for a "
+                                                            "program"))] = False,
+) -> None:
     """What became of an e-mail (on the server, or in this workstation's outbox)."""
     s = _settings()
     lang = system_language()
@@ -302,16 +321,57 @@ def status_command(message_id: str) -> None:
             fail_with(exc)
     else:
         if record is None:
-            _fail(f"There is no e-mail {message_id} in this workstation's outbox.")
+            _fail(translate(lang, N_("There is no e-mail {id} in this workstation's outbox."),
+                            id=message_id))
         from postier.api.views import message_view
 
         doc = message_view(record, lang, history=True)
-    out.print_json(json.dumps(doc, ensure_ascii=False))
+    if as_json:
+        out.print_json(json.dumps(doc, ensure_ascii=False))
+    else:
+        print_status(doc, lang)
+
+
+def print_status(doc: dict[str, Any], lang: str) -> None:
+    """An e-mail's state as a person reads it: a few labelled lines, its recipients and
+    its delivery attempts."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    error = doc.get("last_error") or {}
+    for label, value in (
+        (N_("E-mail"), doc["id"]),
+        (N_("State"), status_word(doc["status"], lang)),
+        (N_("Subject"), doc.get("subject") or ""),
+        (N_("Sender"), doc.get("sender") or ""),
+        (N_("Submitted"), when(doc.get("created_at"), lang)),
+        (N_("Attempts"), str(doc.get("attempts", 0))),
+        (N_("Next attempt"), when(doc.get("next_attempt_at"), lang)),
+        (N_("Last error"), " → ".join(x for x in (error.get("message"), error.get("hint"))
+                                      if x)),
+        (N_("Note"), doc.get("sender_note") or ""),
+    ):
+        if value:
+            facts.add_row(translate(lang, label), Text(value))
+    out.print(facts)
+    recipients = Table(*heading(lang, N_("Recipient"), N_("State"), N_("Server's reply")))
+    for r in doc.get("recipients") or []:
+        reply = " ".join(str(x) for x in (r.get("code"), r.get("reply")) if x)
+        recipients.add_row(r["address"], status_word(r["status"], lang), reply)
+    out.print(recipients)
+    if doc.get("history"):
+        attempts = Table(*heading(lang, N_("Attempt"), N_("Server"), N_("Result"),
+                                  N_("Detail")))
+        for a in doc["history"]:
+            attempts.add_row(when(a.get("at"), lang), a.get("relay") or "",
+                             status_word(a.get("outcome") or "", lang),
+                             " ".join(str(x) for x in (a.get("code"), a.get("detail")) if x))
+        out.print(attempts)
 
 
 @app.command("test")
 def test_command(
-    to: Annotated[str, typer.Option("--to", help="Who receives the test e-mail")],
+    to: Annotated[str, typer.Option("--to", help=N_("Who receives the test e-mail"))],
 ) -> None:
     """Tester l'envoi d'e-mails for this workstation: a real test e-mail, step by step
     (own/profile), or a check of the server and of your account (server mode)."""
@@ -323,8 +383,10 @@ def test_command(
                 me = c.me()
         except PostierError as exc:
             fail_with(exc)
-        out.print(f"The server {s.server.url} answers; you are {me['username']} "
-                  f"<{me['email']}>.", highlight=False)
+        out.print(translate(lang, N_("The server {url} answers; you are {username} "
+                                     "<{email}>."),
+                            url=s.server.url, username=me["username"], email=me["email"]),
+                  highlight=False)
         try:
             result = send([to], "Test Postier", "Test", settings=s, lang=lang)
         except PostierError as exc:
@@ -352,14 +414,20 @@ def outbox_list() -> None:
     """E-mails of this workstation's direct sending, newest first, with their state."""
     lang = system_language()
     rows = asyncio.run(outbox.listing())
-    table = Table("id", "via", "status", "subject", "recipients", "last error")
+    table = Table(*heading(lang, N_("E-mail"), N_("Through"), N_("State"), N_("Subject"),
+                           N_("Recipients"), N_("Last error")))
+    # An id is copied into other commands: it is never cut, whatever the terminal's width.
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = max((len(m.id) for m in rows), default=0)
     from postier.service import explain_error
 
     for m in rows:
         e = explain_error(m.last_error, lang)
         to_server = m.establishment_id == outbox.TO_SERVER
         status = "handed over" if to_server and m.status == "sent" else m.status
-        table.add_row(m.id, "server" if to_server else "smtp", status, m.subject,
+        via = translate(lang, N_("Postier server")) if to_server else \
+            translate(lang, N_("mail server"))
+        table.add_row(m.id, via, status_word(status, lang), m.subject,
                       ", ".join(r.address for r in m.recipients), e["message"] if e else "")
     out.print(table)
 
@@ -375,7 +443,7 @@ def outbox_flush() -> None:
         fail_with(exc)
     results = asyncio.run(outbox.flush(s, lang)) if outbox.exists() else []
     if not results:
-        out.print("The outbox is empty: nothing to send.")
+        out.print(translate(lang, N_("The outbox is empty: nothing to send.")))
     for r in results:
         _show(r, lang)
     if any(r.status == "failed" for r in results):
@@ -387,7 +455,7 @@ def outbox_flush() -> None:
 @outbox_app.command("watch")
 def outbox_watch(
     interval: Annotated[float, typer.Option(
-        "--interval", min=0.1, help="Seconds between two rounds")] = 15.0,
+        "--interval", min=0.1, help=N_("Seconds between two rounds"))] = 15.0,
 ) -> None:
     """Empty this workstation's outbox by itself, as soon as the server (or the mail
     server) answers: a loop for a workstation service or the host application; SIGINT or
