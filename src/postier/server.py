@@ -146,7 +146,8 @@ def make_worker(
             idle_timeout=config.idle_timeout,
             local_hostname=config.hostname,
             # A killed worker's connection slots come back when its messages do.
-            limits=SharedLimits(core.store, lease_seconds=config.lease_seconds),
+            limits=SharedLimits(core.store, lease_seconds=config.lease_seconds,
+                                mac=core.secrets.mac),
         ),
         worker_id=worker_id,
         claim_batch=config.claim_batch,

@@ -17,9 +17,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 from postier import alerts
 from postier.config import ServerConfig
+from postier.crypto import SecretBox
 from postier.delivery import relay as relay_module
 from postier.delivery.limits import SharedLimits
 from postier.delivery.relay import RelayPool
@@ -51,7 +53,8 @@ def _relay(r: FaultRelay, **limits: int) -> RelaySettings:
 
 
 def _pool(store: Store, **kw: float) -> RelayPool:
-    return RelayPool(concurrency=2, down_for=0.2,
+    # down_for=0: a relay that came back is tried at once, not a moment later.
+    return RelayPool(concurrency=2, down_for=0.0,
                      limits=SharedLimits(store, health_refresh=0.0, **kw))
 
 
@@ -89,7 +92,7 @@ async def test_a_worker_that_never_saw_the_main_relay_fail_fails_over_and_comes_
     # Worker A saw the main relay refuse connections a minute and a half ago (its clock
     # said so then; the store keeps since when).
     behind = [90.0]
-    pool_a = RelayPool(concurrency=2, down_for=0.2, limits=SharedLimits(
+    pool_a = RelayPool(concurrency=2, down_for=0.0, limits=SharedLimits(
         store, health_refresh=0.0, clock=lambda: time.time() - behind[0]))
     pool_b = _pool(store)
     main.down()
@@ -140,6 +143,30 @@ async def test_failures_short_of_failover_after_keep_every_worker_on_the_main_re
     assert await pool_a.failing_since(settings.relay) is None
     await pool_a.close()
     await pool_b.close()
+
+
+async def test_another_password_for_the_same_account_failing_sends_nobody_else_to_the_backup(
+    store: Store, relay_cert: tuple[Path, Path], backup: FaultRelay
+) -> None:
+    with FaultRelay(cert=relay_cert, auth={"college": "le-bon"}) as main:
+        right = RelaySettings(host=main.host, port=main.port, security="none", timeout=2,
+                              auth="password", username="college", password="le-bon")
+        wrong = right.model_copy(update={"password": "un-autre"})
+        mac = SecretBox(Fernet.generate_key()).mac  # the installation's key, as served
+        pool_a = RelayPool(concurrency=1, limits=SharedLimits(
+            store, health_refresh=0.0, mac=mac, clock=lambda: time.time() - 3600))
+        pool_b = RelayPool(concurrency=1, limits=SharedLimits(store, health_refresh=0.0,
+                                                              mac=mac))
+        refused = await pool_a.send(wrong, "ecole1@ac-lyon.fr", ["p@example.org"],
+                                    b"Subject: x\r\n\r\nx\r\n")
+        assert refused.error is not None and refused.error.code == "auth_failed"
+        settings = DeliverySettings(relay=right, backup_relay=_relay(backup),
+                                    failover_after=60)
+        outcome = await deliver_one(_claimed("own-password"), settings, pool_b)
+        assert outcome.status == SENT and outcome.attempt.relay == right.describe()
+        assert _subjects(main) == ["own-password"] and backup.messages == []
+        await pool_a.close()
+        await pool_b.close()
 
 
 # -- the alerts' view -------------------------------------------------------------------------
@@ -211,14 +238,14 @@ async def test_a_free_slot_goes_to_the_establishment_holding_fewest_then_waiting
     # establishment 2: both in line.
     assert await store.take_relay_slot("r", 1, "A", now + 0.1, 120, 1, queue=True) is None
     assert await store.take_relay_slot("r", 1, "B", now + 0.2, 120, 2, queue=True) is None
-    assert (await store.relay_health("r", "A", now + 0.3)).waiting == {2}
-    assert (await store.relay_health("r", "B", now + 0.3)).waiting == {1}
+    assert (await store.relay_health("h", now + 0.3, "r", "A")).waiting == {2}
+    assert (await store.relay_health("h", now + 0.3, "r", "B")).waiting == {1}
     # A gives its slot back for the others: its own wait goes behind B's, although it
     # began earlier.
     await store.release_relay_slot("r", 0, "A", handed_round=now + 0.4)
     assert await store.take_relay_slot("r", 1, "A", now + 0.5, 120, 1, queue=True) is None
     assert await store.take_relay_slot("r", 1, "B", now + 0.6, 120, 2, queue=True) == 0
-    assert (await store.relay_health("r", "A", now + 0.7)).waiting == frozenset()
+    assert (await store.relay_health("h", now + 0.7, "r", "A")).waiting == frozenset()
     await store.release_relay_slot("r", 0, "B")
     assert await store.take_relay_slot("r", 1, "A", now + 0.8, 120, 1, queue=True) == 0
 

@@ -187,8 +187,11 @@ class SharedLimits:
         lease_seconds: float = CONNECTION_LEASE,
         clock: Callable[[], float] = time.time,
         holder: str | None = None,
+        mac: Callable[[str], str] | None = None,
     ) -> None:
         self.store = store
+        self.mac = mac
+        self._health_keys: dict[tuple[Any, ...], str] = {}
         self.lease_seconds = lease_seconds
         # Who holds this process's connection slots in the store.
         self.holder = holder or (
@@ -315,7 +318,7 @@ class SharedLimits:
         """The relay's shared failing state and its slots' waiters, at most
         ``health_refresh`` seconds old (one round trip per relay that often, shared by
         the e-mails asking meanwhile)."""
-        state = self._relay(relay_key(relay))
+        state = self._relay(self.health_key(relay))
         if self.clock() - state.health_at >= self.health_refresh:
             if state.health_reading is not None:
                 await asyncio.shield(state.health_reading)
@@ -326,9 +329,9 @@ class SharedLimits:
     async def _read_health(self, relay: RelaySettings, state: _Relay) -> None:
         state.health_reading = asyncio.get_running_loop().create_future()
         try:
-            holder = self.holder if relay.max_connections else None
-            state.health = await self.store.relay_health(relay_key(relay), holder,
-                                                         self.clock())
+            state.health = await self.store.relay_health(
+                self.health_key(relay), self.clock(),
+                relay_key(relay) if relay.max_connections else None, self.holder)
             self._health_outage.worked()
         except Exception as exc:
             # The store is away: the last view stands until it answers again.
@@ -341,7 +344,7 @@ class SharedLimits:
     async def relay_failing(self, relay: RelaySettings) -> None:
         """This worker saw the relay fail (the first failure of a run): every worker
         counts its failing time from the first such failure any of them saw."""
-        key = relay_key(relay)
+        key = self.health_key(relay)
         state = self._relay(key)
         since = await self.store.relay_failing(key, self.clock())
         state.health = RelayHealth(since, state.health.recovered_at, state.health.waiting)
@@ -349,7 +352,7 @@ class SharedLimits:
     async def relay_answered(self, relay: RelaySettings) -> None:
         """The relay answered this worker: when it was failing as every worker saw it, it
         no longer is, for all. A write only then."""
-        key = relay_key(relay)
+        key = self.health_key(relay)
         state = self._relay(key)
         if (await self.health(relay)).failing_since is None:
             return
@@ -360,7 +363,26 @@ class SharedLimits:
     async def probe_turn(self, relay: RelaySettings, every: float) -> bool:
         """Whether this worker probes the failing relay now: one worker does, every
         ``every`` seconds, for all."""
-        return await self.store.claim_relay_probe(relay_key(relay), self.clock(), every)
+        return await self.store.claim_relay_probe(self.health_key(relay), self.clock(),
+                                                  every)
+
+    def health_key(self, relay: RelaySettings) -> str:
+        """What the relay's health is shared under: its whole connection settings,
+        secrets included (the same account with another password or security may well
+        fail where this one works, and must not send every worker to the backup), as a
+        keyed digest (``mac``: the installation's secret key) so the database alone does
+        not let anybody try passwords against it. Without ``mac``, the settings without
+        their secrets."""
+        ident = relay.key()
+        key = self._health_keys.get(ident)
+        if key is None:
+            if self.mac is not None:
+                key = "h" + self.mac(json.dumps(ident, default=str))[:31]
+            else:
+                key = "h" + relay_key(relay)[:23] + _relay_key(
+                    (relay.security.value, relay.auth.value))[:8]
+            self._health_keys[ident] = key
+        return key
 
     # -- connection slots (max_connections) -------------------------------------------------
 

@@ -604,11 +604,12 @@ class Store(abc.ABC):
         """An e-mail went through: the next pause starts short again."""
 
     @abc.abstractmethod
-    async def relay_health(self, relay_key: str, holder: str | None, now: float
-                           ) -> RelayHealth:
-        """The relay's shared failing state; with ``holder``, also the establishments
-        other holders have been waiting for a connection slot for (seen within
-        ``WAITER_STALE`` seconds of ``now``)."""
+    async def relay_health(self, relay_key: str, now: float, waiters_of: str | None = None,
+                           holder: str = "") -> RelayHealth:
+        """The relay's shared failing state; with ``waiters_of`` (the key its connection
+        slots go by), also the establishments holders other than ``holder`` have been
+        waiting for one of its slots for (seen within ``WAITER_STALE`` seconds of
+        ``now``)."""
 
     @abc.abstractmethod
     async def relay_failing(self, relay_key: str, now: float) -> float:

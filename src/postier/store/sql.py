@@ -1723,18 +1723,18 @@ class SQLStore(Store):
         await self.write(job)
 
     # -- a relay's failing state, shared (failover, alerts) -------------------------------
-    async def relay_health(self, relay_key: str, holder: str | None, now: float
-                           ) -> RelayHealth:
+    async def relay_health(self, relay_key: str, now: float, waiters_of: str | None = None,
+                           holder: str = "") -> RelayHealth:
         lim, w = t.relay_limits.c, t.relay_waiters.c
         try:
             async with self.read_engine.connect() as conn:
                 row = (await conn.execute(select(lim.failing_since, lim.recovered_at)
                                           .where(lim.relay_key == relay_key))).first()
                 waiting: frozenset[int] = frozenset()
-                if holder is not None:
+                if waiters_of is not None:
                     waiting = frozenset(int(r[0]) for r in await conn.execute(
                         select(w.establishment_id).distinct()
-                        .where(w.relay_key == relay_key, w.holder != holder,
+                        .where(w.relay_key == waiters_of, w.holder != holder,
                                w.seen_at >= now - WAITER_STALE)))
         except Exception as exc:
             translated = _translate(exc)
