@@ -226,7 +226,8 @@ relay_limits = Table(
     Column("updated_at", Float, nullable=False),
     # Since when the relay keeps failing as any worker saw it (NULL while it answers),
     # when one last found it answering again, and when one last probed it while the
-    # backup relay stood in (migration 0014).
+    # backup relay stood in (migration 0014): in rows of their own, keyed by the relay's
+    # whole connection settings (SharedLimits.health_key).
     Column("failing_since", Float),
     Column("recovered_at", Float),
     Column("probed_at", Float, nullable=False, server_default=text("0")),
