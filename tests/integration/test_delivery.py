@@ -480,3 +480,51 @@ async def test_recipient_level_slow_down_is_not_a_failure(
     rec = await engine.wait(mid, "deferred")
     assert json.loads(rec.last_error)["code"] == "rate_limited"
     assert rec.attempts == 0, "a slow-down is not counted against the e-mail"
+
+
+async def test_quitting_a_slow_relays_idle_connections_never_costs_a_lease(
+    store_url: str, relay: FaultRelay, relay_cert: Any
+) -> None:
+    """Idle connections to a relay slow to answer QUIT are closed beside the heartbeat, not
+    in it: another establishment's slow delivery keeps its lease meanwhile, so a second
+    worker never takes it over and sends it again."""
+    slow_quit, slow_data = relay, FaultRelay(cert=relay_cert).start()
+    store = create_store(store_url)
+    await store.open()
+    patient = _settings(slow_data)
+    patient = patient.model_copy(update={"relay": patient.relay.model_copy(
+        update={"timeout": 10})})
+    settings = {1: _settings(slow_quit), 2: patient}
+
+    async def settings_for(est: int) -> DeliverySettings:
+        return settings[est]
+
+    def worker() -> DeliveryWorker:
+        return DeliveryWorker(
+            store, settings_for, pool=RelayPool(concurrency=4, down_for=0.2, idle_timeout=0.2),
+            poll_interval=0.05, lease_seconds=2.0)
+
+    first, second = worker(), worker()
+    eng = Engine(store, settings[1])
+    eng.worker = first
+    await first.start()
+    try:
+        # Four connections to the first relay, idle once their e-mails are sent...
+        for mid in [await eng.put(f"p{i}@example.org") for i in range(4)]:
+            await eng.wait(mid, "sent")
+        slow_quit.stall = ("quit", 1.9)  # ...whose QUIT takes ~2 s each to answer.
+        slow_data.stall = ("after_data", 4.0)  # Twice the lease.
+        (res,) = await store.enqueue([NewMessage(
+            id=f"{time.time_ns():032d}", establishment_id=2, user_id=1, priority=0,
+            envelope_from="direction@lyceeduparc.fr", header_from="", message_id="<m2@test>",
+            subject="Lent", data=RAW, recipients=["parent@example.org"])])
+        first.notify()
+        await eng.wait(res.id, "sending")
+        await second.start()  # a worker that takes over any lease the first one lets go
+        await eng.wait(res.id, "sent", timeout=30)
+        assert len(slow_data.messages) == 1, "the slow delivery was sent twice: lease lost"
+    finally:
+        await second.stop(grace=5)
+        await first.stop(grace=5)
+        await store.close()
+        slow_data.stop()

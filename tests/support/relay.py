@@ -30,7 +30,7 @@ Fault attributes (all reset by :meth:`FaultRelay.reset_faults`):
     ``(step, seconds)``: at ``step`` wait ``seconds`` before going on normally.
     Steps: ``connect`` (TCP accepted, nothing said), ``ehlo`` (EHLO/HELO),
     ``mail``, ``rcpt``, ``data`` (after the DATA command, before 354),
-    ``after_data`` (after the final dot, before the reply).
+    ``after_data`` (after the final dot, before the reply), ``quit`` (before the 221).
 ``drop_during_data``
     answer 354, read part of the message, then abort the connection.
 ``pipelining``
@@ -80,7 +80,8 @@ from .certs import default_cert_dir, make_self_signed
 
 TLSMode = Literal["none", "starttls", "implicit"]
 StallStep = Literal["connect", "ehlo", "mail", "rcpt", "data", "after_data"]
-STALL_STEPS: frozenset[str] = frozenset({"connect", "ehlo", "mail", "rcpt", "data", "after_data"})
+STALL_STEPS: frozenset[str] = frozenset(
+    {"connect", "ehlo", "mail", "rcpt", "data", "after_data", "quit"})
 
 HOST = "127.0.0.1"
 DATA_SIZE_LIMIT = 50 * 1024 * 1024
@@ -330,6 +331,10 @@ class _FaultSMTP(SMTP):
     async def smtp_RCPT(self, arg: str | None) -> None:
         await self._relay._stall_at("rcpt")
         await super().smtp_RCPT(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        await self._relay._stall_at("quit")
+        await super().smtp_QUIT(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         relay = self._relay

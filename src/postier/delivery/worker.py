@@ -220,6 +220,7 @@ class DeliveryWorker:
         # Each loop outlives the store's errors; one that dies anyway is started again.
         self._supervisor.start("claims", self._claim_loop)
         self._supervisor.start("lease renewal", self._maintenance_loop)
+        self._supervisor.start("idle connections", self._idle_loop)
         self._tasks = self._supervisor.tasks
         self.running = True
         log.info("delivery worker %s started", self.worker_id)
@@ -332,13 +333,26 @@ class DeliveryWorker:
                     self._lease_until[mid] = now + self.lease_seconds if mid in held else 0.0
                 if await self.store.release_expired_leases(now):
                     self._wake.set()
-                await self.pool.close_idle()
             except Exception as exc:
                 # Renew again as soon as the store answers: the leases run meanwhile.
                 wait = outage.failed(exc)
                 continue
             outage.worked()
             wait = interval
+
+    async def _idle_loop(self) -> None:
+        # Apart from the heartbeat: saying QUIT to a slow relay's idle connections (up to
+        # a few seconds each) must never hold back the renewal of the leases.
+        interval = max(0.5, self.lease_seconds / 4)
+        outage = Outage(f"worker {self.worker_id}: idle connections")
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.pool.close_idle()
+            except Exception as exc:
+                await asyncio.sleep(outage.failed(exc))
+                continue
+            outage.worked()
 
     async def _deliver(self, claimed: Claimed) -> None:
         try:
