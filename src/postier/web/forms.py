@@ -7,6 +7,7 @@ the settings models stay the one place where a value is judged.
 
 from __future__ import annotations
 
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from pydantic import ValidationError
@@ -92,6 +93,10 @@ def field_errors(exc: ValidationError, lang: str, prefix: str = "") -> dict[str,
         elif kind == "value_error":
             raw = str(err.get("msg", "")).removeprefix("Value error, ")
             message = _sentence(translate(lang, _CLEARER.get(raw, raw)))
+        elif name in DURATION_FIELDS and kind in _DURATION_BOUNDS:
+            bound, template = _DURATION_BOUNDS[kind]
+            message = translate(lang, template,
+                                duration=duration_text(lang, int(ctx.get(bound, 0))))
         else:
             if kind == "string_too_short" and int(ctx.get("min_length", 1)) > 1:
                 kind = "string_too_short_n"
@@ -111,6 +116,65 @@ def postier_field_errors(exc: PostierError, lang: str, known: set[str]) -> dict[
     if field not in known:
         field = field.split(".")[0] if field.split(".")[0] in known else "form"
     return {field: error_text(exc, lang)}
+
+
+# Durations of the settings form are typed as a number and a unit; the API keeps seconds.
+DURATION_UNITS = {"seconds": 1, "minutes": 60, "hours": 3600, "days": 86400}
+DURATION_FIELDS = ("failover_after", "retry.first_delay", "retry.max_delay", "retry.max_age",
+                   "retry.delay_warning", "alerts.relay_failing_after",
+                   "alerts.oldest_deferred_after")
+
+
+def duration(form: FormData, name: str) -> str:
+    """A duration field in seconds, from its number and its unit (``NAME.unit``). What
+    is not a number of whole seconds is passed on as typed, for the model to refuse."""
+    typed = text(form, name).strip()
+    factor = DURATION_UNITS.get(text(form, name + ".unit", "seconds"), 1)
+    try:
+        seconds = Decimal(typed.replace(",", ".")) * factor
+    except InvalidOperation:
+        return typed
+    if not seconds.is_finite() or seconds != seconds.to_integral_value():
+        return typed
+    return str(int(seconds))
+
+
+def duration_parts(value: Any) -> tuple[str, str]:
+    """``(number, unit)`` to show a duration in seconds: the largest unit that divides it
+    exactly (259200 is 3 days). A value that is not a whole number is shown as it is."""
+    raw = str(value if value is not None else "").strip()
+    if not raw.isdigit():
+        return raw, ""
+    seconds = int(raw)
+    for unit, factor in sorted(DURATION_UNITS.items(), key=lambda x: -x[1]):
+        if seconds % factor == 0:
+            return str(seconds // factor), unit
+    return raw, "seconds"  # pragma: no cover - one divides every number
+
+
+_UNIT_WORDS = {
+    "seconds": (N_("1 second"), N_("{n} seconds")),
+    "minutes": (N_("1 minute"), N_("{n} minutes")),
+    "hours": (N_("1 hour"), N_("{n} hours")),
+    "days": (N_("1 day"), N_("{n} days")),
+}
+_DURATION_BOUNDS = {
+    "greater_than_equal": ("ge", N_("Enter a duration of at least {duration}.")),
+    "less_than_equal": ("le", N_("Enter a duration of at most {duration}.")),
+}
+
+
+def duration_text(lang: str, seconds: int) -> str:
+    """A duration in seconds said exactly, in its largest whole unit ("3 days")."""
+    number, unit = duration_parts(seconds)
+    one, many = _UNIT_WORDS[unit or "seconds"]
+    return translate(lang, one) if number == "1" else translate(lang, many, n=number)
+
+
+def duration_units(form: FormData) -> dict[str, str]:
+    """The units typed with the duration fields, to show a refused value as typed."""
+    return {f"{name}.unit": text(form, f"{name}.unit") for name in DURATION_FIELDS
+            if f"{name}.unit" in form}
 
 
 def checkbox(form: FormData, name: str) -> bool:
@@ -177,7 +241,7 @@ def settings_payload(form: FormData) -> dict[str, Any]:
         "allowed_domains": [d for d in domains if d],
         "relay": relay_payload(form, "relay."),
         "retry": {
-            name: text(form, f"retry.{name}").strip()
+            name: duration(form, f"retry.{name}")
             for name in ("first_delay", "max_delay", "max_age", "delay_warning")
             if f"retry.{name}" in form
         },
@@ -186,7 +250,7 @@ def settings_payload(form: FormData) -> dict[str, Any]:
         payload["retention"] = {name: text(form, f"retention.{name}").strip()
                                 for name in ("body_days", "metadata_days")}
     if "failover_after" in form:
-        payload["failover_after"] = text(form, "failover_after").strip()
+        payload["failover_after"] = duration(form, "failover_after")
     if "verify_sender_addresses_shown" in form:
         payload["verify_sender_addresses"] = checkbox(form, "verify_sender_addresses")
     if "alerts.relay_failing_after" in form:
@@ -201,9 +265,10 @@ def alerts_payload(form: FormData) -> dict[str, Any]:
     """The alerts part of the settings form; the webhook's secret is write-only like the
     relay's."""
     alerts: dict[str, Any] = {
-        name: text(form, f"alerts.{name}").strip()
-        for name in ("relay_failing_after", "oldest_deferred_after", "credential_expiry_days")
+        name: duration(form, f"alerts.{name}")
+        for name in ("relay_failing_after", "oldest_deferred_after")
     }
+    alerts["credential_expiry_days"] = text(form, "alerts.credential_expiry_days").strip()
     alerts["email"] = checkbox(form, "alerts.email")
     alerts["webhook_url"] = text(form, "alerts.webhook_url").strip()
     alerts["webhook_events"] = [e for e in form.getlist("alerts.webhook_events")

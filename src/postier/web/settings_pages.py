@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.datastructures import FormData
 
 from postier.diagnose import STEP_LABELS, TestReport
 from postier.errors import InvalidAddress, PostierError
@@ -32,6 +33,8 @@ from postier.web.context import (
 )
 from postier.web.forms import (
     checkbox,
+    duration_parts,
+    duration_units,
     error_text,
     field_errors,
     postier_field_errors,
@@ -119,7 +122,13 @@ async def _settings_page(
         dkim_domains=_signable_domains(stored),
         dkim_values=dkim_values or {},
         dkim_errors=dkim_errors or {},
+        duration_parts=duration_parts,
     )
+
+
+def _typed(form: FormData, payload: dict[str, Any]) -> dict[str, Any]:
+    """The form's values as typed, to show again (with the durations' units)."""
+    return settings_values(payload) | duration_units(form)
 
 
 @router.get("/settings")
@@ -139,7 +148,7 @@ async def save_settings(p: AdminPage) -> Response:
         errors = postier_field_errors(exc, p.lang, FIELDS)
     else:
         return redirect(flash_url("/settings", "settings_saved"))
-    return await _settings_page(p, status_code=422, values=settings_values(payload),
+    return await _settings_page(p, status_code=422, values=_typed(form, payload),
                                 errors=errors, test_to=text(form, "test_to"),
                                 test_relay=text(form, "test_relay", "main"))
 
@@ -159,7 +168,7 @@ async def apply_preset(p: AdminPage) -> Response:
         payload[section] = {**payload[section], **chosen["relay"]}
         notice = p._(N_("The preset filled in the SMTP server's fields. Check them, then "
                         "save."))
-    return await _settings_page(p, values=settings_values(payload),
+    return await _settings_page(p, values=_typed(form, payload),
                                 test_to=text(form, "test_to"), notice=notice)
 
 
@@ -191,7 +200,7 @@ async def test_settings(p: AdminPage) -> Response:
     if wants_json(p.request):
         return test_json(p, report, errors)
     return await _settings_page(p, status_code=200 if report else 422,
-                                values=settings_values(payload), errors=errors,
+                                values=_typed(form, payload), errors=errors,
                                 report=report, test_to=to,
                                 test_relay="backup" if backup else "main")
 

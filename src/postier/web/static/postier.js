@@ -19,6 +19,59 @@
     });
   }
 
+  /* -- folded parts of a long form ------------------------------------------------------ */
+  // Every folded part (details[data-fold]) around an element is opened.
+  function openAround(element) {
+    for (var d = element && element.closest("details"); d; d = d.parentElement.closest("details")) {
+      d.open = true;
+    }
+  }
+
+  // What the fields of a folded part hold, to tell after a save which parts it changed.
+  function foldState(fold) {
+    return Array.prototype.map.call(fold.querySelectorAll("input, select, textarea"), function (c) {
+      return c.name + "=" + (c.type === "checkbox" || c.type === "radio" ? c.checked : c.value);
+    }).join("&");
+  }
+
+  var FOLDS_KEY = "postier.open-folds";
+
+  // A part is open after a save that changed it (remembered in this tab only, for the next
+  // page), when the address names an element in it, and when a control such as
+  // "Authentication: OAuth2" asks for it (data-open-when, data-open-values).
+  function setupFolds(form) {
+    var folds = Array.prototype.slice.call(document.querySelectorAll("details[data-fold]"));
+    var loaded = folds.map(foldState);
+    try {
+      JSON.parse(window.sessionStorage.getItem(FOLDS_KEY) || "[]").forEach(function (id) {
+        openAround(document.getElementById(id));
+      });
+      window.sessionStorage.removeItem(FOLDS_KEY);
+    } catch (e) { /* no storage: the parts stay as the server drew them */ }
+    function openTarget() {
+      if (window.location.hash.length > 1) {
+        openAround(document.getElementById(decodeURIComponent(window.location.hash.slice(1))));
+      }
+    }
+    openTarget();
+    window.addEventListener("hashchange", openTarget);
+    document.querySelectorAll("details[data-open-when]").forEach(function (fold) {
+      var control = document.getElementById(fold.getAttribute("data-open-when"));
+      var values = (fold.getAttribute("data-open-values") || "").split(" ");
+      if (!control) { return; }
+      control.addEventListener("change", function () {
+        if (values.indexOf(control.value) >= 0) { fold.open = true; }
+      });
+    });
+    if (!form) { return; }
+    form.addEventListener("submit", function () {
+      var changed = folds.filter(function (fold, i) {
+        return form.contains(fold) && foldState(fold) !== loaded[i];
+      }).map(function (fold) { return fold.id; });
+      try { window.sessionStorage.setItem(FOLDS_KEY, JSON.stringify(changed)); } catch (e) { /* none */ }
+    });
+  }
+
   /* -- field errors, as the server renders them ---------------------------------------- */
   function clearErrors(form) {
     form.querySelectorAll("[data-field]").forEach(function (box) {
@@ -44,6 +97,7 @@
       var err = document.getElementById("e-" + name);
       var control = document.getElementById("f-" + name);
       if (!box || !err || !control) { return; }
+      openAround(box);
       box.classList.add("invalid");
       err.textContent = errors[name];
       err.hidden = false;
@@ -295,6 +349,9 @@
     document.querySelectorAll("[data-show-when]").forEach(setupShowWhen);
     document.querySelectorAll("[data-preset]").forEach(setupPreset);
     document.querySelectorAll("[data-warn-unsaved]").forEach(setupUnsaved);
+    if (document.querySelector("details[data-fold]")) {
+      setupFolds(document.querySelector("form[data-settings-form]"));
+    }
     var summary = document.querySelector("[data-autofocus]");
     if (summary) { summary.focus(); }
   });
