@@ -528,3 +528,30 @@ async def test_quitting_a_slow_relays_idle_connections_never_costs_a_lease(
         await first.stop(grace=5)
         await store.close()
         slow_data.stop()
+
+
+async def test_an_email_claimed_during_a_lease_renewal_keeps_its_lease(
+    engine: Engine, relay: FaultRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heartbeat renews the leases it asked for: e-mails claimed while a renewal was
+    under way are not taken for lost (they were left to the queue for a whole lease)."""
+    store = engine.store
+    renewing = asyncio.Event()
+    real_renew = store.renew_leases
+
+    async def slow_renew(*args: Any, **kwargs: Any) -> Any:
+        held = await real_renew(*args, **kwargs)
+        renewing.set()
+        await asyncio.sleep(0.3)  # a busy store: claims go on meanwhile
+        return held
+
+    store.renew_leases = slow_renew  # type: ignore[method-assign]
+    relay.stall = ("after_data", 0.1)
+    await engine.start(lease_seconds=2.0, concurrency=1)
+    await asyncio.wait_for(renewing.wait(), 10)
+    renewing.clear()
+    await asyncio.wait_for(renewing.wait(), 10)  # a renewal has just asked for its leases
+    mids = [await engine.put(f"p{i}@example.org") for i in range(5)]
+    for mid in mids:
+        await engine.wait(mid, "sent", timeout=10)
+    assert "lost before sending" not in caplog.text, caplog.text

@@ -325,12 +325,17 @@ class DeliveryWorker:
             await asyncio.sleep(wait)
             now = time.time()
             try:
+                asked = list(self._in_flight)
                 held = await self.store.renew_leases(
-                    self.worker_id, list(self._in_flight), self.lease_seconds, now
+                    self.worker_id, asked, self.lease_seconds, now
                 )
-                for mid in list(self._lease_until):
-                    # A lease another worker took back is lost for good.
-                    self._lease_until[mid] = now + self.lease_seconds if mid in held else 0.0
+                # Only the leases this renewal asked for: an e-mail claimed while it ran
+                # holds the lease of its claim (marking it lost left it to the queue).
+                for mid in asked:
+                    if mid in self._lease_until:
+                        # A lease another worker took back is lost for good.
+                        self._lease_until[mid] = (now + self.lease_seconds if mid in held
+                                                  else 0.0)
                 if await self.store.release_expired_leases(now):
                     self._wake.set()
             except Exception as exc:
