@@ -74,6 +74,7 @@ class _Waiter:
     establishment_id: int
     now: float
     since: float | None = None  # its place in the line, None when not in it yet
+    seen_at: float = 0.0
 
     async def ahead(self, conn: AsyncConnection, held: collections.Counter[int]) -> int:
         """How many live waiters come before this one: their establishment holds fewer
@@ -89,7 +90,7 @@ class _Waiter:
         others = []
         for r in rows:
             if r.holder == self.holder and r.establishment_id == self.establishment_id:
-                self.since = float(r.since)
+                self.since, self.seen_at = float(r.since), float(r.seen_at)
             elif r.seen_at >= self.now - WAITER_STALE:
                 others.append((held[int(r.establishment_id)], float(r.since)))
         mine = (held[self.establishment_id],
@@ -100,6 +101,8 @@ class _Waiter:
         """Noted as waiting (keeping its place when it was already)."""
         w = t.relay_waiters.c
         if self.since is not None:
+            if self.now - self.seen_at < WAITER_STALE / 3:
+                return  # seen lately enough: no write at each ask
             await conn.execute(update(t.relay_waiters).where(
                 w.relay_key == self.relay_key, w.holder == self.holder,
                 w.establishment_id == self.establishment_id).values(seen_at=self.now))
