@@ -88,6 +88,7 @@ def test_the_sender_name_choice_on_the_settings_page(
     page = web.sign_in("admin")
     page.goto("/settings")
     assert page.is_checked("input[name='sender.display'][value='establishment']")
+    page.click("#fold-display > summary")  # a folded part of the page
     example = page.locator("code[data-example='user_via']").inner_text()
     assert example == "Bob Durand via Collège Jean Moulin <ne-pas-repondre@ac-lyon.fr>"
     page.check("input[name='sender.display'][value='user_via']")

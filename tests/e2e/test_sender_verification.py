@@ -349,6 +349,7 @@ def test_verify_an_address_from_my_account(
     # The administrator turns verification on in Paramètres d'envoi des e-mails.
     admin = web.sign_in("admin")
     admin.goto("/settings")
+    admin.click("#fold-verification > summary")  # a folded part of the page
     assert not admin.is_checked("#f-verify_sender_addresses")
     admin.check("#f-verify_sender_addresses")
     admin.click("button:has-text('Enregistrer')")

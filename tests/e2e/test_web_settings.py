@@ -38,6 +38,12 @@ def _field(name: str) -> str:
     return "#f-" + name.replace(".", "\\.")
 
 
+def _unfold(page: Any, fold: str) -> None:
+    """Open a folded part of the page (its heading is a <summary>)."""
+    if not page.locator(f"#{fold}").evaluate("d => d.open"):
+        page.click(f"#{fold} > summary")
+
+
 def test_oauth2_relay_from_a_preset_is_saved_and_its_secrets_never_come_back(
     web: Web, web_server: ServerProcess
 ) -> None:
@@ -47,6 +53,7 @@ def test_oauth2_relay_from_a_preset_is_saved_and_its_secrets_never_come_back(
     expect(page.locator(_field("relay.oauth2_client_id"))).to_be_hidden()
 
     # A preset fills the server and the provider's limits; everything stays editable.
+    _unfold(page, "fold-relay-presets")
     page.select_option(_field("relay.preset"), "microsoft365")
     assert page.input_value(_field("relay.host")) == "smtp.office365.com"
     assert page.input_value(_field("relay.port")) == "587"
@@ -120,6 +127,7 @@ def test_backup_relay_is_saved_tested_then_removed(
     page.goto("/settings")
     expect(page.locator(_field("backup_relay.host"))).to_be_hidden()
     expect(page.locator(_field("test_relay"))).to_be_hidden()
+    _unfold(page, "fold-backup")
     page.check(_field("backup_relay"))
     page.fill(_field("backup_relay.host"), relay.host)
     page.fill(_field("backup_relay.port"), str(relay.port))
@@ -128,7 +136,8 @@ def test_backup_relay_is_saved_tested_then_removed(
     page.fill(_field("backup_relay.username"), "secours")
     page.fill(_field("backup_relay.password"), "Mot-De-Passe-Secours")
     page.fill(_field("backup_relay.timeout"), "5")
-    page.fill(_field("failover_after"), "120")
+    page.fill(_field("failover_after"), "2")
+    page.select_option(_field("failover_after.unit"), "minutes")
     _save(page)
 
     saved = _settings(web_server)
@@ -159,6 +168,7 @@ def test_backup_relay_is_saved_tested_then_removed(
 
     # Unticked and saved: no backup relay any more.
     page.reload()
+    _unfold(page, "fold-backup")
     page.uncheck(_field("backup_relay"))
     expect(page.locator(_field("backup_relay.host"))).to_be_hidden()
     _save(page)
@@ -174,6 +184,7 @@ def test_dkim_key_is_made_and_its_dns_record_shown_with_a_copy_button(
     page.fill(_field("sender.address"), "ne-pas-repondre@clg-moulin.fr")
     page.fill(_field("allowed_domains"), "ac-lyon.fr\n*.ac-lyon.fr")
     _save(page)
+    _unfold(page, "dkim")
     dkim = page.locator("#dkim")
     expect(dkim).to_contain_text("Aucun domaine n'a encore de clé DKIM")
     # The exact domains can be signed for; a *. pattern names no domain to publish in.
@@ -257,8 +268,9 @@ def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved
     page.goto("/settings")
     before = _settings(web_server)
     assert before["retention"] == {"body_days": 30, "metadata_days": 365}
-    assert page.input_value(_field("retry.delay_warning")) == "14400"
-    expect(page.locator("#h-retry\\.delay_warning")).to_contain_text("4 heures")
+    assert page.input_value(_field("retry.delay_warning")) == "4"
+    assert page.input_value(_field("retry.delay_warning.unit")) == "hours"
+    _unfold(page, "fold-retention")
     page.click("summary:has-text('Pour le délégué à la protection des données')")
     expect(page.locator("details.dpo")).to_contain_text("registre des activités de "
                                                        "traitement")
@@ -266,6 +278,7 @@ def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved
     page.fill(_field("sender.name"), "Nom qui ne doit pas être enregistré")
     page.fill(_field("retention.body_days"), "400")
     page.fill(_field("retention.metadata_days"), "365")
+    _unfold(page, "fold-backup")
     page.check(_field("backup_relay"))
     page.fill(_field("backup_relay.host"), "secours.ac-lyon.fr")
     page.fill(_field("backup_relay.port"), "70000")
@@ -289,8 +302,10 @@ def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved
     # Corrected, everything is saved at once.
     page.fill(_field("retention.body_days"), "7")
     page.fill(_field("backup_relay.port"), "587")
+    _unfold(page, "fold-retry")
     page.fill(_field("retry.delay_warning"), "0")
     assert before["relay"]["pipelining"] is True
+    _unfold(page, "fold-relay-connection")
     page.uncheck(_field("relay.pipelining"))
     _save(page)
     saved = _settings(web_server)
@@ -304,6 +319,7 @@ def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved
     # The same mistake read in English.
     english = web.sign_in("admin", lang="en-GB")
     english.goto("/settings")
+    _unfold(english, "fold-retention")
     english.fill(_field("retention.body_days"), "400")
     english.click("form.settings .actions button:has-text('Save')")
     expect(english.locator("#e-retention\\.body_days")).to_contain_text(
@@ -323,6 +339,9 @@ def test_without_script_every_field_is_there_and_a_preset_fills_the_form(
     page.fill("#f-password", "motdepasse-admin")
     page.click("button:has-text('Se connecter')")
     page.goto("/settings")
+    # The folded parts open without script too (they are <details>).
+    for fold in ("fold-relay-oauth2", "fold-backup", "fold-relay-presets"):
+        page.click(f"#{fold} > summary")
     for name in ("relay.oauth2_client_id", "relay.oauth2_client_secret",
                  "relay.oauth2_tenant", "relay.oauth2_refresh_token", "backup_relay.host",
                  "test_relay"):
@@ -363,10 +382,13 @@ def test_alerts_and_their_webhook_are_set_and_the_secret_is_write_only(
 ) -> None:
     page = shared_web.sign_in("admin")
     page.goto("/settings")
+    _unfold(page, "fold-alerts")
     expect(page.locator(_field("alerts.email"))).to_be_checked()
     page.uncheck(_field("alerts.email"))
-    page.fill(_field("alerts.relay_failing_after"), "1800")
-    page.fill(_field("alerts.oldest_deferred_after"), "7200")
+    page.fill(_field("alerts.relay_failing_after"), "30")
+    page.select_option(_field("alerts.relay_failing_after.unit"), "minutes")
+    page.fill(_field("alerts.oldest_deferred_after"), "2")
+    page.select_option(_field("alerts.oldest_deferred_after.unit"), "hours")
     page.fill(_field("alerts.credential_expiry_days"), "21")
     page.click("summary:has-text('Webhook pour les intégrateurs')")
     page.fill(_field("alerts.webhook_url"), "https://ent.ac-lyon.fr/postier/events")
