@@ -28,6 +28,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from postier.accounts import OPERATORS_ESTABLISHMENT
 from postier.config import ServerConfig
 from postier.crypto import KEY_FILE, KeyError_, SecretBox
 from postier.domains import all_holdings, overlaps
@@ -121,6 +122,7 @@ class Doctor:
             await self.check_queue()
             await self.check_relays()
             await self.check_domains()
+            await self.check_operators()
             await self.check_clock()
             self.check_server()
         finally:
@@ -474,6 +476,37 @@ class Doctor:
             domains="\n".join(lines)),
             self._(N_("Decide which establishment each domain belongs to, then give it to "
                       "that one: postier domains move DOMAIN --to ESTABLISHMENT.")))
+
+    async def check_operators(self) -> None:
+        """Operator accounts made in a school's establishment before they could live only
+        in ``default``: that school's administrators would hold an account of every
+        establishment. Only said when the installation has several."""
+        if not self.store_ok:
+            return
+
+        async def read(conn: AsyncConnection) -> tuple[int, list[Any]]:
+            count = await conn.scalar(select(func.count()).select_from(t.establishments))
+            misplaced = list(await conn.execute(
+                select(t.establishments.c.slug, t.users.c.username)
+                .join(t.users, t.users.c.establishment_id == t.establishments.c.id)
+                .where(t.users.c.role == "operator",
+                       t.users.c.establishment_id != OPERATORS_ESTABLISHMENT)
+                .order_by(t.establishments.c.slug, t.users.c.username)))
+            return int(count or 0), misplaced
+
+        count, misplaced = await self._read(read)
+        if count < 2:
+            return
+        label = self._(N_("Operator accounts"))
+        if not misplaced:
+            self.add("operators", label, OK, self._(
+                N_("Every operator account is in the installation's own establishment.")))
+            return
+        self.add("operators", label, WARN, self._(
+            N_("Operator accounts in a school's establishment: {accounts}"),
+            accounts=", ".join(f"{slug}:{name}" for slug, name in misplaced)),
+            self._(N_("Create each operator again in the default establishment (postier "
+                      "users add NAME --role operator), then disable these accounts.")))
 
     async def _greet(self, label: str, relay: RelaySettings) -> None:
         from postier.delivery.relay import open_smtp, relay_label

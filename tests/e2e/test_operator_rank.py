@@ -5,7 +5,9 @@ server's console. Operator accounts live in the installation's own establishment
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -159,3 +161,33 @@ def test_the_users_page_offers_nothing_on_an_operator(
                                               "role": "user", "disabled": "on", "csrf": token})
     assert r.status == 403
     context.close()
+
+
+def test_doctor_reports_an_operator_account_left_in_a_school(
+    platform: tuple[ServerProcess, str]
+) -> None:
+    """An installation made before operators lived only in `default` may have one in a
+    school: the doctor names it, with what to do."""
+    server, _ops_token = platform
+
+    def doctor() -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-m", "postier", "doctor", "--json", "--data-dir",
+             str(server.data_dir)], capture_output=True, text=True, timeout=120,
+            env={**server.env, "LANG": "C.UTF-8"})
+        assert done.stdout, done.stderr
+        checks = {c["key"]: c for c in json.loads(done.stdout)["checks"]}
+        return dict(checks["operators"])
+
+    assert doctor()["level"] == "ok"
+    with sqlite3.connect(server.data_dir / "postier.db", timeout=10) as db:
+        db.execute("INSERT INTO users (establishment_id, username, email, role, created_at) "
+                   "SELECT id, 'ancien-ops', 'ops@lyceeduparc.fr', 'operator', 0 "
+                   "FROM establishments WHERE slug = 'lycee-du-parc'")
+    try:
+        found = doctor()
+        assert found["level"] == "warn", found
+        assert "lycee-du-parc:ancien-ops" in found["result"], found
+    finally:
+        with sqlite3.connect(server.data_dir / "postier.db", timeout=10) as db:
+            db.execute("DELETE FROM users WHERE username = 'ancien-ops'")
