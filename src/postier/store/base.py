@@ -455,7 +455,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_dkim_key(self, establishment_id: int, domain: str) -> bool: ...
 
-    # -- settings ------------------------------------------------------------------------
     # -- domains of a hosted installation: see postier.domains ----------------------------
     @abc.abstractmethod
     async def all_settings(self) -> dict[int, dict[str, Any]]:
@@ -470,6 +469,7 @@ class Store(abc.ABC):
         """Give ``from_id``'s key of ``domain`` to ``to_id``, unless ``to_id`` has one (then
         ``from_id``'s is deleted); True when ``from_id`` had one."""
 
+    # -- settings ------------------------------------------------------------------------
     @abc.abstractmethod
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
         """The stored settings document and its update time, or None."""
