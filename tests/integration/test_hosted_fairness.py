@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.settings import DeliverySettings, RelaySettings
-from postier.store import create_store
 from postier.store.base import NewMessage, Store
 
 from support.relay import FaultRelay
@@ -36,14 +35,6 @@ def _msg(i: int, est: int, priority: int = NORMAL) -> NewMessage:
 
 def _est(received_from: str) -> int:
     return int(received_from.removeprefix("ecole").split("@")[0])
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = create_store(store_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

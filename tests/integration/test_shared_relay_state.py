@@ -28,18 +28,9 @@ from postier.delivery.relay import RelayPool
 from postier.delivery.worker import deliver_one
 from postier.service import Postier
 from postier.settings import DeliverySettings, RelaySettings
-from postier.store import create_store
 from postier.store.base import SENT, WAITER_STALE, Claimed, RecipientState, Store
 
 from support.relay import FaultRelay
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = create_store(store_url)
-    await s.open()
-    yield s
-    await s.close()
 
 
 @pytest.fixture

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from postier.store import database_url
+from postier.store import create_store, database_url
+from postier.store.base import Store
 
 PG_ADMIN = os.environ.get("POSTIER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -60,3 +61,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     url = create_pg_database()
     yield database_url(tmp_path, url)
     drop_pg_database(url)
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """The store of ``store_url``, opened (its schema made) for the test, closed after."""
+    s = create_store(store_url)
+    await s.open()
+    yield s
+    await s.close()
