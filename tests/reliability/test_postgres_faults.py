@@ -148,8 +148,10 @@ def test_worker_frozen_past_its_lease_nothing_lost(frozen_run: dict[str, Any]) -
 def test_worker_frozen_past_its_lease_repeats_only_what_was_on_the_wire(
     frozen_run: dict[str, Any]
 ) -> None:
-    # In flight at the freeze: at most one conversation per relay connection, whether its
-    # result was still on the wire or being written (a connection carries no other e-mail
-    # before its result is recorded). Without the lease check on thaw, the frozen worker
-    # repeated most of its 256-message claim.
-    assert frozen_run["duplicates"] <= CONCURRENCY, frozen_run["duplicates"]
+    # In flight at the freeze: at most one e-mail per relay connection that the relay took
+    # and the store had not recorded, plus, when the worker thaws after losing its
+    # leases, at most one per connection whose envelope had gone out and whose content
+    # waited for that record. Without the lease check on thaw, the frozen worker repeated
+    # most of its 256-message claim. (A worker killed outright repeats at most one per
+    # connection: test_duplicate_bound.)
+    assert frozen_run["duplicates"] <= 2 * CONCURRENCY, frozen_run["duplicates"]

@@ -591,24 +591,11 @@ class _Idle:
     lease: ConnectionLease | None = None
 
 
-# Given the relay's answer to an e-mail before its connection may carry another one: the
-# worker records the result there, so that at any instant each connection has at most one
-# conversation whose result the store does not hold yet (what a killed worker may repeat).
+# Given the relay's answer to an e-mail; the worker records the result there. The
+# connection's next e-mail may start meanwhile, but its content waits for that record, so
+# that at any instant each connection has at most one e-mail the relay took whose result
+# the store does not hold yet (what a killed worker may repeat).
 Settle = Callable[[TransactionResult], Awaitable[None]]
-
-
-@dataclass
-class _Settling:
-    """A ``send``'s :data:`Settle`, and its conversation's time limit, lifted while it
-    runs: recording a result is Postier's own doing, not the relay's."""
-
-    settle_result: Settle | None
-    window: asyncio.Timeout
-
-    async def settle(self, result: TransactionResult) -> None:
-        if self.settle_result is not None:
-            self.window.reschedule(None)
-            await self.settle_result(result)
 
 
 class LeaseLost(Exception):
@@ -821,7 +808,9 @@ class RelayPool:
         The relay's connections go to the ``establishment``s sending through it in turn.
         ``still_ours`` is asked once the turn has come: a message whose lease was lost
         meanwhile is not sent (:class:`LeaseLost`). ``settle`` is given the relay's
-        answer before the connection may carry another e-mail (see :data:`Settle`)."""
+        answer, and awaited once the e-mail's turn is given to the next one; the
+        connection's next e-mail does not reach the relay before it ends (see
+        :data:`Settle`)."""
         state = self._state(relay)
         await state.slots.acquire(priority, establishment)
         # A shared connection slot taken for this e-mail and not yet given to a connection.
@@ -843,14 +832,17 @@ class RelayPool:
                     state.shared_pause(pause)
             if still_ours is not None and not still_ours():
                 raise LeaseLost()
-            async with asyncio.timeout(limit) as window:
-                return await self._send(state, relay, envelope_from, recipients, data,
-                                        smtputf8, spare, _Settling(settle, window),
-                                        establishment)
+            async with asyncio.timeout(limit):
+                result, settled = await self._send(
+                    state, relay, envelope_from, recipients, data, smtputf8, spare, settle,
+                    establishment)
         finally:
             state.slots.release()
             for lease in spare:
                 self._release_later(state, lease)
+        if settled is not None:
+            await settled
+        return result
 
     async def _send(
         self,
@@ -861,24 +853,26 @@ class RelayPool:
         data: bytes,
         smtputf8: bool,
         spare: list[ConnectionLease],
-        settling: _Settling,
+        settle: Settle | None,
         establishment: int = 0,
-    ) -> TransactionResult:
+    ) -> tuple[TransactionResult, asyncio.Future[None] | None]:
+        """One conversation, and the recording of its result when ``settle`` is given (a
+        task: the caller awaits it once the e-mail's slot is free)."""
         for attempt in range(2):
             now = time.monotonic()
             if state.down_error is not None and now < state.down_until:
-                return _all(recipients, state.down_error, reusable=False)
+                return _all(recipients, state.down_error, reusable=False), None
             if state.pause_error is not None and now < state.paused_until:
                 # The relay asked to slow down: wait here without knocking on its door.
-                return _all(recipients, state.pause_error, reusable=False)
+                return _all(recipients, state.pause_error, reusable=False), None
             try:
                 smtp, lease, reused = await self._checkout(state, relay, spare,
                                                            establishment)
             except DeliveryError as err:  # no connection slot came free in time
-                return _all(recipients, err, reusable=False)
+                return _all(recipients, err, reusable=False), None
             if smtp is None:
                 assert state.down_error is not None
-                return _all(recipients, state.down_error, reusable=False)
+                return _all(recipients, state.down_error, reusable=False), None
             try:
                 result = await send_on(
                     smtp, relay, envelope_from, recipients, data, smtputf8=smtputf8
@@ -904,21 +898,19 @@ class RelayPool:
             reuse = reuse and not handed
             # A reused connection the server had quietly closed: one fresh try.
             again = not reuse and reused and attempt == 0 and _nothing_happened(result)
-            if not again:
-                try:
-                    await settling.settle(result)
-                except BaseException:
-                    smtp.close()
-                    self._release_later(state, lease)
-                    raise
+            # The result is recorded while the connection may already carry the next
+            # e-mail's envelope; that e-mail's content waits for it (RelaySession.content).
+            settled = (None if again or settle is None
+                       else asyncio.ensure_future(settle(result)))
             if reuse and smtp.is_connected and self._lease_ok(lease):
+                smtp.unsettled = settled
                 self._put_idle(state, _Idle(smtp, time.monotonic(), lease))
             else:
                 smtp.close()
                 self._release_later(state, lease, handed_round=handed)
                 if again:
                     continue
-            return result
+            return result, settled
         raise AssertionError("unreachable")
 
     async def _checkout(

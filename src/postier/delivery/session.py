@@ -159,6 +159,8 @@ class RelaySession:
         self.extensions = extensions
         self.pipelining = pipelining and "pipelining" in extensions
         self.timeout = timeout
+        # The recording of the last e-mail's result, still running (see content()).
+        self.unsettled: asyncio.Future[None] | None = None
 
     @classmethod
     def take_over(cls, smtp: aiosmtplib.SMTP, timeout: float,
@@ -243,7 +245,17 @@ class RelaySession:
             await read(1, timeout, out)
 
     async def content(self, data: bytes) -> Reply:
-        """The message after a ``354``, and the relay's final reply to it."""
+        """The message after a ``354``, and the relay's final reply to it. The result of
+        the connection's last e-mail is recorded first: while it is written, this e-mail's
+        envelope goes out, yet the relay takes no second e-mail whose predecessor's result
+        the store does not hold (a worker killed repeats at most one per connection)."""
+        if self.unsettled is not None:
+            previous, self.unsettled = self.unsettled, None
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                self.close()
+                raise aiosmtplib.SMTPServerDisconnected(
+                    "the last e-mail's result could not be recorded")
         self._write(wire_format(data))
         await self._protocol.drain()  # a big message: the timeout starts once it is sent
         out: list[Reply] = []
