@@ -101,6 +101,29 @@ async def test_successive_claims_go_round_every_establishment(store: Store) -> N
         f"before anyone's second; establishments served: {sorted(seen)}")
 
 
+async def test_a_small_claim_looks_past_establishments_with_nothing_due(
+    store: Store,
+) -> None:
+    # Establishments 1-5 wait for a later retry, 6 is left out of this claim (its relay
+    # is busy): a claim of two takes the e-mails of 7 and 8, the first with one due.
+    for est in range(1, 9):
+        stored = await store.enqueue([_msg(i, est) for i in range(3)])
+        if est <= 5:
+            for m in stored:
+                assert await store.set_status(m.id, "deferred", from_statuses=["queued"],
+                                              now=time.time(),
+                                              next_attempt_at=time.time() + 600)
+    now = time.time()
+    claimed = await store.claim("w1", 2, 60, now, skip_establishments={6})
+    assert sorted(c.establishment_id for c in claimed) == [7, 8], (
+        "a claim of two should take one e-mail of each of establishments 7 and 8; it took "
+        f"those of {sorted(c.establishment_id for c in claimed)}")
+    claimed = await store.claim("w1", 2, 60, now)
+    assert sorted(c.establishment_id for c in claimed) == [6, 7], (
+        "the next claim should go on with establishment 6 (no longer left out), then 7; "
+        f"it took those of {sorted(c.establishment_id for c in claimed)}")
+
+
 async def test_a_flood_on_the_shared_relay_lets_the_others_through(
     store: Store, relay: FaultRelay
 ) -> None:

@@ -1056,14 +1056,22 @@ class SQLStore(Store):
             " WHERE status IN ('queued', 'deferred') AND establishment_id = ?"
             " AND priority = ? AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?")
 
-    async def _claim_walk(self, conn: AsyncConnection, ask: ClaimAsk) -> list[tuple[int, int]]:
+    async def _claim_walk(
+        self, conn: AsyncConnection, ask: ClaimAsk, due: list[Any]
+    ) -> list[tuple[int, int]]:
         """The (establishment, priority) classes that have e-mails waiting, in the round's
         order: after the cursor, then from the start up to it; at most ``ask.walk``. One
-        index probe each, however many e-mails a class holds."""
+        index probe each, however many e-mails a class holds. Each class's due e-mails
+        are added to ``due`` as it is found; the walk stops early once ``ask.limit``
+        establishments have one due (the round's first turn alone fills the claim, so
+        walking further would change nothing): a small claim among many establishments
+        costs a few probes, not ``ask.walk``."""
         walk: list[tuple[int, int]] = []
+        skip = set(ask.skip)
+        serving: set[int] = set()
         for lap in ("establishment_id > ?", "establishment_id <= ?"):
             last: tuple[int, int] | None = None
-            while len(walk) < ask.walk:
+            while len(walk) < ask.walk and len(serving) < ask.limit:
                 row = None
                 if last is None:
                     row = (await conn.exec_driver_sql(self._sql(
@@ -1078,6 +1086,13 @@ class SQLStore(Store):
                     break
                 last = (int(row.establishment_id), int(row.priority))
                 walk.append(last)
+                if last[0] in skip:
+                    continue
+                rows = list(await conn.exec_driver_sql(
+                    self._sql(self._DUE), (*last, ask.now, ask.limit)))
+                if rows:
+                    due.extend(rows)
+                    serving.add(last[0])
         return walk
 
     async def _claim_rows(
@@ -1088,14 +1103,8 @@ class SQLStore(Store):
 
         Each establishment's due e-mails in turn (round-robin), most urgent first within
         one: a flood of one establishment holds back no other's e-mail."""
-        skip = set(ask.skip)
         due: list[Any] = []
-        walk = await self._claim_walk(conn, ask)
-        for est, prio in walk:
-            if est in skip:
-                continue
-            due.extend(await conn.exec_driver_sql(
-                self._sql(self._DUE), (est, prio, ask.now, ask.limit)))
+        walk = await self._claim_walk(conn, ask, due)
         cursor = walk[-1][0] if len(walk) >= ask.walk else ask.cursor
         picked = fair_order(due, [e for e, _ in walk], ask.limit)
         if not picked:
