@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 
 async def probe(data_dir: Path, url: str | None, claims: int, limit: int) -> dict[str, float]:

@@ -8,8 +8,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
 from support.server import ServerProcess

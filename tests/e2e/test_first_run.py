@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from postier import first_run
-from postier.config import ServerConfig
-from postier.service import Postier
-from postier.web.setup import GUESS_LIMIT
+from postier.core import first_run
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
+from postier.server.web.setup import GUESS_LIMIT
 
 from support.browser import Web
 from support.server import ServerProcess

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 
-from postier.config import ServerConfig
-from postier.service import Postier
-from postier.settings import DeliverySettings
+from postier.core.service import Postier
+from postier.core.settings import DeliverySettings
+from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
 from support.server import ServerProcess

@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 import pytest
 
-from postier.config import ServerConfig
-from postier.service import Postier
-from postier.sign_in_throttle import SignInThrottle
+from postier.core.service import Postier
+from postier.core.sign_in_throttle import SignInThrottle
+from postier.server.config import ServerConfig
 
 from support.server import ServerProcess
 

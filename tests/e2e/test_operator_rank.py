@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from postier import i18n
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 from support.server import ServerProcess
 

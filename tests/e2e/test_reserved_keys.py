@@ -9,9 +9,10 @@ import base64
 
 import pytest
 
-from postier import errors, service
-from postier.client import Client
-from postier.message import RESERVED_KEY_PREFIXES
+from postier import errors
+from postier.core import service
+from postier.core.message import RESERVED_KEY_PREFIXES
+from postier.workstation.client import Client
 
 from support.relay import FaultRelay
 from support.server import ServerProcess

@@ -294,8 +294,8 @@ def test_cli_and_sdk(verifying: ServerProcess, relay: FaultRelay, tmp_path: Any)
     import subprocess
     import sys
 
-    from postier.client import Client
     from postier.errors import PostierError
+    from postier.workstation.client import Client
 
     env = {**os.environ, "POSTIER_CONFIG": str(tmp_path / "poste.toml"),
            "POSTIER_OUTBOX": str(tmp_path / "outbox"), "LANG": "C", "COLUMNS": "200"}

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from postier.config import ServerConfig
+from postier.core.message import MessageIn
+from postier.core.service import Postier
+from postier.core.settings import RelaySettings
 from postier.delivery.limits import HEALTH_REFRESH, SharedLimits
 from postier.delivery.relay import RelayPool
-from postier.message import MessageIn
-from postier.service import Postier
-from postier.settings import RelaySettings
+from postier.server.config import ServerConfig
 from postier.store.base import MessageRecord, User
 
 from support.relay import FaultRelay

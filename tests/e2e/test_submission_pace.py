@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
 from support.server import ServerProcess

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 import postier
-from postier.client import Client, SendResult, send
 from postier.errors import Forbidden, InvalidInput
-from postier.workstation import WorkstationSettings
+from postier.workstation.client import Client, SendResult, send
+from postier.workstation.settings_file import WorkstationSettings
 
 from support.proxy import AnswerDropper
 from support.relay import FaultRelay

@@ -27,13 +27,13 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from postier import alerts
-from postier.config import ServerConfig
+from postier.core.message import MessageIn
+from postier.core.service import SYSTEM_USER, Postier
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.errors import Forbidden
-from postier.message import MessageIn
-from postier.service import SYSTEM_USER, Postier
+from postier.ops import alerts
+from postier.server.config import ServerConfig
 from postier.store import alerts as db
 from postier.store import schema
 from postier.store.base import User

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from postier.core.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.delivery.limits import SharedLimits
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
-from postier.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.store import create_store
 from postier.store.base import NewMessage, Store
 

@@ -1,6 +1,6 @@
 """The test-send ("Tester l'envoi d'e-mails") against real relays (support.relay.FaultRelay).
 
-Each test runs :func:`postier.diagnose.test_send` against a relay set up to succeed or to
+Each test runs :func:`postier.delivery.diagnose.test_send` against a relay set up to succeed or to
 fail in one way, and checks what the user would see: the steps, the error code, and the
 message and remedy in French or English.
 """
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 import postier.i18n
-from postier import diagnose
-from postier.diagnose import TestReport
-from postier.settings import RelaySettings
+from postier.core.settings import RelaySettings
+from postier.delivery import diagnose
+from postier.delivery.diagnose import TestReport
 
 from support.relay import FaultRelay
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from postier import diagnose
-from postier.settings import RelaySettings
+from postier.core.settings import RelaySettings
+from postier.delivery import diagnose
 
 from support.relay import FaultRelay
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+from postier.core.settings import DeliverySettings, RelaySettings
 from postier.delivery.relay import PrioritySlots, RelayPool
 from postier.delivery.worker import DeliveryWorker
-from postier.settings import DeliverySettings, RelaySettings
 from postier.store import create_store
 from postier.store.base import NewMessage
 

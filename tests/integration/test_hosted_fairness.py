@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from postier.core.settings import DeliverySettings, RelaySettings
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
-from postier.settings import DeliverySettings, RelaySettings
 from postier.store.base import NewMessage, Store
 
 from support.relay import FaultRelay

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from postier.config import ServerConfig
-from postier.service import Postier
-from postier.sign_in_throttle import SignInThrottle as Throttle
+from postier.core.service import Postier
+from postier.core.sign_in_throttle import SignInThrottle as Throttle
+from postier.server.config import ServerConfig
 from postier.store.base import account_key, address_key
 
 

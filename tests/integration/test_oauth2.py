@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from postier import alerts, diagnose
-from postier.config import ServerConfig
-from postier.delivery import oauth2
-from postier.service import Postier, settings_warnings
-from postier.settings import DeliverySettings, RelaySettings
-from postier.web.forms import field_errors
+from postier.core.service import Postier, settings_warnings
+from postier.core.settings import DeliverySettings, RelaySettings
+from postier.delivery import diagnose, oauth2
+from postier.ops import alerts
+from postier.server.config import ServerConfig
+from postier.server.web.forms import field_errors
 
 from support.oauth import ASSERTION_TYPE, TokenEndpoint, make_certificate
 from support.relay import FaultRelay

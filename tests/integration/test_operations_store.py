@@ -8,9 +8,9 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 
-from postier import metrics, retention
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.ops import metrics, retention
+from postier.server.config import ServerConfig
 from postier.store import schema as t
 from postier.store.base import (
     AttemptRecord,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from postier.config import ServerConfig
-from postier.pace import Pace, PaceExceeded, PaceLimits
-from postier.service import Postier
+from postier.core.pace import Pace, PaceExceeded, PaceLimits
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 MINUTE = 60 * 29_000_000  # a clock minute's start, far from any real one
 

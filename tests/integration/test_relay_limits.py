@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from postier.core.service import explain_error
+from postier.core.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.delivery.limits import SharedLimits, relay_key
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
-from postier.service import explain_error
-from postier.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.store import create_store
 from postier.store.base import MessageRecord, NewMessage, Store
 

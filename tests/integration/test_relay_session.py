@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from postier.core.settings import RelaySettings
 from postier.delivery.relay import RelayPool
 from postier.delivery.session import wire_format
-from postier.settings import RelaySettings
 
 RAW = (b"From: Alice <alice@ac-lyon.fr>\r\nTo: parents@example.org\r\nSubject: Sortie\r\n"
        b"\r\nBonjour.\r\n.Une ligne qui commence par un point.\r\n")

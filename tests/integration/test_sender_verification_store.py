@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-from postier.config import ServerConfig
+from postier.core.message import MessageIn
+from postier.core.sender_verification import MAX_FAILURES
+from postier.core.service import Postier
 from postier.errors import PostierError
-from postier.message import MessageIn
-from postier.sender_verification import MAX_FAILURES
-from postier.service import Postier
+from postier.server.config import ServerConfig
 from postier.store import schema
 
 ADDRESS = "alice@ac-lyon.fr"

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from postier import alerts
-from postier.config import ServerConfig
-from postier.crypto import SecretBox
+from postier.core.crypto import SecretBox
+from postier.core.service import Postier
+from postier.core.settings import DeliverySettings, RelaySettings
 from postier.delivery import relay as relay_module
 from postier.delivery.limits import SharedLimits
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import deliver_one
-from postier.service import Postier
-from postier.settings import DeliverySettings, RelaySettings
+from postier.ops import alerts
+from postier.server.config import ServerConfig
 from postier.store.base import SENT, WAITER_STALE, Claimed, RecipientState, Store
 
 from support.relay import FaultRelay

@@ -20,12 +20,12 @@ import httpx
 import pytest
 from argon2 import PasswordHasher
 
-from postier import accounts
-from postier.api import create_app
-from postier.config import ServerConfig
+from postier.core import accounts
+from postier.core.service import Postier
 from postier.errors import AuthenticationRequired
-from postier.service import Postier
-from postier.smtp_server import SubmissionConfig, self_signed, server_tls_context, start_submission
+from postier.server.api import create_app
+from postier.server.config import ServerConfig
+from postier.server.smtp import SubmissionConfig, self_signed, server_tls_context, start_submission
 
 from support.server import free_port
 

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from reliability_kit import record_figures
 
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay, closed_port
 from support.server import ServerProcess

@@ -117,7 +117,7 @@ def test_delivery_resumes_by_itself_after_the_database_comes_back(
     wait_delivered(relay, more, timeout=10, what="a new e-mail woken at once")
     for log in logs:
         outages = collections.Counter(re.findall(
-            r"postier.outage: (.+?): the store is unavailable", log.read_text()))
+            r"postier.core.outage: (.+?): the store is unavailable", log.read_text()))
         assert outages, "the outage is in the worker's log"
         assert set(outages.values()) == {1}, (
             f"each loop logs the outage once, not at every try: {outages}")

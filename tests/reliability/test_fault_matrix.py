@@ -23,8 +23,8 @@ import httpx
 import pytest
 from reliability_kit import SilentAfterDotRelay, by_message_id, record_figures, wait_until
 
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
 from support.server import ServerProcess

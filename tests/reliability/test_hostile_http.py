@@ -23,9 +23,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from postier.api import create_app
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.api import create_app
+from postier.server.config import ServerConfig
 
 ALICE = "alice.martin@ac-lyon.fr"
 SENDER = "ne-pas-repondre@ac-lyon.fr"

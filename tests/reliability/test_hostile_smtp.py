@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from reliability_kit import record_figures
 
-from postier.config import ServerConfig
-from postier.service import Postier
-from postier.sign_in_throttle import SignInThrottle
-from postier.smtp_server import SubmissionConfig, self_signed, server_tls_context, start_submission
+from postier.core.service import Postier
+from postier.core.sign_in_throttle import SignInThrottle
+from postier.server.config import ServerConfig
+from postier.server.smtp import SubmissionConfig, self_signed, server_tls_context, start_submission
 
 from support.relay import FaultRelay
 from support.server import ServerProcess, free_port

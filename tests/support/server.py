@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from postier.config import ServerConfig
-from postier.service import Postier
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 
 def child_processes(pid: int, kind: bytes) -> list[int]:

@@ -15,9 +15,9 @@ from typing import Any
 import asyncpg
 from cryptography.fernet import Fernet
 
-from postier.config import ServerConfig
-from postier.message import MessageIn
-from postier.service import Postier
+from postier.core.message import MessageIn
+from postier.core.service import Postier
+from postier.server.config import ServerConfig
 
 from support.databases import create_pg_database, drop_pg_database
 from support.relay import FaultRelay

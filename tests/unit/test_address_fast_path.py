@@ -8,7 +8,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postier import policy
+from postier.core import policy
 from postier.errors import InvalidAddress
 
 ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-."

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postier.config import ServerConfig
+from postier.core.message import MessageIn
+from postier.core.service import Postier
+from postier.core.settings import DeliverySettings
 from postier.errors import PostierError
-from postier.message import MessageIn
-from postier.service import Postier
-from postier.settings import DeliverySettings
+from postier.server.config import ServerConfig
 from postier.store.base import NewMessage, User
 
 SETTINGS = DeliverySettings.model_validate({

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from postier.cache import TTLCache
+from postier.core.cache import TTLCache
 
 
 def test_concurrent_readers_share_one_reload() -> None:

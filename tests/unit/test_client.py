@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from postier import errors
-from postier.client import Client, ServerUnreachable
+from postier.workstation.client import Client, ServerUnreachable
 
 
 def _client(handler: Any) -> Client:

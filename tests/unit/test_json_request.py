@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from postier.api.deps import JSONRequest
+from postier.server.api.deps import JSONRequest
 
 
 def _read(body: bytes) -> Any:

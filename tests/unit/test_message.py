@@ -17,9 +17,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import postier.message
-from postier.errors import InvalidAddress, InvalidInput, PostierError, TooLarge
-from postier.message import (
+import postier.core.message
+from postier.core.message import (
     MAX_RECIPIENTS,
     AttachmentIn,
     BuiltMessage,
@@ -32,7 +31,8 @@ from postier.message import (
     build_message,
     make_message_id,
 )
-from postier.policy import SenderDecision, clean_display_name, decide_sender
+from postier.core.policy import SenderDecision, clean_display_name, decide_sender
+from postier.errors import InvalidAddress, InvalidInput, PostierError, TooLarge
 
 ALLOWED = ["ac-lyon.fr", "*.ac-lyon.fr"]
 SCHOOL = {
@@ -225,7 +225,7 @@ def test_the_date_of_now_follows_the_clock_to_the_second(
 ) -> None:
     import types
 
-    import postier.message as message_module
+    import postier.core.message as message_module
 
     clock = [1_700_000_000.25]
     monkeypatch.setattr(message_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
@@ -776,7 +776,7 @@ def test_the_fast_alternative_matches_the_email_package(text: str, html: str) ->
 
 def test_the_boundary_never_occurs_in_the_parts(monkeypatch: pytest.MonkeyPatch) -> None:
     drawn = iter(["a" * 32, "b" * 32])
-    monkeypatch.setattr(postier.message.secrets, "token_hex", lambda n: next(drawn))
+    monkeypatch.setattr(postier.core.message.secrets, "token_hex", lambda n: next(drawn))
     built = build(text="--=_" + "a" * 32, html="<p>x</p>")
     assert b'boundary="=_' + b"b" * 32 + b'"' in built.data
     text, _ = parse(built.data).iter_parts()

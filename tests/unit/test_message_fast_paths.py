@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from postier.message import (
+from postier.core.message import (
     MAX_LINE,
     InvalidMessageField,
     MessageIn,
@@ -208,7 +208,7 @@ def test_simple_mailboxes_read_as_the_email_package_reads_them(
 ) -> None:
     from email.utils import getaddresses
 
-    from postier.message import header_addresses
+    from postier.core.message import header_addresses
 
     value = form.format(name=name, addr=f"{local}@{domain}").strip()
     assert header_addresses([value]) == [a for _, a in getaddresses([value]) if a]

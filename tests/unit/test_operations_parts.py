@@ -9,10 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from postier import metrics, retention
-from postier.config import ServerConfig
-from postier.doctor import exit_status, greeting_date
-from postier.settings import DeliverySettings, RetentionSettings
+from postier.core.settings import DeliverySettings, RetentionSettings
+from postier.ops import metrics, retention
+from postier.ops.doctor import exit_status, greeting_date
+from postier.server.config import ServerConfig
 
 
 def test_exposition_is_valid_prometheus_text() -> None:
@@ -85,7 +85,7 @@ def test_greeting_date_and_exit_status() -> None:
     when = greeting_date("220 mx.ac-lyon.fr ESMTP Sendmail; Tue, 3 Dec 2024 10:00:00 +0100")
     assert when == 1733216400.0
     assert greeting_date("220 mx.ac-lyon.fr ESMTP Postfix") is None
-    from postier.doctor import Check
+    from postier.ops.doctor import Check
 
     assert exit_status([Check("a", "A", "ok", "")]) == 0
     assert exit_status([Check("a", "A", "warn", ""), Check("b", "B", "ok", "")]) == 1

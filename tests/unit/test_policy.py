@@ -10,14 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from postier.errors import (
-    InvalidAddress,
-    InvalidDomainPattern,
-    InvalidInput,
-    SenderForbidden,
-    SenderNotConfigured,
-)
-from postier.policy import (
+from postier.core.policy import (
     SenderDecision,
     ascii_address,
     ascii_domain,
@@ -26,6 +19,13 @@ from postier.policy import (
     matching_pattern,
     normalize_address,
     normalize_domain_pattern,
+)
+from postier.errors import (
+    InvalidAddress,
+    InvalidDomainPattern,
+    InvalidInput,
+    SenderForbidden,
+    SenderNotConfigured,
 )
 
 ECOLES_ACE = "xn--coles-9ra.fr"  # IDNA form of écoles.fr

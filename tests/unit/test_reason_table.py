@@ -10,10 +10,10 @@ from pathlib import Path
 import aiosmtplib
 
 import postier
-from postier import reasons
+from postier.core import reasons
+from postier.core.settings import RelaySettings
 from postier.delivery.relay import classify
 from postier.i18n import translate
-from postier.settings import RelaySettings
 
 DELIVERY = Path(postier.__file__).parent / "delivery"
 
@@ -44,7 +44,8 @@ def test_every_failure_code_has_words_for_the_sender() -> None:
     codes = _codes_in_the_source()
     assert {"refused", "timeout", "recipient_refused", "expired", "relay_limit"} <= set(codes)
     missing = [f"{where}: {code}" for code, where in codes.items() if code not in reasons.SENDER]
-    assert not missing, "no sender wording in postier.reasons.SENDER for:\n" + "\n".join(missing)
+    assert not missing, ("no sender wording in postier.core.reasons.SENDER for:\n"
+                         + "\n".join(missing))
 
 
 def _relay() -> RelaySettings:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from postier.message import MessageIn, build_message, make_message_id
-from postier.policy import decide_sender
+from postier.core.message import MessageIn, build_message, make_message_id
+from postier.core.policy import decide_sender
 
 ESTABLISHMENT = {"establishment_name": "Collège Jean Moulin",
                  "establishment_address": "ne-pas-repondre@ac-lyon.fr",

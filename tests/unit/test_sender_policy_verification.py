@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from postier.core.policy import decide_sender, sendable
 from postier.errors import SenderForbidden
-from postier.policy import decide_sender, sendable
 
 SCHOOL = {"allowed_domains": ["ac-lyon.fr"], "establishment_name": "Collège Jean Moulin",
           "establishment_address": "ne-pas-repondre@ac-lyon.fr"}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from postier.smtp_server import _Submission
+from postier.server.smtp import _Submission
 
 CASES = [
     "<alice.martin@ac-lyon.fr>",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from postier.core.settings import DeliverySettings
 from postier.delivery.worker import _retry_policy
-from postier.settings import DeliverySettings
 from postier.store.sql import _driver_sql
 
 

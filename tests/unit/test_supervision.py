@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from postier import supervision
-from postier.supervision import Supervisor
+from postier.core import supervision
+from postier.core.supervision import Supervisor
 
 
 def test_a_loop_that_dies_is_named_then_started_again(monkeypatch: pytest.MonkeyPatch

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from postier import workstation
 from postier.errors import InvalidInput
-from postier.workstation import Mode, WorkstationSettings
+from postier.workstation import settings_file as workstation
+from postier.workstation.settings_file import Mode, WorkstationSettings
 
 
 def test_round_trip_with_private_permissions(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """``postier account``: the workstation user's own account on the Postier server — here,
 verifying a sender address with the code e-mailed to it (see
-:mod:`postier.sender_verification`). They use the server set in ``postier config``."""
+:mod:`postier.core.sender_verification`). They use the server set in ``postier config``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from postier import workstation
 from postier.cli.common import app, fail_with, heading, out, when
-from postier.client import client_for
 from postier.errors import PostierError
 from postier.i18n import N_, system_language, translate
+from postier.workstation import settings_file as workstation
+from postier.workstation.client import client_for
 
 account_app = typer.Typer(help=N_("Your account on the Postier server."), no_args_is_help=True)
 app.add_typer(account_app, name="account")

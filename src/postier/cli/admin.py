@@ -19,7 +19,6 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from postier import accounts
 from postier.cli.common import (
     CONSOLE,
     DatabaseUrl,
@@ -42,11 +41,12 @@ from postier.cli.common import (
     yes_no,
 )
 from postier.cli.language import pydantic_problems
-from postier.config import ServerConfig
-from postier.diagnose import STEP_LABELS
+from postier.core import accounts
+from postier.core.service import Postier
+from postier.delivery.diagnose import STEP_LABELS
 from postier.errors import NotFound, PostierError
 from postier.i18n import N_, system_language, translate
-from postier.service import Postier
+from postier.server.config import ServerConfig
 from postier.store.base import User
 
 
@@ -82,7 +82,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help=N_("DEBUG, INFO, WARNING"))] = "INFO",
 ) -> None:
     """Start the server: the HTTP API, SMTP submission and the delivery workers."""
-    from postier import server
+    from postier.server import processes as server
 
     extra: dict[str, Any] = {
         "http": http, "smtp": smtp, "smtps": smtps, "tls_cert": tls_cert, "tls_key": tls_key,
@@ -257,7 +257,7 @@ def worker(
     SQLite store, `postier serve` already delivers)."""
     import asyncio
 
-    from postier import server
+    from postier.server import processes as server
 
     config = _config(data_dir, database_url)
     # A child of `postier serve --delivery-processes` (wake_fd) shares its parent's store,
@@ -289,7 +289,7 @@ def http_process(
     import asyncio
     import signal
 
-    from postier import server
+    from postier.server import processes as server
 
     config = ServerConfig.model_validate_json(sys.stdin.buffer.read())
     # SIGINT is the server's to answer (it stops its children after their requests).
@@ -592,7 +592,7 @@ def settings_preset(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Fill the SMTP server settings from a preset (username and password are kept)."""
-    from postier.presets import PRESETS
+    from postier.core.presets import PRESETS
 
     lang = system_language()
     if name not in PRESETS:

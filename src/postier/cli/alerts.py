@@ -11,8 +11,8 @@ from rich.table import Table
 
 from postier.cli.admin import Establishment, _establishment_id
 from postier.cli.common import CONSOLE, DatabaseUrl, DataDir, _config, _run, app, out, when
+from postier.core.service import Postier
 from postier.i18n import N_, system_language, translate
-from postier.service import Postier
 
 alerts_app = typer.Typer(help=N_("Alerts of the establishment: incidents open now and past."),
                          no_args_is_help=True)
@@ -30,7 +30,7 @@ def alerts_list(
     """The incidents of the establishment (relay failing, e-mails waiting too long, an
     OAuth2 secret about to expire), open ones first. Exit status 1 while one is open, so
     that a monitoring system can run it."""
-    from postier.alerts import list_alerts
+    from postier.ops.alerts import list_alerts
 
     lang = system_language()
 

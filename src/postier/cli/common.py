@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from postier.cli.language import pydantic_problems, speak
-from postier.config import ServerConfig
+from postier.core.service import Postier
 from postier.errors import PostierError
 from postier.i18n import N_, system_language, translate
-from postier.service import Postier
+from postier.server.config import ServerConfig
 from postier.store.base import User
 
 T = TypeVar("T")

@@ -13,9 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from postier.cli.common import CONSOLE, DatabaseUrl, DataDir, _config, _run, app, out
-from postier.domains import MoveReport
+from postier.core.domains import MoveReport
+from postier.core.service import Postier
 from postier.i18n import N_, system_language, translate
-from postier.service import Postier
 
 _MARKS = {"ok": ("✓", "green"), "warn": ("⚠", "yellow"), "fail": ("✗", "red")}
 
@@ -29,7 +29,7 @@ def doctor(
     """Check this installation: configuration, database and migrations, key file, stored
     secrets, disk space, relay (greeted, nothing sent), clock. Exit status 0 when all is
     well, 1 on a warning, 2 on a failure (for cron or a monitoring system)."""
-    from postier.doctor import diagnose, exit_status
+    from postier.ops.doctor import diagnose, exit_status
 
     lang = system_language()
     checks = asyncio.run(diagnose(_config(data_dir, database_url), lang))
@@ -67,7 +67,7 @@ def purge(
     e-mails sent, failed or cancelled longer ago than each establishment's retention
     (settings retention.body_days and retention.metadata_days). The server does it by
     itself every hour; e-mails still waiting are never removed."""
-    from postier.retention import purge as run_purge
+    from postier.ops.retention import purge as run_purge
 
     lang = system_language()
 

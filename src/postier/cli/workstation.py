@@ -22,7 +22,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from postier import diagnose, outbox, workstation
 from postier.cli.admin import print_report
 from postier.cli.common import (
     _fail,
@@ -38,10 +37,13 @@ from postier.cli.common import (
     workstation_config_app,
 )
 from postier.cli.language import pydantic_problems
-from postier.client import SendResult, client_for, send
+from postier.delivery import diagnose
 from postier.errors import InvalidInput, PostierError
 from postier.i18n import N_, system_language, translate
-from postier.workstation import Mode, WorkstationSettings
+from postier.workstation import outbox
+from postier.workstation import settings_file as workstation
+from postier.workstation.client import SendResult, client_for, send
+from postier.workstation.settings_file import Mode, WorkstationSettings
 
 EX_TEMPFAIL = 75
 
@@ -208,7 +210,7 @@ def profiles_pull(
 ) -> None:
     """"Récupérer un profil d'envoi d'e-mails": retrieve a profile from the server into this
     workstation's settings (your own username and password are kept if it has none)."""
-    from postier.client import pull_profile
+    from postier.workstation.client import pull_profile
 
     try:
         s = pull_profile(label, _settings())
@@ -323,7 +325,7 @@ def status_command(
         if record is None:
             _fail(translate(lang, N_("There is no e-mail {id} in this workstation's outbox."),
                             id=message_id))
-        from postier.api.views import message_view
+        from postier.server.api.views import message_view
 
         doc = message_view(record, lang, history=True)
     if as_json:
@@ -395,7 +397,7 @@ def test_command(
         return
     try:
         s.check_ready()
-        from postier.policy import normalize_address
+        from postier.core.policy import normalize_address
 
         address = normalize_address(to)
     except (PostierError, InvalidInput) as exc:
@@ -419,7 +421,7 @@ def outbox_list() -> None:
     # An id is copied into other commands: it is never cut, whatever the terminal's width.
     table.columns[0].no_wrap = True
     table.columns[0].min_width = max((len(m.id) for m in rows), default=0)
-    from postier.service import explain_error
+    from postier.core.service import explain_error
 
     for m in rows:
         e = explain_error(m.last_error, lang)

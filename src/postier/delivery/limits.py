@@ -52,10 +52,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from postier.core.outage import Outage
+from postier.core.settings import RelaySettings
 from postier.errors import DeliveryError
 from postier.i18n import N_
-from postier.outage import Outage
-from postier.settings import RelaySettings
 from postier.store.base import RelayGrant, RelayHealth, RelayLimits, RelayPause, Store
 
 # A worker reserves pace slots at most this far ahead of now.

@@ -2,7 +2,7 @@
 authentication is being retired.
 
 Microsoft 365 uses the client-credentials flow (tenant, application id, and a secret or a
-certificate: see :mod:`postier.client_certificate`; the application needs the
+certificate: see :mod:`postier.delivery.client_certificate`; the application needs the
 SMTP.SendAsApp permission with an administrator's consent, and the mailbox must allow it);
 Google Workspace a refresh token (client id and secret). Tokens are cached per process and
 refreshed two minutes before they expire, so a relay conversation never waits for the token
@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 
-from postier.client_certificate import ASSERTION_TYPE
+from postier.core.settings import OAuth2Provider, RelaySettings
+from postier.delivery.client_certificate import ASSERTION_TYPE
 from postier.errors import DeliveryError
 from postier.i18n import N_
-from postier.settings import OAuth2Provider, RelaySettings
 
 MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"  # noqa: S105 - an address

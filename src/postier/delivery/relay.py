@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import aiosmtplib
 
+from postier.core.settings import AuthMethod, RelaySettings, Security
 from postier.delivery.limits import error_from
 from postier.delivery.session import RelaySession, Reply, mail_command, path
 from postier.errors import DeliveryError
 from postier.i18n import N_
-from postier.settings import AuthMethod, RelaySettings, Security
 
 if TYPE_CHECKING:
     from postier.delivery.limits import ConnectionLease, SharedLimits
@@ -103,7 +103,7 @@ def _reason(exc: BaseException) -> str:
 def classify(exc: BaseException, step: str, relay: RelaySettings) -> DeliveryError:
     """Explain a failure at ``step`` of a conversation with ``relay``: the message and
     hint are the administrator's (what to change); each code's words for the sender (what
-    happens, whether anything is asked of them) are in :data:`postier.reasons.SENDER`."""
+    happens, whether anything is asked of them) are in :data:`postier.core.reasons.SENDER`."""
     if isinstance(exc, DeliveryError):
         return exc
     params: dict[str, Any] = {

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from postier.settings import RetrySettings
+from postier.core.settings import RetrySettings
 
 
 @dataclass(frozen=True)

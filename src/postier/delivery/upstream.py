@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 
+from postier.core.settings import RelaySettings
 from postier.delivery.relay import RcptResult, TransactionResult, tls_context
 from postier.errors import DeliveryError
 from postier.i18n import N_
-from postier.settings import RelaySettings
 from postier.store.base import Claimed
 
 

@@ -21,6 +21,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+from postier.core.outage import Outage
+from postier.core.settings import DeliverySettings, RelayKind, RelaySettings
+from postier.core.supervision import Supervisor
 from postier.delivery.relay import (
     LeaseLost,
     RcptResult,
@@ -32,8 +35,6 @@ from postier.delivery.relay import (
 from postier.delivery.retry import RetryPolicy
 from postier.errors import DeliveryError, PostierError, StoreUnavailable
 from postier.i18n import N_
-from postier.outage import Outage
-from postier.settings import DeliverySettings, RelayKind, RelaySettings
 from postier.store.base import (
     DEFERRED,
     FAILED,
@@ -44,7 +45,6 @@ from postier.store.base import (
     RecipientState,
     Store,
 )
-from postier.supervision import Supervisor
 
 log = logging.getLogger("postier.delivery")
 

@@ -1,4 +1,4 @@
-"""The SQL of alerts: incidents and the webhook outbox (see :mod:`postier.alerts`).
+"""The SQL of alerts: incidents and the webhook outbox (see :mod:`postier.ops.alerts`).
 
 Both tables are written through the store's writer, like the queue. Opening an incident is
 one ``INSERT … ON CONFLICT DO NOTHING`` against a partial unique index (one open incident

@@ -119,7 +119,7 @@ class AttemptRecord:
     code: int | None
     detail: str | None  # English, for the log; what older attempts show
     # Why it did not deliver, as PostierError.dump's JSON: rendered in the reader's language
-    # (postier.reasons); None when it delivered and for attempts recorded before it was kept.
+    # (postier.core.reasons); None when it delivered and for attempts recorded before it was kept.
     reason: str | None = None
 
 
@@ -293,7 +293,7 @@ WAITER_STALE = 3.0
 
 
 # Seconds after which a failed sign-in is forgotten whatever its key: longer than the
-# throttling window (postier.sign_in_throttle).
+# throttling window (postier.core.sign_in_throttle).
 FAILURES_KEPT = 24 * 3600.0
 
 # The doors where a password is given, as their failed sign-ins' keys begin.
@@ -455,7 +455,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_dkim_key(self, establishment_id: int, domain: str) -> bool: ...
 
-    # -- domains of a hosted installation: see postier.domains ----------------------------
+    # -- domains of a hosted installation: see postier.core.domains ----------------------------
     @abc.abstractmethod
     async def all_settings(self) -> dict[int, dict[str, Any]]:
         """Every establishment's stored settings document (secrets still encrypted)."""
@@ -656,7 +656,7 @@ class Store(abc.ABC):
         took it over meanwhile). ``handed_round`` (the time): given up for the other
         waiters, so ``holder``'s own waits go to the back of the line."""
 
-    # -- sender address verification (postier.sender_verification) ----------------------
+    # -- sender address verification (postier.core.sender_verification) ----------------------
     @abc.abstractmethod
     async def list_sender_addresses(self, user_id: int) -> list[SenderAddress]:
         """The user's verified and pending addresses, by address."""

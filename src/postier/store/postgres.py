@@ -20,8 +20,8 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from postier.aio import cancel_and_wait
-from postier.outage import Outage
+from postier.core.aio import cancel_and_wait
+from postier.core.outage import Outage
 from postier.store.base import Outcome, RecipientState
 from postier.store.sql import ClaimAsk, SQLStore, WriteJob
 

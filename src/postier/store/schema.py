@@ -274,7 +274,7 @@ relay_waiters = Table(
     Column("seen_at", Float, nullable=False),
 )
 
-# Sender address verification (postier.sender_verification): one row per user and
+# Sender address verification (postier.core.sender_verification): one row per user and
 # address, with the current code's HMAC while one is waiting; and every code sent, for the
 # resend limits.
 sender_addresses = Table(
@@ -303,7 +303,7 @@ sender_code_sends = Table(
     Index("ix_sender_code_sends_user", "user_id", "at"),
 )
 
-# -- alerts and the webhook outbox: see postier.alerts ------------
+# -- alerts and the webhook outbox: see postier.ops.alerts ------------
 incidents = Table(
     "incidents",
     metadata,

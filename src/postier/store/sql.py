@@ -27,7 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from postier.aio import cancel_and_wait
+from postier.core.aio import cancel_and_wait
 from postier.errors import Conflict, InvalidInput, StoreUnavailable
 from postier.i18n import N_
 from postier.store import schema as t

@@ -1,5 +1,0 @@
-"""The HTTP JSON API (FastAPI). Routers only translate HTTP to the service layer."""
-
-from postier.api.app import create_app
-
-__all__ = ["create_app"]

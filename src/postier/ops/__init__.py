@@ -1,0 +1,1 @@
+"""Operations: alerts and the webhook, retention, metrics and readiness, ``postier doctor``."""

@@ -1,0 +1,715 @@
+"""``postier doctor``: is this installation healthy, and if not, what to do.
+
+Every check reads; none repairs or changes anything (the store is not migrated, the key
+file not created, no e-mail sent: the relay is only greeted, then told QUIT). Each result
+is ``ok``, ``warn`` (works, but needs attention) or ``fail`` (something does not work or
+will not), with a remedy, in the language of the person at the terminal. The exit status
+follows the monitoring plugins' convention, so cron or a supervisor can act on it:
+0 all is well, 1 a warning, 2 a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from postier.core.accounts import OPERATORS_ESTABLISHMENT
+from postier.core.crypto import KEY_FILE, KeyError_, SecretBox
+from postier.core.domains import all_holdings, overlaps
+from postier.core.settings import DeliverySettings, RelaySettings
+from postier.errors import PostierError
+from postier.i18n import N_, translate
+from postier.server.config import ServerConfig
+from postier.store import create_store, database_url, migrate
+from postier.store import schema as t
+from postier.store.sql import SQLStore
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+_RANK = {OK: 0, WARN: 1, FAIL: 2}
+
+GIB = 1024**3
+DISK_WARN_BYTES = GIB
+DISK_WARN_RATIO = 0.05
+DISK_FAIL_BYTES = 100 * 1024**2
+QUEUE_WARN_AGE = 3600.0  # an e-mail waiting longer than this needs a look
+CLOCK_TOLERANCE = 120.0  # seconds of disagreement with the relay before we say so
+
+
+@dataclass
+class Check:
+    key: str  # stable name, for programs (--json)
+    label: str
+    level: str
+    result: str
+    remedy: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def exit_status(checks: list[Check]) -> int:
+    return max((_RANK[c.level] for c in checks), default=0)
+
+
+def _duration(seconds: float, lang: str) -> str:
+    seconds = abs(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return translate(lang, N_("{days} days"), days=f"{seconds / 86400:.0f}")
+
+
+def greeting_date(text: str) -> float | None:
+    """The date some relays put in their greeting (``220 host ESMTP; Tue, 3 Dec 2024
+    10:00:00 +0100``), as a timestamp."""
+    match = re.search(
+        r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),\s*)?\d{1,2}\s+[A-Z][a-z]{2}\s+\d{4}\s+"
+        r"\d{1,2}:\d{2}(?::\d{2})?\s*(?:[+-]\d{4}|[A-Z]{1,5})?",
+        text,
+    )
+    if not match:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(match.group(0)).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+class Doctor:
+    def __init__(self, config: ServerConfig, lang: str = "en") -> None:
+        self.config = config
+        self.lang = lang
+        self.data_dir = Path(config.data_dir)
+        self.checks: list[Check] = []
+        self.store: SQLStore | None = None
+        self.box: SecretBox | None = None
+        self.store_ok = False
+        self.relay_clock: tuple[str, float, float] | None = None  # relay, its time, ours
+
+    def _(self, template: str, **params: Any) -> str:
+        return translate(self.lang, template, **params)
+
+    def add(self, key: str, label: str, level: str, result: str,
+            remedy: str | None = None) -> None:
+        self.checks.append(Check(key, label, level, result, remedy))
+
+    async def run(self) -> list[Check]:
+        self.check_configuration()
+        self.check_data_dir()
+        try:
+            await self.check_store()
+            self.check_key_file()
+            await self.check_secrets()
+            self.check_disk()
+            await self.check_queue()
+            await self.check_relays()
+            await self.check_domains()
+            await self.check_operators()
+            await self.check_clock()
+            self.check_server()
+        finally:
+            if self.store is not None:
+                await self.store.write_engine.dispose()
+                await self.store.read_engine.dispose()
+        return self.checks
+
+    # -- configuration ---------------------------------------------------------------------
+    def check_configuration(self) -> None:
+        c, label = self.config, self._(N_("Configuration"))
+        problems: list[tuple[str, str, str]] = []
+        host = c.hostname.strip().lower()
+        if "." not in host or host.startswith("localhost"):
+            problems.append((WARN, self._(
+                N_("POSTIER_HOSTNAME is {name!r}, not a full domain name: relays may refuse "
+                   "this name when Postier introduces itself (EHLO)."), name=c.hostname),
+                self._(N_("Set POSTIER_HOSTNAME to this machine's full DNS name, for example "
+                          "postier.college-exemple.fr."))))
+        for path in (c.tls_cert, c.tls_key):
+            if path is not None and not Path(path).is_file():
+                problems.append((FAIL, self._(
+                    N_("The SMTP submission TLS file {path} does not exist."), path=str(path)),
+                    self._(N_("Fix POSTIER_TLS_CERT and POSTIER_TLS_KEY, or remove them to use "
+                              "a self-signed certificate."))))
+        if c.metrics_token is not None and len(c.metrics_token) < 16:
+            problems.append((WARN, self._(
+                N_("POSTIER_METRICS_TOKEN is short ({n} characters): it can be guessed."),
+                n=len(c.metrics_token)),
+                self._(N_("Use a random token of at least 32 characters, for example from "
+                          "openssl rand -hex 32."))))
+        if not problems:
+            self.add("configuration", label, OK, self._(
+                N_("Valid: data in {path}, database {database}."),
+                path=str(self.data_dir), database=self._database_name()))
+        for level, result, remedy in problems:
+            self.add("configuration", label, level, result, remedy)
+
+    def _database_name(self) -> str:
+        url = self.config.database_url
+        if not url:
+            return "SQLite"
+        return "PostgreSQL" if url.startswith("postgres") else url.split(":", 1)[0]
+
+    def _embedded(self) -> bool:
+        return not self.config.database_url or self.config.database_url.startswith("sqlite")
+
+    def check_data_dir(self) -> None:
+        label, d = self._(N_("Data directory")), self.data_dir
+        if not d.is_dir():
+            self.add("data_dir", label, FAIL,
+                     self._(N_("{path} does not exist."), path=str(d)),
+                     self._(N_("Check --data-dir or POSTIER_DATA_DIR; the server creates the "
+                               "directory when it first starts.")))
+            return
+        mode = stat.S_IMODE(d.stat().st_mode)
+        if mode & 0o077:
+            self.add("data_dir", label, WARN,
+                     self._(N_("{path} can be read by other users of this machine (mode "
+                               "{mode}): it holds pupils' and parents' e-mails."),
+                            path=str(d), mode=f"{mode:03o}"),
+                     self._(N_("Run: chmod 700 {path}"), path=str(d)))
+            return
+        self.add("data_dir", label, OK, self._(N_("{path}, private (mode {mode})."),
+                                                path=str(d), mode=f"{mode:03o}"))
+
+    # -- store -----------------------------------------------------------------------------
+    async def check_store(self) -> None:
+        label = self._(N_("Database"))
+        db_file = self.data_dir / "postier.db"
+        if self._embedded() and not self.config.database_url and not db_file.is_file():
+            self.add("store", label, FAIL,
+                     self._(N_("There is no database in {path}."), path=str(self.data_dir)),
+                     self._(N_("Check --data-dir or POSTIER_DATA_DIR; the server creates the "
+                               "database when it first starts.")))
+            return
+        url = database_url(self.data_dir, self.config.database_url)
+        try:
+            store = create_store(url)
+        except (ValueError, ImportError) as exc:
+            self.add("store", label, FAIL, str(exc),
+                     self._(N_("Check --database-url or POSTIER_DATABASE_URL.")))
+            return
+        if not isinstance(store, SQLStore):  # pragma: no cover - every backend is SQL
+            return
+        self.store = store
+        try:
+            async with store.read_engine.connect() as conn:
+                current, head = await conn.run_sync(_migration_status)
+        except Exception as exc:
+            self.add("store", label, FAIL,
+                     self._(N_("The database cannot be read: {reason}."), reason=_short(exc)),
+                     self._(N_("Check that the database server runs and that this account "
+                               "may read it (--database-url).")))
+            return
+        if current != head:
+            if current is None:
+                result = self._(N_("The database is empty (never migrated)."))
+            else:
+                result = self._(N_("The database is at revision {current}; this Postier "
+                                   "needs {head}."), current=current, head=head)
+            self.add("migrations", label, FAIL, result,
+                     self._(N_("Back the database up, then start postier serve once: it "
+                               "migrates the database at start-up. A database migrated by "
+                               "a newer Postier needs that version.")))
+            return
+        try:
+            await asyncio.wait_for(_probe_write(store), 15)
+        except Exception as exc:
+            self.add("store", label, FAIL,
+                     self._(N_("The database cannot be written: {reason}."),
+                            reason=_short(exc)),
+                     self._(N_("Check free disk space, the permissions of the database "
+                               "files, and that no other program holds a lock on it.")))
+            return
+        self.store_ok = True
+        self.add("store", label, OK, self._(
+            N_("{database} reachable and writable; schema up to date (revision {head})."),
+            database=self._database_name(), head=head))
+
+    async def _read(self, work: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
+        assert self.store is not None
+        async with self.store.read_engine.connect() as conn:
+            return await work(conn)
+
+    async def check_queue(self) -> None:
+        if not self.store_ok:
+            return
+        from postier.ops.metrics import waiting_messages
+
+        async def read(conn: AsyncConnection) -> tuple[int, float | None]:
+            ids = [i for (i,) in await conn.execute(select(t.establishments.c.id))]
+            queue, oldest = await waiting_messages(conn, ids)
+            return sum(queue.values()), oldest
+
+        waiting, oldest = await self._read(read)
+        label = self._(N_("Queue"))
+        if oldest is not None and time.time() - oldest > QUEUE_WARN_AGE:
+            self.add("queue", label, WARN, self._(
+                N_("{count} e-mails are waiting; the oldest for {age}."),
+                count=waiting, age=_duration(time.time() - oldest, self.lang)),
+                self._(N_("Look at their last error (postier web pages or GET "
+                          "/api/v1/messages?status=deferred) and test the relay with "
+                          "postier settings test.")))
+        else:
+            self.add("queue", label, OK, self._(N_("{count} e-mails waiting."), count=waiting))
+
+    # -- secrets ---------------------------------------------------------------------------
+    def _key_path(self) -> Path:
+        return Path(os.environ.get("POSTIER_SECRET_KEY_FILE") or self.data_dir / KEY_FILE)
+
+    def check_key_file(self) -> None:
+        label = self._(N_("Secret key file"))
+        if os.environ.get("POSTIER_SECRET_KEY"):
+            self.add("key_file", label, OK, self._(N_("The key comes from POSTIER_SECRET_KEY.")))
+            self._load_box(os.environ["POSTIER_SECRET_KEY"].encode())
+            return
+        path = self._key_path()
+        if not path.exists():
+            self.add("key_file", label, OK, self._(
+                N_("{path} does not exist yet; the server creates it when it first starts."),
+                path=str(path)))
+            return
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            self.add("key_file", label, FAIL, self._(
+                N_("{path} can be read by other users of this machine (mode {mode}): they "
+                   "could decrypt the SMTP passwords."), path=str(path), mode=f"{mode:03o}"),
+                self._(N_("Run: chmod 600 {path}"), path=str(path)))
+        else:
+            self.add("key_file", label, OK, self._(N_("{path}, mode {mode}."),
+                                                    path=str(path), mode=f"{mode:03o}"))
+        try:
+            self._load_box(path.read_bytes().strip())
+        except OSError as exc:
+            self.add("key_file", label, FAIL,
+                     self._(N_("{path} cannot be read: {reason}."), path=str(path),
+                            reason=_short(exc)),
+                     self._(N_("Run doctor as the account that runs the server.")))
+
+    def _load_box(self, key: bytes) -> None:
+        try:
+            self.box = SecretBox(key)
+        except KeyError_:
+            self.box = None
+
+    async def _stored_secrets(self) -> list[str]:
+        """Every encrypted value stored: ``*_enc`` fields of the settings and profiles
+        documents, ``*_enc`` columns (DKIM keys), and the key check value."""
+
+        async def read(conn: AsyncConnection) -> list[str]:
+            found: list[str] = []
+            for table in (t.settings, t.profiles):
+                for (data,) in await conn.execute(select(table.c.data)):
+                    found.extend(_encrypted(json.loads(data)))
+            for table in t.metadata.sorted_tables:
+                columns = [c for c in table.c if c.name.endswith("_enc")]
+                if columns:
+                    for row in await conn.execute(select(*columns)):
+                        found.extend(v for v in row if isinstance(v, str) and v)
+            meta = t.metadata.tables.get("meta")
+            if meta is not None:  # the key check value, where the schema has it
+                found.extend(v for (v,) in await conn.execute(
+                    select(meta.c.value).where(meta.c.key == "key_check")))
+            return found
+
+        result: list[str] = await self._read(read)
+        return result
+
+    def _decrypt(self, token: Any) -> str | None:
+        if not isinstance(token, str) or self.box is None:
+            return None
+        try:
+            return self.box.decrypt(token)
+        except KeyError_:
+            return None
+
+    async def check_secrets(self) -> None:
+        if not self.store_ok:
+            return
+        label = self._(N_("Stored secrets"))
+        stored = await self._stored_secrets()
+        if not stored:
+            self.add("secrets", label, OK, self._(N_("No secret stored yet.")))
+            return
+        if self.box is None:
+            self.add("secrets", label, FAIL, self._(
+                N_("{count} secrets are stored but there is no usable key to read them."),
+                count=len(stored)),
+                self._(N_("Restore secret.key from your backup into the data directory, or "
+                          "set POSTIER_SECRET_KEY to the key the data was encrypted with.")))
+            return
+        bad = 0
+        for token in stored:
+            try:
+                self.box.decrypt(token)
+            except KeyError_:
+                bad += 1
+        if bad:
+            self.add("secrets", label, FAIL, self._(
+                N_("{bad} of {count} stored secrets cannot be decrypted with this key."),
+                bad=bad, count=len(stored)),
+                self._(N_("Use the key the data was encrypted with: restore secret.key from "
+                          "your backup, or check POSTIER_SECRET_KEY.")))
+        else:
+            self.add("secrets", label, OK, self._(
+                N_("Every stored secret ({count}) decrypts with this key."), count=len(stored)))
+
+    # -- disk ------------------------------------------------------------------------------
+    def check_disk(self) -> None:
+        label = self._(N_("Disk space"))
+        if not self.data_dir.is_dir():
+            return
+        usage = shutil.disk_usage(self.data_dir)
+        free, ratio = usage.free, usage.free / usage.total if usage.total else 0.0
+        text = self._(N_("{free} free in {path} ({percent} of the disk)."),
+                      free=_size(free), path=str(self.data_dir), percent=f"{ratio:.0%}")
+        remedy = self._(N_("Free some space or enlarge the disk: when it is full, Postier "
+                           "refuses new e-mails (it never accepts and drops them)."))
+        if free < DISK_FAIL_BYTES:
+            self.add("disk", label, FAIL, text, remedy)
+        elif free < DISK_WARN_BYTES or ratio < DISK_WARN_RATIO:
+            self.add("disk", label, WARN, text, remedy)
+        else:
+            self.add("disk", label, OK, text)
+
+    # -- relays ----------------------------------------------------------------------------
+    async def _settings(self) -> list[tuple[str, bool, DeliverySettings | str]]:
+        async def read(conn: AsyncConnection) -> list[tuple[str, bool, str | None]]:
+            rows = await conn.execute(
+                select(t.establishments.c.slug, t.establishments.c.hosted, t.settings.c.data)
+                .select_from(t.establishments.outerjoin(
+                    t.settings, t.settings.c.establishment_id == t.establishments.c.id))
+                .where(t.establishments.c.disabled.is_(False))
+                .order_by(t.establishments.c.id)
+            )
+            return [(str(s), bool(h), d) for s, h, d in rows]
+
+        out: list[tuple[str, bool, DeliverySettings | str]] = []
+        for slug, hosted, data in await self._read(read):
+            doc = json.loads(data) if data else {}
+            for section in doc.values():  # relay sections: their secrets decrypted
+                if not isinstance(section, dict):
+                    continue
+                for name in [k for k in section if k.endswith("_enc")]:
+                    enc = section.pop(name)
+                    section[name.removesuffix("_enc")] = self._decrypt(enc)
+            try:
+                out.append((slug, hosted, DeliverySettings.model_validate(doc)))
+            except ValidationError as exc:
+                out.append((slug, hosted, str(exc.errors()[0].get("msg", exc))))
+        return out
+
+    async def check_relays(self) -> None:
+        if not self.store_ok:
+            return
+        platform: RelaySettings | None = getattr(self.config, "platform_relay", None)
+        for slug, hosted, settings in await self._settings():
+            label = self._(N_("SMTP relay ({establishment})"), establishment=slug)
+            if isinstance(settings, str):
+                self.add("relay", label, FAIL,
+                         self._(N_("The stored settings are not valid: {reason}."),
+                                reason=settings),
+                         self._(N_("Correct them in Paramètres d'envoi des e-mails or with "
+                                   "postier settings set.")))
+                continue
+            relay = platform if (hosted and platform is not None) else settings.relay
+            if not settings.delegation and not hosted:
+                self.add("relay", label, OK, self._(
+                    N_("Central sending is off: the server sends nothing for it.")))
+                continue
+            if not getattr(relay, "configured", relay.host):
+                self.add("relay", label, WARN, self._(
+                    N_("No SMTP server is configured: accepted e-mails wait in the queue.")),
+                    self._(N_("Enter the SMTP server in Paramètres d'envoi des e-mails, or "
+                              "with postier settings set relay.host.")))
+                continue
+            await self._greet(label, relay)
+
+    # -- domains of a hosted installation --------------------------------------------------
+    async def check_domains(self) -> None:
+        """Domains that more than one establishment holds (made before the rule, or by two
+        saves at the same moment): each establishment's e-mails may then leave signed or
+        sent for another's domain. Only said when the installation hosts several."""
+        if not self.store_ok:
+            return
+
+        async def read(conn: AsyncConnection) -> tuple[dict[int, str], list[Any], list[Any]]:
+            slugs = {int(i): str(s) for i, s in await conn.execute(
+                select(t.establishments.c.id, t.establishments.c.slug))}
+            docs = list(await conn.execute(select(t.settings.c.establishment_id,
+                                                  t.settings.c.data)))
+            keys = list(await conn.execute(select(t.dkim_keys.c.establishment_id,
+                                                  t.dkim_keys.c.domain)))
+            return slugs, docs, keys
+
+        slugs, docs, keys = await self._read(read)
+        if len(slugs) < 2:
+            return
+        found = overlaps(all_holdings({int(e): json.loads(d) for e, d in docs},
+                                      [(int(e), str(d)) for e, d in keys]))
+        label = self._(N_("Domains of the establishments"))
+        if not found:
+            self.add("domains", label, OK, self._(
+                N_("Each domain belongs to one establishment.")))
+            return
+        lines = [f"{domain}: {', '.join(sorted(slugs.get(i, str(i)) for i in ids))}"
+                 for domain, ids in sorted(found.items())]
+        self.add("domains", label, WARN, self._(
+            N_("Domains held by several establishments:\n{domains}"),
+            domains="\n".join(lines)),
+            self._(N_("Decide which establishment each domain belongs to, then give it to "
+                      "that one: postier domains move DOMAIN --to ESTABLISHMENT.")))
+
+    async def check_operators(self) -> None:
+        """Operator accounts made in a school's establishment before they could live only
+        in ``default``: that school's administrators would hold an account of every
+        establishment. Only said when the installation has several."""
+        if not self.store_ok:
+            return
+
+        async def read(conn: AsyncConnection) -> tuple[int, list[Any]]:
+            count = await conn.scalar(select(func.count()).select_from(t.establishments))
+            misplaced = list(await conn.execute(
+                select(t.establishments.c.slug, t.users.c.username)
+                .join(t.users, t.users.c.establishment_id == t.establishments.c.id)
+                .where(t.users.c.role == "operator",
+                       t.users.c.establishment_id != OPERATORS_ESTABLISHMENT)
+                .order_by(t.establishments.c.slug, t.users.c.username)))
+            return int(count or 0), misplaced
+
+        count, misplaced = await self._read(read)
+        if count < 2:
+            return
+        label = self._(N_("Operator accounts"))
+        if not misplaced:
+            self.add("operators", label, OK, self._(
+                N_("Every operator account is in the installation's own establishment.")))
+            return
+        self.add("operators", label, WARN, self._(
+            N_("Operator accounts in a school's establishment: {accounts}"),
+            accounts=", ".join(f"{slug}:{name}" for slug, name in misplaced)),
+            self._(N_("Create each operator again in the default establishment (postier "
+                      "users add NAME --role operator), then disable these accounts.")))
+
+    async def _greet(self, label: str, relay: RelaySettings) -> None:
+        from postier.delivery.relay import open_smtp, relay_label
+
+        name = relay_label(relay)
+        if str(getattr(relay, "kind", "smtp")) == "postier":
+            await self._upstream(label, name, relay)
+            return
+        greeting: list[str] = []
+
+        def on_step(step: str, ok: bool, _ms: int, detail: str) -> None:
+            if ok and step in ("greeting", "tls") and not greeting:
+                greeting.append(detail)
+
+        t0 = time.perf_counter()
+        try:
+            smtp = await asyncio.wait_for(
+                open_smtp(relay, local_hostname=self.config.hostname, on_step=on_step),
+                3 * relay.timeout,
+            )
+        except TimeoutError:
+            self.add("relay", label, FAIL,
+                     self._(N_("{relay}: no answer within {seconds} s."),
+                            relay=name, seconds=3 * relay.timeout),
+                     self._(N_("Check the server name and port, and that this machine may "
+                               "reach it (firewall).")))
+            return
+        except PostierError as exc:  # a DeliveryError, classified step by step
+            self.add("relay", label, FAIL,
+                     self._(N_("{relay}: {problem}"), relay=name, problem=exc.message(self.lang)),
+                     exc.hint(self.lang))
+            return
+        ms = int((time.perf_counter() - t0) * 1000)
+        now = time.time()
+        try:
+            await asyncio.wait_for(smtp.quit(), 5)
+        except Exception:  # noqa: S110 - a relay that hangs up first is fine
+            pass
+        finally:
+            smtp.close()
+        said = (greeting[0] if greeting else "").strip()
+        when = greeting_date(said)
+        if when is not None:
+            self.relay_clock = (name, when, now)
+        steps = ["TLS" if relay.security.value != "none" else None,
+                 self._(N_("authentication")) if relay.auth.value != "none" else None]
+        done = ", ".join(s for s in steps if s)
+        self.add("relay", label, OK, self._(
+            N_("{relay} answers ({greeting}){steps} in {ms} ms; nothing was sent."),
+            relay=name, greeting=said[:80], steps=f"; {done}" if done else "", ms=ms))
+
+    async def _upstream(self, label: str, name: str, relay: RelaySettings) -> None:
+        """Another Postier server this one hands its e-mails on to: it must answer."""
+        import httpx
+
+        url = str(getattr(relay, "url", "")).rstrip("/") + "/api/v1/health"
+        try:
+            async with httpx.AsyncClient(timeout=relay.timeout,
+                                         verify=relay.verify_tls) as client:
+                answer = await client.get(url)
+            ok = answer.status_code == 200
+            problem = f"HTTP {answer.status_code}"
+        except httpx.HTTPError as exc:
+            ok, problem = False, _short(exc) or type(exc).__name__
+        if ok:
+            self.add("relay", label, OK, self._(
+                N_("{relay} answers; nothing was sent."), relay=name))
+        else:
+            self.add("relay", label, FAIL,
+                     self._(N_("{relay}: {problem}"), relay=name, problem=problem),
+                     self._(N_("Check the upstream Postier server's address and that it "
+                               "runs.")))
+
+    # -- clock -----------------------------------------------------------------------------
+    async def check_clock(self) -> None:
+        if not self.store_ok and self.relay_clock is None:
+            return  # nothing to compare with
+        label = self._(N_("Clock"))
+        now = time.time()
+        if self.relay_clock is not None:
+            relay, theirs, ours = self.relay_clock
+            skew = ours - theirs
+            if abs(skew) > CLOCK_TOLERANCE:
+                template = (
+                    N_("This machine's clock is {delta} ahead of {relay}'s.") if skew > 0
+                    else N_("This machine's clock is {delta} behind {relay}'s.")
+                )
+                self.add("clock", label, WARN, self._(
+                    template, delta=_duration(skew, self.lang), relay=relay),
+                    self._(N_("Synchronise the clock (NTP: timedatectl set-ntp true, or "
+                              "chrony): retries, retention and the e-mails' Date use it.")))
+                return
+        newest: float | None = None
+        if self.store_ok:
+            m, a = t.messages.c, t.attempts.c
+
+            async def read(conn: AsyncConnection) -> float | None:
+                # The newest rows by key (time-ordered ids): no scan of the history.
+                times = [
+                    (await conn.execute(select(m.created_at).order_by(m.id.desc()).limit(1)))
+                    .scalar(),
+                    (await conn.execute(select(a.started_at).order_by(a.id.desc()).limit(1)))
+                    .scalar(),
+                ]
+                found = [float(x) for x in times if x is not None]
+                return max(found) if found else None
+
+            newest = await self._read(read)
+        if newest is not None and newest - now > CLOCK_TOLERANCE:
+            self.add("clock", label, FAIL, self._(
+                N_("The clock is {delta} behind the newest e-mail in the database: it was "
+                   "set back."), delta=_duration(newest - now, self.lang)),
+                self._(N_("Set the clock right (NTP: timedatectl set-ntp true, or chrony): "
+                          "retries, retention and the e-mails' Date use it.")))
+            return
+        if self.relay_clock is not None:
+            self.add("clock", label, OK, self._(
+                N_("Agrees with {relay}'s clock within {seconds} s."),
+                relay=self.relay_clock[0], seconds=int(CLOCK_TOLERANCE)))
+        else:
+            self.add("clock", label, OK, self._(
+                N_("Not behind the newest e-mail in the database.")))
+
+    # -- the server ------------------------------------------------------------------------
+    def check_server(self) -> None:
+        if not self._embedded() or not self.data_dir.is_dir():
+            return
+        label = self._(N_("Server"))
+        lock = self.data_dir / "serve.lock"
+        pid = ""
+        try:
+            pid = lock.read_text().strip()
+        except OSError:
+            pass
+        if pid.isdigit() and _alive(int(pid)):
+            self.add("server", label, OK, self._(
+                N_("postier serve is delivering (process {pid})."), pid=pid))
+            return
+        self.add("server", label, WARN, self._(
+            N_("No postier serve is delivering from this data directory: accepted e-mails "
+               "wait.")),
+            self._(N_("Start it (for example systemctl start postier, or postier serve "
+                      "--data-dir {path})."), path=str(self.data_dir)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: the process exists, trust it
+    return b"postier" in cmdline
+
+
+def _encrypted(doc: Any) -> list[str]:
+    """The values of every ``*_enc`` key in a JSON document."""
+    found: list[str] = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if key.endswith("_enc") and isinstance(value, str) and value:
+                found.append(value)
+            else:
+                found.extend(_encrypted(value))
+    elif isinstance(doc, list):
+        for value in doc:
+            found.extend(_encrypted(value))
+    return found
+
+
+def _migration_status(connection: Connection) -> tuple[str | None, str]:
+    return migrate.status(connection)
+
+
+async def _probe_write(store: SQLStore) -> None:
+    """Take the write lock and change a row to its own value, then roll back."""
+    async with store.write_engine.connect() as conn:
+        tx = await conn.begin()
+        try:
+            first = select(func.min(t.establishments.c.id)).scalar_subquery()
+            await conn.execute(update(t.establishments).where(t.establishments.c.id == first)
+                               .values(disabled=t.establishments.c.disabled))
+        finally:
+            await tx.rollback()
+
+
+def _short(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig or exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+async def diagnose(config: ServerConfig, lang: str = "en") -> list[Check]:
+    return await Doctor(config, lang).run()
