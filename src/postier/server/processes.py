@@ -205,8 +205,7 @@ async def run_worker(
     await listen(core, worker)
     alerts.start()
     tune_gc()
-    log.info("delivery worker %s running on %s", worker.worker_id,
-             core.store.__class__.__name__)
+    log.info("delivery worker %s running on %s", worker.worker_id, core.store.backend)
     await stop.wait()
     await alerts.stop()
     await worker.stop()
@@ -574,7 +573,7 @@ async def serve(config: ServerConfig, log_level: str = "INFO") -> None:
     processes = config.delivery_process_count() if config.delivery else 0
     # This process's event loop delivers too only when there is no delivery process.
     core = Postier(config, store_role="all" if config.delivery and not processes else "accept")
-    embedded = core.store.__class__.__name__ == "SQLiteStore"
+    embedded = core.store.embedded
     lock = lock_data_dir(Path(config.data_dir)) if (embedded and config.delivery) else None
     children = DeliveryProcesses(config, core, log_level, processes) if processes else None
     worker = make_worker(core, config) if config.delivery and children is None else None

@@ -328,6 +328,12 @@ def source_key(key: str, address: str) -> str:
 class Store(abc.ABC):
     """Durable storage of accounts, settings and the queue."""
 
+    # Whether the store is a file of this machine's (SQLite), that one process at a time
+    # may deliver from, rather than a database server shared by several machines.
+    embedded: bool = False
+    # The backend's name, for the logs.
+    backend: str = "sql"
+
     @abc.abstractmethod
     async def open(self) -> None:
         """Connect and bring the schema up to date."""

@@ -79,6 +79,8 @@ _DUE = ("SELECT d.*, w.lap FROM walk w CROSS JOIN LATERAL"
 
 
 class PostgresStore(SQLStore):
+    backend = "postgresql"
+
     def __init__(self, url: str) -> None:
         # Writes find their rows by key (an e-mail's id, its recipients' positions, the
         # due index): their connections never choose a sequential scan. Without this, a

@@ -265,6 +265,9 @@ def _sync_engines(url: str) -> tuple[Engine, Engine] | None:
 
 
 class SQLiteStore(SQLStore):
+    embedded = True
+    backend = "sqlite"
+
     def __init__(self, url: str, role: Role = "all") -> None:
         self.role = role
         write = create_async_engine(url, poolclass=NullPool if ":memory:" in url else None)
