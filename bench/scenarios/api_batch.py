@@ -1,11 +1,10 @@
 """``api_batch``: batches of 1,000 e-mails per request (``POST /api/v1/messages/batch``).
 
-What an integrator's mass mailing looks like. Eight clients send their batches back to back
-(two before session 6), so that the server always has a batch to parse while the previous
-one commits, and so that ``--http-processes 2`` has connections for both of its
-processes. Baselines: the same batches against a FastAPI/uvicorn app that parses the JSON
-and answers 1,000 ids (the ceiling), and one that also INSERTs the batch in one
-transaction (naive SQLite).
+What an integrator's mass mailing looks like. Eight clients send their batches back to back,
+so that the server always has a batch to parse while the previous one commits, and so
+that ``--http-processes 2`` has connections for both of its processes. Baselines: the same
+batches against a FastAPI/uvicorn app that parses the JSON and answers 1,000 ids (the
+ceiling), and one that also INSERTs the batch in one transaction (naive SQLite).
 """
 
 from __future__ import annotations
