@@ -56,9 +56,9 @@ def test_shared_decisions_give_the_same_messages(
                                       "subject": "Réunion", "text": "Bonjour"})
             for i, (f, r) in enumerate(senders)]
     decisions: dict[Any, Any] = {}
-    shared = [core._prepare(USER, SETTINGS, m, i, verified, decisions)
+    shared = [core.submission._prepare(USER, SETTINGS, m, i, verified, decisions)
               for i, m in enumerate(msgs)]
-    alone = [core._prepare(USER, SETTINGS, m, i, verified) for i, m in enumerate(msgs)]
+    alone = [core.submission._prepare(USER, SETTINGS, m, i, verified) for i, m in enumerate(msgs)]
     assert [_comparable(n) for n in shared] == [_comparable(n) for n in alone]
 
 
@@ -66,9 +66,9 @@ def test_a_refused_sender_names_its_message_each_time(core: Postier) -> None:
     good = MessageIn.model_validate({"to": ["p@example.org"], "text": "x"})
     bad = MessageIn.model_validate({"from": "autre@ac-lyon.fr", "to": ["p@example.org"]})
     decisions: dict[Any, Any] = {}
-    core._prepare(USER, SETTINGS, good, 0, None, decisions)
+    core.submission._prepare(USER, SETTINGS, good, 0, None, decisions)
     for index in (1, 2):  # a refusal is not remembered as a decision
         with pytest.raises(PostierError) as exc:
-            core._prepare(USER, SETTINGS, bad, index, None, decisions)
+            core.submission._prepare(USER, SETTINGS, bad, index, None, decisions)
         assert exc.value.code == "sender_forbidden"
         assert exc.value.field == f"messages.{index}.from"

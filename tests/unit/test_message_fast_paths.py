@@ -13,22 +13,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from postier.core.header_fields import (
+    _chunk_b64,
+    _chunk_q,
+    _encoded_words,
+    _fold,
+    _q_char,
+    address_header,
+    assert_safe_header,
+)
 from postier.core.message import (
     MAX_LINE,
     InvalidMessageField,
     MessageIn,
-    _address_header,
-    _assert_safe_header,
-    _chunk_b64,
-    _chunk_q,
     _date_header,
-    _encoded_words,
-    _fold,
     _has_long_line,
     _mime_body,
-    _q_char,
     _single_text_part,
 )
+from postier.core.submitted_message import header_addresses
 
 _LINE_BREAK = re.compile(r"[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f\ud800-\udfff]")
@@ -49,7 +52,7 @@ def _reference_safe(header: str) -> bool:
 
 def _ours_safe(header: str) -> bool:
     try:
-        _assert_safe_header(header)
+        assert_safe_header(header)
     except ValueError:
         return False
     return True
@@ -175,7 +178,7 @@ def test_date_header_as_format_datetime(date: datetime) -> None:
 @pytest.mark.parametrize("address", ["a@x.fr", "parent.eleve1@example.org",
                                      "x" * 64 + "@" + "b" * 63 + ".fr", "élève@école.fr"])
 def test_one_bare_address_as_the_folder_writes_it(address: str) -> None:
-    assert _address_header("To", [("", address)]) == _fold("To", [" " + address])
+    assert address_header("To", [("", address)]) == _fold("To", [" " + address])
 
 
 @settings(max_examples=1000)
@@ -207,8 +210,6 @@ def test_simple_mailboxes_read_as_the_email_package_reads_them(
     name: str, local: str, domain: str, form: str
 ) -> None:
     from email.utils import getaddresses
-
-    from postier.core.message import header_addresses
 
     value = form.format(name=name, addr=f"{local}@{domain}").strip()
     assert header_addresses([value]) == [a for _, a in getaddresses([value]) if a]

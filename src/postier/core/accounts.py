@@ -1,4 +1,4 @@
-"""Passwords and API tokens.
+"""Roles and ranks, passwords and API tokens.
 
 Passwords are hashed with argon2id. API tokens are 256-bit random strings shown once; only
 their SHA-256 is stored (a random token needs no slow hash, and lookups stay one indexed
@@ -13,8 +13,9 @@ import secrets
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from postier.errors import InvalidInput
+from postier.errors import Forbidden, InvalidInput
 from postier.i18n import N_
+from postier.store.base import User
 
 TOKEN_PREFIX = "pst_"  # noqa: S105 - a prefix, not a secret
 # "relay": the account another Postier server hands its e-mails on with; it may send as
@@ -69,3 +70,26 @@ def new_token() -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def require_admin(user: User) -> None:
+    if not user.is_admin:
+        raise Forbidden(N_("Only an administrator of the establishment may do this."))
+
+
+def no_escalation(actor: User, role: str | None) -> None:
+    """Nobody gives a role that outranks their own: only an operator (who serves every
+    establishment) makes operators."""
+    if role is not None and rank(role) > rank(actor.role):
+        raise Forbidden(N_("Only an operator of the installation may give the operator role."))
+
+
+def may_act_on(actor: User, target: User) -> None:
+    """Nobody acts on an account whose role outranks their own: an establishment's
+    administrator never sets an operator's password, tokens, role, state or reads its data."""
+    if target.id != actor.id and rank(target.role) > rank(actor.role):
+        raise Forbidden(
+            N_("The account {username} outranks yours: only an operator of the installation "
+               "may change it."),
+            username=target.username,
+        )

@@ -1,4 +1,5 @@
-"""Administration of an establishment: users, tokens, sending profiles, test-send, audit.
+"""Administration of an establishment: users, tokens, sending profiles, settings,
+test-send, audit.
 
 Every method checks the caller's role and records administrative changes in the audit log
 (who, what, when — never a secret's value). Used by the HTTP API, the CLI and the web
@@ -8,13 +9,21 @@ pages alike.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field, field_validator
 
-from postier.core import accounts, policy
+from postier.core import accounts, first_run, policy
+from postier.core.accounts import may_act_on, no_escalation, require_admin
+from postier.core.dkim_keys import DkimKeys
+from postier.core.domains import Domains, settings_claims
+from postier.core.installation import Installation
+from postier.core.relay_warnings import relay_warnings, settings_warnings
+from postier.core.sender_decision import decide_sender
+from postier.core.sender_verification import SenderAddresses
 from postier.core.settings import (
     RELAY_SECTIONS,
     SECRET_FIELDS,
@@ -22,13 +31,14 @@ from postier.core.settings import (
     DeliverySettings,
     RelaySettings,
 )
+from postier.core.user_accounts import UserAccounts
 from postier.delivery import diagnose
-from postier.errors import Forbidden, InvalidInput, NotFound, SenderNotConfigured
+from postier.errors import InvalidInput, NotFound, SenderNotConfigured
 from postier.i18n import N_, translate
 from postier.store.base import AuditEntry, ProfileRecord, TokenInfo, User
 
-if TYPE_CHECKING:
-    from postier.core.service import Postier
+__all__ = ["Administration", "ProfileIn", "may_act_on", "profile_public", "require_admin"]
+log = logging.getLogger("postier")
 
 
 class ProfileIn(RelaySettings):
@@ -78,40 +88,24 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def require_admin(user: User) -> None:
-    if not user.is_admin:
-        raise Forbidden(N_("Only an administrator of the establishment may do this."))
-
-
-def _no_escalation(actor: User, role: str | None) -> None:
-    """Nobody gives a role that outranks their own: only an operator (who serves every
-    establishment) makes operators."""
-    if role is not None and accounts.rank(role) > accounts.rank(actor.role):
-        raise Forbidden(N_("Only an operator of the installation may give the operator role."))
-
-
-def may_act_on(actor: User, target: User) -> None:
-    """Nobody acts on an account whose role outranks their own: an establishment's
-    administrator never sets an operator's password, tokens, role, state or reads its data."""
-    if target.id != actor.id and accounts.rank(target.role) > accounts.rank(actor.role):
-        raise Forbidden(
-            N_("The account {username} outranks yours: only an operator of the installation "
-               "may change it."),
-            username=target.username,
-        )
-
-
 class Administration:
-    def __init__(self, core: Postier) -> None:
-        self.core = core
-        self.store = core.store
+    """What an establishment's administrators (and the installation's operators) do."""
+
+    def __init__(self, installation: Installation, user_accounts: UserAccounts,
+                 domains: Domains, senders: SenderAddresses, dkim: DkimKeys) -> None:
+        self.installation = installation
+        self.store = installation.store
+        self.accounts = user_accounts
+        self.domains = domains
+        self.senders = senders
+        self.dkim = dkim
 
     # -- users ---------------------------------------------------------------------------
     async def target(self, actor: User, username: str) -> User:
         """The account of the actor's establishment an administrator acts on, checked
         against the actor's rank (:func:`may_act_on`)."""
         require_admin(actor)
-        target = await self.core.find_user(username, actor.establishment_id)
+        target = await self.accounts.find_user(username, actor.establishment_id)
         may_act_on(actor, target)
         return target
 
@@ -121,8 +115,8 @@ class Administration:
 
     async def create_user(self, actor: User, **fields: Any) -> User:
         require_admin(actor)
-        _no_escalation(actor, fields.get("role"))
-        user = await self.core.add_user(establishment_id=actor.establishment_id, **fields)
+        no_escalation(actor, fields.get("role"))
+        user = await self.accounts.add_user(establishment_id=actor.establishment_id, **fields)
         await self.store.audit(actor.establishment_id, actor.username, "user.create",
                                user.username, {"role": user.role, "email": user.email})
         return user
@@ -147,7 +141,7 @@ class Administration:
             if any(c in display_name for c in "\r\n\0"):
                 raise InvalidInput(N_("The name cannot contain line breaks."), field="name")
             values["display_name"] = display_name.strip()
-        _no_escalation(actor, role)
+        no_escalation(actor, role)
         if role is not None:
             if role not in accounts.ROLES:
                 raise InvalidInput(
@@ -157,7 +151,7 @@ class Administration:
             values["role"] = role
         if granted_senders is not None:
             values["granted_senders"] = [policy.normalize_address(a) for a in granted_senders]
-            await self.core.domains.check_grants(actor.establishment_id,
+            await self.domains.check_grants(actor.establishment_id,
                                                  values["granted_senders"], target)
         if disabled is not None:
             values["disabled"] = disabled
@@ -173,17 +167,17 @@ class Administration:
             values["password_hash"] = await asyncio.to_thread(accounts.hash_password, password)
         if values:
             await self.store.update_user(target.id, **values)
-            self.core.forget_tokens()
+            self.installation.forget_tokens()
         if disabled:
             # A disabled account's tokens stop working at once, and stay revoked.
             await self.store.revoke_all_tokens(target.id)
-            self.core.forget_tokens()
+            self.installation.forget_tokens()
         details = {k: v for k, v in values.items() if k != "password_hash"}
         if password is not None:
             details["password"] = "reset"  # noqa: S105 - what happened, not the value
         await self.store.audit(actor.establishment_id, actor.username, "user.update",
                                target.username, details)
-        return await self.core.find_user(username, actor.establishment_id)
+        return await self.accounts.find_user(username, actor.establishment_id)
 
     async def disable_user(self, actor: User, username: str) -> User:
         """A disabled user can no longer sign in and their tokens stop working at once;
@@ -201,6 +195,26 @@ class Administration:
         await self.store.audit(user.establishment_id, user.username, "user.password",
                                user.username, {})
 
+    async def create_first_administrator(
+        self, token: str, username: str, email: str, name: str, password: str
+    ) -> User | first_run.Check:
+        """The first administrator, made from the setup page with its one-time ``token``
+        (:mod:`postier.core.first_run`): the account, or the check that refused the
+        token. Audited as done by ``setup``."""
+        async def create() -> User:
+            user = await self.accounts.add_user(username, email, display_name=name,
+                                                role="admin", password=password)
+            await self.store.audit(user.establishment_id, "setup", "user.create",
+                                   user.username, {"role": user.role, "email": user.email})
+            return user
+
+        return await first_run.use(self.store, token, create)
+
+    async def record_data_export(self, actor: User, subject: User, messages: int) -> None:
+        """An administrator exported what Postier keeps about ``subject`` (RGPD access)."""
+        await self.store.audit(actor.establishment_id, actor.username, "user.data_export",
+                               subject.username, {"messages": messages})
+
     # -- tokens --------------------------------------------------------------------------
     async def _token_owner(self, actor: User, username: str | None) -> User:
         if username is None or username == actor.username:
@@ -215,7 +229,7 @@ class Administration:
         self, actor: User, name: str = "", username: str | None = None
     ) -> tuple[str, TokenInfo]:
         owner = await self._token_owner(actor, username)
-        token, info = await self.core.create_token(owner, name)
+        token, info = await self.accounts.create_token(owner, name)
         await self.store.audit(actor.establishment_id, actor.username, "token.create",
                                owner.username, {"token_id": info.id, "name": name})
         return token, info
@@ -223,7 +237,7 @@ class Administration:
     async def revoke_token(self, actor: User, token_id: int, username: str | None = None) -> None:
         owner = await self._token_owner(actor, username)
         revoked = await self.store.revoke_token(owner.id, token_id)
-        self.core.forget_tokens()
+        self.installation.forget_tokens()
         if not revoked:
             raise NotFound(N_("There is no active token {id} for {username}."),
                            id=token_id, username=owner.username)
@@ -234,7 +248,7 @@ class Administration:
     def _encode_profile(self, p: ProfileIn, keep: ProfileRecord | None) -> dict[str, Any]:
         data = p.model_dump(mode="json", exclude={"label", *SECRET_FIELDS})
         if p.password:
-            data["password_enc"] = self.core.secrets.encrypt(p.password)
+            data["password_enc"] = self.installation.secrets.encrypt(p.password)
         elif p.password is None and keep is not None and "password_enc" in keep.data:
             data["password_enc"] = keep.data["password_enc"]
         return data
@@ -292,13 +306,51 @@ class Administration:
         record = await self._profile(user, profile_id)
         out = profile_public(record)
         enc = record.data.get("password_enc")
-        out["password"] = self.core.secrets.decrypt(enc) if enc else None
+        out["password"] = self.installation.secrets.decrypt(enc) if enc else None
         await self.store.record_retrieval(profile_id, user.id)
         await self.store.audit(user.establishment_id, user.username, "profile.retrieve",
                                record.label, {"id": profile_id})
         return out
 
     # -- settings and test-send ----------------------------------------------------------
+    async def get_settings(self, user: User, lang: str = "en") -> dict[str, Any]:
+        require_admin(user)
+        installation = self.installation
+        doc = (await installation.stored_settings(user.establishment_id)).public()
+        est = await installation.establishment(user.establishment_id)
+        doc["hosted"] = bool(est and est.hosted and installation.config.platform_relay is not None)
+        doc["warnings"] = settings_warnings(
+            await installation.stored_settings(user.establishment_id), lang)
+        return doc
+
+    async def put_settings(self, user: User, payload: dict[str, Any], lang: str = "en"
+                           ) -> dict[str, Any]:
+        """Change the settings given in ``payload`` (any part; the rest stays), validated
+        whole before anything is saved; the relay password is kept when none is given.
+        The answer is the settings as saved, with their ``warnings`` (nothing refused)."""
+        require_admin(user)
+        current = await self.installation.stored_settings(user.establishment_id)
+        # What GET adds for reading (hosted, warnings) may come back: it is not a setting.
+        merged = current.updated(
+            {k: v for k, v in payload.items() if k not in ("hosted", "warnings")}
+        )
+        await self.domains.check(user.establishment_id, settings_claims(current, merged))
+        await self.installation.check_targets(user.establishment_id, merged, current)
+        await self.installation.replace_settings(user.establishment_id, merged)
+        await self.audit_settings_change(user, current, merged)
+        log.info("settings of establishment %s changed by %s", user.establishment_id,
+                 user.username)
+        return merged.public() | {"warnings": settings_warnings(merged, lang)}
+
+    async def test_warnings(self, user: User, candidate: dict[str, Any] | None,
+                            backup: bool, lang: str) -> list[str]:
+        """The warnings of the relay a test-send uses (saved settings, or unsaved ones)."""
+        require_admin(user)
+        saved = await self.installation.delivery_settings(user.establishment_id)
+        settings = saved.updated(candidate) if candidate else saved
+        relay = settings.backup_relay if backup else settings.relay
+        return relay_warnings(relay, lang) if relay is not None else []
+
     async def audit_settings_change(
         self, actor: User, before: DeliverySettings, after: DeliverySettings
     ) -> None:
@@ -332,10 +384,10 @@ class Administration:
         tested differ from the saved ones, the report and the e-mail say they are not
         saved yet."""
         require_admin(actor)
-        saved = await self.core.delivery_settings(actor.establishment_id)
+        saved = await self.installation.delivery_settings(actor.establishment_id)
         settings = saved.updated(candidate) if candidate else saved
         unsaved = settings != saved
-        await self.core.check_targets(actor.establishment_id, settings, saved)
+        await self.installation.check_targets(actor.establishment_id, settings, saved)
         if backup:
             if settings.backup_relay is None or not settings.backup_relay.configured:
                 raise InvalidInput(N_("No backup relay is set: there is nothing to test."),
@@ -349,8 +401,8 @@ class Administration:
         sender_name, sender_address = settings.sender.name, settings.sender.address
         if actor.email:
             try:
-                decision = self.core.decide_sender(
-                    actor, settings, verified=await self.core.senders.verified(actor, settings))
+                decision = decide_sender(
+                    actor, settings, verified=await self.senders.verified(actor, settings))
                 sender_name, sender_address = decision.from_name, decision.envelope_from
             except SenderNotConfigured:
                 sender_name, sender_address = actor.display_name, actor.email
@@ -363,14 +415,14 @@ class Administration:
         if check_senders:
             senders = await self._sender_identities(actor, settings)
         started = time.monotonic()
-        keys = await self.core.dkim_keys(actor.establishment_id)
+        keys = await self.dkim.keys(actor.establishment_id)
         report = await diagnose.test_send(
             settings.relay,
             to=address,
             sender_name=sender_name,
             sender_address=sender_address,
             lang=lang,
-            local_hostname=self.core.config.hostname,
+            local_hostname=self.installation.config.hostname,
             check_senders=senders,
             dkim_key=keys.get(sender_address.rpartition("@")[2].lower()),
             label=translate(
@@ -410,7 +462,7 @@ class Administration:
         enc = record.data.get("password_enc")
         stored = {k: v for k, v in record.data.items() if k != "password_enc"}
         stored |= {"label": record.label,
-                   "password": self.core.secrets.decrypt(enc) if enc else None}
+                   "password": self.installation.secrets.decrypt(enc) if enc else None}
         saved = ProfileIn.model_validate(stored)
         merged = stored | {k: v for k, v in (candidate or {}).items()
                            if not (k == "password" and v is None)}
@@ -428,7 +480,7 @@ class Administration:
         started = time.monotonic()
         report = await diagnose.test_send(
             profile, to=address, sender_name=actor.display_name, sender_address=actor.email,
-            lang=lang, local_hostname=self.core.config.hostname, send=send,
+            lang=lang, local_hostname=self.installation.config.hostname, send=send,
             unsaved=profile != saved,
             label=translate(lang, N_("the sending profile {label}"), label=profile.label),
         )

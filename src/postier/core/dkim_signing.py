@@ -17,6 +17,8 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from postier.core.submitted_message import read_submitted
+
 SIGNED_HEADERS = [b"from", b"reply-to", b"to", b"cc", b"subject", b"date", b"message-id",
                   b"mime-version", b"content-type", b"content-transfer-encoding"]
 _SELECTOR = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -75,8 +77,6 @@ def verify(data: bytes, key: DkimKey) -> bool:
 
 def from_domain(data: bytes) -> str | None:
     """The domain of the From header of stored message bytes."""
-    from postier.core.message import read_submitted
-
     addresses = read_submitted(data).from_addresses
     if not addresses:
         return None

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from postier.core import policy
+from postier.core.installation import Installation
 from postier.core.settings import DeliverySettings
 from postier.errors import Conflict, Forbidden, InvalidInput, NotFound
 from postier.i18n import N_
 from postier.store.base import Establishment, User
-
-if TYPE_CHECKING:
-    from postier.core.service import Postier
 
 ALLOWED, SENDER, DKIM = "allowed_domains", "sender", "dkim"
 
@@ -200,15 +198,15 @@ class MoveReport:
 class Domains:
     """Who holds which domain in this installation (``core.domains``)."""
 
-    def __init__(self, core: Postier) -> None:
-        self.core = core
+    def __init__(self, installation: Installation) -> None:
+        self.installation = installation
 
     async def holdings(self) -> list[Holding]:
-        store = self.core.store
+        store = self.installation.store
         return all_holdings(await store.all_settings(), await store.all_dkim_domains())
 
     def _platform(self) -> str | None:
-        return ascii_base(self.core.config.platform_sender_domain or "") or None
+        return ascii_base(self.installation.config.platform_sender_domain or "") or None
 
     async def check(self, establishment_id: int, claims: Sequence[Claim]) -> None:
         """Refuse (409) a claim on the platform's domain, other than the establishment's
@@ -216,7 +214,7 @@ class Domains:
         if not claims:
             return
         wide = next((c for c in claims if "." not in c.domain), None)
-        if wide is not None and len(await self.core.store.list_establishments()) > 1:
+        if wide is not None and len(await self.installation.store.list_establishments()) > 1:
             # "fr" or "*.fr" first would keep every other establishment out of a whole
             # top-level domain.
             raise InvalidInput(_TOP_LEVEL, hint=_TOP_LEVEL_HINT, field=wide.field,
@@ -224,8 +222,9 @@ class Domains:
         platform = self._platform()
         for claim in claims:
             if platform and related(claim.domain, platform):
-                est = await self.core.establishment(establishment_id)
-                own = f"{est.slug if est else '?'}@{self.core.config.platform_sender_domain}"
+                est = await self.installation.establishment(establishment_id)
+                domain = self.installation.config.platform_sender_domain
+                own = f"{est.slug if est else '?'}@{domain}"
                 if (claim.address or "").lower() != own.lower():
                     raise PlatformDomain(hint=_PLATFORM_HINT, field=claim.field,
                                          domain=claim.shown, own=own)
@@ -260,7 +259,7 @@ class Domains:
         if platform and related(key, platform):
             raise Conflict(N_("{domain} is the hosting platform's domain: it belongs to no "
                               "establishment."), field="domain", domain=shown)
-        target = await self.core.establishment(to.strip().lower())
+        target = await self.installation.establishment(to.strip().lower())
         if target is None:
             raise NotFound(N_("There is no establishment {slug} for you."), slug=to)
         held = [h for h in await self.holdings()
@@ -277,9 +276,9 @@ class Domains:
 
     async def _take(self, actor: User, source_id: int, target: Establishment, key: str,
                     report: MoveReport) -> None:
-        core = self.core
-        source = await core.establishment(source_id)
-        settings = await core.stored_settings(source_id, fresh=True)
+        installation = self.installation
+        source = await installation.establishment(source_id)
+        settings = await installation.stored_settings(source_id, fresh=True)
         keep = [p for p in settings.allowed_domains if not within(ascii_base(p) or "", key)]
         moved = [p for p in settings.allowed_domains if p not in keep]
         sender = settings.sender
@@ -289,21 +288,21 @@ class Domains:
             update: dict[str, Any] = {"allowed_domains": keep}
             if cleared:
                 update["sender"] = sender.model_copy(update={"address": ""})
-            await core.replace_settings(source_id, settings.model_copy(update=update))
-        dkim = [d for e, d in await core.store.all_dkim_domains()
+            await installation.replace_settings(source_id, settings.model_copy(update=update))
+        dkim = [d for e, d in await installation.store.all_dkim_domains()
                 if e == source_id and within(ascii_base(d) or "", key)]
         for domain in dkim:
-            await core.store.move_dkim_key(source_id, target.id, domain)
-        core.forget_dkim(source_id, target.id)
+            await installation.store.move_dkim_key(source_id, target.id, domain)
+        installation.forget_dkim(source_id, target.id)
         grants = 0
-        for user in await core.store.list_users(source_id):
+        for user in await installation.store.list_users(source_id):
             left = [a for a in user.granted_senders
                     if not within(ascii_base(address_domain(a)) or "", key)]
             if len(left) != len(user.granted_senders):
                 grants += len(user.granted_senders) - len(left)
-                await core.store.update_user(user.id, granted_senders=left)
+                await installation.store.update_user(user.id, granted_senders=left)
         if grants:
-            core.forget_tokens()
+            installation.forget_tokens()
         slug = source.slug if source else str(source_id)
         report.sources.append(slug)
         report.allowed_domains += [p for p in moved if p not in report.allowed_domains]
@@ -312,18 +311,18 @@ class Domains:
             report.sender_cleared.append(slug)
         report.grants_removed += grants
         # The other establishment is not named: each one's audit log is its own.
-        await core.store.audit(source_id, actor.username, "domain.move_out", report.domain,
+        await installation.store.audit(source_id, actor.username, "domain.move_out", report.domain,
                                {"allowed_domains": moved, "dkim": dkim,
                                 "sender_cleared": cleared, "grants_removed": grants})
 
     async def _give(self, actor: User, target: Establishment, shown: str, key: str,
                     report: MoveReport) -> None:
-        core = self.core
-        settings = await core.stored_settings(target.id, fresh=True)
+        installation = self.installation
+        settings = await installation.stored_settings(target.id, fresh=True)
         added = report.allowed_domains or [shown]
         patterns = list(dict.fromkeys([*settings.allowed_domains, *added]))
         if patterns != settings.allowed_domains:
-            await core.replace_settings(
+            await installation.replace_settings(
                 target.id, settings.model_copy(update={"allowed_domains": patterns}))
-        await core.store.audit(target.id, actor.username, "domain.move_in", report.domain,
+        await installation.store.audit(target.id, actor.username, "domain.move_in", report.domain,
                                {"allowed_domains": added, "dkim": report.dkim})

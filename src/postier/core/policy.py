@@ -163,7 +163,7 @@ def normalize_address(addr: str) -> str:
 @functools.lru_cache(maxsize=8192)
 def _validated(value: str) -> str:
     # Cached because the same parents and teachers receive e-mail after e-mail, and
-    # email-validator costs ~25 µs an address; failures are not cached (they raise).
+    # email-validator is slow for a hot path; failures are not cached (they raise).
     try:
         result = validate_email(value, check_deliverability=False, allow_smtputf8=True)
     except EmailNotValidError as exc:

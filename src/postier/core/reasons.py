@@ -154,3 +154,13 @@ def explain(stored: str | None, lang: str, *, admin: bool) -> dict[str, Any] | N
         out["message"] = error["message"]
         out["hint"] = error.get("hint")
     return out
+
+
+def explain_error(last_error: str | None, lang: str) -> dict[str, Any] | None:
+    """Render a stored error in the reader's language."""
+    if not last_error:
+        return None
+    try:
+        return load(json.loads(last_error)).render(lang)
+    except (ValueError, TypeError, AttributeError):  # a damaged row must not break a listing
+        return {"code": "unexpected", "message": last_error}

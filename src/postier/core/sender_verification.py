@@ -26,18 +26,15 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from postier.core import policy
-from postier.core.domains import address_claims
-from postier.core.service import NOTICE_PREFIX, SETTINGS_TTL
+from postier.core.domains import Domains, address_claims
+from postier.core.installation import SETTINGS_TTL, Installation
+from postier.core.notices import NOTICE_PREFIX, Notices
 from postier.core.settings import DeliverySettings
 from postier.errors import Conflict, InvalidInput, NotFound, PostierError
 from postier.i18n import LANGUAGES, N_, normalize, translate
 from postier.store.base import SenderAddress, User
-
-if TYPE_CHECKING:
-    from postier.core.service import Postier
 
 CODE_DIGITS = 6
 CODE_TTL = 30 * 60  # seconds a code may be used
@@ -131,8 +128,11 @@ class SenderAddresses:
     """A user's verified sender addresses: asking for a code, confirming it, listing,
     removing; and what the sender policy needs (:meth:`verified`)."""
 
-    def __init__(self, core: Postier) -> None:
-        self.core = core
+    def __init__(self, installation: Installation, domains: Domains, notices: Notices) -> None:
+        self.installation = installation
+        self.store = installation.store
+        self.domains = domains
+        self.notices = notices
         self._verified: dict[int, tuple[tuple[str, ...], float]] = {}
 
     async def verified(self, user: User, settings: DeliverySettings) -> tuple[str, ...] | None:
@@ -147,7 +147,7 @@ class SenderAddresses:
             return cached[0]
         # Cached like the tokens: one query per user every few seconds on the submission
         # path; a change made in this process forgets the user's entry at once.
-        rows = await self.core.store.list_sender_addresses(user.id)
+        rows = await self.store.list_sender_addresses(user.id)
         addresses = tuple(r.address for r in rows if r.verified_at is not None)
         if len(self._verified) > 10_000:
             self._verified.clear()
@@ -167,7 +167,7 @@ class SenderAddresses:
 
     async def listing(self, user: User) -> list[AddressState]:
         now = time.time()
-        return [_state(r, now) for r in await self.core.store.list_sender_addresses(user.id)]
+        return [_state(r, now) for r in await self.store.list_sender_addresses(user.id)]
 
     async def _find(self, user: User, address: str) -> AddressState | None:
         key = address.lower()
@@ -181,11 +181,11 @@ class SenderAddresses:
             return current
         # Verifying an address at another establishment's domain (or at the platform's)
         # would prepare a claim on it: refused like the other doors.
-        await self.core.domains.check(user.establishment_id,
+        await self.domains.check(user.establishment_id,
                                       address_claims([address], "address"))
         code = f"{secrets.randbelow(10 ** CODE_DIGITS):0{CODE_DIGITS}d}"
         now = time.time()
-        wait = await self.core.store.start_sender_code(
+        wait = await self.store.start_sender_code(
             establishment_id=user.establishment_id, user_id=user.id, address=address,
             code_hash=self._digest(user, address, code), expires_at=now + CODE_TTL, now=now,
             min_interval=RESEND_INTERVAL, day_limit=DAY_LIMIT,
@@ -196,7 +196,7 @@ class SenderAddresses:
             raise TooManyCodes(_DAY, limit=DAY_LIMIT, minutes=math.ceil(wait / 60),
                                field="address")
         await self._send_code(user, address, code, lang)
-        await self.core.store.audit(user.establishment_id, user.username, "sender.code_sent",
+        await self.store.audit(user.establishment_id, user.username, "sender.code_sent",
                                     address)
         return AddressState(address, PENDING, expires_at=now + CODE_TTL,
                             attempts_left=MAX_FAILURES)
@@ -211,13 +211,13 @@ class SenderAddresses:
         if len(code) != CODE_DIGITS or not code.isascii() or not code.isdigit():
             # Not counted as a wrong attempt: it cannot be the code.
             raise InvalidInput(_BAD_CODE, field="code", digits=CODE_DIGITS, address=address)
-        outcome, left = await self.core.store.check_sender_code(
+        outcome, left = await self.store.check_sender_code(
             user_id=user.id, address=address, code_hash=self._digest(user, address, code),
             now=time.time(), max_failures=MAX_FAILURES,
         )
         if outcome == "verified":
             self._verified.pop(user.id, None)
-            await self.core.store.audit(user.establishment_id, user.username,
+            await self.store.audit(user.establishment_id, user.username,
                                         "sender.verified", address)
             found = await self._find(user, address)
             assert found is not None
@@ -225,7 +225,7 @@ class SenderAddresses:
         if outcome == "wrong":
             raise WrongCode(hint=_CHECK_MAIL, field="code", left=left, address=address)
         if outcome == "locked":
-            await self.core.store.audit(user.establishment_id, user.username,
+            await self.store.audit(user.establishment_id, user.username,
                                         "sender.code_locked", address)
             raise CodeLocked(hint=_ASK_AGAIN, field="code")
         if outcome == "expired":
@@ -236,22 +236,22 @@ class SenderAddresses:
         """Forget one of the user's addresses (verified or not)."""
         try:
             address = policy.normalize_address(address)
-            found = await self.core.store.delete_sender_address(user.id, address)
+            found = await self.store.delete_sender_address(user.id, address)
         except InvalidInput:
             address, found = address[:100], False
         if not found:
             raise NotFound(N_("{address} is not among your sender addresses."),
                            address=address)
         self._verified.pop(user.id, None)
-        await self.core.store.audit(user.establishment_id, user.username, "sender.removed",
+        await self.store.audit(user.establishment_id, user.username, "sender.removed",
                                     address)
 
     def _digest(self, user: User, address: str, code: str) -> str:
         # Bound to the user and the address: a code is worth nothing anywhere else.
-        return self.core.secrets.mac(f"sender-code\0{user.id}\0{address.lower()}\0{code}")
+        return self.installation.secrets.mac(f"sender-code\0{user.id}\0{address.lower()}\0{code}")
 
     async def _send_code(self, user: User, address: str, code: str, lang: str) -> None:
-        est = await self.core.establishment(user.establishment_id)
+        est = await self.installation.establishment(user.establishment_id)
         params = {
             "name": user.display_name or user.username, "username": user.username,
             "establishment": est.name if est else "", "address": address, "code": code,
@@ -265,7 +265,7 @@ class SenderAddresses:
         for other in order[1:]:
             parts += ["-- English --" if other == "en" else "-- Français --",
                       translate(other, _BODY, **params)]
-        await self.core.system_email(
+        await self.notices.system_email(
             user.establishment_id, [address], translate(lang, _SUBJECT, address=address),
             "\n\n".join(parts),
             headers={"X-Postier-Notice": "sender-verification"},

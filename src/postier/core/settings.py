@@ -273,7 +273,7 @@ class RetrySettings(_Model):
     )
 
 
-# -- retention of personal data (RGPD): issue 11, see postier.ops.retention -----------------
+# -- retention of personal data (RGPD): see postier.ops.retention ---------------------------
 class RetentionSettings(_Model):
     """How long the e-mails of the establishment are kept once they are sent, failed or
     cancelled: the content briefly, the delivery record longer."""
@@ -301,7 +301,7 @@ class RetentionSettings(_Model):
 # -- end of retention ----------------------------------------------------------------------
 
 
-# -- alerts and webhook: issues 10 and 11, see postier.ops.alerts --------------------------------
+# -- alerts and webhook: see postier.ops.alerts ------------------------------------------------
 class WebhookEvent(StrEnum):
     ALERTS = "alerts"  # alert.raised, alert.resolved
     FAILURES = "failures"  # message.failed (the failure notices' facts)
@@ -390,7 +390,7 @@ class DeliverySettings(_Model):
         description="Seconds of failures of the main relay before the backup takes over",
     )
     alerts: AlertSettings = Field(default_factory=AlertSettings)
-    # -- sender address verification (issue 10): see postier.core.sender_verification ----------
+    # -- sender address verification: see postier.core.sender_verification ---------------------
     verify_sender_addresses: bool = Field(
         False,
         description="A user's address is used as the From only once its owner confirmed it "

@@ -13,6 +13,9 @@ are held back past one of three ceilings:
 - ``ADDRESS_LIMIT`` failures from one address, whatever the account (a school is often one
   address behind its router, hence more than for one account).
 
+The setup page's one-time address (:mod:`postier.core.first_run`) is held back the same
+way: ``SETUP_LIMIT`` wrong tokens from one client address (:class:`SetupThrottle`).
+
 A name that names no account is counted like an account, so the answers never tell
 whether it exists. A held-back attempt is refused without its password being checked, for
 ``FIRST_WAIT`` seconds doubled by each further failure, at most ``LONGEST_WAIT``. When a
@@ -36,6 +39,19 @@ from postier.store.base import (
     source_key,
 )
 
+WINDOW = 15 * 60
+FIRST_WAIT = 30.0
+LONGEST_WAIT = 15 * 60.0
+
+
+def held_back(recent: list[float], limit: int, now: float) -> float:
+    """Seconds to wait after the failures at times ``recent`` (sorted), past ``limit``:
+    ``FIRST_WAIT`` doubled by each further failure, at most ``LONGEST_WAIT``."""
+    if len(recent) < limit:
+        return 0.0
+    wait = min(LONGEST_WAIT, FIRST_WAIT * 2.0 ** (len(recent) - limit))
+    return max(0.0, recent[-1] + wait - now)
+
 
 @dataclass(frozen=True)
 class Admission:
@@ -51,12 +67,12 @@ class Admission:
 class SignInThrottle:
     """Counts failed sign-ins at one door (``web`` or ``smtp``) and says who may try."""
 
-    WINDOW = 15 * 60
+    WINDOW = WINDOW
     SOURCE_LIMIT = 5
     ACCOUNT_LIMIT = 100
     ADDRESS_LIMIT = 20
-    FIRST_WAIT = 30.0
-    LONGEST_WAIT = 15 * 60.0
+    FIRST_WAIT = FIRST_WAIT
+    LONGEST_WAIT = LONGEST_WAIT
 
     def __init__(self, store: Store, door: str) -> None:
         self.store = store
@@ -69,10 +85,7 @@ class SignInThrottle:
                 else name_key(door, login))
 
     def _wait(self, recent: list[float], limit: int, now: float) -> float:
-        if len(recent) < limit:
-            return 0.0
-        wait = min(self.LONGEST_WAIT, self.FIRST_WAIT * 2.0 ** (len(recent) - limit))
-        return max(0.0, recent[-1] + wait - now)
+        return held_back(recent, limit, now)
 
     async def admit(self, login: str, candidates: Sequence[User], address: str,
                     now: float | None = None) -> Admission:
@@ -115,3 +128,28 @@ class SignInThrottle:
         keys = [k for k in keys if k in admission.failing]
         if keys:
             await self.store.clear_failures(keys)
+
+
+class SetupThrottle:
+    """Wrong setup tokens from one client address, counted in the store like failed
+    sign-ins and held back by the same rule."""
+
+    SETUP_LIMIT = 10
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @staticmethod
+    def _key(address: str) -> str:
+        return f"setup:a:{address}"
+
+    async def wait(self, address: str, now: float | None = None) -> float:
+        """Seconds the client ``address`` must wait before trying another token."""
+        now = time.time() if now is None else now
+        key = self._key(address)
+        recent = (await self.store.recent_failures([key], now - WINDOW)).get(key, [])
+        return held_back(sorted(recent), self.SETUP_LIMIT, now)
+
+    async def failed(self, address: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        await self.store.add_failure([self._key(address)], now, forget_before=now - WINDOW)

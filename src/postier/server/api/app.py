@@ -177,15 +177,15 @@ def create_app(
     app.include_router(dkim.router)
     app.include_router(admin.domains_router)
 
-    from postier.server.api import senders  # sender address verification (issue 10)
+    from postier.server.api import senders  # sender address verification
 
     app.include_router(senders.router)
 
-    from postier.server.api import operations  # readiness, metrics, personal data (issue 11)
+    from postier.server.api import operations  # readiness, metrics, personal data
 
     app.include_router(operations.router)
 
-    from postier.server.api import alerts  # alerts of the establishment (issue 11)
+    from postier.server.api import alerts  # alerts of the establishment
 
     app.include_router(alerts.router)
 
