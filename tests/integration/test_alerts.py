@@ -252,7 +252,7 @@ async def test_an_unreachable_receiver_gets_the_event_later_even_after_a_restart
     sender = alerts.WebhookSender(inst.core)
     assert await sender.deliver_due(now) == 0, "the receiver is down"
     assert await sender.deliver_due(now + 1) == 0, "not due again before its backoff"
-    [row] = await db.list_events(alerts.sql_store(inst.core), 1)
+    [row] = await inst.core.store.list_events(1)
     assert row["status"] == "pending" and row["attempts"] == 1 and row["last_error"]
     await sender.close()
     await inst.core.close()
@@ -315,7 +315,7 @@ async def test_the_webhook_secret_is_write_only_and_encrypted(inst: Installation
                if e.action == "settings.update"]
     assert "alerts.webhook_secret" in changes[-1], changes
     assert all("alerts.webhook_secret" not in c for c in changes[:-1]), "kept, not changed"
-    stored = await alerts.sql_store(inst.core)._read(select(schema.settings.c.data))
+    stored = await inst.core.store._read(select(schema.settings.c.data))  # type: ignore[attr-defined]
     assert SECRET not in stored[0].data and "webhook_secret_enc" in stored[0].data
     with pytest.raises(Exception, match="16"):
         await inst.core.put_settings(inst.admin, {"alerts": {"webhook_secret": ""}})
@@ -324,9 +324,8 @@ async def test_the_webhook_secret_is_write_only_and_encrypted(inst: Installation
 async def test_alerts_are_for_the_establishment_administrators_only(
     inst: Installation,
 ) -> None:
-    store = alerts.sql_store(inst.core)
-    await db.open_incident(store, 1, "queue_behind", time.time(),
-                           {"params": {"accepted": "x", "count": 3}})
+    await inst.core.store.open_incident(1, "queue_behind", time.time(),
+                                        {"params": {"accepted": "x", "count": 3}})
     other = await inst.core.add_establishment("lycee-du-parc", "Lycée du Parc")
     their_admin = await inst.core.add_user("proviseur", "p@lyceeduparc.fr", role="admin",
                                            establishment_id=other.id)
@@ -345,7 +344,7 @@ def test_the_banner_shows_an_open_incident_to_administrators_only(
     async def raise_incident() -> None:
         core = Postier(ServerConfig(data_dir=server.data_dir))
         await core.open()
-        await db.open_incident(alerts.sql_store(core), 1, "relay_failing", time.time(), {
+        await core.store.open_incident(1, "relay_failing", time.time(), {
             "params": {"relay": "smtp.ac-lyon.fr:587", "since": "2026-11-27 08:00 UTC"}})
         await core.close()
 

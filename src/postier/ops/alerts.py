@@ -25,13 +25,7 @@ the sender notices; queued ahead of every other e-mail, through whichever relay 
 banner in the web interface while the incident is open (``open_alerts()``), and the
 webhook.
 
-**Webhook.** Events (``alert.raised``, ``alert.resolved``, and for integrators
-``message.failed``, ``message.delayed``, ``message.sent``) are first stored in the
-``webhook_outbox`` table, so none is lost across restarts and delivery never waits for
-them; :class:`AlertTask` posts them from the background of the delivery process, JSON
-signed with HMAC-SHA256 (``X-Postier-Signature: sha256=<hex>`` over
-``<X-Postier-Timestamp>.<body>``), with bounded timeouts, TLS verified, no redirects
-followed, and retries with exponential backoff for three days.
+**Webhook.** Its events are stored and posted by :mod:`postier.ops.webhook`.
 """
 
 from __future__ import annotations
@@ -39,33 +33,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
-import json
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
-from postier import __version__
 from postier.core.administration import require_admin
 from postier.core.aio import cancel_and_wait
 from postier.core.outage import Outage
 from postier.core.settings import DeliverySettings, RelaySettings, WebhookEvent
-from postier.delivery.relay import RelayPool, tls_context
+from postier.delivery.relay import RelayPool
 from postier.errors import StoreUnavailable
 from postier.i18n import N_, translate
-from postier.store import alerts as db
-from postier.store.base import Establishment, User
-from postier.store.sql import SQLStore
+from postier.ops.webhook import WebhookSender, backoff, message_event, queue_event, sign
+from postier.store.alerts import Incident
+from postier.store.base import Establishment, Store, User
 
 if TYPE_CHECKING:
     from postier.core.service import Postier
     from postier.delivery.worker import DeliveryWorker
+
+__all__ = ["AlertEngine", "AlertTask", "WebhookSender", "attach", "backoff", "describe",
+           "list_alerts", "message_event", "open_alerts", "queue_event", "sign"]
 
 log = logging.getLogger("postier.ops.alerts")
 
@@ -75,11 +65,6 @@ KINDS = (RELAY_FAILING, QUEUE_BEHIND, OAUTH2_EXPIRY)
 # Alert e-mails go before every other e-mail waiting (normal is 0, bulk 1).
 ALERT_PRIORITY = -1
 CHECK_EVERY = 30.0  # seconds between two checks of the conditions
-POST_TIMEOUT = 10.0  # seconds, for the whole webhook request
-HOLD = 60.0  # seconds a process keeps an event it is posting from the others
-GIVE_UP_AFTER = 3 * 86400.0
-SIGNATURE_HEADER = "X-Postier-Signature"
-TIMESTAMP_HEADER = "X-Postier-Timestamp"
 
 KIND_LABELS = {
     RELAY_FAILING: N_("The relay is failing"),
@@ -126,7 +111,7 @@ def _iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds")
 
 
-def describe(incident: db.Incident, lang: str) -> dict[str, Any]:
+def describe(incident: Incident, lang: str) -> dict[str, Any]:
     """An incident as every interface shows it, in the reader's language."""
     template = MESSAGES.get(incident.details.get("template", incident.kind), "")
     params = incident.details.get("params", {})
@@ -145,18 +130,11 @@ def describe(incident: db.Incident, lang: str) -> dict[str, Any]:
     }
 
 
-def sql_store(core: Postier) -> SQLStore:
-    store = core.store
-    if not isinstance(store, SQLStore):  # pragma: no cover - every backend is SQL today
-        raise TypeError(f"{type(store).__name__} is not an SQL store")
-    return store
-
-
 async def list_alerts(core: Postier, user: User, lang: str, limit: int = 100
                       ) -> list[dict[str, Any]]:
     """The establishment's incidents, open first (``GET /api/v1/alerts``): administrators."""
     require_admin(user)
-    incidents = await db.list_incidents(sql_store(core), user.establishment_id, limit)
+    incidents = await core.store.list_incidents(user.establishment_id, limit)
     return [describe(i, lang) for i in incidents]
 
 
@@ -164,7 +142,7 @@ async def open_alerts(core: Postier, establishment_id: int, lang: str
                       ) -> list[dict[str, Any]]:
     """The incidents open now (the web interface's banner)."""
     return [describe(i, lang)
-            for i in await db.open_incidents(sql_store(core), establishment_id)]
+            for i in await core.store.open_incidents(establishment_id)]
 
 
 # -- conditions -----------------------------------------------------------------------------
@@ -193,17 +171,17 @@ class AlertEngine:
         self.wake = asyncio.Event()  # set when an event waits to be posted
 
     @property
-    def store(self) -> SQLStore:
-        return sql_store(self.core)
+    def store(self) -> Store:
+        return self.core.store
 
-    async def check(self, now: float | None = None) -> list[tuple[str, db.Incident]]:
+    async def check(self, now: float | None = None) -> list[tuple[str, Incident]]:
         """One round over every establishment; what was announced: ``(phase, incident)``
         with phase ``raised`` or ``resolved``."""
         now = self.clock() if now is None else now
         store = self.store
-        opened = {(i.establishment_id, i.kind): i for i in await db.open_incidents(store)}
-        waiting = await db.oldest_waiting(store)
-        done: list[tuple[str, db.Incident]] = []
+        opened = {(i.establishment_id, i.kind): i for i in await store.open_incidents()}
+        waiting = await store.oldest_waiting()
+        done: list[tuple[str, Incident]] = []
         for est in await store.list_establishments():
             if est.disabled:
                 continue
@@ -222,8 +200,8 @@ class AlertEngine:
                             done.append(("raised", raised))
                             await self.announce(est, settings, raised, "raised")
                     elif condition == CLEAR and incident is not None:
-                        if await db.resolve_incident(store, incident.id, now):
-                            over = db.Incident(incident.id, incident.establishment_id, kind,
+                        if await store.resolve_incident(incident.id, now):
+                            over = Incident(incident.id, incident.establishment_id, kind,
                                                incident.started_at, now, incident.details)
                             done.append(("resolved", over))
                             await self.announce(est, settings, over, "resolved")
@@ -232,17 +210,17 @@ class AlertEngine:
         return done
 
     async def _raise(self, est: Establishment, kind: str, firing: Firing
-                     ) -> db.Incident | None:
+                     ) -> Incident | None:
         # A condition that began before the last incident of its kind ended is that
         # incident, seen late by another worker (its view may be a moment old): not a new
         # one.
-        last = await db.last_resolved(self.store, est.id, kind)
+        last = await self.store.last_resolved(est.id, kind)
         if last is not None and firing.since <= last:
             return None
-        return await db.open_incident(self.store, est.id, kind, firing.since, firing.details)
+        return await self.store.open_incident(est.id, kind, firing.since, firing.details)
 
     async def announce(self, est: Establishment, settings: DeliverySettings,
-                       incident: db.Incident, phase: str) -> None:
+                       incident: Incident, phase: str) -> None:
         """Every configured channel, once (each has its own key per incident and phase);
         the banner needs nothing: it shows the open incidents."""
         log.warning("alert %s for %s: %s (incident %d)", phase, est.slug,
@@ -331,7 +309,7 @@ def _expiry(settings: DeliverySettings, now: float) -> Condition:
 
 
 async def _announce_email(core: Postier, est: Establishment, settings: DeliverySettings,
-                          incident: db.Incident, phase: str) -> str | None:
+                          incident: Incident, phase: str) -> str | None:
     admins = [u.email for u in await core.store.list_users(est.id)
               if u.role == "admin" and not u.disabled and u.email]
     if not admins:
@@ -357,159 +335,6 @@ async def _announce_email(core: Postier, est: Establishment, settings: DeliveryS
         idempotency_key=f"alert:{incident.id}:{phase}", settings=settings,
         priority=ALERT_PRIORITY,
     )
-
-
-async def queue_event(core: Postier, establishment_id: int, settings: DeliverySettings,
-                      category: WebhookEvent, event: str, dedupe_key: str,
-                      data: dict[str, Any], now: float | None = None) -> bool:
-    """Store one webhook event for the establishment, if its webhook takes this category;
-    once per ``dedupe_key``. ``True`` when stored now."""
-    alerts = settings.alerts
-    if not alerts.webhook_url or category not in alerts.webhook_events:
-        return False
-    est = await core.establishment(establishment_id)
-    now = time.time() if now is None else now
-    event_id = secrets.token_hex(16)
-    body = json.dumps({
-        "id": event_id, "type": event, "created_at": _iso(now),
-        "establishment": est.slug if est else str(establishment_id), "data": data,
-    }, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return await db.add_event(sql_store(core), establishment_id, event_id, event, dedupe_key,
-                              body, now)
-
-
-# -- events about e-mails, for integrators -----------------------------------------
-
-
-def _wanted(settings: DeliverySettings, category: WebhookEvent) -> bool:
-    return bool(settings.alerts.webhook_url) and category in settings.alerts.webhook_events
-
-
-async def message_event(core: Postier, message_id: str, kind: str,
-                        establishment_id: int | None = None) -> bool:
-    """Store ``message.failed``, ``message.delayed`` or ``message.sent`` for an e-mail,
-    when the establishment's webhook takes it. Each is stored once per state: ``failed``
-    again only when more recipients have failed, ``delayed`` once per e-mail. Knowing
-    ``establishment_id`` spares reading the e-mail when nobody wants the event."""
-    from postier.core.service import NOTICE_PREFIX, SYSTEM_USER, explain_error
-
-    category = {"failed": WebhookEvent.FAILURES, "delayed": WebhookEvent.DELAYS,
-                "sent": WebhookEvent.SENT}[kind]
-    if establishment_id is not None and not _wanted(
-            await core.delivery_settings(establishment_id), category):
-        return False
-    record = await core.store.get_message(message_id)
-    if record is None or record.user_id == SYSTEM_USER or (
-            record.idempotency_key or "").startswith(NOTICE_PREFIX):
-        return False  # Postier's own e-mails (notices, alerts) are no integrator's business
-    settings = await core.delivery_settings(record.establishment_id)
-    if not _wanted(settings, category):
-        return False
-    failed = [r for r in record.recipients if r.status == "failed"]
-    key = {"failed": f"failed:{record.id}:{len(failed)}", "delayed": f"delayed:{record.id}",
-           "sent": f"sent:{record.id}"}[kind]
-    user = await core.store.get_user(user_id=record.user_id)
-    data = {
-        "message": {
-            "id": record.id, "status": record.status, "subject": record.subject,
-            "from": record.header_from, "message_id": record.message_id,
-            "idempotency_key": record.idempotency_key, "user": user.username if user else None,
-            "created_at": _iso(record.created_at), "attempts": record.attempts,
-            "recipients": [{"address": r.address, "status": r.status, "code": r.code,
-                            "reply": r.reply} for r in record.recipients],
-            "error": explain_error(record.last_error, "en"),
-        },
-    }
-    return await queue_event(core, record.establishment_id, settings, category,
-                             f"message.{kind}", key, data)
-
-
-# -- posting the webhook's events ----------------------------------------------------------------
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """``sha256=<hex>``: HMAC-SHA256 with the shared secret of ``<timestamp>.<body>``."""
-    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
-def backoff(attempts: int) -> float:
-    """Seconds before the next try after ``attempts`` failed ones: 10 s, doubling, at most
-    an hour."""
-    return float(min(3600, 10 * 2 ** max(0, attempts - 1)))
-
-
-class WebhookSender:
-    """Posts the stored events that are due. One HTTP client per process."""
-
-    def __init__(self, core: Postier, clock: Callable[[], float] = time.time) -> None:
-        self.core = core
-        self.clock = clock
-        self._client: httpx.AsyncClient | None = None
-
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            # Verified TLS, with POSTIER_CA_FILE as for the relays; no redirect followed
-            # (the signed event goes where the administrator said, nowhere else).
-            self._client = httpx.AsyncClient(
-                verify=tls_context(RelaySettings()), follow_redirects=False,
-                timeout=httpx.Timeout(POST_TIMEOUT), trust_env=False,
-                headers={"User-Agent": f"Postier/{__version__}"},
-            )
-        return self._client
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-    async def deliver_due(self, now: float | None = None) -> int:
-        """Post every due event once; how many were delivered."""
-        now = self.clock() if now is None else now
-        store = sql_store(self.core)
-        delivered = 0
-        for event in await db.take_due(store, now, HOLD):
-            settings = await self.core.delivery_settings(event.establishment_id)
-            error = await self._post(settings, event)
-            attempts = event.attempts + 1
-            if error is None:
-                delivered += 1
-                await db.event_done(store, event.id, delivered=True, attempts=attempts,
-                                    next_at=None, error=None)
-                continue
-            give_up = not settings.alerts.webhook_url or (
-                now + backoff(attempts) - event.created_at > GIVE_UP_AFTER)
-            log.warning("webhook event %s (%s) not delivered (attempt %d): %s%s",
-                        event.event_id, event.event, attempts, error,
-                        "; given up" if give_up else "")
-            await db.event_done(store, event.id, delivered=False, attempts=attempts,
-                                next_at=None if give_up else now + backoff(attempts),
-                                error=error[:500])
-        return delivered
-
-    async def _post(self, settings: DeliverySettings, event: db.OutgoingEvent) -> str | None:
-        """``None`` when the receiver took the event (2xx), else what went wrong."""
-        alerts = settings.alerts
-        if not alerts.webhook_url or not alerts.webhook_secret:
-            return "no webhook is configured any more"
-        body = event.payload.encode()
-        stamp = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(alerts.webhook_secret, stamp, body),
-            TIMESTAMP_HEADER: stamp,
-            "X-Postier-Event": event.event,
-            "X-Postier-Event-Id": event.event_id,
-        }
-        try:
-            answer = await asyncio.wait_for(
-                self.client().post(alerts.webhook_url, content=body, headers=headers),
-                POST_TIMEOUT + 1)
-        except (httpx.HTTPError, TimeoutError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"[:300]
-        if 200 <= answer.status_code < 300:
-            return None
-        return f"HTTP {answer.status_code}: {answer.text[:200]}"
 
 
 async def _survive(outage: Outage, failure: str, step: Callable[[], Awaitable[object]]

@@ -11,22 +11,15 @@ follows the monitoring plugins' convention, so cron or a supervisor can act on i
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import os
-import re
 import shutil
 import stat
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from postier.core.accounts import OPERATORS_ESTABLISHMENT
 from postier.core.crypto import KEY_FILE, KeyError_, SecretBox
@@ -34,13 +27,24 @@ from postier.core.domains import all_holdings, overlaps
 from postier.core.settings import DeliverySettings, RelaySettings
 from postier.errors import PostierError
 from postier.i18n import N_, translate
+from postier.ops.doctor_checks import (
+    FAIL,
+    OK,
+    WARN,
+    Check,
+    duration_text,
+    encrypted_values,
+    exit_status,
+    greeting_date,
+    process_alive,
+    short_reason,
+    size_text,
+)
 from postier.server.config import ServerConfig
-from postier.store import create_store, database_url, migrate
-from postier.store import schema as t
-from postier.store.sql import SQLStore
+from postier.store import create_store, database_url
+from postier.store.base import Store
 
-OK, WARN, FAIL = "ok", "warn", "fail"
-_RANK = {OK: 0, WARN: 1, FAIL: 2}
+__all__ = ["Check", "Doctor", "diagnose", "exit_status", "greeting_date"]
 
 GIB = 1024**3
 DISK_WARN_BYTES = GIB
@@ -50,56 +54,16 @@ QUEUE_WARN_AGE = 3600.0  # an e-mail waiting longer than this needs a look
 CLOCK_TOLERANCE = 120.0  # seconds of disagreement with the relay before we say so
 
 
-@dataclass
-class Check:
-    key: str  # stable name, for programs (--json)
-    label: str
-    level: str
-    result: str
-    remedy: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def exit_status(checks: list[Check]) -> int:
-    return max((_RANK[c.level] for c in checks), default=0)
-
-
-def _duration(seconds: float, lang: str) -> str:
-    seconds = abs(seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return translate(lang, N_("{days} days"), days=f"{seconds / 86400:.0f}")
-
-
-def greeting_date(text: str) -> float | None:
-    """The date some relays put in their greeting (``220 host ESMTP; Tue, 3 Dec 2024
-    10:00:00 +0100``), as a timestamp."""
-    match = re.search(
-        r"(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),\s*)?\d{1,2}\s+[A-Z][a-z]{2}\s+\d{4}\s+"
-        r"\d{1,2}:\d{2}(?::\d{2})?\s*(?:[+-]\d{4}|[A-Z]{1,5})?",
-        text,
-    )
-    if not match:
-        return None
-    try:
-        return email.utils.parsedate_to_datetime(match.group(0)).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
 class Doctor:
+    """Runs the checks in order, each adding its results; later checks skip what an
+    earlier one found missing (no store, no readable key)."""
+
     def __init__(self, config: ServerConfig, lang: str = "en") -> None:
         self.config = config
         self.lang = lang
         self.data_dir = Path(config.data_dir)
         self.checks: list[Check] = []
-        self.store: SQLStore | None = None
+        self.store: Store | None = None
         self.box: SecretBox | None = None
         self.store_ok = False
         self.relay_clock: tuple[str, float, float] | None = None  # relay, its time, ours
@@ -127,8 +91,7 @@ class Doctor:
             self.check_server()
         finally:
             if self.store is not None:
-                await self.store.write_engine.dispose()
-                await self.store.read_engine.dispose()
+                await self.store.close()
         return self.checks
 
     # -- configuration ---------------------------------------------------------------------
@@ -206,15 +169,12 @@ class Doctor:
             self.add("store", label, FAIL, str(exc),
                      self._(N_("Check --database-url or POSTIER_DATABASE_URL.")))
             return
-        if not isinstance(store, SQLStore):  # pragma: no cover - every backend is SQL
-            return
         self.store = store
         try:
-            async with store.read_engine.connect() as conn:
-                current, head = await conn.run_sync(_migration_status)
+            current, head = await store.migration_status()
         except Exception as exc:
             self.add("store", label, FAIL,
-                     self._(N_("The database cannot be read: {reason}."), reason=_short(exc)),
+                     self._(N_("The database cannot be read: {reason}."), reason=short_reason(exc)),
                      self._(N_("Check that the database server runs and that this account "
                                "may read it (--database-url).")))
             return
@@ -230,11 +190,11 @@ class Doctor:
                                "a newer Postier needs that version.")))
             return
         try:
-            await asyncio.wait_for(_probe_write(store), 15)
+            await asyncio.wait_for(store.probe_write_access(), 15)
         except Exception as exc:
             self.add("store", label, FAIL,
                      self._(N_("The database cannot be written: {reason}."),
-                            reason=_short(exc)),
+                            reason=short_reason(exc)),
                      self._(N_("Check free disk space, the permissions of the database "
                                "files, and that no other program holds a lock on it.")))
             return
@@ -243,27 +203,16 @@ class Doctor:
             N_("{database} reachable and writable; schema up to date (revision {head})."),
             database=self._database_name(), head=head))
 
-    async def _read(self, work: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
-        assert self.store is not None
-        async with self.store.read_engine.connect() as conn:
-            return await work(conn)
-
     async def check_queue(self) -> None:
-        if not self.store_ok:
+        if not self.store_ok or self.store is None:
             return
-        from postier.ops.metrics import waiting_messages
-
-        async def read(conn: AsyncConnection) -> tuple[int, float | None]:
-            ids = [i for (i,) in await conn.execute(select(t.establishments.c.id))]
-            queue, oldest = await waiting_messages(conn, ids)
-            return sum(queue.values()), oldest
-
-        waiting, oldest = await self._read(read)
+        queue, oldest = await self.store.waiting_now()
+        waiting = sum(queue.values())
         label = self._(N_("Queue"))
         if oldest is not None and time.time() - oldest > QUEUE_WARN_AGE:
             self.add("queue", label, WARN, self._(
                 N_("{count} e-mails are waiting; the oldest for {age}."),
-                count=waiting, age=_duration(time.time() - oldest, self.lang)),
+                count=waiting, age=duration_text(time.time() - oldest, self.lang)),
                 self._(N_("Look at their last error (postier web pages or GET "
                           "/api/v1/messages?status=deferred) and test the relay with "
                           "postier settings test.")))
@@ -300,7 +249,7 @@ class Doctor:
         except OSError as exc:
             self.add("key_file", label, FAIL,
                      self._(N_("{path} cannot be read: {reason}."), path=str(path),
-                            reason=_short(exc)),
+                            reason=short_reason(exc)),
                      self._(N_("Run doctor as the account that runs the server.")))
 
     def _load_box(self, key: bytes) -> None:
@@ -313,24 +262,9 @@ class Doctor:
         """Every encrypted value stored: ``*_enc`` fields of the settings and profiles
         documents, ``*_enc`` columns (DKIM keys), and the key check value."""
 
-        async def read(conn: AsyncConnection) -> list[str]:
-            found: list[str] = []
-            for table in (t.settings, t.profiles):
-                for (data,) in await conn.execute(select(table.c.data)):
-                    found.extend(_encrypted(json.loads(data)))
-            for table in t.metadata.sorted_tables:
-                columns = [c for c in table.c if c.name.endswith("_enc")]
-                if columns:
-                    for row in await conn.execute(select(*columns)):
-                        found.extend(v for v in row if isinstance(v, str) and v)
-            meta = t.metadata.tables.get("meta")
-            if meta is not None:  # the key check value, where the schema has it
-                found.extend(v for (v,) in await conn.execute(
-                    select(meta.c.value).where(meta.c.key == "key_check")))
-            return found
-
-        result: list[str] = await self._read(read)
-        return result
+        assert self.store is not None
+        documents, values = await self.store.stored_secrets()
+        return [v for doc in documents for v in encrypted_values(json.loads(doc))] + values
 
     def _decrypt(self, token: Any) -> str | None:
         if not isinstance(token, str) or self.box is None:
@@ -379,7 +313,7 @@ class Doctor:
         usage = shutil.disk_usage(self.data_dir)
         free, ratio = usage.free, usage.free / usage.total if usage.total else 0.0
         text = self._(N_("{free} free in {path} ({percent} of the disk)."),
-                      free=_size(free), path=str(self.data_dir), percent=f"{ratio:.0%}")
+                      free=size_text(free), path=str(self.data_dir), percent=f"{ratio:.0%}")
         remedy = self._(N_("Free some space or enlarge the disk: when it is full, Postier "
                            "refuses new e-mails (it never accepts and drops them)."))
         if free < DISK_FAIL_BYTES:
@@ -391,18 +325,9 @@ class Doctor:
 
     # -- relays ----------------------------------------------------------------------------
     async def _settings(self) -> list[tuple[str, bool, DeliverySettings | str]]:
-        async def read(conn: AsyncConnection) -> list[tuple[str, bool, str | None]]:
-            rows = await conn.execute(
-                select(t.establishments.c.slug, t.establishments.c.hosted, t.settings.c.data)
-                .select_from(t.establishments.outerjoin(
-                    t.settings, t.settings.c.establishment_id == t.establishments.c.id))
-                .where(t.establishments.c.disabled.is_(False))
-                .order_by(t.establishments.c.id)
-            )
-            return [(str(s), bool(h), d) for s, h, d in rows]
-
+        assert self.store is not None
         out: list[tuple[str, bool, DeliverySettings | str]] = []
-        for slug, hosted, data in await self._read(read):
+        for _id, slug, hosted, data in await self.store.settings_documents(disabled=False):
             doc = json.loads(data) if data else {}
             for section in doc.values():  # relay sections: their secrets decrypted
                 if not isinstance(section, dict):
@@ -450,20 +375,13 @@ class Doctor:
         if not self.store_ok:
             return
 
-        async def read(conn: AsyncConnection) -> tuple[dict[int, str], list[Any], list[Any]]:
-            slugs = {int(i): str(s) for i, s in await conn.execute(
-                select(t.establishments.c.id, t.establishments.c.slug))}
-            docs = list(await conn.execute(select(t.settings.c.establishment_id,
-                                                  t.settings.c.data)))
-            keys = list(await conn.execute(select(t.dkim_keys.c.establishment_id,
-                                                  t.dkim_keys.c.domain)))
-            return slugs, docs, keys
-
-        slugs, docs, keys = await self._read(read)
+        if self.store is None:
+            return
+        slugs = {e.id: e.slug for e in await self.store.list_establishments()}
         if len(slugs) < 2:
             return
-        found = overlaps(all_holdings({int(e): json.loads(d) for e, d in docs},
-                                      [(int(e), str(d)) for e, d in keys]))
+        found = overlaps(all_holdings(await self.store.all_settings(),
+                                      await self.store.all_dkim_domains()))
         label = self._(N_("Domains of the establishments"))
         if not found:
             self.add("domains", label, OK, self._(
@@ -484,17 +402,9 @@ class Doctor:
         if not self.store_ok:
             return
 
-        async def read(conn: AsyncConnection) -> tuple[int, list[Any]]:
-            count = await conn.scalar(select(func.count()).select_from(t.establishments))
-            misplaced = list(await conn.execute(
-                select(t.establishments.c.slug, t.users.c.username)
-                .join(t.users, t.users.c.establishment_id == t.establishments.c.id)
-                .where(t.users.c.role == "operator",
-                       t.users.c.establishment_id != OPERATORS_ESTABLISHMENT)
-                .order_by(t.establishments.c.slug, t.users.c.username)))
-            return int(count or 0), misplaced
-
-        count, misplaced = await self._read(read)
+        if self.store is None:
+            return
+        count, misplaced = await self.store.misplaced_operators(OPERATORS_ESTABLISHMENT)
         if count < 2:
             return
         label = self._(N_("Operator accounts"))
@@ -570,7 +480,7 @@ class Doctor:
             ok = answer.status_code == 200
             problem = f"HTTP {answer.status_code}"
         except httpx.HTTPError as exc:
-            ok, problem = False, _short(exc) or type(exc).__name__
+            ok, problem = False, short_reason(exc) or type(exc).__name__
         if ok:
             self.add("relay", label, OK, self._(
                 N_("{relay} answers; nothing was sent."), relay=name))
@@ -595,30 +505,17 @@ class Doctor:
                     else N_("This machine's clock is {delta} behind {relay}'s.")
                 )
                 self.add("clock", label, WARN, self._(
-                    template, delta=_duration(skew, self.lang), relay=relay),
+                    template, delta=duration_text(skew, self.lang), relay=relay),
                     self._(N_("Synchronise the clock (NTP: timedatectl set-ntp true, or "
                               "chrony): retries, retention and the e-mails' Date use it.")))
                 return
         newest: float | None = None
-        if self.store_ok:
-            m, a = t.messages.c, t.attempts.c
-
-            async def read(conn: AsyncConnection) -> float | None:
-                # The newest rows by key (time-ordered ids): no scan of the history.
-                times = [
-                    (await conn.execute(select(m.created_at).order_by(m.id.desc()).limit(1)))
-                    .scalar(),
-                    (await conn.execute(select(a.started_at).order_by(a.id.desc()).limit(1)))
-                    .scalar(),
-                ]
-                found = [float(x) for x in times if x is not None]
-                return max(found) if found else None
-
-            newest = await self._read(read)
+        if self.store_ok and self.store is not None:
+            newest = await self.store.newest_activity()
         if newest is not None and newest - now > CLOCK_TOLERANCE:
             self.add("clock", label, FAIL, self._(
                 N_("The clock is {delta} behind the newest e-mail in the database: it was "
-                   "set back."), delta=_duration(newest - now, self.lang)),
+                   "set back."), delta=duration_text(newest - now, self.lang)),
                 self._(N_("Set the clock right (NTP: timedatectl set-ntp true, or chrony): "
                           "retries, retention and the e-mails' Date use it.")))
             return
@@ -641,7 +538,7 @@ class Doctor:
             pid = lock.read_text().strip()
         except OSError:
             pass
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             self.add("server", label, OK, self._(
                 N_("postier serve is delivering (process {pid})."), pid=pid))
             return
@@ -650,65 +547,6 @@ class Doctor:
                "wait.")),
             self._(N_("Start it (for example systemctl start postier, or postier serve "
                       "--data-dir {path})."), path=str(self.data_dir)))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # no /proc: the process exists, trust it
-    return b"postier" in cmdline
-
-
-def _encrypted(doc: Any) -> list[str]:
-    """The values of every ``*_enc`` key in a JSON document."""
-    found: list[str] = []
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            if key.endswith("_enc") and isinstance(value, str) and value:
-                found.append(value)
-            else:
-                found.extend(_encrypted(value))
-    elif isinstance(doc, list):
-        for value in doc:
-            found.extend(_encrypted(value))
-    return found
-
-
-def _migration_status(connection: Connection) -> tuple[str | None, str]:
-    return migrate.status(connection)
-
-
-async def _probe_write(store: SQLStore) -> None:
-    """Take the write lock and change a row to its own value, then roll back."""
-    async with store.write_engine.connect() as conn:
-        tx = await conn.begin()
-        try:
-            first = select(func.min(t.establishments.c.id)).scalar_subquery()
-            await conn.execute(update(t.establishments).where(t.establishments.c.id == first)
-                               .values(disabled=t.establishments.c.disabled))
-        finally:
-            await tx.rollback()
-
-
-def _short(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None)
-    text = str(orig or exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 async def diagnose(config: ServerConfig, lang: str = "en") -> list[Check]:

@@ -28,161 +28,30 @@ Gauges (queue depth, oldest waiting message, relay state) are read live, from th
 from __future__ import annotations
 
 import asyncio
-import bisect
-import json
 import math
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from postier import __version__
-from postier.store import schema as t
-from postier.store.base import DEFERRED, FAILED, QUEUED, SENDING, SENT, STATUSES
-from postier.store.sql import SQLStore
+from postier.errors import PostierError
+from postier.store.base import DEFERRED, FAILED, SENT, Store
+from postier.store.reports import LATENCY_BUCKETS, OUTCOMES, PURGE_ACTION, WAITING, Tally
 
-# Upper bounds (seconds) of the latency histogram: a healthy relay answers within a second;
-# a relay that is down makes e-mails wait minutes to days.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400,
-)
-OUTCOMES = (SENT, DEFERRED, FAILED)
-WAITING = (QUEUED, SENDING, DEFERRED)
-PURGE_ACTION = "retention.purge"
+__all__ = ["LATENCY_BUCKETS", "OUTCOMES", "PURGE_ACTION", "WAITING", "Collector", "Snapshot",
+           "Tally", "delivery_state", "probe_store", "render", "room_needed", "store_room"]
 
 # Messages younger than this are counted at every scrape rather than cached: one accepted
 # just before the boundary may not be committed yet.
 TAIL_LAG = 60.0
 # The cached base is recounted from scratch this often.
 FULL_RECOUNT = 3600.0
-# How many recent attempts tell the state of each relay.
-RELAY_WINDOW = 500
 # SMTP replies that mean the relay took the connection but will not take mail now: it is
 # not "up" for us (closing, TLS or authentication refused).
 _RELAY_DOWN_CODES = {421, 454, 530, 534, 535, 538}
-
-
-# -- tallies -------------------------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    """Counts by establishment id, and the latency histogram (per bucket, not cumulative;
-    the last bucket is +Inf)."""
-
-    accepted: dict[int, int] = field(default_factory=dict)
-    outcomes: dict[tuple[int, str], int] = field(default_factory=dict)
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    latency_sum: float = 0.0
-
-    def add(self, other: Tally) -> None:
-        for e, n in other.accepted.items():
-            self.accepted[e] = self.accepted.get(e, 0) + n
-        for k, n in other.outcomes.items():
-            self.outcomes[k] = self.outcomes.get(k, 0) + n
-        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
-        self.latency_sum += other.latency_sum
-
-    def copy(self) -> Tally:
-        out = Tally()
-        out.add(self)
-        return out
-
-    def dump(self, establishment_id: int) -> dict[str, Any]:
-        """The part of one establishment, as the retention purge stores it."""
-        return {
-            "accepted": self.accepted.get(establishment_id, 0),
-            **{o: self.outcomes.get((establishment_id, o), 0) for o in OUTCOMES},
-            "latency": {"le": list(LATENCY_BUCKETS), "counts": self.buckets,
-                        "sum": self.latency_sum},
-        }
-
-    @classmethod
-    def load(cls, establishment_id: int, doc: dict[str, Any]) -> Tally:
-        out = cls()
-        out.accepted[establishment_id] = int(doc.get("accepted", 0))
-        for o in OUTCOMES:
-            out.outcomes[(establishment_id, o)] = int(doc.get(o, 0))
-        lat = doc.get("latency") or {}
-        les = [float(x) for x in lat.get("le", [])] + [math.inf]
-        for le, n in zip(les, lat.get("counts", []), strict=False):
-            # Buckets stored by another version: each goes to the smallest bucket of ours
-            # that holds it (never under-counted in a bucket).
-            out.buckets[bisect.bisect_left(LATENCY_BUCKETS, le)] += int(n)
-        out.latency_sum = float(lat.get("sum", 0.0))
-        return out
-
-
-def _latency_expr() -> Any:
-    a, m = t.attempts.c, t.messages.c
-    return a.started_at + a.duration_ms / 1000.0 - m.created_at
-
-
-async def count_attempts(conn: AsyncConnection, where: Any) -> Tally:
-    """Outcomes by establishment and the latency histogram of the attempts ``where``
-    selects (joined with their messages)."""
-    a, m = t.attempts.c, t.messages.c
-    latency = _latency_expr()
-    sent = a.outcome == SENT
-    columns = [
-        m.establishment_id,
-        a.outcome,
-        func.count(),
-        func.sum(case((sent, latency), else_=0.0)),
-        *(func.sum(case((and_(sent, latency <= le), 1), else_=0)) for le in LATENCY_BUCKETS),
-    ]
-    stmt = (
-        select(*columns)
-        .select_from(t.attempts.join(t.messages, t.messages.c.id == a.message_id))
-        .where(where)
-        .group_by(m.establishment_id, a.outcome)
-    )
-    out = Tally()
-    for row in await conn.execute(stmt):
-        e, outcome, n, total, *cumulative = row
-        key = (int(e), str(outcome))
-        out.outcomes[key] = out.outcomes.get(key, 0) + int(n)
-        if outcome == SENT:
-            cum = [int(c or 0) for c in cumulative] + [int(n)]
-            out.buckets = [
-                acc + c - (cum[i - 1] if i else 0)
-                for i, (acc, c) in enumerate(zip(out.buckets, cum, strict=True))
-            ]
-            out.latency_sum += float(total or 0.0)
-    return out
-
-
-async def count_accepted(conn: AsyncConnection, where: Any) -> dict[int, int]:
-    m = t.messages.c
-    rows = await conn.execute(
-        select(m.establishment_id, func.count()).where(where).group_by(m.establishment_id)
-    )
-    return {int(e): int(n) for e, n in rows}
-
-
-async def purged_tallies(conn: AsyncConnection, after_id: int = 0) -> tuple[Tally, int]:
-    """What the retention purges deleted (audit entries after ``after_id``), and the last
-    entry's id."""
-    out = Tally()
-    last = after_id
-    rows = await conn.execute(
-        select(t.audit_log.c.id, t.audit_log.c.establishment_id, t.audit_log.c.details)
-        .where(t.audit_log.c.action == PURGE_ACTION, t.audit_log.c.id > after_id)
-        .order_by(t.audit_log.c.id)
-    )
-    for audit_id, e, details in rows:
-        last = max(last, int(audit_id))
-        try:
-            counted = json.loads(details).get("counted") or {}
-        except (ValueError, AttributeError):
-            continue
-        out.add(Tally.load(int(e), counted))
-    return out, last
 
 
 # -- the collector -------------------------------------------------------------------------
@@ -203,7 +72,7 @@ class Snapshot:
 class Collector:
     """Reads the metrics from the store; keeps the cached base of the counters."""
 
-    def __init__(self, store: SQLStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self._lock = asyncio.Lock()
         self._base: Tally | None = None
@@ -216,97 +85,31 @@ class Collector:
             return await self._snapshot(time.time() if now is None else now)
 
     async def _snapshot(self, now: float) -> Snapshot:
-        async with self.store.read_engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                # One consistent view of the rows, the purge tallies and the gauges.
-                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
-            async with conn.begin():
-                establishments = {
-                    int(r.id): str(r.slug)
-                    for r in await conn.execute(select(t.establishments.c.id,
-                                                       t.establishments.c.slug))
-                }
-                ids = list(establishments)
-                totals = await self._totals(conn, ids, now)
-                queue, oldest = await waiting_messages(conn, ids)
-                relays = await _relays(conn)
-        return Snapshot(establishments, totals, queue, oldest, relays)
-
-    async def _totals(self, conn: AsyncConnection, ids: list[int], now: float) -> Tally:
-        m, a = t.messages.c, t.attempts.c
-        # Every status and establishment named, so the index (establishment, status,
-        # created_at) serves the time range.
-        known = and_(m.establishment_id.in_(ids or [0]), m.status.in_(STATUSES))
-        # Attempts are appended in id order: everything up to the newest id goes in the
-        # base. (With several writers on PostgreSQL, a transaction committing out of id
-        # order may be missed until the hourly recount: counted late, never twice.)
-        att_boundary = int((await conn.execute(select(func.max(a.id)))).scalar() or 0)
         msg_boundary = now - TAIL_LAG
-
-        if self._base is None or now - self._base_at > FULL_RECOUNT or now < self._base_at:
-            base, _ = await purged_tallies(conn)
-            base.accepted = _merge(base.accepted, await count_accepted(
-                conn, and_(known, m.created_at < msg_boundary)))
-            base.add(await count_attempts(conn, a.id <= att_boundary))
-            self._base, self._base_at = base, now
-            self._msg_boundary, self._att_boundary = msg_boundary, att_boundary
+        full = self._base is None or now - self._base_at > FULL_RECOUNT or now < self._base_at
+        since = None if full else (self._msg_boundary, self._att_boundary)
+        read = await self.store.read_metrics(msg_boundary, since)
+        if self._base is None or since is None:
+            self._base, self._base_at = read.counted, now
+            self._msg_boundary, self._att_boundary = msg_boundary, read.att_boundary
         else:
-            base = self._base
-            if msg_boundary > self._msg_boundary:
-                base.accepted = _merge(base.accepted, await count_accepted(
-                    conn, and_(known, m.created_at >= self._msg_boundary,
-                               m.created_at < msg_boundary)))
-            if att_boundary > self._att_boundary:
-                base.add(await count_attempts(
-                    conn, and_(a.id > self._att_boundary, a.id <= att_boundary)))
+            self._base.add(read.counted)
             self._msg_boundary = max(self._msg_boundary, msg_boundary)
-            self._att_boundary = max(self._att_boundary, att_boundary)
-
-        totals = base.copy()
-        totals.accepted = _merge(totals.accepted, await count_accepted(
-            conn, and_(known, m.created_at >= self._msg_boundary)))
-        totals.add(await count_attempts(conn, a.id > self._att_boundary))
-        return totals
+            self._att_boundary = max(self._att_boundary, read.att_boundary)
+        totals = self._base.copy()
+        totals.add(read.tail)
+        return Snapshot(read.establishments, totals, read.queue, read.oldest_waiting,
+                        _relay_states(read.replies))
 
 
-def _merge(a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
-    out = dict(a)
-    for k, n in b.items():
-        out[k] = out.get(k, 0) + n
-    return out
-
-
-async def waiting_messages(
-    conn: AsyncConnection, establishment_ids: Sequence[int]
-) -> tuple[dict[str, int], float | None]:
-    """Messages waiting by status, and the creation time of the oldest. Naming every
-    establishment lets the (establishment, status, created_at) index answer alone."""
-    m = t.messages.c
-    queue = dict.fromkeys(WAITING, 0)
-    oldest: float | None = None
-    rows = await conn.execute(
-        select(m.status, func.count(), func.min(m.created_at))
-        .where(m.establishment_id.in_(list(establishment_ids) or [0]), m.status.in_(WAITING))
-        .group_by(m.status)
-    )
-    for status, n, first in rows:
-        queue[str(status)] = int(n)
-        if first is not None:
-            oldest = float(first) if oldest is None else min(oldest, float(first))
-    return queue, oldest
-
-
-async def _relays(conn: AsyncConnection) -> dict[str, bool]:
-    """Each relay's state after its newest attempt: up when the relay took part in an SMTP
-    transaction (any reply but closing, TLS or authentication refusals)."""
-    a = t.attempts.c
-    rows = await conn.execute(
-        select(a.relay, a.code).order_by(a.id.desc()).limit(RELAY_WINDOW)
-    )
+def _relay_states(replies: list[tuple[str, int | None]]) -> dict[str, bool]:
+    """Each relay's state after its newest attempt (``replies``: newest first): up when the
+    relay took part in an SMTP transaction (any reply but closing, TLS or authentication
+    refusals)."""
     out: dict[str, bool] = {}
-    for relay, code in rows:
+    for relay, code in replies:
         if relay not in out:
-            out[str(relay)] = code is not None and int(code) not in _RELAY_DOWN_CODES
+            out[relay] = code is not None and code not in _RELAY_DOWN_CODES
     return out
 
 
@@ -415,21 +218,11 @@ def render(snap: Snapshot, now: float | None = None) -> str:
 READY_TIMEOUT = 5.0
 
 
-async def probe_store(store: SQLStore, within: float = READY_TIMEOUT) -> str | None:
+async def probe_store(store: Store, within: float = READY_TIMEOUT) -> str | None:
     """A tiny real write through the store's writer (same queue, same lock, same commit as
     an acceptance); None when it worked, else a short reason safe to show anyone."""
-    from postier.errors import PostierError
-
-    async def job(conn: AsyncConnection) -> None:
-        first = select(func.min(t.establishments.c.id)).scalar_subquery()
-        await conn.execute(
-            update(t.establishments)
-            .where(t.establishments.c.id == first)
-            .values(disabled=t.establishments.c.disabled)
-        )
-
     try:
-        await asyncio.wait_for(store.write(job), within)
+        await asyncio.wait_for(store.probe_writer(), within)
     except TimeoutError:
         return f"no commit within {within:g} s"
     except PostierError as exc:

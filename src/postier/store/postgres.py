@@ -22,8 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from postier.core.aio import cancel_and_wait
 from postier.core.outage import Outage
-from postier.store.base import Outcome, RecipientState
-from postier.store.sql import ClaimAsk, SQLStore, WriteJob
+from postier.store.records import Outcome, RecipientState
+from postier.store.sql import SQLStore
+from postier.store.sql_base import WriteJob
+from postier.store.sql_queue import ClaimAsk
 
 log = logging.getLogger(__name__)
 CHANNEL = "postier_queue"
@@ -87,8 +89,8 @@ class PostgresStore(SQLStore):
         # statement first planned on a new, near-empty queue keeps that plan while the
         # queue grows (asyncpg prepares statements, and PostgreSQL plans a prepared
         # statement once, until the next ANALYZE): the recipients of each group of
-        # delivery results were found by reading the whole table, 1.1 ms a statement at
-        # 10,000 rows (bench smtp_relay_pg). Reads keep the planner's free choice.
+        # delivery results were found by reading the whole table, a cost growing with the
+        # queue (bench smtp_relay_pg). Reads keep the planner's free choice.
         write = create_async_engine(url, pool_size=5, max_overflow=10, connect_args={
             "server_settings": {"enable_seqscan": "off"}, "timeout": CONNECT_TIMEOUT})
         read = create_async_engine(url, pool_size=5, max_overflow=10,

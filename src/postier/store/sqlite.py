@@ -47,8 +47,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from postier.errors import StoreUnavailable
-from postier.store.base import Role
-from postier.store.sql import SQLStore, WriteJob, _translate
+from postier.store.records import Role
+from postier.store.sql import SQLStore
+from postier.store.sql_base import WriteJob, _translate
 
 READER_THREADS = 4
 
