@@ -22,9 +22,9 @@ from cryptography.fernet import Fernet
 from postier.core.crypto import SecretBox
 from postier.core.service import Postier
 from postier.core.settings import DeliverySettings, RelaySettings
-from postier.delivery import relay as relay_module
+from postier.delivery import pool as pool_module
 from postier.delivery.limits import SharedLimits
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.delivery.worker import deliver_one
 from postier.ops import alerts
 from postier.server.config import ServerConfig
@@ -76,7 +76,7 @@ async def _until(condition: object, what: str, timeout: float = 20) -> None:  # 
 async def test_a_worker_that_never_saw_the_main_relay_fail_fails_over_and_comes_back_with_the_others(  # noqa: E501
     store: Store, relay: FaultRelay, backup: FaultRelay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay_module, "PROBE_EVERY", 0.2)
+    monkeypatch.setattr(pool_module, "PROBE_EVERY", 0.2)
     main = relay
     settings = DeliverySettings(relay=_relay(main), backup_relay=_relay(backup),
                                 failover_after=60)

@@ -19,6 +19,7 @@ import httpx
 
 from postier.core.settings import OAuth2Provider, RelaySettings
 from postier.delivery.client_certificate import ASSERTION_TYPE
+from postier.delivery.tls import tls_context
 from postier.errors import DeliveryError
 from postier.i18n import N_
 
@@ -107,8 +108,6 @@ async def access_token(relay: RelaySettings) -> str:
     now = time.time()
     if cached is not None and cached[1] - REFRESH_AHEAD > now:
         return cached[0]
-    from postier.delivery.relay import tls_context
-
     url = token_url(relay)
     try:
         async with httpx.AsyncClient(timeout=float(relay.timeout),

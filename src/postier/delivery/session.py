@@ -1,7 +1,7 @@
 """Sending e-mails over an open relay connection, pipelined when the relay allows it.
 
 aiosmtplib opens and secures the connection (greeting, EHLO, STARTTLS or TLS, AUTH:
-:func:`postier.delivery.relay.open_smtp`); then :meth:`RelaySession.take_over` moves the
+:func:`postier.delivery.connection.open_smtp`); then :meth:`RelaySession.take_over` moves the
 transport to a small protocol of ours that keeps every reply in order. That lets the
 transactions use RFC 2920 PIPELINING — ``MAIL``, every ``RCPT`` and ``DATA`` written at
 once, then the message — so an e-mail costs two round trips instead of 3 + recipients,

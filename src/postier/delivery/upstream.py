@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 
 from postier.core.settings import RelaySettings
-from postier.delivery.relay import RcptResult, TransactionResult, tls_context
+from postier.delivery.tls import tls_context
+from postier.delivery.transaction import RcptResult, TransactionResult
 from postier.errors import DeliveryError
 from postier.i18n import N_
 from postier.store.base import Claimed

@@ -24,15 +24,11 @@ from collections.abc import Awaitable, Callable
 from postier.core.outage import Outage
 from postier.core.settings import DeliverySettings, RelayKind, RelaySettings
 from postier.core.supervision import Supervisor
-from postier.delivery.relay import (
-    LeaseLost,
-    RcptResult,
-    RelayPool,
-    TransactionResult,
-    classify,
-    relay_label,
-)
+from postier.delivery.failures import classify
+from postier.delivery.pool import LeaseLost, RelayPool
 from postier.delivery.retry import RetryPolicy
+from postier.delivery.transaction import RcptResult, TransactionResult
+from postier.delivery.upstream import hand_on
 from postier.errors import DeliveryError, PostierError, StoreUnavailable
 from postier.i18n import N_
 from postier.store.base import (
@@ -77,20 +73,7 @@ def decide(
     attempts = claimed.attempts + 1
     error: PostierError | None = result.error
     if error is None:
-        bad = [r for r in changed if r.status != SENT]
-        if bad:
-            error = DeliveryError(
-                N_("The SMTP server refused {address}: {reply_code} {reply}"),
-                hint=N_("Check the recipient's address.")
-                if bad[0].status == FAILED
-                else N_("Postier will try again later."),
-                code="recipient_refused" if bad[0].status == FAILED else "smtp_error",
-                address=bad[0].address,
-                reply_code=bad[0].code,
-                reply=bad[0].reply or "",
-                smtp_code=bad[0].code,
-                transient=bad[0].status != FAILED,
-            )
+        error = _refused_recipient(changed)
     waiting = [r for r in states.values() if r.status in ("pending", DEFERRED)]
     next_at = now
     status: str
@@ -107,26 +90,7 @@ def decide(
     elif waiting:
         nxt = retry.next_attempt(attempts, claimed.created_at, now)
         if nxt is None:
-            days = round(retry.max_age / 86400, 1)
-            for r in waiting:
-                expired = RecipientState(
-                    r.position,
-                    r.address,
-                    FAILED,
-                    r.code,
-                    f"gave up after {days:g} days of trying; last reply: {r.reply or '-'}",
-                )
-                states[r.position] = expired
-                changed = [c for c in changed if c.position != r.position] + [expired]
-            reason = error.message("en") if error else "no answer"
-            error = PostierError(
-                N_("Gave up after {days} days of trying: {reason}"),
-                code="expired",
-                hint=N_("Check the relay settings and the recipients' addresses, then send "
-                        "the e-mail again."),
-                days=f"{days:g}",
-                reason=reason,
-            )
+            changed, error = _give_up(waiting, states, changed, retry, error)
         else:
             next_at = nxt
     if not any(r.status in ("pending", DEFERRED) for r in states.values()):
@@ -153,6 +117,57 @@ def decide(
     )
 
 
+def _refused_recipient(changed: list[RecipientState]) -> DeliveryError | None:
+    """The message's error when the transaction went through but a recipient was not
+    sent: the first such recipient's refusal."""
+    bad = [r for r in changed if r.status != SENT]
+    if not bad:
+        return None
+    return DeliveryError(
+        N_("The SMTP server refused {address}: {reply_code} {reply}"),
+        hint=N_("Check the recipient's address.")
+        if bad[0].status == FAILED
+        else N_("Postier will try again later."),
+        code="recipient_refused" if bad[0].status == FAILED else "smtp_error",
+        address=bad[0].address,
+        reply_code=bad[0].code,
+        reply=bad[0].reply or "",
+        smtp_code=bad[0].code,
+        transient=bad[0].status != FAILED,
+    )
+
+
+def _give_up(
+    waiting: list[RecipientState],
+    states: dict[int, RecipientState],
+    changed: list[RecipientState],
+    retry: RetryPolicy,
+    error: PostierError | None,
+) -> tuple[list[RecipientState], PostierError]:
+    """The message has been trying for ``retry.max_age``: its recipients still waiting
+    fail (``states`` updated); the recipients changed and the message's error."""
+    days = round(retry.max_age / 86400, 1)
+    for r in waiting:
+        expired = RecipientState(
+            r.position,
+            r.address,
+            FAILED,
+            r.code,
+            f"gave up after {days:g} days of trying; last reply: {r.reply or '-'}",
+        )
+        states[r.position] = expired
+        changed = [c for c in changed if c.position != r.position] + [expired]
+    reason = error.message("en") if error else "no answer"
+    return changed, PostierError(
+        N_("Gave up after {days} days of trying: {reason}"),
+        code="expired",
+        hint=N_("Check the relay settings and the recipients' addresses, then send "
+                "the e-mail again."),
+        days=f"{days:g}",
+        reason=reason,
+    )
+
+
 def _summary(changed: list[RecipientState]) -> str:
     return "; ".join(f"{r.address}: {r.code} {r.reply or ''}".strip() for r in changed)
 
@@ -176,7 +191,7 @@ class DeliveryWorker:
         sign: Signer | None = None,
         on_sent: Callable[[str, int], Awaitable[object]] | None = None,
     ) -> None:
-        # on_sent(message id, establishment id): the webhook's message.sent (issue 10).
+        # on_sent(message id, establishment id): the webhook's message.sent.
         self.on_sent = on_sent
         self.sign = sign
         self.store = store
@@ -186,7 +201,7 @@ class DeliveryWorker:
         self.claim_batch = claim_batch
         self.max_in_flight = max_in_flight
         # One establishment whose relay stalls must not take every slot: past this many
-        # of its e-mails in flight, claims skip it and take the others' (issue 9).
+        # of its e-mails in flight, claims skip it and take the others'.
         self.max_in_flight_per_establishment = (
             max_in_flight_per_establishment or max(1, max_in_flight // 2)
         )
@@ -466,7 +481,7 @@ async def deliver_one(
         return decide(claimed, attempted, result, _retry_policy(settings), now=time.time(),
                       started_at=started_at,
                       duration_ms=int((time.perf_counter() - t0) * 1000),
-                      relay=relay_label(relay))
+                      relay=relay.describe())
 
     async def settle(result: TransactionResult) -> None:
         recorded.append(outcome_of(result))
@@ -475,45 +490,43 @@ async def deliver_one(
 
     try:
         if relay.kind == RelayKind.POSTIER:
-            from postier.delivery.upstream import hand_on
-
             result = await asyncio.wait_for(
                 hand_on(relay, claimed, [r.address for r in attempted]), whole)
         else:
             result = await pool.send(
-                relay,
-                claimed.envelope_from,
-                [r.address for r in attempted],
-                claimed.data,
-                smtputf8=claimed.smtputf8,
-                priority=claimed.priority,
-                establishment=claimed.establishment_id,
-                limit=whole,
-                still_ours=still_ours,
-                settle=settle,
-            )
+                relay, claimed.envelope_from, [r.address for r in attempted], claimed.data,
+                smtputf8=claimed.smtputf8, priority=claimed.priority,
+                establishment=claimed.establishment_id, limit=whole, still_ours=still_ours,
+                settle=settle)
     except LeaseLost:
         raise
     except Exception as exc:
         # Whatever went wrong, the message must not stay stuck "sending": it is deferred
         # with the reason, and the caller goes on.
-        if isinstance(exc, StoreUnavailable):  # the sending limits shared in the store
-            log.warning("cannot deliver %s now: %s", claimed.id, exc)
-            err = store_away()
-        else:
-            if not isinstance(exc, TimeoutError):
-                log.exception("unexpected error delivering %s", claimed.id)
-            err = classify(exc, "data", relay)
-        result = TransactionResult(
-            [RcptResult(r.address, DEFERRED, None, err.reply or err.message())
-             for r in attempted],
-            error=err,
-            reusable=False,
-        )
+        result = _deferred_by(exc, claimed, attempted, relay)
     if recorded:  # settled (and recorded) while the relay's connection was held
         return recorded[-1]
     await settle(result)
     return recorded[-1]
+
+
+def _deferred_by(exc: Exception, claimed: Claimed, attempted: list[RecipientState],
+                 relay: RelaySettings) -> TransactionResult:
+    """Every recipient attempted deferred by a failure that is no answer of the relay's
+    (logged unless it is a timeout or the store being away)."""
+    if isinstance(exc, StoreUnavailable):  # the sending limits shared in the store
+        log.warning("cannot deliver %s now: %s", claimed.id, exc)
+        err = store_away()
+    else:
+        if not isinstance(exc, TimeoutError):
+            log.exception("unexpected error delivering %s", claimed.id)
+        err = classify(exc, "data", relay)
+    return TransactionResult(
+        [RcptResult(r.address, DEFERRED, None, err.reply or err.message())
+         for r in attempted],
+        error=err,
+        reusable=False,
+    )
 
 
 async def _failed_over(pool: RelayPool, relay: RelaySettings,
