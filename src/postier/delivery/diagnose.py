@@ -1,40 +1,36 @@
 """The test-send ("Tester l'envoi d'e-mails"): a real e-mail, reported step by step.
 
 :func:`test_send` talks to the relay with the same code as delivery
-(:func:`~postier.delivery.relay.open_session` and :func:`~postier.delivery.relay.send_on`,
-pipelined when the relay offers it),
+(:func:`~postier.delivery.connection.open_session` and
+:func:`~postier.delivery.transaction.send_on`, pipelined when the relay offers it),
 watching every step (resolve, connect, greeting or implicit TLS, EHLO, STARTTLS, AUTH,
 MAIL FROM, RCPT TO, DATA) with its timing and the server's own reply. The first failure
 stops the test and is explained in the user's language: what happened and what to do
 ("Délai dépassé : augmentez le délai d'attente du serveur").
 
-On top of relay.py's classification, the test-send can afford one more connection to be
-sure instead of guessing: when no greeting arrives on a port configured without implicit
-TLS, it tries a short TLS handshake on the same port and, if that works, says the port
-expects implicit TLS.
+On top of the failures' classification (:mod:`postier.delivery.failures`), the test-send
+can afford one more connection to be sure instead of guessing: when no greeting arrives
+on a port configured without implicit TLS, it tries a short TLS handshake on the same
+port and, if that works, says the port expects implicit TLS.
 
 The connection check ("Vérifier la connexion") is the same conversation stopped before
 MAIL FROM: connect, TLS, authentication, then QUIT, no e-mail sent. Either way the report
-carries the SMTP conversation (commands and replies, AUTH payloads masked) for a help
-desk, and says when the settings tested are not saved yet.
+carries the SMTP conversation (commands and replies, AUTH payloads masked:
+:mod:`postier.delivery.transcript`) for a help desk, and says when the settings tested
+are not saved yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import email.policy
 import math
 import socket
 import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
-from typing import Any, cast
+from typing import Any
 
 import aiosmtplib
 from babel.numbers import format_decimal
@@ -42,8 +38,14 @@ from babel.numbers import format_decimal
 from postier.core import dkim_signing
 from postier.core.dkim_signing import DkimKey
 from postier.core.settings import AuthMethod, RelaySettings, Security
-from postier.delivery.relay import classify, open_session, send_on
+from postier.delivery import test_email
+from postier.delivery.connection import open_session
+from postier.delivery.failures import classify
 from postier.delivery.session import RelaySession, path
+from postier.delivery.steps import elapsed_ms
+from postier.delivery.test_email import SECURITY_LABELS
+from postier.delivery.transaction import send_on
+from postier.delivery.transcript import Transcript
 from postier.errors import DeliveryError
 from postier.i18n import N_, normalize, translate
 
@@ -56,12 +58,6 @@ BUDGET_FACTOR = 3
 TIGHT_SHARE = 1 / 3
 # Highest timeout the settings accept (RelaySettings.timeout).
 MAX_TIMEOUT = 600
-# The conversation kept in a report: enough for a help desk, bounded for a chatty server.
-MAX_CONVERSATION_LINES = 200
-MAX_LINE = 300
-# What stands for a secret in the conversation.
-MASK = "********"
-
 UNSAVED_OK = N_("These settings work but are not saved yet: click Save.")
 UNSAVED_FAILED = N_("These settings are not saved yet: the saved settings are still the "
                     "ones in use.")
@@ -79,19 +75,6 @@ STEP_LABELS: dict[str, str] = {
     "data": N_("message (DATA)"),
     "quit": "QUIT",
 }
-
-_SECURITY_LABELS: dict[str, str] = {
-    Security.NONE.value: N_("none"),
-    Security.STARTTLS.value: "STARTTLS",
-    Security.TLS.value: N_("TLS (implicit)"),
-}
-
-_AUTH_LABELS: dict[str, str] = {
-    AuthMethod.NONE.value: N_("none"),
-    AuthMethod.PASSWORD.value: N_("password"),
-    AuthMethod.OAUTH2.value: N_("OAuth2 (XOAUTH2)"),
-}
-
 
 @dataclass
 class Step:
@@ -172,30 +155,16 @@ async def test_send(
     (:func:`postier.core.policy.normalize_address`); a line break in them raises ValueError.
 
     Time limits: every step is bounded by ``relay.timeout`` (a step that takes longer fails
-    with code ``timeout``), and the whole test-send — including the TLS probe below — by
-    ``3 × relay.timeout``, so a server that answers each step just in time still cannot
-    keep the user waiting for long. The sender checks, when asked for, come after the
-    test-send and have their own budget of ``3 × relay.timeout``; the final QUIT waits at
-    most 2 s.
+    with code ``timeout``), and the whole test-send — including the TLS probe of
+    :meth:`_Run.explain_open_failure` — by ``3 × relay.timeout``, so a server that answers
+    each step just in time still cannot keep the user waiting for long. The sender checks
+    (:func:`_sender_checks`) come after it and have their own budget of
+    ``3 × relay.timeout``; the final QUIT waits at most 2 s.
 
     On the first failure the test stops: the failing step is the last of ``steps`` (with
     ``ok`` false) and ``error`` explains it (``code``, ``message``, ``hint`` in ``lang``).
-    When no greeting arrives (timeout, connection closed, or not SMTP) and the security is
-    none or STARTTLS, a TLS handshake is tried on the same port (for at most a quarter of
-    the timeout, between 0.5 and 3 s, and never beyond the budget): if it succeeds, the
-    error is ``tls_expected`` — the port speaks implicit TLS.
-
-    After a success, ``latency_ms`` is the total time and, when the slowest step took more
-    than a third of the timeout, ``suggestion`` proposes a new timeout: three times that
-    step's duration, rounded up to a whole second (at most 600 s), so the slowest step
-    would then take at most a third of it.
-
-    ``check_senders``: for each address, the relay is asked whether it accepts
-    ``MAIL FROM:<address>`` (then ``RSET``: nothing is sent), on the test's connection when
-    it is still usable, on a new one otherwise. Results are in ``sender_checks``
-    (``code``/``reply``: the relay's answer; ``code`` is None when the relay gave none) and
-    never change ``ok``. When the test failed before reaching MAIL FROM, they are reported
-    as not checked.
+    After a success, ``latency_ms`` is the total time and ``suggestion`` may propose a
+    longer timeout (:meth:`_Run.suggestion`).
 
     ``send=False`` checks the connection only: the steps stop after authentication and
     the connection ends with QUIT (its own step); nothing is sent, and the recipient, the
@@ -204,78 +173,69 @@ async def test_send(
     """
     lang = normalize(lang)
     run = _Run(relay, lang, send=send)
+    data, dkim_report = b"", None
+    if send:
+        data = test_email.compose(relay, to=to, sender_name=sender_name,
+                                  sender_address=sender_address, lang=lang, label=label,
+                                  unsaved=unsaved)
+        if dkim_key is not None:
+            data, dkim_report = await _signed(data, dkim_key)
     smtp: RelaySession | None = None
-    error: DeliveryError | None = None
-    latency_ms: int | None = None
-    data = _test_message(
-        relay, to=to, sender_name=sender_name, sender_address=sender_address,
-        lang=lang, label=label, unsaved=unsaved,
-    ) if send else b""
-    dkim_report: dict[str, Any] | None = None
-    if dkim_key is not None and send:
-        # Signed as deliveries are, and checked against the record to publish, so the
-        # administrator knows the key works before the first real e-mail.
-        data = await asyncio.to_thread(dkim_signing.sign, data, dkim_key)
-        dkim_report = {
-            "domain": dkim_key.domain,
-            "selector": dkim_key.selector,
-            "record": dkim_key.record_name,
-            "verified": await asyncio.to_thread(dkim_signing.verify, data, dkim_key),
-        }
-    smtputf8 = not (to.isascii() and sender_address.isascii())
-    budget = float(BUDGET_FACTOR * relay.timeout)
-    start = time.perf_counter()
-    deadline = start + budget
+    checks: list[SenderCheck] = []
     try:
-        limit = asyncio.timeout(budget)
-        try:
-            async with limit:
-                smtp, error = await _converse(
-                    run, data if send else None, to=to, sender_address=sender_address,
-                    smtputf8=smtputf8, local_hostname=local_hostname, deadline=deadline,
-                )
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            error = run.budget_exceeded(budget)  # (_converse closed the connection)
-        if error is None:
-            latency_ms = _ms(start)
-        else:
-            run.ensure_failed_step(error)
-        checks: list[SenderCheck] = []
+        smtp, error, latency_ms = await _within_budget(
+            run, data if send else None, to=to, sender_address=sender_address,
+            local_hostname=local_hostname)
         if check_senders:
-            reached_mail = error is None or any(s.step == "mail_from" for s in run.steps)
-            if reached_mail:
-                smtp, checks = await _check_senders(
-                    relay, check_senders, smtp, lang=lang, local_hostname=local_hostname
-                )
-            else:
-                assert error is not None
-                reason = run.render(error)["message"]
-                checks = [
-                    SenderCheck(a, False, None, translate(lang, N_("Not checked: {reason}"),
-                                                          reason=reason))
-                    for a in _unique(check_senders)
-                ]
+            smtp, checks = await _sender_checks(run, error, check_senders, smtp,
+                                                local_hostname)
     finally:
         if smtp is not None:
             await run.quit(smtp)
-    ok = error is None
-    return TestReport(
-        ok=ok,
-        steps=run.steps,
-        error=None if error is None else run.render(error),
-        latency_ms=latency_ms,
-        suggestion=None if error is not None else run.suggestion(),
-        sender_checks=[asdict(c) for c in checks],
-        dkim=dkim_report,
-        sent=ok and send,
-        unsaved=unsaved,
-        unsaved_message=translate(lang, UNSAVED_OK if ok else UNSAVED_FAILED)
-        if unsaved else None,
-        conversation=run.transcript.lines,
-        check=not send,
-    )
+    return run.report(error, latency_ms, checks, dkim_report, unsaved)
+
+
+async def _signed(data: bytes, key: DkimKey) -> tuple[bytes, dict[str, Any]]:
+    """The test e-mail signed as deliveries are, and checked against the record to
+    publish, so the administrator knows the key works before the first real e-mail."""
+    signed = await asyncio.to_thread(dkim_signing.sign, data, key)
+    return signed, {
+        "domain": key.domain,
+        "selector": key.selector,
+        "record": key.record_name,
+        "verified": await asyncio.to_thread(dkim_signing.verify, signed, key),
+    }
+
+
+async def _within_budget(
+    run: _Run,
+    data: bytes | None,
+    *,
+    to: str,
+    sender_address: str,
+    local_hostname: str | None,
+) -> tuple[RelaySession | None, DeliveryError | None, int | None]:
+    """:func:`_converse` within ``BUDGET_FACTOR`` × the relay's timeout; the connection
+    (if still open), the failure (the last step), and the total time after a success."""
+    smtputf8 = not (to.isascii() and sender_address.isascii())
+    budget = float(BUDGET_FACTOR * run.relay.timeout)
+    start = time.perf_counter()
+    smtp: RelaySession | None = None
+    limit = asyncio.timeout(budget)
+    try:
+        async with limit:
+            smtp, error = await _converse(
+                run, data, to=to, sender_address=sender_address, smtputf8=smtputf8,
+                local_hostname=local_hostname, deadline=start + budget,
+            )
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        error = run.budget_exceeded(budget)  # (_converse closed the connection)
+    if error is not None:
+        run.ensure_failed_step(error)
+        return smtp, error, None
+    return smtp, None, elapsed_ms(start)
 
 
 async def _converse(
@@ -352,12 +312,12 @@ class _Run:
 
     def ensure_failed_step(self, error: DeliveryError) -> None:
         """Make sure the failure is the last step (it is not when it happened between the
-        steps relay.py reports, e.g. an unconfigured relay or the budget running out)."""
+        steps the connection reports, e.g. an unconfigured relay or the budget running out)."""
         if self.steps and not self.steps[-1].ok:
             return
         step = error.step or self.current_step()
         detail = error.reply or str(error)
-        self.steps.append(Step(step, False, _ms(self._mark), detail))
+        self.steps.append(Step(step, False, elapsed_ms(self._mark), detail))
 
     def budget_exceeded(self, budget: float) -> DeliveryError:
         relay = self.relay
@@ -372,7 +332,11 @@ class _Run:
         )
 
     async def explain_open_failure(self, err: DeliveryError, deadline: float) -> DeliveryError:
-        """Replace relay.py's guess about a missing greeting with a TLS probe's answer."""
+        """Replace the classification's guess about a missing greeting with a TLS probe's
+        answer: when no greeting arrives (timeout, connection closed, or not SMTP) and the
+        security is none or STARTTLS, a TLS handshake is tried on the same port (for at
+        most a quarter of the timeout, between 0.5 and 3 s, and never beyond the budget):
+        if it succeeds, the error is ``tls_expected`` — the port speaks implicit TLS."""
         relay = self.relay
         if err.step != "greeting" or relay.security == Security.TLS or not _no_greeting(err):
             return err
@@ -393,7 +357,7 @@ class _Run:
                 security=relay.security.value,
             )
         if err.code == "tls_expected":
-            # relay.py guessed from port 465 alone; the probe says otherwise.
+            # The classification guessed from port 465 alone; the probe says otherwise.
             return DeliveryError(
                 N_("Timed out: {host} did not answer within {timeout} s (at step {step})."),
                 hint=N_("Increase the server timeout (now {timeout} s), or check the host "
@@ -402,6 +366,26 @@ class _Run:
                 host=relay.host, port=relay.port, timeout=relay.timeout,
             )
         return err
+
+    def report(self, error: DeliveryError | None, latency_ms: int | None,
+               checks: list[SenderCheck], dkim: dict[str, Any] | None,
+               unsaved: bool) -> TestReport:
+        ok = error is None
+        return TestReport(
+            ok=ok,
+            steps=self.steps,
+            error=None if error is None else self.render(error),
+            latency_ms=latency_ms,
+            suggestion=None if error is not None else self.suggestion(),
+            sender_checks=[asdict(c) for c in checks],
+            dkim=dkim,
+            sent=ok and self.send,
+            unsaved=unsaved,
+            unsaved_message=translate(self.lang, UNSAVED_OK if ok else UNSAVED_FAILED)
+            if unsaved else None,
+            conversation=self.transcript.lines,
+            check=not self.send,
+        )
 
     def render(self, err: DeliveryError) -> dict[str, Any]:
         return _render(err, self.lang)
@@ -412,11 +396,13 @@ class _Run:
         start = time.perf_counter()
         reply = await _quit(smtp, self.relay)
         if not self.send and connected and (not self.steps or self.steps[-1].ok):
-            self.steps.append(Step("quit", reply is not None, _ms(start),
+            self.steps.append(Step("quit", reply is not None, elapsed_ms(start),
                                    reply or "no answer to QUIT"))
 
     def suggestion(self) -> str | None:
-        """A larger timeout when the slowest step took more than a third of it."""
+        """A larger timeout when the slowest step took more than a third of it: three
+        times that step's duration, rounded up to a whole second (at most 600 s), so the
+        slowest step would then take at most a third of it."""
         if not self.steps:
             return None
         slowest = max(self.steps, key=lambda s: s.ms)
@@ -444,7 +430,7 @@ def _render(err: DeliveryError, lang: str) -> dict[str, Any]:
         params["step"] = translate(lang, STEP_LABELS.get(params["step"], params["step"]))
     if isinstance(params.get("security"), str):
         params["security"] = translate(
-            lang, _SECURITY_LABELS.get(params["security"], params["security"])
+            lang, SECURITY_LABELS.get(params["security"], params["security"])
         )
     message = translate(lang, err.template, **params)
     hint = translate(lang, err.hint_template, **params) if err.hint_template else None
@@ -488,113 +474,30 @@ async def _tls_probe(relay: RelaySettings, wait: float) -> str | None:
             writer.transport.abort()
 
 
-# -- the conversation ------------------------------------------------------------------------
-
-
-class Transcript:
-    """The SMTP conversation of one test, line by line (``C:`` what Postier sent, ``S:``
-    what the server answered), for the help desk. The AUTH payloads (a password, a
-    username, a token) are masked, and the message itself is summed up by its size.
-
-    It listens on the test's own connection, at the level of commands and replies (so
-    after TLS, and whatever the event loop): aiosmtplib's protocol from the greeting to
-    the authentication (:meth:`attach`), then the taken-over session (:meth:`follow`).
-    """
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._auth = False  # the last reply was 334: the next line is an AUTH payload
-        self._content = False  # the last reply was 354: the next write is the message
-
-    def attach(self, smtp: aiosmtplib.SMTP, greeting: aiosmtplib.SMTPResponse) -> None:
-        self.replied(greeting.code, greeting.message)
-        protocol = smtp.protocol
-        if protocol is None:
-            return
-        write, read_response = protocol.write, protocol.read_response
-
-        def tapped_write(data: bytes) -> None:
-            self.sent(bytes(data))
-            write(data)
-
-        async def tapped_read(timeout: float | None = None) -> aiosmtplib.SMTPResponse:  # noqa: ASYNC109
-            response = await read_response(timeout=timeout)
-            self.replied(response.code, response.message)
-            return response
-
-        setattr(protocol, "write", tapped_write)  # noqa: B010 (this connection's only)
-        setattr(protocol, "read_response", tapped_read)  # noqa: B010
-
-    def follow(self, session: RelaySession) -> None:
-        replies = session.transport.get_protocol()
-        read = replies.read  # type: ignore[attr-defined]  # session.py's _Replies
-
-        async def tapped_read(
-            count: int, timeout: float, out: list[tuple[int, str]]  # noqa: ASYNC109
-        ) -> None:
-            first = len(out)
-            try:
-                await read(count, timeout, out)
-            finally:
-                for code, text in out[first:]:
-                    self.replied(code, text)
-
-        setattr(replies, "read", tapped_read)  # noqa: B010
-        session.transport = cast(asyncio.Transport, _TappedTransport(session.transport, self))
-
-    def sent(self, data: bytes) -> None:
-        if self._content:
-            self._content = False
-            self._add("C", f"[{len(data)} bytes: the test e-mail]")
-            return
-        lines = data.split(b"\r\n")
-        if not lines[-1]:
-            lines.pop()
-        for raw in lines:
-            self._add("C", self._masked(raw.decode("utf-8", "replace")))
-
-    def replied(self, code: int, text: str) -> None:
-        for line in _reply_lines(code, text):
-            self._add("S", line)
-        self._auth = code == 334
-        self._content = code == 354
-
-    def _masked(self, line: str) -> str:
-        if self._auth:
-            self._auth = False
-            return MASK
-        verb, _, rest = line.partition(" ")
-        if verb.upper() == "AUTH":
-            mechanism, _, payload = rest.partition(" ")
-            return f"{verb} {mechanism} {MASK}" if payload else line
-        return line
-
-    def _add(self, who: str, line: str) -> None:
-        if len(self.lines) < MAX_CONVERSATION_LINES:
-            self.lines.append(f"{who}: {line[:MAX_LINE]}")
-
-
-class _TappedTransport:
-    """A session's transport whose writes the transcript sees (everything else as is)."""
-
-    def __init__(self, transport: asyncio.Transport, transcript: Transcript) -> None:
-        self._transport = transport
-        self._transcript = transcript
-
-    def write(self, data: bytes) -> None:
-        self._transcript.sent(bytes(data))
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-def _reply_lines(code: int, message: str) -> list[str]:
-    texts = message.splitlines() or [""]
-    return [f"{code}{'-' if i < len(texts) - 1 else ' '}{text}" for i, text in enumerate(texts)]
-
-
 # -- sender checks ---------------------------------------------------------------------------
+
+
+async def _sender_checks(
+    run: _Run,
+    error: DeliveryError | None,
+    addresses: Sequence[str],
+    smtp: RelaySession | None,
+    local_hostname: str | None,
+) -> tuple[RelaySession | None, list[SenderCheck]]:
+    """For each address, whether the relay accepts ``MAIL FROM:<address>`` (then ``RSET``:
+    nothing is sent), on the test's connection when it is still usable, on a new one
+    otherwise (``code``/``reply``: the relay's answer; ``code`` is None when the relay gave
+    none); they never change the test's outcome. When the test failed before reaching
+    MAIL FROM, they are reported as not checked."""
+    if error is None or any(s.step == "mail_from" for s in run.steps):
+        return await _check_senders(run.relay, addresses, smtp, lang=run.lang,
+                                    local_hostname=local_hostname)
+    reason = run.render(error)["message"]
+    return smtp, [
+        SenderCheck(a, False, None, translate(run.lang, N_("Not checked: {reason}"),
+                                              reason=reason))
+        for a in _unique(addresses)
+    ]
 
 
 async def _check_senders(
@@ -664,66 +567,6 @@ async def _check_one(
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _test_message(
-    relay: RelaySettings,
-    *,
-    to: str,
-    sender_name: str,
-    sender_address: str,
-    lang: str,
-    label: str,
-    unsaved: bool = False,
-) -> bytes:
-    def t(template: str, **params: Any) -> str:
-        return translate(lang, template, **params)
-
-    lines = [t(N_("This is a test e-mail sent by Postier to check the e-mail sending "
-                  "settings.")), ""]
-    if label:
-        lines.append(t(N_("Settings: {label}"), label=label))
-    lines += [
-        t(N_("SMTP server: {host}"), host=relay.host),
-        t(N_("Port: {port}"), port=relay.port),
-        t(N_("Security: {security}"), security=t(_SECURITY_LABELS[relay.security.value])),
-        t(N_("Authentication: {auth}"), auth=t(_AUTH_LABELS[relay.auth.value])),
-    ]
-    if relay.auth == AuthMethod.PASSWORD:
-        lines.append(t(N_("Username: {username}"), username=relay.username))
-    if unsaved:
-        lines += ["", t(N_("If you are reading this, these settings work but are not saved "
-                           "yet: click Save in Postier's page, or they will be lost."))]
-    else:
-        lines += ["", t(N_("If you are reading this, these settings work: nothing else to "
-                           "do."))]
-
-    utf8 = not (to.isascii() and sender_address.isascii())
-    policy = email.policy.SMTPUTF8 if utf8 else email.policy.SMTP
-    msg = EmailMessage(policy=policy)
-    msg["Subject"] = t(N_("Postier test e-mail"))
-    msg["From"] = _address_header(sender_name, sender_address)
-    msg["To"] = to
-    msg["Date"] = format_datetime(dt.datetime.now(dt.UTC).astimezone())
-    domain = sender_address.rpartition("@")[2] or None
-    msg["Message-ID"] = make_msgid("postier-test", domain=_ascii_domain(domain))
-    msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content("\n".join(lines) + "\n", cte="quoted-printable")
-    return msg.as_bytes()
-
-
-def _address_header(name: str, address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return str(Address(display_name=name, username=local, domain=domain))
-
-
-def _ascii_domain(domain: str | None) -> str | None:
-    if not domain:
-        return None
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
-
-
 def _unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(a.strip() for a in addresses if a.strip()))
 
@@ -740,7 +583,4 @@ async def _quit(smtp: RelaySession, relay: RelaySettings) -> str | None:
     smtp.close()
     return reply
 
-
-def _ms(start: float) -> int:
-    return int((time.perf_counter() - start) * 1000)
 
