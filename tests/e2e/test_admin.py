@@ -6,9 +6,12 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
+
+pytestmark = pytest.mark.in_process
 
 FR = {"Accept-Language": "fr-FR,fr;q=0.9"}
 
@@ -22,7 +25,7 @@ def _relay(r: FaultRelay, **kw: Any) -> dict[str, Any]:
 
 
 def test_test_send_with_saved_settings_delivers_a_real_e_mail(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     with server.client(**FR) as c:
@@ -42,7 +45,7 @@ def test_test_send_with_saved_settings_delivers_a_real_e_mail(
 
 
 def test_test_send_unsaved_timeout_explained_in_french(
-    server: ServerProcess, relay: FaultRelay, blackhole: int
+    server: PostierServer, relay: FaultRelay, blackhole: int
 ) -> None:
     server.configure_relay(relay)
     t0 = time.monotonic()
@@ -65,7 +68,7 @@ def test_test_send_unsaved_timeout_explained_in_french(
 
 
 def test_test_send_refused_port_and_english(
-    server: ServerProcess, relay: FaultRelay, closed_port: int
+    server: PostierServer, relay: FaultRelay, closed_port: int
 ) -> None:
     server.configure_relay(relay)
     with server.client(**{"Accept-Language": "en"}) as c:
@@ -78,7 +81,7 @@ def test_test_send_refused_port_and_english(
     assert "connection refused" in err["message"]
 
 
-def test_test_send_checks_sender_identities(server: ServerProcess, relay: FaultRelay) -> None:
+def test_test_send_checks_sender_identities(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     relay.refuse_senders = {"ne-pas-repondre@ac-lyon.fr"}
     with server.client() as c:
@@ -90,7 +93,7 @@ def test_test_send_checks_sender_identities(server: ServerProcess, relay: FaultR
     assert any(a.endswith("@ac-lyon.fr") and x["ok"] for a, x in checks.items())
 
 
-def test_test_send_is_for_administrators(server: ServerProcess, relay: FaultRelay) -> None:
+def test_test_send_is_for_administrators(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     with server.client("alice") as c:
         assert c.post("/api/v1/settings/test", json={"to": "x@example.org"}).status_code == 403
@@ -99,7 +102,7 @@ def test_test_send_is_for_administrators(server: ServerProcess, relay: FaultRela
 # -- sending profiles ------------------------------------------------------------------------
 
 
-def test_profiles_created_by_admin_retrieved_by_user(server: ServerProcess) -> None:
+def test_profiles_created_by_admin_retrieved_by_user(server: PostierServer) -> None:
     secret = "Mot-De-Passe-Partage"
     profile = {"label": "Messagerie académique", "host": "smtp.ac-lyon.fr", "port": 587,
                "security": "starttls", "auth": "password", "username": "", "password": secret,
@@ -138,7 +141,7 @@ def test_profiles_created_by_admin_retrieved_by_user(server: ServerProcess) -> N
         assert alice.get(f"/api/v1/profiles/{pid}").status_code == 404
 
 
-def test_profile_validation(server: ServerProcess) -> None:
+def test_profile_validation(server: PostierServer) -> None:
     with server.client(**FR) as admin:
         for body, field in [
             ({"label": "", "host": "smtp.x.fr"}, "label"),
@@ -157,7 +160,7 @@ def test_profile_validation(server: ServerProcess) -> None:
 # -- sender preview --------------------------------------------------------------------------
 
 
-def test_sender_preview_explains_the_rule(server: ServerProcess, relay: FaultRelay) -> None:
+def test_sender_preview_explains_the_rule(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay, allowed_domains=["ac-lyon.fr", "*.ac-lyon.fr"])
     with server.client() as admin, server.client("bob") as bob, server.client("alice") as alice:
         p = admin.post("/api/v1/settings/preview", json={"user": "bob"}).json()
@@ -183,7 +186,7 @@ def test_sender_preview_explains_the_rule(server: ServerProcess, relay: FaultRel
 # -- users and tokens ------------------------------------------------------------------------
 
 
-def test_users_managed_by_admin_and_disabled_tokens_stop_at_once(server: ServerProcess) -> None:
+def test_users_managed_by_admin_and_disabled_tokens_stop_at_once(server: PostierServer) -> None:
     with server.client() as admin:
         r = admin.post("/api/v1/users", json={"username": "claire", "email":
                                               "claire@ac-lyon.fr", "name": "Claire",
@@ -209,7 +212,7 @@ def test_users_managed_by_admin_and_disabled_tokens_stop_at_once(server: ServerP
         assert "user.create" in actions and "token.create" in actions
 
 
-def test_user_changes_own_password_and_manages_own_tokens(server: ServerProcess) -> None:
+def test_user_changes_own_password_and_manages_own_tokens(server: PostierServer) -> None:
     with server.client("alice") as alice:
         r = alice.post("/api/v1/me/password", json={"current": "faux", "new": "nouveau-mdp-1"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "current"
@@ -227,7 +230,7 @@ def test_user_changes_own_password_and_manages_own_tokens(server: ServerProcess)
 
 
 def test_settings_changes_are_audited_without_secrets(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay, relay=_relay(relay, auth="password", username="u",
                                                password="Secret-123"))
@@ -241,7 +244,7 @@ def test_settings_changes_are_audited_without_secrets(
         assert alice.get("/api/v1/audit").status_code == 403
 
 
-def test_relay_presets_fill_the_settings(server: ServerProcess) -> None:
+def test_relay_presets_fill_the_settings(server: PostierServer) -> None:
     with server.client(**FR) as admin:
         presets = {p["id"]: p for p in admin.get("/api/v1/relay-presets").json()}
         m365 = presets["microsoft365"]
@@ -252,7 +255,7 @@ def test_relay_presets_fill_the_settings(server: ServerProcess) -> None:
         assert r.status_code == 200 and r.json()["relay"]["max_per_minute"] == 30
 
 
-def test_oauth2_secrets_are_write_only_and_encrypted(server: ServerProcess) -> None:
+def test_oauth2_secrets_are_write_only_and_encrypted(server: PostierServer) -> None:
     secret, refresh = "Cl13nt-S3cret-XYZ", "R3fresh-T0ken-XYZ"
     with server.client() as admin:
         r = admin.put("/api/v1/settings", json={"relay": {
@@ -271,7 +274,7 @@ def test_oauth2_secrets_are_write_only_and_encrypted(server: ServerProcess) -> N
     assert secret.encode() not in raw and refresh.encode() not in raw
 
 
-def test_backup_relay_can_be_tested(server: ServerProcess, relay: FaultRelay) -> None:
+def test_backup_relay_can_be_tested(server: PostierServer, relay: FaultRelay) -> None:
     with FaultRelay() as backup:
         server.configure_relay(relay, backup_relay=_relay(backup), failover_after=60)
         with server.client() as admin:

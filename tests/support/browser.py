@@ -11,14 +11,13 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import sync_playwright
 
-from .server import ServerProcess
+from .server import InProcessServer, PostierServer, ServerProcess, in_process
 
 CHROMIUM = os.environ.get("POSTIER_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -85,26 +84,22 @@ class Web:
             context.close()
 
 
-def _provisioned(s: ServerProcess) -> ServerProcess:
-    # Playwright's synchronous API keeps an event loop running in the test's thread, so
-    # the accounts are provisioned (asyncio.run) in another thread.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(s.provision).result()
-    return s.start()
-
-
 @pytest.fixture
-def web_server(server_factory: Any) -> ServerProcess:
+def web_server(server_factory: Any) -> PostierServer:
     """Like the ``server`` fixture, for tests that drive a browser."""
-    return _provisioned(server_factory(provision=False))
+    s: PostierServer = server_factory().start()
+    return s
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for a module's tests that leave nothing in the way of the others
-    (each server costs seconds to start)."""
-    s = _provisioned(ServerProcess(tmp_path_factory.mktemp("web") / "data"))
-    yield s
+def shared_server(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostierServer]:
+    """One server for a module's tests that leave nothing in the way of the others; in the
+    test process when the module is marked ``in_process``."""
+    kind = InProcessServer if in_process(request) else ServerProcess
+    s = kind(tmp_path_factory.mktemp("web") / "data")
+    s.provision()
+    yield s.start()
     s.stop()
 
 

@@ -1,24 +1,26 @@
-"""A real ``postier serve`` process for end-to-end tests, and accounts provisioned in it."""
+"""A real ``postier serve`` process for end-to-end tests, and the fixtures that give a test
+its server: that process, or the same server in the test process for a module marked
+``in_process`` (:mod:`support.inprocess`)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from postier.core.service import Postier
-from postier.server.config import ServerConfig
+from .inprocess import InProcessServer
+from .running import PostierServer, free_port
+
+__all__ = ["InProcessServer", "PostierServer", "ServerProcess", "alive", "child_processes",
+           "free_port"]
 
 
 def child_processes(pid: int, kind: bytes) -> list[int]:
@@ -47,56 +49,17 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Accounts:
-    tokens: dict[str, str] = field(default_factory=dict)
-
-
-async def _provision(data_dir: Path) -> dict[str, str]:
-    core = Postier(ServerConfig(data_dir=data_dir))
-    await core.open()
-    try:
-        people = [
-            ("admin", "direction@ac-lyon.fr", "Direction", "admin"),
-            ("alice", "alice.martin@ac-lyon.fr", "Alice Martin", "user"),
-            ("bob", "bob.durand@gmail.com", "Bob Durand", "user"),
-        ]
-        tokens = {}
-        for username, email, name, role in people:
-            user = await core.add_user(
-                username, email, display_name=name, role=role, password="motdepasse-" + username
-            )
-            tokens[username], _ = await core.create_token(user, "tests")
-        return tokens
-    finally:
-        await core.close()
-
-
-class ServerProcess:
+class ServerProcess(PostierServer):
     """``postier serve`` in its own process, as an operator runs it."""
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.smtp_port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(data_dir)
         self.args: list[str] = []
         self.env = {**os.environ, "POSTIER_POLL_INTERVAL": "0.2", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.new_session = False  # True: a process group of its own, as a shell starts it
         self.cpus: set[int] | None = None  # run on these cores only (CPU affinity)
         self.log_path = data_dir / "server.log"
-        self.tokens: dict[str, str] = {}
-
-    def provision(self) -> dict[str, str]:
-        self.tokens = asyncio.run(_provision(self.data_dir))
-        return self.tokens
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -144,58 +107,36 @@ class ServerProcess:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def client(self, user: str = "admin", **headers: str) -> httpx.Client:
-        h = {"Authorization": f"Bearer {self.tokens[user]}", **headers}
-        return httpx.Client(base_url=self.url, headers=h, timeout=10)
 
-    def configure_relay(self, test_relay: Any, /, **overrides: Any) -> dict[str, Any]:
-        """Point the establishment at a test relay, with quick retries."""
-        settings: dict[str, Any] = {
-            "delegation": True,
-            "sender": {"name": "Collège Jean Moulin", "address": "ne-pas-repondre@ac-lyon.fr"},
-            "allowed_domains": ["ac-lyon.fr"],
-            "relay": {"host": test_relay.host, "port": test_relay.port, "security": "none",
-                      "auth": "none", "timeout": 5},
-            "retry": {"first_delay": 1, "max_delay": 2, "max_age": 3600},
-        }
-        settings.update(overrides)
-        with self.client() as c:
-            r = c.put("/api/v1/settings", json=settings)
-            assert r.status_code == 200, r.text
-            return dict(r.json())
-
-    def wait_status(self, message_id: str, status: str, user: str = "admin",
-                    timeout: float = 15.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
-        with self.client(user) as c:
-            while time.monotonic() < deadline:
-                last = c.get(f"/api/v1/messages/{message_id}").json()
-                if last.get("status") == status:
-                    return last
-                time.sleep(0.1)
-        raise AssertionError(f"message {message_id} not {status} after {timeout} s: {last}")
+def in_process(request: pytest.FixtureRequest) -> bool:
+    """Whether the test's module (or class, or the test) is marked ``in_process``: its
+    servers then run in the test process (:class:`InProcessServer`), their subject being
+    what the server answers, not the process."""
+    return request.node.get_closest_marker("in_process") is not None
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Any]:
-    started: list[ServerProcess] = []
+def server_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """``make(data_dir=None, provision=True, **env)``: a server not started yet, stopped at
+    the end of the test."""
+    kind = InProcessServer if in_process(request) else ServerProcess
+    made: list[ServerProcess | InProcessServer] = []
 
-    def make(data_dir: Path | None = None, provision: bool = True, **env: str) -> ServerProcess:
-        s = ServerProcess(data_dir or tmp_path / f"data{len(started)}", env)
+    def make(data_dir: Path | None = None, provision: bool = True,
+             **env: str) -> ServerProcess | InProcessServer:
+        s = kind(data_dir or tmp_path / f"data{len(made)}", env)
         if provision:
             s.provision()
-        started.append(s)
+        made.append(s)
         return s
 
     yield make
-    for s in started:
-        if s.proc is not None:
-            s.kill()
+    for s in made:
+        s.kill()
 
 
 @pytest.fixture
-def server(server_factory: Any) -> ServerProcess:
+def server(server_factory: Any) -> PostierServer:
     """A running server with an admin, alice (inside ac-lyon.fr) and bob (gmail.com)."""
-    s: ServerProcess = server_factory()
-    return s.start()
+    s: PostierServer = server_factory().start()
+    return s
