@@ -20,7 +20,8 @@ import pytest
 
 import postier
 from postier.errors import Forbidden, InvalidInput
-from postier.workstation.client import Client, SendResult, send
+from postier.workstation.client import Client, SendResult
+from postier.workstation.sending import send
 from postier.workstation.settings_file import WorkstationSettings
 
 from support.proxy import AnswerDropper

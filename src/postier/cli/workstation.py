@@ -42,7 +42,8 @@ from postier.errors import InvalidInput, PostierError
 from postier.i18n import N_, system_language, translate
 from postier.workstation import outbox
 from postier.workstation import settings_file as workstation
-from postier.workstation.client import SendResult, client_for, send
+from postier.workstation.client import SendResult, client_for
+from postier.workstation.sending import pull_profile, send
 from postier.workstation.settings_file import Mode, WorkstationSettings
 
 EX_TEMPFAIL = 75
@@ -210,8 +211,6 @@ def profiles_pull(
 ) -> None:
     """"Récupérer un profil d'envoi d'e-mails": retrieve a profile from the server into this
     workstation's settings (your own username and password are kept if it has none)."""
-    from postier.workstation.client import pull_profile
-
     try:
         s = pull_profile(label, _settings())
     except PostierError as exc:

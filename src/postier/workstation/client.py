@@ -1,5 +1,4 @@
-"""The Python SDK: a client for a Postier server, and :func:`send` that follows the
-workstation's settings like the ``postier send`` command.
+"""The Python SDK's client for a Postier server, over its HTTP API.
 
 >>> from postier import Client
 >>> with Client("http://serveur-edt:8025", token) as client:
@@ -12,36 +11,28 @@ message and remedy (in the language asked for with ``lang``); a server that cann
 reached raises :class:`ServerUnreachable` (transient). The client is synchronous; an
 application running an event loop calls it through ``asyncio.to_thread``.
 
-:func:`send` follows the workstation's settings; in ``server`` mode an e-mail the server
-cannot take now is kept in the local outbox (:mod:`postier.workstation.outbox`) and
-handed over later with the idempotency key it was first sent with, so it reaches the
-server exactly once.
+Sending the way the workstation is set up (``postier.send``) is in
+:mod:`postier.workstation.sending`; this module knows nothing of the workstation but its
+server link (:func:`client_for`) and what became of an e-mail (:class:`SendResult`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import mimetypes
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
 from postier import errors
 from postier.i18n import N_, system_language
-from postier.workstation.settings_file import (
-    Mode,
-    WorkstationSettings,
-    apply_profile,
-    with_identity,
-)
-from postier.workstation.settings_file import load as load_settings
+
+if TYPE_CHECKING:
+    from postier.workstation.settings_file import WorkstationSettings
 
 _BY_STATUS: dict[int, type[errors.PostierError]] = {
     401: errors.AuthenticationRequired,
@@ -320,12 +311,12 @@ class Client:
         return result
 
 
-# -- following the workstation's settings ----------------------------------------------------
+# -- what became of an e-mail sent the workstation's way --------------------------------------
 
 
 @dataclass(frozen=True)
 class SendResult:
-    """What became of an e-mail sent with :func:`send`.
+    """What became of an e-mail sent with :func:`postier.workstation.sending.send`.
 
     ``status``: ``queued`` (handed to the server; ``id`` is the server's), ``sent``,
     ``kept`` (in the local outbox after a transient failure; ``id`` is the outbox's, and
@@ -344,13 +335,9 @@ class SendResult:
     kept_as: str | None = None
 
 
-def new_idempotency_key() -> str:
-    """The key an e-mail for the server carries from its first attempt to its last."""
-    return f"workstation-{uuid.uuid4().hex}"
-
-
 def client_for(settings: WorkstationSettings, lang: str | None = None,
                timeout: float | httpx.Timeout = 30.0) -> Client:
+    """A client for the server the workstation's settings name, with their token."""
     if not settings.server.url or not settings.server.token:
         raise errors.InvalidInput(
             N_("No Postier server is set for this workstation: set server.url and "
@@ -359,59 +346,3 @@ def client_for(settings: WorkstationSettings, lang: str | None = None,
             field="server.url",
         )
     return Client(settings.server.url, settings.server.token, lang=lang, timeout=timeout)
-
-
-def send(
-    to: Sequence[str],
-    subject: str = "",
-    text: str | None = None,
-    html: str | None = None,
-    *,
-    settings: WorkstationSettings | None = None,
-    lang: str | None = None,
-    **options: Any,
-) -> SendResult:
-    """Send one e-mail the way this workstation is set up: through the server (returns at
-    once, ``queued``; ``kept`` in the local outbox when the server cannot take it now), or
-    directly with its own or a profile's SMTP settings (the e-mail is first kept in the
-    local outbox, so nothing is lost if the relay is down). A refusal raises."""
-    settings = settings or load_settings()
-    settings.check_ready()
-    payload = message_payload(to, subject, text, html, **options)
-    if settings.mode == Mode.SERVER:
-        return _send_to_server(settings, payload, lang)
-    from postier.workstation.outbox import send_direct
-
-    return asyncio.run(send_direct(settings, payload, lang or system_language()))
-
-
-def _send_to_server(
-    settings: WorkstationSettings, payload: dict[str, Any], lang: str | None
-) -> SendResult:
-    # Chosen before the first attempt: if its answer is lost, the next one is recognised.
-    payload.setdefault("idempotency_key", new_idempotency_key())
-    started = time.time()
-    try:
-        with client_for(settings, lang) as c:
-            sub = c.submit_message(payload)
-    except errors.PostierError as exc:
-        if not exc.transient:
-            raise
-        from postier.workstation.outbox import keep_for_server
-
-        return asyncio.run(keep_for_server(settings, payload, exc, started))
-    return SendResult(sub.status, sub.id, sender_note=sub.sender_note)
-
-
-def pull_profile(
-    label: str, settings: WorkstationSettings | None = None
-) -> WorkstationSettings:
-    """Retrieve a server profile into the workstation's settings (not saved: call
-    :func:`postier.workstation.settings_file.save`), with the sender identity of the
-    account the token belongs to where the workstation has none."""
-    settings = settings or load_settings()
-    with client_for(settings) as c:
-        profile = c.retrieve_profile(label)
-        account = c.me()
-    return with_identity(apply_profile(settings, profile), str(account.get("name") or ""),
-                         str(account.get("email") or ""))

@@ -16,8 +16,8 @@ leave yet, whichever way they go:
 In the queue, the establishment column names the way out (:data:`DIRECT` or
 :data:`TO_SERVER`), so each way claims only its own e-mails. The outbox empties itself:
 :func:`hand_over` at the next ``postier`` command (quick and bounded), :func:`watch` in a
-loop (``postier outbox watch``, :class:`OutboxFlusher`, or an asyncio task), :func:`flush`
-on demand.
+loop (``postier outbox watch``, :class:`postier.OutboxFlusher`, or an asyncio task),
+:func:`flush` on demand (``postier.flush_outbox()``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -334,12 +333,6 @@ async def flush(settings: WorkstationSettings, lang: str | None = None) -> list[
     return results
 
 
-def flush_outbox(settings: WorkstationSettings | None = None,
-                 lang: str | None = None) -> list[SendResult]:
-    """:func:`flush` for a program without an event loop (``postier.flush_outbox()``)."""
-    return asyncio.run(flush(settings or load_settings(), lang))
-
-
 async def _pass(settings: WorkstationSettings, lang: str | None) -> list[SendResult]:
     """One round of :func:`watch`: kept e-mails for the server, then due direct ones."""
     results = await hand_over(settings, lang=lang)
@@ -380,51 +373,6 @@ async def watch(
             pass  # an unreadable settings file or a busy outbox: the next round tries again
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
-
-
-class OutboxFlusher:
-    """:func:`watch` in a background thread, for a host application without an event loop.
-
-    >>> with OutboxFlusher(interval=30):
-    ...     run_the_application()
-
-    ``stop()`` (or leaving the ``with`` block) ends it after the round in progress.
-    """
-
-    def __init__(self, settings: WorkstationSettings | None = None, *,
-                 interval: float = 15.0, report: Report | None = None,
-                 lang: str | None = None) -> None:
-        self._args: dict[str, Any] = {"settings": settings, "interval": interval,
-                                      "report": report, "lang": lang}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="postier-outbox", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            self._ready.set()
-            await watch(stop=self._stop, **self._args)
-
-        asyncio.run(main())
-
-    def start(self) -> OutboxFlusher:
-        self._thread.start()
-        self._ready.wait()
-        return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> OutboxFlusher:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ password or a token. Three modes, as in the original product:
 - ``profile``: SMTP settings retrieved from a profile defined by the administrator.
 
 A host application can build its own settings dialog on this module: :func:`load`,
-:meth:`WorkstationSettings.set`, :func:`save`, and :func:`postier.workstation.client.pull_profile`.
+:meth:`WorkstationSettings.set`, :func:`save`, and
+:func:`postier.workstation.sending.pull_profile`.
 """
 
 from __future__ import annotations
