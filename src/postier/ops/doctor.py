@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from postier.core.accounts import OPERATORS_ESTABLISHMENT
 from postier.core.crypto import KEY_FILE, KeyError_, SecretBox
 from postier.core.domains import all_holdings, overlaps
 from postier.core.settings import DeliverySettings, RelaySettings
+from postier.delivery.relay import open_smtp, relay_label
 from postier.errors import PostierError
 from postier.i18n import N_, translate
 from postier.ops.doctor_checks import (
@@ -419,8 +421,6 @@ class Doctor:
                       "users add NAME --role operator), then disable these accounts.")))
 
     async def _greet(self, label: str, relay: RelaySettings) -> None:
-        from postier.delivery.relay import open_smtp, relay_label
-
         name = relay_label(relay)
         if str(getattr(relay, "kind", "smtp")) == "postier":
             await self._upstream(label, name, relay)
@@ -470,8 +470,6 @@ class Doctor:
 
     async def _upstream(self, label: str, name: str, relay: RelaySettings) -> None:
         """Another Postier server this one hands its e-mails on to: it must answer."""
-        import httpx
-
         url = str(getattr(relay, "url", "")).rstrip("/") + "/api/v1/health"
         try:
             async with httpx.AsyncClient(timeout=relay.timeout,

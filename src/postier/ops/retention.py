@@ -30,11 +30,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from postier.core.aio import cancel_and_wait
 from postier.core.outage import Outage
-from postier.core.service import Postier, explain_error
+from postier.core.reasons import explain_error
 from postier.core.settings import RetentionSettings
 from postier.errors import StoreUnavailable
 from postier.store.base import (
@@ -47,6 +47,9 @@ from postier.store.base import (
     account_key,
 )
 from postier.store.reports import Tally
+
+if TYPE_CHECKING:
+    from postier.core.service import Postier
 
 log = logging.getLogger("postier.ops.retention")
 

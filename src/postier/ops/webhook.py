@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from postier import __version__
+from postier.core.notices import NOTICE_PREFIX
+from postier.core.queue_entry import SYSTEM_USER
+from postier.core.reasons import explain_error
 from postier.core.settings import DeliverySettings, RelaySettings, WebhookEvent
 from postier.delivery.relay import tls_context
 from postier.store.alerts import OutgoingEvent
@@ -80,8 +83,6 @@ async def message_event(core: Postier, message_id: str, kind: str,
     when the establishment's webhook takes it. Each is stored once per state: ``failed``
     again only when more recipients have failed, ``delayed`` once per e-mail. Knowing
     ``establishment_id`` spares reading the e-mail when nobody wants the event."""
-    from postier.core.service import NOTICE_PREFIX, SYSTEM_USER, explain_error
-
     category = {"failed": WebhookEvent.FAILURES, "delayed": WebhookEvent.DELAYS,
                 "sent": WebhookEvent.SENT}[kind]
     if establishment_id is not None and not _wanted(

@@ -12,6 +12,7 @@ from postier.store.records import Establishment, SenderAddress, TokenInfo, User
 class AccountStore(Protocol):
     """Who may send: establishments, users and their credentials."""
 
+    # -- establishments --------------------------------------------------------------------
     async def get_establishment(self, slug_or_id: str | int) -> Establishment | None: ...
 
     async def create_establishment(self, slug: str, name: str, hosted: bool) -> Establishment:
@@ -21,6 +22,7 @@ class AccountStore(Protocol):
 
     async def update_establishment(self, establishment_id: int, **values: Any) -> None: ...
 
+    # -- users -----------------------------------------------------------------------------
     async def find_users(
         self, *, username: str | None = None, email: str | None = None
     ) -> list[User]:
@@ -46,6 +48,7 @@ class AccountStore(Protocol):
 
     async def update_user(self, user_id: int, **values: Any) -> None: ...
 
+    # -- API tokens ------------------------------------------------------------------------
     async def create_token(self, user_id: int, name: str, token_hash: str) -> TokenInfo: ...
 
     async def user_for_token(self, token_hash: str) -> User | None:
@@ -57,6 +60,7 @@ class AccountStore(Protocol):
 
     async def revoke_all_tokens(self, user_id: int) -> int: ...
 
+    # -- sender address verification (postier.core.sender_verification) --------------------
     async def list_sender_addresses(self, user_id: int) -> list[SenderAddress]:
         """The user's verified and pending addresses, by address."""
 
@@ -79,6 +83,7 @@ class AccountStore(Protocol):
 
     async def delete_sender_address(self, user_id: int, address: str) -> bool: ...
 
+    # -- failed sign-ins (the web pages' and SMTP AUTH's throttling) -----------------------
     async def recent_failures(self, keys: Sequence[str], since: float) -> dict[str, list[float]]:
         """The times of the failures recorded under each key since ``since``, oldest first
         (keys without any are absent)."""
@@ -89,6 +94,7 @@ class AccountStore(Protocol):
 
     async def clear_failures(self, keys: Sequence[str]) -> None: ...
 
+    # -- sign-in sessions ended by signing out (the web pages') ----------------------------
     async def end_session(self, session_id: str, expires_at: float, now: float) -> None:
         """Remember that this session ended, until ``expires_at`` when it would have
         expired anyway; forget the ended sessions expired by ``now``."""

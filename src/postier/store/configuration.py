@@ -12,6 +12,7 @@ from postier.store.records import AuditEntry, ProfileRecord
 class ConfigurationStore(Protocol):
     """What administrators set, and the trace of what they did."""
 
+    # -- settings --------------------------------------------------------------------------
     async def load_settings(self, establishment_id: int) -> tuple[dict[str, Any], float] | None:
         """The stored settings document and its update time, or None."""
 
@@ -20,6 +21,7 @@ class ConfigurationStore(Protocol):
     async def all_settings(self) -> dict[int, dict[str, Any]]:
         """Every establishment's stored settings document (secrets still encrypted)."""
 
+    # -- sending profiles ------------------------------------------------------------------
     async def create_profile(
         self, establishment_id: int, label: str, data: dict[str, Any]
     ) -> ProfileRecord:
@@ -35,6 +37,7 @@ class ConfigurationStore(Protocol):
 
     async def record_retrieval(self, profile_id: int, user_id: int) -> None: ...
 
+    # -- audit log -------------------------------------------------------------------------
     async def audit(
         self,
         establishment_id: int,
@@ -47,6 +50,7 @@ class ConfigurationStore(Protocol):
 
     async def list_audit(self, establishment_id: int, limit: int = 200) -> list[AuditEntry]: ...
 
+    # -- the installation's own values -----------------------------------------------------
     async def get_meta(self, key: str) -> str | None: ...
 
     async def set_meta(self, key: str, value: str) -> None: ...
@@ -55,6 +59,7 @@ class ConfigurationStore(Protocol):
         """Set ``key`` to ``value`` only if it still holds ``expected``, in one step:
         whether it did (of two processes swapping the same value, one wins)."""
 
+    # -- DKIM keys -------------------------------------------------------------------------
     async def save_dkim_key(
         self, establishment_id: int, domain: str, selector: str, private_enc: str,
         public_b64: str,
@@ -65,6 +70,7 @@ class ConfigurationStore(Protocol):
 
     async def delete_dkim_key(self, establishment_id: int, domain: str) -> bool: ...
 
+    # -- domains of a hosted installation: see postier.core.domains ------------------------
     async def all_dkim_domains(self) -> list[tuple[int, str]]:
         """(establishment id, domain) of every DKIM key of the installation."""
 

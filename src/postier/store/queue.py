@@ -20,6 +20,7 @@ from postier.store.records import (
 class QueueStore(Protocol):
     """The e-mails, from acceptance to their final status."""
 
+    # -- acceptance ------------------------------------------------------------------------
     async def enqueue(self, batch: Sequence[NewMessage]) -> list[EnqueueResult]:
         """Store all messages durably in one commit, or none; return after the commit.
 
@@ -27,6 +28,7 @@ class QueueStore(Protocol):
         result names the first message with ``duplicate=True``.
         """
 
+    # -- delivery --------------------------------------------------------------------------
     async def claim(
         self, worker_id: str, limit: int, lease_seconds: float, now: float,
         skip_establishments: Collection[int] = (),
@@ -56,6 +58,7 @@ class QueueStore(Protocol):
 
     async def record_outcomes(self, worker_id: str, outcomes: Sequence[Outcome]) -> None: ...
 
+    # -- reading and administration --------------------------------------------------------
     async def get_message(self, message_id: str) -> MessageRecord | None: ...
 
     async def list_messages(
@@ -96,6 +99,7 @@ class QueueStore(Protocol):
 
     async def counts(self, establishment_id: int | None = None) -> dict[str, int]: ...
 
+    # -- the submission pace, shared by every process (postier.core.pace) ------------------
     async def reserve_pace(self, asks: Sequence[PaceAsk]) -> PaceGrant:
         """In one transaction, atomically for every process: if every ask's ``need`` fits
         under its ``limit`` in its counter, count for each ``min(want, what is left)``

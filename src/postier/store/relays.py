@@ -12,6 +12,7 @@ from postier.store.records import RelayGrant, RelayHealth, RelayLimits, RelayPau
 class RelayStore(Protocol):
     """What every worker must agree on about a relay."""
 
+    # -- sending limits and pauses ---------------------------------------------------------
     async def reserve_relay(
         self, relay_key: str, limits: RelayLimits, recipients: Sequence[int], now: float,
         horizon: float,
@@ -34,6 +35,7 @@ class RelayStore(Protocol):
     async def relay_recovered(self, relay_key: str) -> None:
         """An e-mail went through: the next pause starts short again."""
 
+    # -- failing state (failover, alerts) --------------------------------------------------
     async def relay_health(self, relay_key: str, now: float, waiters_of: str | None = None,
                            holder: str = "") -> RelayHealth:
         """The relay's shared failing state; with ``waiters_of`` (the key its connection
@@ -53,6 +55,7 @@ class RelayStore(Protocol):
         """Whether this worker is the one to probe the relay now (no worker did within
         ``every`` seconds); noted when so."""
 
+    # -- connection slots (max_connections) ------------------------------------------------
     async def take_relay_slot(
         self, relay_key: str, max_connections: int, holder: str, now: float,
         lease_seconds: float, establishment_id: int = 0, *, queue: bool = False,

@@ -74,6 +74,7 @@ def fair_order(due: Sequence[Any], walk: Sequence[int], limit: int) -> list[Any]
 class SQLQueue(SQLBase):
     """Acceptance and delivery of the queue's e-mails, in SQL."""
 
+    # -- queue: acceptance ---------------------------------------------------------------
     async def enqueue(self, batch: Sequence[NewMessage]) -> list[EnqueueResult]:
         if not batch:
             return []
