@@ -11,9 +11,11 @@ from axe_playwright_python.sync_playwright import Axe
 if TYPE_CHECKING:
     from support.browser import Web
     from support.relay import FaultRelay
-    from support.server import ServerProcess
+    from support.server import PostierServer
 
 pytest_plugins = ["support.browser"]
+
+pytestmark = pytest.mark.in_process
 
 WCAG = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}}
 ADMIN_PAGES = ("/queue", "/mine", "/settings", "/profiles", "/users", "/users/alice",
@@ -30,7 +32,7 @@ def _violations(page: Any) -> list[str]:
 
 @pytest.mark.parametrize("lang", ["fr-FR", "en-GB"])
 def test_no_wcag_violation_on_the_pages(
-    web: Web, web_server: ServerProcess, relay: FaultRelay, lang: str
+    web: Web, web_server: PostierServer, relay: FaultRelay, lang: str
 ) -> None:
     web_server.configure_relay(relay)
     with web_server.client("alice") as alice:

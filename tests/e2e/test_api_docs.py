@@ -9,16 +9,18 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
 
 pytest_plugins = ["support.browser"]
 
+pytestmark = pytest.mark.in_process
+
 
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
-def test_the_api_pages_use_only_same_origin_assets(web_server: ServerProcess,
+def test_the_api_pages_use_only_same_origin_assets(web_server: PostierServer,
                                                    page: str) -> None:
     server = web_server
     html = httpx.get(server.url + page, timeout=10)
@@ -36,7 +38,7 @@ def test_the_api_pages_use_only_same_origin_assets(web_server: ServerProcess,
 
 
 def test_swagger_ui_draws_the_api_from_this_server_alone(web: Web,
-                                                        web_server: ServerProcess) -> None:
+                                                        web_server: PostierServer) -> None:
     page = web.page()
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))

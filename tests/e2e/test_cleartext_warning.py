@@ -7,9 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
+
+pytestmark = pytest.mark.in_process
 
 CLEAR = {"security": "none", "auth": "password", "username": "college", "password": "s3cret"}
 
@@ -18,7 +21,7 @@ def _cleartext(warnings: list[str]) -> list[str]:
     return [w for w in warnings if "STARTTLS" in w and "SSL/TLS" in w]
 
 
-def test_a_password_sent_in_clear_is_warned_about(server: ServerProcess,
+def test_a_password_sent_in_clear_is_warned_about(server: PostierServer,
                                                   relay: FaultRelay) -> None:
     with server.client() as admin:
         relay_settings = {"host": relay.host, "port": relay.port, "timeout": 5}
@@ -55,7 +58,7 @@ def test_a_password_sent_in_clear_is_warned_about(server: ServerProcess,
         assert r.status_code == 200 and r.json()["warnings"] == [], r.text
 
 
-def test_the_settings_page_warns_about_a_password_in_clear(server: ServerProcess,
+def test_the_settings_page_warns_about_a_password_in_clear(server: PostierServer,
                                                            relay: FaultRelay) -> None:
     server.configure_relay(relay, relay={"host": relay.host, "port": relay.port, **CLEAR})
     with httpx.Client(base_url=server.url, timeout=10) as web:
@@ -69,7 +72,7 @@ def test_the_settings_page_warns_about_a_password_in_clear(server: ServerProcess
         assert "sans chiffrement" not in _settings_page_after(server, web)
 
 
-def _settings_page_after(server: ServerProcess, web: httpx.Client) -> Any:
+def _settings_page_after(server: PostierServer, web: httpx.Client) -> Any:
     """The settings page once the relay uses STARTTLS."""
     with server.client() as admin:
         assert admin.put("/api/v1/settings", json={"relay": {"security": "starttls"}}

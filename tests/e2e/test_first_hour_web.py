@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from playwright.sync_api import expect
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
 pytest_plugins = ["support.browser"]
 
 
-def _submit(server: ServerProcess, user: str, subject: str) -> str:
+pytestmark = pytest.mark.in_process
+
+def _submit(server: PostierServer, user: str, subject: str) -> str:
     with server.client(user) as c:
         r = c.post("/api/v1/messages", json={"to": ["parent@example.org"],
                                              "subject": subject, "text": "Bonjour"})
@@ -26,7 +29,7 @@ def _submit(server: ServerProcess, user: str, subject: str) -> str:
 
 
 def test_the_queues_button_retries_what_the_filters_show(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay, retry={"first_delay": 3600, "max_delay": 3600,
                                              "max_age": 86400})
@@ -62,7 +65,7 @@ def test_the_queues_button_retries_what_the_filters_show(
 
 
 def test_an_administrator_sends_a_sent_e_mail_again_from_its_page(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay)
     first = _submit(web_server, "alice", "Réunion")
@@ -82,7 +85,7 @@ def test_an_administrator_sends_a_sent_e_mail_again_from_its_page(
 
 
 def test_the_sender_name_choice_on_the_settings_page(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay)
     page = web.sign_in("admin")

@@ -6,16 +6,20 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING
 
+import pytest
+
 if TYPE_CHECKING:
     from support.browser import Web
     from support.relay import FaultRelay
-    from support.server import ServerProcess
+    from support.server import PostierServer
 
 pytest_plugins = ["support.browser"]
 
 
+pytestmark = pytest.mark.in_process
+
 def test_date_filters_follow_the_pages_language(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay)
     with web_server.client("alice") as alice:

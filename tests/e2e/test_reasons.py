@@ -12,13 +12,17 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
 
 pytest_plugins = ["support.browser"]
+
+pytestmark = pytest.mark.in_process
 
 FR = {"Accept-Language": "fr-FR,fr;q=0.9"}
 NOTHING_TO_DO = "Le serveur d'envoi de l'établissement ne répond pas ; Postier réessaie. " \
@@ -30,14 +34,14 @@ NEVER = ("Errno", "Connect call failed", "Nothing answers", "Timed out", "connec
          "TimeoutError", "Réponse du serveur")
 
 
-def _submit(server: ServerProcess, subject: str, to: str) -> str:
+def _submit(server: PostierServer, subject: str, to: str) -> str:
     with server.client("alice") as c:
         r = c.post("/api/v1/messages", json={"to": [to], "subject": subject, "text": "t"})
         assert r.status_code == 202, r.text
         return str(r.json()["id"])
 
 
-def _wait_reason(server: ServerProcess, message_id: str, code: str,
+def _wait_reason(server: PostierServer, message_id: str, code: str,
                  timeout: float = 20.0) -> dict[str, Any]:
     """The e-mail as alice reads it through the API once its last attempt says ``code``."""
     deadline = time.monotonic() + timeout
@@ -68,7 +72,7 @@ def _basics_hold(page: Any) -> None:
 
 
 def test_a_relay_that_does_not_answer_is_said_to_each_reader(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     # One attempt at a time: the next waits a minute, unless asked for now.
     web_server.configure_relay(relay, retry={"first_delay": 60, "max_delay": 60,
@@ -125,7 +129,7 @@ def test_a_relay_that_does_not_answer_is_said_to_each_reader(
 
 
 def test_a_refused_recipient_shows_the_relays_reply_and_asks_to_check_the_address(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay)
     relay.rcpt_replies["inconnu@example.org"] = "550 5.1.1 No such user"

@@ -15,7 +15,9 @@ from postier.core.message import RESERVED_KEY_PREFIXES
 from postier.workstation.client import Client
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
+
+pytestmark = pytest.mark.in_process
 
 ALICE = "alice.martin@ac-lyon.fr"
 
@@ -39,7 +41,7 @@ def test_the_servers_own_prefixes_are_the_reserved_ones() -> None:
 
 
 @pytest.mark.parametrize("key", ["notice:failure:1", "Notice:x", "alert:3:opened"])
-def test_a_reserved_key_is_refused_on_every_door(server: ServerProcess, relay: FaultRelay,
+def test_a_reserved_key_is_refused_on_every_door(server: PostierServer, relay: FaultRelay,
                                                  key: str) -> None:
     server.configure_relay(relay)
     with server.client("alice", **{"Accept-Language": "fr"}) as c:
@@ -59,7 +61,7 @@ def test_a_reserved_key_is_refused_on_every_door(server: ServerProcess, relay: F
     assert stored == [], "nothing of the refused submissions may be stored"
 
 
-def test_ordinary_keys_still_work_and_the_sdk_says_why(server: ServerProcess,
+def test_ordinary_keys_still_work_and_the_sdk_says_why(server: PostierServer,
                                                        relay: FaultRelay) -> None:
     server.configure_relay(relay)
     client = Client(server.url, server.tokens["alice"], lang="en")

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
+
+pytestmark = pytest.mark.in_process
 
 SLOW_RETRIES = {"retry": {"first_delay": 3600, "max_delay": 3600, "max_age": 86400}}
 
 
-def _submit(server: ServerProcess, user: str, subject: str) -> str:
+def _submit(server: PostierServer, user: str, subject: str) -> str:
     with server.client(user) as c:
         r = c.post("/api/v1/messages", json={"to": [f"parent-{subject}@example.org"],
                                              "subject": subject, "text": "Bonjour"})
@@ -20,12 +24,12 @@ def _submit(server: ServerProcess, user: str, subject: str) -> str:
         return str(r.json()["id"])
 
 
-def _status(server: ServerProcess, message_id: str) -> str:
+def _status(server: PostierServer, message_id: str) -> str:
     with server.client() as c:
         return str(c.get(f"/api/v1/messages/{message_id}").json()["status"])
 
 
-def _outage(server: ServerProcess, relay: FaultRelay) -> dict[str, str]:
+def _outage(server: PostierServer, relay: FaultRelay) -> dict[str, str]:
     """Alice's two e-mails and Bob's one, deferred by a relay that refuses everything;
     the next automatic retry is an hour away."""
     server.configure_relay(relay, **SLOW_RETRIES)
@@ -43,7 +47,7 @@ def _subjects(relay: FaultRelay, n: int) -> list[str]:
 
 
 def test_retry_all_after_an_outage_delivers_and_counts(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     ids = _outage(server, relay)
     with server.client("alice") as c:
@@ -66,14 +70,14 @@ def test_retry_all_after_an_outage_delivers_and_counts(
                for e in _entries(audit))
 
 
-def test_retry_all_refuses_a_status_that_cannot_be_retried(server: ServerProcess) -> None:
+def test_retry_all_refuses_a_status_that_cannot_be_retried(server: PostierServer) -> None:
     with server.client("alice", **{"Accept-Language": "fr"}) as c:
         r = c.post("/api/v1/messages/retry", json={"status": "sent"})
     assert r.status_code == 422, r.text
 
 
 def test_a_user_retry_all_never_touches_another_users_e_mails(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     ids = _outage(server, relay)
     with server.client("bob") as c:
@@ -85,7 +89,7 @@ def test_a_user_retry_all_never_touches_another_users_e_mails(
 
 
 def test_an_administrator_resends_a_sent_e_mail_as_a_new_one(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     with server.client("alice") as c:
@@ -122,7 +126,7 @@ def test_an_administrator_resends_a_sent_e_mail_as_a_new_one(
         assert copy in {m["id"] for m in c.get("/api/v1/messages").json()}
 
 
-def test_only_a_sent_e_mail_is_resent(server: ServerProcess, relay: FaultRelay) -> None:
+def test_only_a_sent_e_mail_is_resent(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay, **SLOW_RETRIES)
     relay.mail_reply = "421 4.3.2 try again later"
     waiting = _submit(server, "alice", "attente")

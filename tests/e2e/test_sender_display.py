@@ -4,11 +4,15 @@ preview; switching takes effect at once in a process that already decided for th
 
 from __future__ import annotations
 
+import pytest
+
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
+
+pytestmark = pytest.mark.in_process
 
 
-def _send_as_bob(server: ServerProcess, subject: str) -> None:
+def _send_as_bob(server: PostierServer, subject: str) -> None:
     with server.client("bob") as c:
         r = c.post("/api/v1/messages", json={"to": ["parent@example.org"],
                                              "subject": subject, "text": "Bonjour"})
@@ -17,7 +21,7 @@ def _send_as_bob(server: ServerProcess, subject: str) -> None:
 
 
 def test_user_via_names_the_teacher_on_the_relays_copy_and_in_the_preview(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     _send_as_bob(server, "avant")  # today's behaviour, and a decision now in the cache
@@ -42,7 +46,7 @@ def test_user_via_names_the_teacher_on_the_relays_copy_and_in_the_preview(
     assert alice["from"] == "Alice Martin <alice.martin@ac-lyon.fr>"
 
 
-def test_an_unknown_display_is_refused(server: ServerProcess) -> None:
+def test_an_unknown_display_is_refused(server: PostierServer) -> None:
     with server.client() as c:
         r = c.put("/api/v1/settings", json={"sender": {"display": "teacher"}})
     assert r.status_code == 422, r.text

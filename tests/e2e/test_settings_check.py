@@ -17,12 +17,14 @@ from playwright.sync_api import expect
 
 from support.fixtures import AUTH_USERS
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
 
 pytest_plugins = ["support.browser"]
+
+pytestmark = pytest.mark.in_process
 
 USER, PASSWORD = next(iter(AUTH_USERS.items()))
 SECRETS = (PASSWORD, base64.b64encode(PASSWORD.encode()).decode(),
@@ -34,7 +36,7 @@ def _field(name: str) -> str:
     return "#f-" + name.replace(".", "\\.")
 
 
-def _with_auth(server: ServerProcess, relay: FaultRelay) -> None:
+def _with_auth(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay, relay={
         "host": relay.host, "port": relay.port, "security": "none", "auth": "password",
         "username": USER, "password": PASSWORD, "timeout": 5})
@@ -54,7 +56,7 @@ def _leave(page: Any) -> list[str]:
     return asked
 
 
-def _settings_test(server: ServerProcess, **body: Any) -> dict[str, Any]:
+def _settings_test(server: PostierServer, **body: Any) -> dict[str, Any]:
     with server.client(**{"Accept-Language": "fr"}) as c:
         r = c.post("/api/v1/settings/test", json={"to": "verif@example.org", **body})
     assert r.status_code == 200, r.text
@@ -62,7 +64,7 @@ def _settings_test(server: ServerProcess, **body: Any) -> dict[str, Any]:
 
 
 def test_api_check_reaches_auth_sends_nothing_and_says_when_settings_are_unsaved(
-    web_server: ServerProcess, auth_relay: FaultRelay
+    web_server: PostierServer, auth_relay: FaultRelay
 ) -> None:
     _with_auth(web_server, auth_relay)
 
@@ -104,7 +106,7 @@ def test_api_check_reaches_auth_sends_nothing_and_says_when_settings_are_unsaved
 
 
 def test_settings_page_says_not_saved_and_warns_before_leaving(
-    web: Web, web_server: ServerProcess, auth_relay: FaultRelay
+    web: Web, web_server: PostierServer, auth_relay: FaultRelay
 ) -> None:
     _with_auth(web_server, auth_relay)
     page = web.sign_in("admin")
@@ -143,7 +145,7 @@ def test_settings_page_says_not_saved_and_warns_before_leaving(
 
 
 def test_check_the_connection_button_shows_the_masked_conversation(
-    web: Web, web_server: ServerProcess, auth_relay: FaultRelay
+    web: Web, web_server: PostierServer, auth_relay: FaultRelay
 ) -> None:
     _with_auth(web_server, auth_relay)
     page = web.sign_in("admin")
@@ -176,7 +178,7 @@ def test_check_the_connection_button_shows_the_masked_conversation(
     web.screenshot(page, "settings-check")
 
 
-def _profile(server: ServerProcess, relay: FaultRelay) -> int:
+def _profile(server: PostierServer, relay: FaultRelay) -> int:
     with server.client() as c:
         r = c.post("/api/v1/profiles", json={
             "label": "Relais de test", "host": relay.host, "port": relay.port,
@@ -187,7 +189,7 @@ def _profile(server: ServerProcess, relay: FaultRelay) -> int:
 
 
 def test_profiles_page_checks_and_tests_a_profile(
-    web: Web, web_server: ServerProcess, auth_relay: FaultRelay
+    web: Web, web_server: PostierServer, auth_relay: FaultRelay
 ) -> None:
     profile_id = _profile(web_server, auth_relay)
     page = web.sign_in("admin")
@@ -219,7 +221,7 @@ def test_profiles_page_checks_and_tests_a_profile(
 
 @pytest.mark.parametrize("user", ["alice"])
 def test_only_administrators_test_a_profile(
-    web_server: ServerProcess, auth_relay: FaultRelay, user: str
+    web_server: PostierServer, auth_relay: FaultRelay, user: str
 ) -> None:
     profile_id = _profile(web_server, auth_relay)
     with web_server.client(user) as c:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from playwright.sync_api import expect
 
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
 
 pytest_plugins = ["support.browser"]
+
+pytestmark = pytest.mark.in_process
 
 SEED_FIELDS = ("sender.name", "sender.address", "relay.host", "relay.port", "relay.security",
                "relay.auth", "relay.username", "relay.password", "relay.timeout", "test_to")
@@ -27,7 +30,7 @@ def _field(name: str) -> str:
     return "#f-" + name.replace(".", "\\.")
 
 
-def _settings(server: ServerProcess) -> dict[str, Any]:
+def _settings(server: PostierServer) -> dict[str, Any]:
     with server.client() as c:
         return dict(c.get("/api/v1/settings").json())
 
@@ -38,7 +41,7 @@ def _open_folds(page: Any) -> list[str]:
 
 
 def test_the_dialogs_fields_are_shown_and_the_rest_is_folded(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     page = shared_web.sign_in("admin")
     page.goto("/settings")
@@ -64,7 +67,7 @@ def test_the_dialogs_fields_are_shown_and_the_rest_is_folded(
 
 
 def test_an_error_inside_a_folded_part_opens_it_and_the_summary_has_the_focus(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     before = _settings(shared_server)
     page = shared_web.sign_in("admin")
@@ -90,7 +93,7 @@ def test_an_error_inside_a_folded_part_opens_it_and_the_summary_has_the_focus(
 
 
 def test_durations_are_typed_in_days_and_hours_and_kept_in_seconds(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     page = shared_web.sign_in("admin")
     page.goto("/settings")

@@ -18,23 +18,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 from playwright.sync_api import expect
 
 import postier
 from postier import i18n
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
 
 pytest_plugins = ["support.browser"]
 
+pytestmark = pytest.mark.in_process
+
 FR = {"Accept-Language": "fr-FR,fr;q=0.9"}
 
 
-def _settings(server: ServerProcess) -> dict[str, Any]:
+def _settings(server: PostierServer) -> dict[str, Any]:
     with server.client() as c:
         return dict(c.get("/api/v1/settings").json())
 
@@ -50,7 +53,7 @@ def _fill_relay(page: Any, host: str, port: int, timeout: int = 5) -> None:
 # -- signing in ------------------------------------------------------------------------------
 
 
-def test_sign_in_wrong_password_then_throttled(web: Web, web_server: ServerProcess) -> None:
+def test_sign_in_wrong_password_then_throttled(web: Web, web_server: PostierServer) -> None:
     page = web.page()
     page.goto("/settings")
     assert page.url.endswith("/login?next=/settings"), "a page needs a session"
@@ -95,7 +98,7 @@ def test_sign_in_wrong_password_then_throttled(web: Web, web_server: ServerProce
 
 
 def test_settings_are_saved_and_a_bad_port_is_shown_next_to_its_field(
-    web: Web, web_server: ServerProcess
+    web: Web, web_server: PostierServer
 ) -> None:
     page = web.sign_in("admin")
     page.click("nav >> text=Paramètres d'envoi")
@@ -159,7 +162,7 @@ def test_settings_are_saved_and_a_bad_port_is_shown_next_to_its_field(
 
 
 def test_failing_test_send_says_timed_out_and_what_to_do(
-    web: Web, web_server: ServerProcess, relay: FaultRelay, blackhole: int
+    web: Web, web_server: PostierServer, relay: FaultRelay, blackhole: int
 ) -> None:
     web_server.configure_relay(relay)
     before = _settings(web_server)
@@ -188,7 +191,7 @@ def test_failing_test_send_says_timed_out_and_what_to_do(
 
 
 def test_passing_test_send_reaches_the_relay(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     page = web.sign_in("admin")
     page.goto("/settings")
@@ -212,7 +215,7 @@ def test_passing_test_send_reaches_the_relay(
 
 
 def test_profile_created_from_the_creation_line_then_retrieved_by_a_user(
-    web: Web, web_server: ServerProcess, tmp_path: Path
+    web: Web, web_server: PostierServer, tmp_path: Path
 ) -> None:
     secret = "Mot-De-Passe-Partagé"
     admin = web.sign_in("admin")
@@ -273,7 +276,7 @@ def test_profile_created_from_the_creation_line_then_retrieved_by_a_user(
 
 
 def test_my_emails_and_the_queue_show_what_became_of_each_e_mail(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay)
     relay.rcpt_replies["inconnu@example.org"] = "550 5.1.1 No such user"
@@ -357,7 +360,7 @@ def test_a_user_gets_403_on_administrators_pages(shared_web: Web) -> None:
 
 
 def test_posts_without_the_csrf_token_are_refused(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     page = shared_web.sign_in("admin")
     before = _settings(shared_server)
@@ -384,7 +387,7 @@ def test_posts_without_the_csrf_token_are_refused(
 
 
 def test_users_are_added_and_a_new_token_is_shown_once(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     page = shared_web.sign_in("admin")
     page.click("nav >> text=Utilisateurs")
@@ -416,7 +419,7 @@ def test_users_are_added_and_a_new_token_is_shown_once(
 # -- every page string has its French twin ---------------------------------------------------
 
 _TEMPLATE_STRING = re.compile(r'\b_\(\s*"((?:[^"\\]|\\.)*)"')
-_TEMPLATES = Path(postier.__file__).parent / "web" / "templates"
+_TEMPLATES = Path(postier.__file__).parent / "server" / "web" / "templates"
 
 
 def _template_strings() -> dict[str, str]:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+import pytest
+
 if TYPE_CHECKING:
     from support.browser import Web
 
 pytest_plugins = ["support.browser"]
 
+
+pytestmark = pytest.mark.in_process
 
 def test_live_pages_say_the_time_of_their_refresh(shared_web: Web) -> None:
     page = shared_web.sign_in("admin", "fr-FR")

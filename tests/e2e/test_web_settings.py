@@ -13,10 +13,11 @@ import html
 import re
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from playwright.sync_api import expect
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
 pytest_plugins = ["support.browser"]
 
 
-def _settings(server: ServerProcess) -> dict[str, Any]:
+pytestmark = pytest.mark.in_process
+
+def _settings(server: PostierServer) -> dict[str, Any]:
     with server.client() as c:
         return dict(c.get("/api/v1/settings").json())
 
@@ -45,7 +48,7 @@ def _unfold(page: Any, fold: str) -> None:
 
 
 def test_oauth2_relay_from_a_preset_is_saved_and_its_secrets_never_come_back(
-    web: Web, web_server: ServerProcess
+    web: Web, web_server: PostierServer
 ) -> None:
     page = web.sign_in("admin")
     page.goto("/settings")
@@ -115,7 +118,7 @@ def test_oauth2_relay_from_a_preset_is_saved_and_its_secrets_never_come_back(
 
 
 def test_backup_relay_is_saved_tested_then_removed(
-    web: Web, web_server: ServerProcess, relay: FaultRelay, blackhole: int
+    web: Web, web_server: PostierServer, relay: FaultRelay, blackhole: int
 ) -> None:
     # The main relay does not answer; the backup relay is the test relay.
     web_server.configure_relay(relay)
@@ -176,7 +179,7 @@ def test_backup_relay_is_saved_tested_then_removed(
 
 
 def test_dkim_key_is_made_and_its_dns_record_shown_with_a_copy_button(
-    web: Web, web_server: ServerProcess
+    web: Web, web_server: PostierServer
 ) -> None:
     page = web.sign_in("admin")
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
@@ -261,7 +264,7 @@ def test_dkim_key_is_made_and_its_dns_record_shown_with_a_copy_button(
 
 
 def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay)
     page = web.sign_in("admin")
@@ -327,7 +330,7 @@ def test_bad_values_are_said_in_french_next_to_their_fields_and_nothing_is_saved
 
 
 def test_without_script_every_field_is_there_and_a_preset_fills_the_form(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     before = _settings(shared_server)
     context = shared_web.browser.new_context(base_url=shared_web.url, locale="fr-FR",
@@ -356,7 +359,7 @@ def test_without_script_every_field_is_there_and_a_preset_fills_the_form(
 
 
 def test_only_administrators_reach_the_settings_forms(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     with shared_server.client() as c:
         before = c.get("/api/v1/dkim").json()
@@ -378,7 +381,7 @@ def test_only_administrators_reach_the_settings_forms(
 
 
 def test_alerts_and_their_webhook_are_set_and_the_secret_is_write_only(
-    shared_web: Web, shared_server: ServerProcess
+    shared_web: Web, shared_server: PostierServer
 ) -> None:
     page = shared_web.sign_in("admin")
     page.goto("/settings")
@@ -435,7 +438,7 @@ def _microsoft_oauth2(page: Any) -> None:
 
 
 def test_oauth2_certificate_pasted_is_saved_checked_and_never_shown_again(
-    web: Web, web_server: ServerProcess
+    web: Web, web_server: PostierServer
 ) -> None:
     from support.oauth import make_certificate
 
