@@ -8,12 +8,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from postier.core.service import Postier
 from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
+pytestmark = pytest.mark.in_process
 
 async def _relay_account(data_dir: Path) -> str:
     core = Postier(ServerConfig(data_dir=data_dir))
@@ -26,12 +29,12 @@ async def _relay_account(data_dir: Path) -> str:
         await core.close()
 
 
-def _pair(server_factory: Any, relay: FaultRelay) -> tuple[ServerProcess, ServerProcess]:
-    upstream: ServerProcess = server_factory()
+def _pair(server_factory: Any, relay: FaultRelay) -> tuple[PostierServer, PostierServer]:
+    upstream: PostierServer = server_factory()
     token = asyncio.run(_relay_account(upstream.data_dir))
     upstream.start()
     upstream.configure_relay(relay)
-    downstream: ServerProcess = server_factory()
+    downstream: PostierServer = server_factory()
     downstream.start()
     downstream.configure_relay(relay, relay={"kind": "postier", "url": upstream.url,
                                              "password": token, "timeout": 5})

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import dkim
+import pytest
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
+pytestmark = pytest.mark.in_process
 
 def _verifies(data: bytes, record_name: str, record_value: str) -> bool:
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
@@ -21,7 +23,7 @@ def _verifies(data: bytes, record_name: str, record_value: str) -> bool:
 
 
 def test_e_mails_from_a_domain_with_a_key_are_signed(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     with server.client() as admin:
@@ -52,7 +54,7 @@ def test_e_mails_from_a_domain_with_a_key_are_signed(
     assert not _verifies(tampered, key["record_name"], key["record_value"])
 
 
-def test_dkim_generate_from_the_console(server: ServerProcess, relay: FaultRelay) -> None:
+def test_dkim_generate_from_the_console(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     env = {**os.environ, "POSTIER_DATA_DIR": str(server.data_dir), "COLUMNS": "300"}
     r = subprocess.run([sys.executable, "-m", "postier", "dkim", "generate", "ac-lyon.fr"],
@@ -80,7 +82,7 @@ def test_dkim_generate_from_the_console(server: ServerProcess, relay: FaultRelay
 
 
 def test_a_key_for_an_internationalised_domain_is_removed_by_either_spelling(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay, allowed_domains=["ac-lyon.fr", "école-exemple.fr"])
     with server.client() as admin:

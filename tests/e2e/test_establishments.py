@@ -15,8 +15,9 @@ from postier.core.service import Postier
 from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
+pytestmark = pytest.mark.in_process
 
 async def _second_establishment(data_dir: Path, hosted: bool = False) -> dict[str, str]:
     core = Postier(ServerConfig(data_dir=data_dir))
@@ -36,8 +37,8 @@ async def _second_establishment(data_dir: Path, hosted: bool = False) -> dict[st
 
 
 @pytest.fixture
-def two(server_factory: Any, relay: FaultRelay) -> tuple[ServerProcess, dict[str, str]]:
-    s: ServerProcess = server_factory()
+def two(server_factory: Any, relay: FaultRelay) -> tuple[PostierServer, dict[str, str]]:
+    s: PostierServer = server_factory()
     other = asyncio.run(_second_establishment(s.data_dir))
     s.start()
     s.configure_relay(relay)
@@ -50,13 +51,13 @@ def two(server_factory: Any, relay: FaultRelay) -> tuple[ServerProcess, dict[str
     return s, other
 
 
-def _as(server: ServerProcess, token: str, **headers: str) -> httpx.Client:
+def _as(server: PostierServer, token: str, **headers: str) -> httpx.Client:
     return httpx.Client(base_url=server.url, timeout=10,
                         headers={"Authorization": f"Bearer {token}", **headers})
 
 
 def test_nothing_crosses_between_establishments(
-    two: tuple[ServerProcess, dict[str, str]]
+    two: tuple[PostierServer, dict[str, str]]
 ) -> None:
     server, other = two
     with server.client() as admin_a, server.client("alice") as alice:
@@ -102,7 +103,7 @@ def test_nothing_crosses_between_establishments(
                            ).status_code == 200
 
 
-def test_operator_serves_every_establishment(two: tuple[ServerProcess, dict[str, str]]) -> None:
+def test_operator_serves_every_establishment(two: tuple[PostierServer, dict[str, str]]) -> None:
     server, other = two
     with _as(server, other["zoe"]) as zoe:
         zoe_mid = zoe.post("/api/v1/messages", json={"to": ["p@example.org"], "text": "z"})
@@ -117,7 +118,7 @@ def test_operator_serves_every_establishment(two: tuple[ServerProcess, dict[str,
 def test_hosted_establishment_sends_with_no_setup(
     server_factory: Any, relay: FaultRelay
 ) -> None:
-    s: ServerProcess = server_factory(
+    s: PostierServer = server_factory(
         POSTIER_PLATFORM_RELAY=json.dumps({"host": relay.host, "port": relay.port,
                                            "security": "none", "timeout": 5}),
         POSTIER_PLATFORM_SENDER_DOMAIN="ecoles.hebergeur.fr",
@@ -138,7 +139,7 @@ def test_hosted_establishment_sends_with_no_setup(
 
 
 def test_disabled_establishment_can_no_longer_send(
-    two: tuple[ServerProcess, dict[str, str]]
+    two: tuple[PostierServer, dict[str, str]]
 ) -> None:
     server, other = two
     import subprocess

@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from postier.core.service import Postier
 from postier.core.settings import DeliverySettings
 from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
+
+pytestmark = pytest.mark.in_process
 
 PLATFORM = "ecoles.hebergeur.fr"
 B = "lycee-du-parc"
@@ -58,8 +61,8 @@ async def _schools(data_dir: Path, relay: FaultRelay, overlap: bool) -> dict[str
 
 
 def _hosting(server_factory: Any, relay: FaultRelay, overlap: bool
-             ) -> tuple[ServerProcess, dict[str, str]]:
-    s: ServerProcess = server_factory(
+             ) -> tuple[PostierServer, dict[str, str]]:
+    s: PostierServer = server_factory(
         POSTIER_PLATFORM_RELAY=json.dumps({"host": relay.host, "port": relay.port,
                                            "security": "none", "timeout": 5}),
         POSTIER_PLATFORM_SENDER_DOMAIN=PLATFORM)
@@ -68,7 +71,7 @@ def _hosting(server_factory: Any, relay: FaultRelay, overlap: bool
     return s, tokens
 
 
-def _as(server: ServerProcess, token: str, **headers: str) -> httpx.Client:
+def _as(server: PostierServer, token: str, **headers: str) -> httpx.Client:
     return httpx.Client(base_url=server.url, timeout=10,
                         headers={"Authorization": f"Bearer {token}", **headers})
 
@@ -83,7 +86,7 @@ def _refused(r: httpx.Response, code: str, domain: str,
     return body
 
 
-def _postier(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+def _postier(server: PostierServer, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**server.env, "LANG": "C", "COLUMNS": "250"}
     env.pop("LANGUAGE", None)
     env.pop("LC_ALL", None)
@@ -92,7 +95,7 @@ def _postier(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[s
                           timeout=60)
 
 
-def _domains_check(server: ServerProcess) -> dict[str, Any]:
+def _domains_check(server: PostierServer) -> dict[str, Any]:
     r = _postier(server, "doctor", "--json")
     assert r.stdout, r.stderr
     checks = {c["key"]: c for c in json.loads(r.stdout)["checks"]}

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from postier.core.service import Postier
 from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
+
+pytestmark = pytest.mark.in_process
 
 B = "lycee-du-parc"
 
@@ -34,8 +37,8 @@ async def _hosted_admin(data_dir: Path) -> str:
 
 
 def _platform(server_factory: Any, relay: FaultRelay, **env: str
-              ) -> tuple[ServerProcess, httpx.Client]:
-    s: ServerProcess = server_factory(
+              ) -> tuple[PostierServer, httpx.Client]:
+    s: PostierServer = server_factory(
         POSTIER_PLATFORM_RELAY=json.dumps({"host": relay.host, "port": relay.port,
                                            "security": "none", "timeout": 5}),
         POSTIER_PLATFORM_SENDER_DOMAIN="ecoles.hebergeur.fr", **env)

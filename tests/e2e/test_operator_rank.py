@@ -21,9 +21,11 @@ from postier import i18n
 from postier.core.service import Postier
 from postier.server.config import ServerConfig
 
-from support.server import ServerProcess
+from support.server import InProcessServer, PostierServer
 
 pytest_plugins = ["support.browser"]
+
+pytestmark = pytest.mark.in_process
 
 OPS_PASSWORD = "mot-de-passe-de-l-exploitant"
 
@@ -45,25 +47,25 @@ async def _operator_and_school(data_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PostierServer, str]]:
     """Module-scoped and started before the browser: Playwright's event loop, once open,
     leaves no room for the provisioning's."""
-    server = ServerProcess(tmp_path_factory.mktemp("platform"))
+    server = InProcessServer(tmp_path_factory.mktemp("platform"))
     server.provision()
     ops_token = asyncio.run(_operator_and_school(server.data_dir))
     server.start()
     yield server, ops_token
-    server.kill()
+    server.stop()
 
 
-def _ops_token_id(server: ServerProcess, ops_token: str) -> int:
+def _ops_token_id(server: PostierServer, ops_token: str) -> int:
     with httpx.Client(base_url=server.url, timeout=10,
                       headers={"Authorization": f"Bearer {ops_token}"}) as ops:
         return int(ops.get("/api/v1/tokens").json()[0]["id"])
 
 
 def test_an_administrator_cannot_take_over_an_operator(
-    platform: tuple[ServerProcess, str]
+    platform: tuple[PostierServer, str]
 ) -> None:
     server, ops_token = platform
     token_id = _ops_token_id(server, ops_token)
@@ -107,7 +109,7 @@ def test_an_administrator_cannot_take_over_an_operator(
 
 
 def test_operator_accounts_live_in_the_installations_own_establishment(
-    platform: tuple[ServerProcess, str]
+    platform: tuple[PostierServer, str]
 ) -> None:
     server, ops_token = platform
     school = {"Authorization": f"Bearer {ops_token}",
@@ -136,7 +138,7 @@ def test_operator_accounts_live_in_the_installations_own_establishment(
 
 
 def test_the_users_page_offers_nothing_on_an_operator(
-    platform: tuple[ServerProcess, str], browser: Any
+    platform: tuple[PostierServer, str], browser: Any
 ) -> None:
     server, _ops_token = platform
     context = browser.new_context(base_url=server.url, locale="fr-FR")
@@ -164,7 +166,7 @@ def test_the_users_page_offers_nothing_on_an_operator(
 
 
 def test_doctor_reports_an_operator_account_left_in_a_school(
-    platform: tuple[ServerProcess, str]
+    platform: tuple[PostierServer, str]
 ) -> None:
     """An installation made before operators lived only in `default` may have one in a
     school: the doctor names it, with what to do."""

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
+pytestmark = pytest.mark.in_process
 
 class Workstation:
     def __init__(self, home: Path) -> None:
@@ -40,7 +41,7 @@ def ws(tmp_path: Path) -> Workstation:
 
 
 def test_profiles_pull_then_send_needs_no_identity(
-    ws: Workstation, server: ServerProcess, relay: FaultRelay
+    ws: Workstation, server: PostierServer, relay: FaultRelay
 ) -> None:
     with server.client() as admin:
         assert admin.post("/api/v1/profiles", json={
@@ -61,7 +62,7 @@ def test_profiles_pull_then_send_needs_no_identity(
 
 
 def test_profiles_pull_keeps_an_identity_the_user_set(
-    ws: Workstation, server: ServerProcess, relay: FaultRelay
+    ws: Workstation, server: PostierServer, relay: FaultRelay
 ) -> None:
     with server.client() as admin:
         admin.post("/api/v1/profiles", json={"label": "Relais", "host": relay.host,

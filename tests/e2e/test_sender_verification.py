@@ -15,12 +15,14 @@ import httpx
 import pytest
 
 from support.relay import FaultRelay, Received
-from support.server import ServerProcess
+from support.server import PostierServer
 
 if TYPE_CHECKING:
     from support.browser import Web
 
 pytest_plugins = ["support.browser"]
+
+pytestmark = pytest.mark.in_process
 
 ALICE = "alice.martin@ac-lyon.fr"
 SCHOOL = "ne-pas-repondre@ac-lyon.fr"
@@ -28,7 +30,7 @@ BASE = "/api/v1/account/sender-addresses"
 
 
 @pytest.fixture
-def verifying(server: ServerProcess, relay: FaultRelay) -> ServerProcess:
+def verifying(server: PostierServer, relay: FaultRelay) -> PostierServer:
     """The server with verification of sender addresses turned on."""
     server.configure_relay(relay, verify_sender_addresses=True)
     return server
@@ -72,7 +74,7 @@ def code_in(mail: Received) -> str:
     return str(found[0])
 
 
-def test_verify_then_send_as_oneself(verifying: ServerProcess, relay: FaultRelay) -> None:
+def test_verify_then_send_as_oneself(verifying: PostierServer, relay: FaultRelay) -> None:
     with verifying.client("alice") as alice:
         # Not verified yet: the e-mail still leaves, under the school's sender, and the
         # answer says why, in the reader's language.
@@ -130,7 +132,7 @@ def test_verify_then_send_as_oneself(verifying: ServerProcess, relay: FaultRelay
 
 
 def test_the_test_send_leaves_as_the_administrators_e_mails_would(
-    verifying: ServerProcess, relay: FaultRelay
+    verifying: PostierServer, relay: FaultRelay
 ) -> None:
     # The administrator's address is not verified: their e-mails leave under the
     # establishment's sender, and so does the test e-mail (a relay that accepts only the
@@ -146,7 +148,7 @@ def test_the_test_send_leaves_as_the_administrators_e_mails_would(
     assert "direction@ac-lyon.fr" not in got.message["From"]
 
 
-def test_five_wrong_codes_lock_the_code(verifying: ServerProcess, relay: FaultRelay) -> None:
+def test_five_wrong_codes_lock_the_code(verifying: PostierServer, relay: FaultRelay) -> None:
     with verifying.client("alice") as alice:
         assert alice.post(BASE, json={"address": ALICE}).status_code == 200
         code = code_in(code_mail(relay, ALICE))
@@ -173,7 +175,7 @@ def test_five_wrong_codes_lock_the_code(verifying: ServerProcess, relay: FaultRe
         assert accepted["sender_note"] is not None
 
 
-def test_expired_code_is_refused(verifying: ServerProcess, relay: FaultRelay) -> None:
+def test_expired_code_is_refused(verifying: PostierServer, relay: FaultRelay) -> None:
     with verifying.client("alice") as alice:
         assert alice.post(BASE, json={"address": ALICE}).status_code == 200
         code = code_in(code_mail(relay, ALICE))
@@ -188,7 +190,7 @@ def test_expired_code_is_refused(verifying: ServerProcess, relay: FaultRelay) ->
 
 
 def test_another_user_can_neither_confirm_nor_see(
-    verifying: ServerProcess, relay: FaultRelay
+    verifying: PostierServer, relay: FaultRelay
 ) -> None:
     with verifying.client("alice") as alice, verifying.client("bob") as bob:
         assert alice.post(BASE, json={"address": ALICE}).status_code == 200
@@ -220,7 +222,7 @@ def test_another_user_can_neither_confirm_nor_see(
         assert len(code_mail(relay, ALICE, nth=2).rcpt_tos) == 1
 
 
-def test_resending_is_limited(verifying: ServerProcess, relay: FaultRelay) -> None:
+def test_resending_is_limited(verifying: PostierServer, relay: FaultRelay) -> None:
     extra = [f"secretariat{n}@ac-lyon.fr" for n in range(5)]
     with verifying.client("admin") as admin:
         assert admin.put("/api/v1/users/alice", json={"granted_senders": extra}
@@ -240,7 +242,7 @@ def test_resending_is_limited(verifying: ServerProcess, relay: FaultRelay) -> No
 
 
 def test_outside_allowed_domains_stays_rewritten_even_verified(
-    verifying: ServerProcess, relay: FaultRelay
+    verifying: PostierServer, relay: FaultRelay
 ) -> None:
     bob_address = "bob.durand@gmail.com"
     with verifying.client("bob") as bob:
@@ -256,7 +258,7 @@ def test_outside_allowed_domains_stays_rewritten_even_verified(
         assert bob_address in got.message["Reply-To"]
 
 
-def test_verification_off_changes_nothing(server: ServerProcess, relay: FaultRelay) -> None:
+def test_verification_off_changes_nothing(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     with server.client("alice") as alice:
         accepted = send(alice, "Sans vérification")
@@ -267,7 +269,7 @@ def test_verification_off_changes_nothing(server: ServerProcess, relay: FaultRel
 def test_smtp_submission_follows_the_same_rule(
     server_factory: Any, relay: FaultRelay
 ) -> None:
-    s: ServerProcess = server_factory()
+    s: PostierServer = server_factory()
     s.start()
     s.configure_relay(relay, verify_sender_addresses=True)
     message = (f"From: Alice Martin <{ALICE}>\r\nTo: parent@example.org\r\n"
@@ -289,7 +291,7 @@ def test_smtp_submission_follows_the_same_rule(
 # -- the workstation's command and the SDK ----------------------------------------------------
 
 
-def test_cli_and_sdk(verifying: ServerProcess, relay: FaultRelay, tmp_path: Any) -> None:
+def test_cli_and_sdk(verifying: PostierServer, relay: FaultRelay, tmp_path: Any) -> None:
     import os
     import subprocess
     import sys
@@ -343,7 +345,7 @@ def test_cli_and_sdk(verifying: ServerProcess, relay: FaultRelay, tmp_path: Any)
 
 
 def test_verify_an_address_from_my_account(
-    web: Web, web_server: ServerProcess, relay: FaultRelay
+    web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:
     web_server.configure_relay(relay)
     # The administrator turns verification on in Paramètres d'envoi des e-mails.

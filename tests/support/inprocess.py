@@ -115,7 +115,10 @@ class InProcessServer(PostierServer):
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(data_dir)
-        self.env = dict(env or {})
+        self.settings = dict(env or {})
+        # The environment of a command run beside this server (``postier`` at the console),
+        # as ServerProcess.env is its process's.
+        self.env = {**os.environ, **self.settings}
         self.config: ServerConfig | None = None
         self.loop: ServingLoop | None = None
         self.thread: threading.Thread | None = None
@@ -125,7 +128,7 @@ class InProcessServer(PostierServer):
     def start(self, timeout: float = START_TIMEOUT) -> InProcessServer:
         assert self.thread is None, "this server is already running"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config = server_config(self.data_dir, self.port, self.smtp_port, self.env)
+        self.config = server_config(self.data_dir, self.port, self.smtp_port, self.settings)
         self.failure = None
         self.loop = ServingLoop(self.port)
         self.thread = threading.Thread(target=self._serve, args=(self.loop, self.config),
