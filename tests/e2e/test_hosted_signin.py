@@ -28,7 +28,7 @@ from postier.core.service import Postier
 from postier.core.sign_in_throttle import SignInThrottle
 from postier.server.config import ServerConfig
 
-from support.server import ServerProcess
+from support.server import PostierServer, ServerProcess
 
 ALICE_A = ("alice", "motdepasse-alice")
 ALICE_ADDRESS = "alice.martin@ac-lyon.fr"
@@ -49,14 +49,14 @@ async def _establishment_b(data_dir: Path) -> None:
 
 
 @pytest.fixture
-def hosted(server_factory: Any) -> ServerProcess:
+def hosted(server_factory: Any) -> PostierServer:
     """A running server whose second establishment reuses alice's name and address."""
-    s: ServerProcess = server_factory()
+    s: PostierServer = server_factory()
     asyncio.run(_establishment_b(s.data_dir))
     return s.start()
 
 
-def web_sign_in(server: ServerProcess, login: str, password: str,
+def web_sign_in(server: PostierServer, login: str, password: str,
                 source: str = "127.0.0.1") -> httpx.Response:
     """The sign-in form posted from ``source`` (a loopback address); the answer as is."""
     transport = httpx.HTTPTransport(local_address=source)
@@ -66,7 +66,7 @@ def web_sign_in(server: ServerProcess, login: str, password: str,
                                         "csrf": csrf})
 
 
-def smtp_auth(server: ServerProcess, login: str, password: str, mechanism: str = "PLAIN",
+def smtp_auth(server: PostierServer, login: str, password: str, mechanism: str = "PLAIN",
               source: str = "127.0.0.1") -> int:
     """One AUTH with this mechanism over STARTTLS from ``source``: the reply's code."""
     tls = ssl.create_default_context(cafile=str(server.data_dir / "smtp-cert.pem"))
@@ -83,13 +83,13 @@ def smtp_auth(server: ServerProcess, login: str, password: str, mechanism: str =
         return int(c.docmd(base64.b64encode(password.encode()).decode())[0])
 
 
-def console(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+def console(server: PostierServer, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "postier", *args, "--data-dir",
                            str(server.data_dir)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "LANG": "C.UTF-8"})
 
 
-def me(server: ServerProcess, token: str) -> dict[str, Any]:
+def me(server: PostierServer, token: str) -> dict[str, Any]:
     r = httpx.get(server.url + "/api/v1/me", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200, r.text
     return dict(r.json())
@@ -98,8 +98,9 @@ def me(server: ServerProcess, token: str) -> dict[str, Any]:
 # -- one establishment's names never disturb another's sign-in --------------------------------
 
 
+@pytest.mark.in_process
 def test_same_name_in_another_establishment_changes_nothing_for_alice(
-    hosted: ServerProcess,
+    hosted: PostierServer,
 ) -> None:
     # On the web, by username and by e-mail address: her pages, not a refusal.
     for login in ("alice", ALICE_ADDRESS):
@@ -138,7 +139,8 @@ def test_same_name_in_another_establishment_changes_nothing_for_alice(
 STRANGER, ALICE_HOME = "127.0.0.2", "127.0.0.1"
 
 
-def test_a_stranger_failing_holds_back_the_stranger_not_alice(hosted: ServerProcess) -> None:
+@pytest.mark.in_process
+def test_a_stranger_failing_holds_back_the_stranger_not_alice(hosted: PostierServer) -> None:
     tries = SignInThrottle.SOURCE_LIMIT + 2
     answers = [web_sign_in(hosted, "alice", f"devine-{i}", STRANGER).status_code
                for i in range(tries)]
@@ -166,7 +168,7 @@ def test_a_stranger_failing_holds_back_the_stranger_not_alice(hosted: ServerProc
 # -- signing out ends the session --------------------------------------------------------------
 
 
-def _signed_in(server: ServerProcess, login: str, password: str) -> httpx.Client:
+def _signed_in(server: PostierServer, login: str, password: str) -> httpx.Client:
     web = httpx.Client(base_url=server.url, timeout=10)
     csrf = web.get("/login").cookies["postier_login_csrf"]
     r = web.post("/login", data={"username": login, "password": password, "csrf": csrf})
@@ -182,7 +184,7 @@ def _page_csrf(web: httpx.Client) -> str:
     return found.group(1)
 
 
-def _opens(server: ServerProcess, cookie: str) -> bool:
+def _opens(server: PostierServer, cookie: str) -> bool:
     """Whether a copy of a session cookie, replayed from elsewhere, opens the pages."""
     with httpx.Client(base_url=server.url, timeout=10,
                       cookies={"postier_session": cookie}) as replay:

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from postier.core.service import Postier
 from postier.server.config import ServerConfig
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
 LIMITS = {
     "POSTIER_PACE_ACCOUNT_PER_MINUTE": "0",
@@ -53,8 +54,8 @@ def _other_establishment(data_dir: Path) -> str:
     return asyncio.run(make())
 
 
-def _paced_server(server_factory: Any, relay: FaultRelay, **env: str) -> ServerProcess:
-    server: ServerProcess = server_factory(**{**LIMITS, **env})
+def _paced_server(server_factory: Any, relay: FaultRelay, **env: str) -> PostierServer:
+    server: PostierServer = server_factory(**{**LIMITS, **env})
     server.tokens["proviseur"] = _other_establishment(server.data_dir)
     server.start()
     server.configure_relay(relay)
@@ -68,11 +69,12 @@ def _paced_server(server_factory: Any, relay: FaultRelay, **env: str) -> ServerP
     return server
 
 
-def _mine(server: ServerProcess, user: str) -> int:
+def _mine(server: PostierServer, user: str) -> int:
     with server.client(user) as c:
         return len(c.get("/api/v1/messages", params={"mine": "true"}).json())
 
 
+@pytest.mark.in_process
 def test_an_account_over_its_limit_gets_429_and_a_batch_is_refused_whole(
     server_factory: Any, relay: FaultRelay
 ) -> None:
@@ -102,6 +104,7 @@ def test_an_account_over_its_limit_gets_429_and_a_batch_is_refused_whole(
     assert "parts of at most 30" in too_big.json()["error"]["message"], too_big.text
 
 
+@pytest.mark.in_process
 def test_the_establishment_ceiling_holds_its_other_accounts_not_other_establishments(
     server_factory: Any, relay: FaultRelay
 ) -> None:
@@ -136,6 +139,7 @@ def test_two_http_processes_count_together(server_factory: Any, relay: FaultRela
     assert _mine(server, "alice") == accepted
 
 
+@pytest.mark.in_process
 def test_smtp_submission_spends_from_the_same_counters(
     server_factory: Any, relay: FaultRelay
 ) -> None:
