@@ -22,8 +22,8 @@ import httpx
 
 from postier.core import first_run
 from postier.core.service import Postier
+from postier.core.sign_in_throttle import SetupThrottle
 from postier.server.config import ServerConfig
-from postier.server.web.setup import GUESS_LIMIT
 
 from support.browser import Web
 from support.server import ServerProcess
@@ -150,7 +150,7 @@ def test_an_expired_address_is_refused_and_a_restart_prints_a_new_one(
 
     # Guessing is held back, like failed sign-ins: after ten wrong tokens from this
     # address (the forgotten one above was the first), even the right one waits.
-    for i in range(GUESS_LIMIT - 1):
+    for i in range(SetupThrottle.SETUP_LIMIT - 1):
         assert httpx.get(f"{server.url}/setup?token=guess{i}").status_code == 404
     held = httpx.get(second, headers=FR)
     assert held.status_code == 429 and "Attendez" in held.text

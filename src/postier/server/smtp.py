@@ -16,18 +16,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import datetime
-import hashlib
 import ipaddress
 import logging
-import os
 import re
 import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import (
@@ -40,21 +36,25 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
-from postier.core import accounts, policy
+from postier.core import policy
+from postier.core.installation import SETTINGS_TTL
 from postier.core.pace import PaceExceeded, PaceTooLarge, pace_for
-from postier.core.service import SETTINGS_TTL, Postier
-from postier.core.sign_in_throttle import SignInThrottle
+from postier.core.service import Postier
 from postier.errors import (
     DelegationOff,
     InvalidInput,
+    NotFound,
     PostierError,
     SenderForbidden,
     StoreUnavailable,
     TooLarge,
 )
 from postier.i18n import N_
-from postier.store.base import Store, User
+from postier.server.smtp_tls import fingerprint, self_signed, server_tls_context
+from postier.store.base import User
 
+__all__ = ["SubmissionConfig", "fingerprint", "parse_networks", "self_signed",
+           "server_tls_context", "start_submission"]
 log = logging.getLogger("postier.smtp")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -91,13 +91,12 @@ class SubmissionConfig:
 
 
 class _Limiter:
-    """Failed authentications (postier.core.sign_in_throttle: in the store, shared by every
-    process of the installation and with the web pages); accepted messages per account per
-    minute (in this process: SMTP submission runs in one process of a server)."""
+    """Accepted messages per account per minute (in this process: SMTP submission runs in
+    one process of a server). Failed authentications are the service layer's sign-in
+    throttle's (postier.core.sign_in_throttle), shared with the web pages."""
 
-    def __init__(self, config: SubmissionConfig, store: Store) -> None:
+    def __init__(self, config: SubmissionConfig) -> None:
         self.config = config
-        self.auth = SignInThrottle(store, "smtp")
         self.sent: dict[int, deque[float]] = {}
 
     def take(self, account: int) -> float:
@@ -118,7 +117,7 @@ class SubmissionHandler:
     def __init__(self, core: Postier, config: SubmissionConfig) -> None:
         self.core = core
         self.config = config
-        self.limits = _Limiter(config, core.store)
+        self.limits = _Limiter(config)
         self._trusted_cache: tuple[User | None, float] | None = None
         self._trusted_addresses: dict[str, bool] = {}  # client address -> in a network
 
@@ -156,9 +155,10 @@ class SubmissionHandler:
         now = time.monotonic()
         if self._trusted_cache is not None and now - self._trusted_cache[1] < SETTINGS_TTL:
             return self._trusted_cache[0]
-        user = await self.core.store.get_user(
-            establishment_id=1, username=self.config.trusted_account or ""
-        )
+        try:
+            user: User | None = await self.core.find_user(self.config.trusted_account or "")
+        except NotFound:
+            user = None
         if user is not None and user.disabled:
             user = None
         self._trusted_cache = (user, now)
@@ -169,39 +169,23 @@ class SubmissionHandler:
     ) -> AuthResult:
         peer = str(server.session.peer[0]) if server.session and server.session.peer else "?"
         username = login.decode("utf-8", "replace")
-        throttle = self.limits.auth
-        admitted = await throttle.admit(username, await self.core.login_candidates(username),
-                                        peer)
-        if admitted.wait > 0:
+        # A password or one of the account's API tokens (mail programs and copiers know
+        # only a username and a password).
+        signed = await self.core.sign_in("smtp", username, password.decode("utf-8", "replace"),
+                                         peer, token_as_password=True)
+        if signed.wait > 0:
             log.warning("AUTH refused for %r from %s: too many failures", username, peer)
             return AuthResult(
                 success=False, handled=False, message="454 4.7.0 Too many failed attempts; "
-                f"try again in {int(admitted.wait) + 1} s",
+                f"try again in {int(signed.wait) + 1} s",
             )
-        user = await self._open(admitted.accounts, password.decode("utf-8", "replace"))
-        if user is None:
-            await throttle.failed(username, admitted.accounts, peer)
+        if signed.user is None:
             log.warning("AUTH failed for %r from %s", username, peer)
             await asyncio.sleep(0.5)  # slows down guessing without holding a worker
             return AuthResult(success=False, handled=False,
                               message="535 5.7.8 Authentication credentials invalid")
-        await throttle.succeeded(user, peer, admitted)
-        log.info("AUTH %s from %s", user.username, peer)
-        return AuthResult(success=True, auth_data=user)
-
-    async def _open(self, accounts_named: list[User], secret: str) -> User | None:
-        """The account a password or an API token opens among those named, if any."""
-        if secret.startswith(accounts.TOKEN_PREFIX):
-            user = await self.core.store.user_for_token(accounts.token_hash(secret))
-            # The token must be one of the named accounts'.
-            return (user if user is not None and user.id in {u.id for u in accounts_named}
-                    else None)
-        try:
-            return await self.core.check_password(accounts_named, secret)
-        except StoreUnavailable:
-            raise  # not a wrong password: "try again later" (handle_exception)
-        except PostierError:
-            return None
+        log.info("AUTH %s from %s", signed.user.username, peer)
+        return AuthResult(success=True, auth_data=signed.user)
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -524,56 +508,6 @@ class _Submission(SMTP):
                 del _Submission.per_client[self._counted]
             self._counted = None
         super().connection_lost(exc)
-
-
-# -- TLS material --------------------------------------------------------------------------
-
-
-def self_signed(data_dir: Path, hostname: str) -> tuple[Path, Path]:
-    """A certificate made once for this server (when the operator gave none)."""
-    cert, key = data_dir / "smtp-cert.pem", data_dir / "smtp-key.pem"
-    if cert.exists() and key.exists():
-        return cert, key
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    private = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    san = [x509.DNSName(hostname), x509.DNSName("localhost"),
-           x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(private.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .sign(private, hashes.SHA256())
-    )
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return cert, key
-
-
-def fingerprint(cert: Path) -> str:
-    pem = cert.read_text()
-    der = ssl.PEM_cert_to_DER_cert(pem)
-    digest = hashlib.sha256(der).hexdigest().upper()
-    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
-
-
-def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
 
 
 async def start_submission(

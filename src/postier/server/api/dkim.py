@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from postier.core.administration import require_admin
+from postier.core.accounts import require_admin
 from postier.server.api.deps import Core, CurrentUser
 from postier.server.api.views import ErrorResponse
 

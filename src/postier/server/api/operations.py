@@ -123,8 +123,7 @@ async def user_data(username: str, user: CurrentUser, core: Core, lang: Lang) ->
     request of access; the export is recorded in the audit log)."""
     subject = await core.admin.target(user, username)
     data = await retention.user_data(core, subject, lang)
-    await core.store.audit(user.establishment_id, user.username, "user.data_export",
-                           subject.username, {"messages": len(data["messages"])})
+    await core.admin.record_data_export(user, subject, len(data["messages"]))
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", subject.username)
     filename = f"postier-{safe}-data.json"
     return JSONResponse(

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, status
 from pydantic import BaseModel, Field
 
-from postier.core.service import profile_warnings
+from postier.core.relay_warnings import profile_warnings
 from postier.server.api.admin import TestOut
 from postier.server.api.deps import Core, CurrentUser, Lang
 from postier.server.api.views import ErrorResponse

@@ -8,8 +8,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from postier.core import reasons
+from postier.core.reasons import explain_error
 from postier.core.sender_verification import NOTE_UNVERIFIED
-from postier.core.service import explain_error
 from postier.i18n import translate
 from postier.store.base import FINAL_STATUSES, EnqueueResult, MessageRecord
 

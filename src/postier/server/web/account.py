@@ -11,8 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from postier.core.sender_verification import CODE_TTL
-from postier.core.sign_in_throttle import SignInThrottle
-from postier.errors import AuthenticationRequired, PostierError
+from postier.errors import PostierError
 from postier.i18n import LANGUAGES, N_
 from postier.server.web.context import (
     LANG_COOKIE,
@@ -99,19 +98,14 @@ async def login(p: AnyPage) -> Response:
         return _login_page(p, status_code=422, username=identifier, next_url=next_url,
                            error=p._(N_("Enter your username (or e-mail address) and your "
                                         "password.")))
-    throttle = SignInThrottle(p.core.store, "web")
-    admitted = await throttle.admit(identifier, await p.core.login_candidates(identifier),
-                                    p.client_address)
-    if admitted.wait > 0:
+    signed = await p.core.sign_in("web", identifier, password, p.client_address)
+    if signed.wait > 0:
         return _login_page(p, status_code=429, username=identifier, next_url=next_url,
-                           error=p._(TOO_MANY, wait=p.duration(math.ceil(admitted.wait))))
-    try:
-        user = await p.core.check_password(admitted.accounts, password)
-    except AuthenticationRequired:
-        await throttle.failed(identifier, admitted.accounts, p.client_address)
+                           error=p._(TOO_MANY, wait=p.duration(math.ceil(signed.wait))))
+    user = signed.user
+    if user is None:
         return _login_page(p, status_code=401, username=identifier, next_url=next_url,
                            error=p._(WRONG))
-    await throttle.succeeded(user, p.client_address, admitted)
     response = redirect(next_url or home_for(user))
     _cookie(response, p, SESSION_COOKIE, seal(p.core, new_session(user)))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")

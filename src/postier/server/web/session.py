@@ -8,7 +8,8 @@ every session of that user; a disabled user's session ends at once because the u
 read again on every request. Signing out ends the session in the store (its id is kept
 until the session would have expired anyway): a copy of the cookie, replayed after, opens
 nothing, whichever process reads it. Failed sign-ins are throttled by
-postier.core.sign_in_throttle, the same rule as SMTP AUTH's.
+the service layer's sign-in (postier.core.authentication), the same rule as SMTP
+AUTH's.
 """
 
 from __future__ import annotations
@@ -86,13 +87,11 @@ def unseal(core: Postier, value: str | None) -> Session | None:
 async def session_user(core: Postier, session: Session) -> User | None:
     """The session's user, if they may still use it (not signed out, active, same
     password)."""
-    user = await core.store.get_user(user_id=session.user_id)
+    user = await core.session_user(session.user_id, session.id)
     if (
         user is None
-        or user.disabled
         or user.establishment_id != session.establishment_id
         or not secrets.compare_digest(password_fingerprint(user), session.password_fp)
-        or await core.store.session_ended(session.id)
     ):
         return None
     return user
@@ -100,7 +99,7 @@ async def session_user(core: Postier, session: Session) -> User | None:
 
 async def end_session(core: Postier, session: Session) -> None:
     """Signing out: the session opens nothing any more, even from a copy of its cookie."""
-    await core.store.end_session(session.id, session.expires_at, time.time())
+    await core.end_session(session.id, session.expires_at)
 
 
 def same_token(given: str | None, expected: str) -> bool:

@@ -13,7 +13,7 @@ from starlette.datastructures import FormData
 
 from postier.core.presets import PRESETS
 from postier.core.presets import presets as relay_presets
-from postier.core.service import relay_warnings
+from postier.core.relay_warnings import relay_warnings
 from postier.core.settings import RELAY_SECTIONS, SECRET_FIELDS, DeliverySettings, RelaySettings
 from postier.delivery.diagnose import STEP_LABELS, TestReport
 from postier.errors import InvalidAddress, PostierError

@@ -8,14 +8,11 @@ or not); wrong tokens from one client address are held back like failed sign-ins
 from __future__ import annotations
 
 import secrets
-import time
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from starlette.datastructures import FormData
 
-from postier.core import first_run
-from postier.core.sign_in_throttle import SignInThrottle
 from postier.errors import PostierError
 from postier.i18n import N_
 from postier.server.web.account import home_for
@@ -28,8 +25,6 @@ router = APIRouter(include_in_schema=False)
 
 SETUP_CSRF_COOKIE = "postier_setup_csrf"
 MIN_PASSWORD = 8
-# Wrong tokens one client address may try within the sign-in throttle's window.
-GUESS_LIMIT = 10
 
 _GONE = {
     "used": (410, N_("This setup address was already used"),
@@ -53,27 +48,9 @@ LABELS = {
 }
 
 
-def _key(p: Page) -> list[str]:
-    return [f"setup:a:{p.client_address}"]
-
-
-async def _held_back(p: Page) -> float:
-    """Seconds this client address must wait before trying another token."""
-    now = time.time()
-    recent = sorted((await p.core.store.recent_failures(
-        _key(p), now - SignInThrottle.WINDOW)).get(_key(p)[0], []))
-    if len(recent) < GUESS_LIMIT:
-        return 0.0
-    wait = min(SignInThrottle.LONGEST_WAIT,
-               SignInThrottle.FIRST_WAIT * 2.0 ** (len(recent) - GUESS_LIMIT))
-    return max(0.0, recent[-1] + wait - now)
-
-
 async def _refused(p: Page, verdict: str) -> Response:
     if verdict == "unknown":
-        now = time.time()
-        await p.core.store.add_failure(_key(p), now,
-                                       forget_before=now - SignInThrottle.WINDOW)
+        await p.core.setup_throttle.failed(p.client_address)
     status, title, hint = _GONE[verdict]
     return render(p, "setup.html", status, title=p._(title), message=p._(hint), form=None)
 
@@ -93,11 +70,11 @@ def _form_page(p: Page, token: str, *, status_code: int = 200,
 
 async def _gate(p: Page, token: str) -> Response | None:
     """The page refusing this token, or None when it may be used."""
-    wait = await _held_back(p)
+    wait = await p.core.setup_throttle.wait(p.client_address)
     if wait > 0:
         return render(p, "setup.html", 429, title=p._("Create the administrator"),
                       message=p._(TOO_MANY, wait=p.duration(int(wait) + 1)), form=None)
-    found = await first_run.check(p.core.store, token)
+    found = await p.core.check_setup_token(token)
     return None if found.verdict == "open" else await _refused(p, found.verdict)
 
 
@@ -135,16 +112,10 @@ async def setup(p: AnyPage) -> Response:
     if errors:
         return _form_page(p, token, status_code=422, values=values, errors=errors)
 
-    async def create() -> User:
-        user = await p.core.add_user(values["username"], values["email"],
-                                     display_name=values["name"], role="admin",
-                                     password=text(form, "password"))
-        await p.core.store.audit(user.establishment_id, "setup", "user.create",
-                                 user.username, {"role": user.role, "email": user.email})
-        return user
-
     try:
-        made = await first_run.use(p.core.store, token, create)
+        made = await p.core.admin.create_first_administrator(
+            token, values["username"], values["email"], values["name"],
+            text(form, "password"))
     except PostierError as exc:
         field = exc.field if exc.field in LABELS else "username"
         return _form_page(p, token, status_code=exc.http_status, values=values,
