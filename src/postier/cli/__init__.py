@@ -5,13 +5,21 @@ Errors are printed in the terminal's language (``LANG``) with what to do about t
 
 from __future__ import annotations
 
+# The help lists commands in the order they register, that is the order of these imports.
+# isort: off
 from postier.cli import (  # noqa: F401 - they register their commands
     account,  # account verify-sender, confirm, senders
-    admin,
+    processes,  # serve, worker, http-process
+    establishments,
+    dkim,
+    users,  # users, tokens
+    settings,
+    profiles,
     alerts,  # alerts list
-    operations,  # doctor, purge
-    workstation,
+    operations,  # doctor, purge, domains
+    workstation,  # config, send, status, test, outbox
 )
+# isort: on
 from postier.cli.common import app
 
 

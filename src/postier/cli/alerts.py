@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from postier.cli.admin import Establishment, _establishment_id
 from postier.cli.common import CONSOLE, DatabaseUrl, DataDir, _config, _run, app, out, when
+from postier.cli.console import EstablishmentOption, establishment_id_of
 from postier.core.service import Postier
 from postier.i18n import N_, system_language, translate
 
@@ -21,7 +21,7 @@ app.add_typer(alerts_app, name="alerts")
 
 @alerts_app.command("list")
 def alerts_list(
-    establishment: Establishment = None,
+    establishment: EstablishmentOption = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     limit: Annotated[int, typer.Option(help=N_("At most this many incidents"))] = 50,
@@ -36,7 +36,7 @@ def alerts_list(
 
     async def action(core: Postier) -> list[dict[str, Any]]:
         actor = dataclasses.replace(
-            CONSOLE, establishment_id=await _establishment_id(core, establishment))
+            CONSOLE, establishment_id=await establishment_id_of(core, establishment))
         return await list_alerts(core, actor, lang, limit)
 
     found = _run(_config(data_dir, database_url), action)

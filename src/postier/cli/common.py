@@ -19,6 +19,8 @@ from postier.errors import PostierError
 from postier.i18n import N_, system_language, translate
 from postier.server.config import ServerConfig
 from postier.store.base import User
+from postier.workstation import settings_file
+from postier.workstation.settings_file import WorkstationSettings
 
 T = TypeVar("T")
 
@@ -108,6 +110,14 @@ def fail_with(exc: PostierError) -> NoReturn:
     _fail(exc.message(lang), exc.hint(lang))
 
 
+def workstation_settings() -> WorkstationSettings:
+    """This workstation's settings file, read now; an unreadable one ends the command."""
+    try:
+        return settings_file.load()
+    except PostierError as exc:
+        fail_with(exc)
+
+
 def _run(config: ServerConfig, action: Callable[[Postier], Awaitable[T]]) -> T:
     """Open the installation, run one action, close; errors shown in the user's language."""
 
@@ -123,8 +133,6 @@ def _run(config: ServerConfig, action: Callable[[Postier], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except PostierError as exc:
         fail_with(exc)
-
-
 
 
 _DATE_FORMATS = {"fr": "%d/%m/%Y %H:%M", "en": "%Y-%m-%d %H:%M"}

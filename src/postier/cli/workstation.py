@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from postier.cli.admin import print_report
 from postier.cli.common import (
     _fail,
     app,
@@ -31,20 +31,23 @@ from postier.cli.common import (
     heading,
     out,
     outbox_app,
-    profiles_app,
     status_word,
     when,
     workstation_config_app,
+    workstation_settings,
 )
 from postier.cli.language import pydantic_problems
+from postier.cli.settings import print_report
+from postier.core.policy import normalize_address
+from postier.core.reasons import explain_error
 from postier.delivery import diagnose
 from postier.errors import InvalidInput, PostierError
 from postier.i18n import N_, system_language, translate
 from postier.workstation import outbox
 from postier.workstation import settings_file as workstation
 from postier.workstation.client import SendResult, client_for
-from postier.workstation.sending import pull_profile, send
-from postier.workstation.settings_file import Mode, WorkstationSettings
+from postier.workstation.sending import send
+from postier.workstation.settings_file import Mode
 
 EX_TEMPFAIL = 75
 
@@ -105,17 +108,10 @@ def _error(result: SendResult, lang: str) -> None:
             err.print(hint, highlight=False)
 
 
-def _settings() -> WorkstationSettings:
-    try:
-        return workstation.load()
-    except PostierError as exc:
-        fail_with(exc)
-
-
 @workstation_config_app.command("show")
 def config_show() -> None:
     """Show this workstation's settings (secrets masked) and where they are kept."""
-    s = _settings()
+    s = workstation_settings()
     err.print(f"# {workstation.config_path()}", highlight=False)
     out.print_json(json.dumps(s.public(), ensure_ascii=False))
 
@@ -131,7 +127,7 @@ def config_set(
     """Change one setting of this workstation; refused with the allowed values if wrong."""
     if value == "-":
         value = sys.stdin.readline().rstrip("\r\n")
-    s = _settings()
+    s = workstation_settings()
     try:
         s.set(key, value)
     except PostierError as exc:
@@ -155,7 +151,7 @@ def config_import(
         _fail(f"{file}: {exc}",
               translate(lang, N_("Give the profile file downloaded from the Postier server.")))
     try:
-        s = workstation.apply_profile(_settings(), profile)
+        s = workstation.apply_profile(workstation_settings(), profile)
     except PostierError as exc:
         fail_with(exc)
     workstation.save(s)
@@ -181,7 +177,7 @@ def config_own(
     """Define my own parameters: this workstation sends directly through your own SMTP
     server (mode own). Settings not given are kept."""
     lang = system_language()
-    s = _settings()
+    s = workstation_settings()
     given = {f"smtp.{k}": v for k, v in zip(_OWN_KEYS, (host, port, security, auth, username),
                                               strict=True) if v is not None}
     given |= {k: v for k, v in (("identity.name", name), ("identity.address", address))
@@ -202,38 +198,6 @@ def config_own(
     except PostierError as exc:  # saved all the same: the rest may be set afterwards
         err.print(exc.message(lang), highlight=False)
         err.print(exc.hint(lang) or "", highlight=False)
-
-
-@profiles_app.command("pull")
-def profiles_pull(
-    label: Annotated[str, typer.Argument(
-        help=N_("The profile's label (see postier profiles list)"))],
-) -> None:
-    """"Récupérer un profil d'envoi d'e-mails": retrieve a profile from the server into this
-    workstation's settings (your own username and password are kept if it has none)."""
-    try:
-        s = pull_profile(label, _settings())
-    except PostierError as exc:
-        fail_with(exc)
-    workstation.save(s)
-    out.print(translate(system_language(), N_("Profile {label!r} retrieved: this workstation "
-                                              "sends through {host}:{port}."),
-                        label=s.profile.label, host=s.smtp.host, port=s.smtp.port),
-              highlight=False)
-
-
-def list_server_profiles() -> None:
-    """``postier profiles list`` on a workstation: the server's profiles."""
-    try:
-        with client_for(_settings()) as c:
-            rows = c.profiles()
-    except PostierError as exc:
-        fail_with(exc)
-    table = Table(*heading(system_language(), N_("Label"), N_("Server"), N_("Security"),
-                           N_("Sign-in")))
-    for p in rows:
-        table.add_row(p["label"], f"{p['host']}:{p['port']}", p["security"], p["auth"])
-    out.print(table)
 
 
 def _show(result: SendResult, lang: str) -> None:
@@ -289,12 +253,8 @@ def send_command(
                       attachments=list(attach or []), from_=from_, lang=lang)
     except PostierError as exc:
         fail_with(exc)
-    except Exception as exc:  # pydantic validation of the message
-        from pydantic import ValidationError
-
-        if isinstance(exc, ValidationError):
-            _fail(pydantic_problems(exc, lang))
-        raise
+    except ValidationError as exc:  # pydantic validation of the message
+        _fail(pydantic_problems(exc, lang))
     _show(result, lang)
     if result.status == "kept":
         raise typer.Exit(EX_TEMPFAIL)
@@ -309,7 +269,7 @@ def status_command(
                                                             "program"))] = False,
 ) -> None:
     """What became of an e-mail (on the server, or in this workstation's outbox)."""
-    s = _settings()
+    s = workstation_settings()
     lang = system_language()
     doc: dict[str, Any]
     record = asyncio.run(outbox.get(message_id)) if outbox.exists() else None
@@ -324,6 +284,7 @@ def status_command(
         if record is None:
             _fail(translate(lang, N_("There is no e-mail {id} in this workstation's outbox."),
                             id=message_id))
+        # The API's view of an e-mail; its package (the web application) loads only here.
         from postier.server.api.views import message_view
 
         doc = message_view(record, lang, history=True)
@@ -376,7 +337,7 @@ def test_command(
 ) -> None:
     """Tester l'envoi d'e-mails for this workstation: a real test e-mail, step by step
     (own/profile), or a check of the server and of your account (server mode)."""
-    s = _settings()
+    s = workstation_settings()
     lang = system_language()
     if s.mode == Mode.SERVER:
         try:
@@ -396,8 +357,6 @@ def test_command(
         return
     try:
         s.check_ready()
-        from postier.core.policy import normalize_address
-
         address = normalize_address(to)
     except (PostierError, InvalidInput) as exc:
         fail_with(exc)
@@ -420,8 +379,6 @@ def outbox_list() -> None:
     # An id is copied into other commands: it is never cut, whatever the terminal's width.
     table.columns[0].no_wrap = True
     table.columns[0].min_width = max((len(m.id) for m in rows), default=0)
-    from postier.core.service import explain_error
-
     for m in rows:
         e = explain_error(m.last_error, lang)
         to_server = m.establishment_id == outbox.TO_SERVER
@@ -436,7 +393,7 @@ def outbox_list() -> None:
 @outbox_app.command("flush")
 def outbox_flush() -> None:
     """Try again now every e-mail waiting in this workstation's outbox."""
-    s = _settings()
+    s = workstation_settings()
     lang = system_language()
     try:
         s.check_ready()

@@ -91,7 +91,7 @@ class ServerConfig(BaseSettings):
         networks(value, "POSTIER_HOSTED_ALLOWED_NETWORKS")  # a bad CIDR stops the start-up
         return value
 
-    # -- operations (issue 11): metrics access and background retention ----------------
+    # -- operations: metrics access and background retention ---------------------------
     metrics_token: str | None = Field(
         None, description="Bearer token that may read GET /metrics from any address"
     )
