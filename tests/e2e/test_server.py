@@ -1,4 +1,6 @@
-"""The server as a user meets it: a real ``postier serve`` process, real HTTP, a real relay.
+"""The server as a user meets it: real HTTP, a real relay; ``postier serve`` in the test
+process (marked ``in_process``), in its own process where that is the subject (a kill, a
+SIGTERM, a failed start-up).
 
 alice.martin@ac-lyon.fr is inside the allowed domain ac-lyon.fr; bob.durand@gmail.com is
 outside it, so his e-mails leave with the establishment's sender and his address as
@@ -15,9 +17,12 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer, ServerProcess
+
+pytestmark = pytest.mark.in_process
 
 MSG: dict[str, Any] = {
     "to": ["parent.eleve@example.org"],
@@ -26,13 +31,13 @@ MSG: dict[str, Any] = {
 }
 
 
-def test_health_without_authentication(server: ServerProcess) -> None:
+def test_health_without_authentication(server: PostierServer) -> None:
     r = httpx.get(server.url + "/api/v1/health")
     assert r.status_code == 200 and r.json() == {"status": "ok"}
     assert "/api/v1/messages" in httpx.get(server.url + "/openapi.json").json()["paths"]
 
 
-def test_inside_allowed_domain_sender_kept(server: ServerProcess, relay: FaultRelay) -> None:
+def test_inside_allowed_domain_sender_kept(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     with server.client("alice") as c:
         r = c.post("/api/v1/messages", json=MSG)
@@ -48,7 +53,7 @@ def test_inside_allowed_domain_sender_kept(server: ServerProcess, relay: FaultRe
 
 
 def test_outside_allowed_domains_uses_establishment_sender(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     with server.client("bob") as c:
@@ -63,7 +68,7 @@ def test_outside_allowed_domains_uses_establishment_sender(
     assert got.message["Bcc"] is None and b"cachee@example.org" not in got.data
 
 
-def test_cannot_send_as_someone_else(server: ServerProcess, relay: FaultRelay) -> None:
+def test_cannot_send_as_someone_else(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     with server.client("alice", **{"Accept-Language": "fr-FR,fr;q=0.9"}) as c:
         r = c.post("/api/v1/messages", json={**MSG, "from": "direction@ac-lyon.fr"})
@@ -75,7 +80,7 @@ def test_cannot_send_as_someone_else(server: ServerProcess, relay: FaultRelay) -
         assert c.get("/api/v1/messages").json() == []
 
 
-def test_bad_input_is_refused_and_nothing_stored(server: ServerProcess, relay: FaultRelay) -> None:
+def test_bad_input_is_refused_and_nothing_stored(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     with server.client("alice") as c:
         bad = ["parent@example.org", "pas une adresse"]
@@ -104,7 +109,7 @@ def test_bad_input_is_refused_and_nothing_stored(server: ServerProcess, relay: F
     assert relay.messages == []
 
 
-def test_batch_is_all_or_nothing(server: ServerProcess, relay: FaultRelay) -> None:
+def test_batch_is_all_or_nothing(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     good = [{**MSG, "to": [f"famille{i}@example.org"]} for i in range(50)]
     with server.client("alice") as c:
@@ -122,7 +127,7 @@ def test_batch_is_all_or_nothing(server: ServerProcess, relay: FaultRelay) -> No
 
 
 def test_message_status_shows_recipients_and_attempts(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     relay.rcpt_replies = {"inconnu@example.org": "550 5.1.1 No such user here"}
@@ -142,7 +147,7 @@ def test_message_status_shows_recipients_and_attempts(
     assert m["next_attempt_at"] is None
 
 
-def test_relay_down_nothing_lost_and_no_waiting(server: ServerProcess, relay: FaultRelay) -> None:
+def test_relay_down_nothing_lost_and_no_waiting(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     relay.down()
     ids = []
@@ -166,8 +171,9 @@ def test_relay_down_nothing_lost_and_no_waiting(server: ServerProcess, relay: Fa
 
 
 def test_kill_9_after_acceptance_then_restart_delivers(
-    server: ServerProcess, relay: FaultRelay
+    server_process: ServerProcess, relay: FaultRelay
 ) -> None:
+    server = server_process
     server.configure_relay(relay)
     relay.down()
     with server.client("alice") as c:
@@ -182,14 +188,15 @@ def test_kill_9_after_acceptance_then_restart_delivers(
     assert len(relay.messages) == 10
 
 
-def test_sigterm_stops_cleanly(server: ServerProcess) -> None:
+def test_sigterm_stops_cleanly(server_process: ServerProcess) -> None:
+    server = server_process
     t0 = time.monotonic()
     assert server.stop() == 0
     assert time.monotonic() - t0 < 10
     assert "stopped cleanly" in server.log()
 
 
-def test_authorisation(server: ServerProcess, relay: FaultRelay) -> None:
+def test_authorisation(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     assert httpx.post(server.url + "/api/v1/messages", json=MSG).status_code == 401
     bad = httpx.get(server.url + "/api/v1/messages", headers={"Authorization": "Bearer nope"})
@@ -208,7 +215,7 @@ def test_authorisation(server: ServerProcess, relay: FaultRelay) -> None:
 
 
 def test_settings_password_is_write_only_and_encrypted(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     secret = "Tr3s-S3cret-Password"
     out = server.configure_relay(
@@ -238,7 +245,7 @@ def test_settings_password_is_write_only_and_encrypted(
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
 
 
-def test_settings_validation_names_the_field(server: ServerProcess) -> None:
+def test_settings_validation_names_the_field(server: PostierServer) -> None:
     with server.client(**{"Accept-Language": "en"}) as c:
         before = c.get("/api/v1/settings").json()
         for body, field in [
@@ -254,7 +261,7 @@ def test_settings_validation_names_the_field(server: ServerProcess) -> None:
         assert c.get("/api/v1/settings").json() == before, "nothing half-saved"
 
 
-def test_delegation_off_refuses_with_explanation(server: ServerProcess, relay: FaultRelay) -> None:
+def test_delegation_off_refuses_with_explanation(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay, delegation=False)
     with server.client("alice", **{"Accept-Language": "fr"}) as c:
         r = c.post("/api/v1/messages", json=MSG)
@@ -263,7 +270,7 @@ def test_delegation_off_refuses_with_explanation(server: ServerProcess, relay: F
     assert r.json()["error"]["hint"]
 
 
-def test_idempotency_key(server: ServerProcess, relay: FaultRelay) -> None:
+def test_idempotency_key(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     body = {**MSG, "idempotency_key": "convocation-2026-42"}
     with server.client("alice") as alice, server.client("bob") as bob:
@@ -278,7 +285,7 @@ def test_idempotency_key(server: ServerProcess, relay: FaultRelay) -> None:
     assert len(relay.messages) == 2
 
 
-def test_cancel_and_retry(server: ServerProcess, relay: FaultRelay) -> None:
+def test_cancel_and_retry(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     relay.down()
     with server.client("alice") as c:
@@ -299,7 +306,7 @@ def test_cancel_and_retry(server: ServerProcess, relay: FaultRelay) -> None:
 
 
 def test_cli_creates_users_and_tokens_while_server_runs(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     env = {**os.environ, "POSTIER_DATA_DIR": str(server.data_dir)}
@@ -327,8 +334,9 @@ def test_cli_creates_users_and_tokens_while_server_runs(
 
 
 def test_wrong_secret_key_is_reported_at_start_up(
-    server: ServerProcess, relay: FaultRelay
+    server_process: ServerProcess, relay: FaultRelay
 ) -> None:
+    server = server_process
     server.configure_relay(relay, relay={"host": relay.host, "port": relay.port,
                                          "security": "none", "auth": "password",
                                          "username": "u", "password": "p", "timeout": 5})
@@ -346,13 +354,13 @@ def test_wrong_secret_key_is_reported_at_start_up(
     assert "Traceback" not in message
 
 
-def test_data_is_private_to_its_owner(server: ServerProcess) -> None:
+def test_data_is_private_to_its_owner(server: PostierServer) -> None:
     assert stat.S_IMODE(os.stat(server.data_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(server.data_dir / "postier.db").st_mode) == 0o600
 
 
 def test_sender_is_told_when_an_e_mail_fails_for_good(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     relay.rcpt_replies = {"inconnu@example.org": "550 5.1.1 No such user here"}
@@ -372,7 +380,7 @@ def test_sender_is_told_when_an_e_mail_fails_for_good(
 
 
 def test_sender_is_warned_once_when_an_e_mail_is_delayed(
-    server: ServerProcess, relay: FaultRelay
+    server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay, retry={"first_delay": 1, "max_delay": 1, "max_age": 3600,
                                          "delay_warning": 1})

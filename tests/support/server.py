@@ -140,3 +140,14 @@ def server(server_factory: Any) -> PostierServer:
     """A running server with an admin, alice (inside ac-lyon.fr) and bob (gmail.com)."""
     s: PostierServer = server_factory().start()
     return s
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    """Like ``server``, but always ``postier serve`` in its own process, also in a module
+    marked ``in_process``: for the tests whose subject is the process (signals, a kill, a
+    start-up failure, its log)."""
+    s = ServerProcess(tmp_path / "process-data")
+    s.provision()
+    yield s.start()
+    s.kill()
