@@ -23,9 +23,9 @@ from postier.core.crypto import SecretBox
 from postier.core.service import Postier
 from postier.core.settings import DeliverySettings, RelaySettings
 from postier.delivery import pool as pool_module
+from postier.delivery.attempt import deliver_one
 from postier.delivery.limits import SharedLimits
 from postier.delivery.pool import RelayPool
-from postier.delivery.worker import deliver_one
 from postier.ops import alerts
 from postier.server.config import ServerConfig
 from postier.store.base import SENT, WAITER_STALE, Claimed, RecipientState, Store

@@ -10,7 +10,7 @@ import aiosmtplib
 import pytest
 
 from postier.core.settings import RelaySettings, Security
-from postier.delivery.failures import FAILURES, classify, failure
+from postier.delivery.classify import FAILURES, classify, failure
 from postier.errors import DeliveryError
 from postier.i18n import translate
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 
+from postier.delivery.attempt import decide, store_away
 from postier.delivery.retry import RetryPolicy
 from postier.delivery.transaction import RcptResult, TransactionResult
-from postier.delivery.worker import decide, store_away
 from postier.errors import DeliveryError, PostierError, load
 from postier.store.base import Claimed, Outcome, RecipientState
 

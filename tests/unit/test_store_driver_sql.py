@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from postier.core.settings import DeliverySettings
-from postier.delivery.worker import _retry_policy
+from postier.delivery.attempt import _retry_policy
 from postier.store.sql import _driver_sql
 
 

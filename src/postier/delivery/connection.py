@@ -3,7 +3,7 @@
 Delivery (through the relay pool) and the test-send open their connections here; the
 test-send watches each step through ``on_step`` (:mod:`postier.delivery.steps`). Every
 failure becomes a :class:`~postier.errors.DeliveryError` explained by
-:func:`~postier.delivery.failures.classify`. :func:`open_session` then hands the
+:func:`~postier.delivery.classify.classify`. :func:`open_session` then hands the
 connection to :class:`~postier.delivery.session.RelaySession`, which sends the e-mails.
 """
 
@@ -17,7 +17,7 @@ import aiosmtplib
 
 from postier.core.settings import AuthMethod, RelaySettings, Security
 from postier.delivery import oauth2
-from postier.delivery.failures import classify, failure
+from postier.delivery.classify import classify, failure
 from postier.delivery.session import RelaySession
 from postier.delivery.steps import ConnectionSteps, StepCallback
 from postier.delivery.tls import tls_context

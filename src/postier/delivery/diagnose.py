@@ -8,7 +8,7 @@ MAIL FROM, RCPT TO, DATA) with its timing and the server's own reply. The first 
 stops the test and is explained in the user's language: what happened and what to do
 ("Délai dépassé : augmentez le délai d'attente du serveur").
 
-On top of the failures' classification (:mod:`postier.delivery.failures`), the test-send
+On top of the classification of failures (:mod:`postier.delivery.classify`), the test-send
 can afford one more connection to be sure instead of guessing: when no greeting arrives
 on a port configured without implicit TLS, it tries a short TLS handshake on the same
 port and, if that works, says the port expects implicit TLS.
@@ -39,8 +39,8 @@ from postier.core import dkim_signing
 from postier.core.dkim_signing import DkimKey
 from postier.core.settings import AuthMethod, RelaySettings, Security
 from postier.delivery import test_email
+from postier.delivery.classify import classify
 from postier.delivery.connection import open_session
-from postier.delivery.failures import classify
 from postier.delivery.session import RelaySession, path
 from postier.delivery.steps import elapsed_ms
 from postier.delivery.test_email import SECURITY_LABELS

@@ -4,7 +4,7 @@ import them from here. New code imports them from where they are defined:
 - :mod:`postier.delivery.pool`: :class:`RelayPool`, the connections per relay;
 - :mod:`postier.delivery.connection`: :func:`open_smtp`, :func:`open_session`;
 - :mod:`postier.delivery.transaction`: :func:`send_on`, :class:`TransactionResult`;
-- :mod:`postier.delivery.failures`: :func:`classify`, the failure codes;
+- :mod:`postier.delivery.classify`: :func:`classify`, the failure codes;
 - :mod:`postier.delivery.slots`: :class:`PrioritySlots`;
 - :mod:`postier.delivery.tls`: :func:`tls_context`.
 """
@@ -12,8 +12,8 @@ import them from here. New code imports them from where they are defined:
 from __future__ import annotations
 
 from postier.core.settings import RelaySettings
+from postier.delivery.classify import classify
 from postier.delivery.connection import open_session, open_smtp
-from postier.delivery.failures import classify
 from postier.delivery.pool import RelayPool
 from postier.delivery.slots import PrioritySlots
 from postier.delivery.tls import tls_context

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from postier.core.settings import RelaySettings
-from postier.delivery.failures import classify
+from postier.delivery.classify import classify
 from postier.delivery.session import Reply
 
 # A step's name, whether it went well, its duration in ms and its detail (the relay's

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from postier.core.settings import RelaySettings
-from postier.delivery.failures import classify, failure
+from postier.delivery.classify import classify, failure
 from postier.delivery.session import RelaySession, Reply, mail_command, path
 from postier.delivery.steps import StepCallback, TransactionSteps
 from postier.errors import DeliveryError
