@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from postier.i18n import N_
+from postier.i18n import N_, translate
 
 PRESETS: dict[str, dict[str, Any]] = {
     "microsoft365": {
@@ -68,8 +68,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def presets(lang: str) -> list[dict[str, Any]]:
-    from postier.i18n import translate
-
     return [
         {"id": key, "label": translate(lang, p["label"]), "relay": dict(p["relay"]),
          "limits": translate(lang, p["limits"]), "source": p["source"],

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Body
 from pydantic import BaseModel, Field
 
+from postier.core.presets import presets
 from postier.server.api.deps import Core, CurrentUser, Lang
 from postier.server.api.views import ErrorResponse
 
@@ -156,8 +157,6 @@ presets_router = APIRouter(prefix="/api/v1/relay-presets", tags=["settings"])
 async def relay_presets(user: CurrentUser, lang: Lang) -> list[dict[str, Any]]:
     """Usual SMTP servers (Microsoft 365, Google Workspace, academy relay) with the values
     to put in the relay settings and the provider's documented sending limits."""
-    from postier.core.presets import presets
-
     return presets(lang)
 
 

@@ -21,6 +21,8 @@ from postier.core.pace import PaceExceeded
 from postier.core.service import Postier
 from postier.errors import PostierError, StoreUnavailable
 from postier.i18n import N_, negotiate, translate
+from postier.server import web
+from postier.server.api import admin, alerts, dkim, messages, operations, profiles, senders, users
 from postier.server.api.guard import RequestGuard
 from postier.store.sql import database_unreachable, unreachable
 
@@ -167,8 +169,6 @@ def create_app(
     app.add_exception_handler(Exception, unexpected_error)
     _install_docs(app)
 
-    from postier.server.api import admin, dkim, messages, profiles, users
-
     app.include_router(messages.router)
     app.include_router(admin.router)
     app.include_router(admin.presets_router)
@@ -176,25 +176,14 @@ def create_app(
     app.include_router(users.router)
     app.include_router(dkim.router)
     app.include_router(admin.domains_router)
-
-    from postier.server.api import senders  # sender address verification
-
-    app.include_router(senders.router)
-
-    from postier.server.api import operations  # readiness, metrics, personal data
-
-    app.include_router(operations.router)
-
-    from postier.server.api import alerts  # alerts of the establishment
-
-    app.include_router(alerts.router)
+    app.include_router(senders.router)  # sender address verification
+    app.include_router(operations.router)  # readiness, metrics, personal data
+    app.include_router(alerts.router)  # alerts of the establishment
 
     @app.get("/api/v1/health", tags=["operations"])
     async def health() -> dict[str, str]:
         """Liveness: the process answers. No authentication."""
         return {"status": "ok"}
-
-    from postier.server import web
 
     web.install(app)
     return app

@@ -22,6 +22,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postier.errors import PostierError
 from postier.i18n import N_, translate
+from postier.server.web import account, profiles, queue, settings_pages, setup, users
+from postier.server.web.context import (
+    PageError,
+    SignInRequired,
+    get_page,
+    json_response,
+    page_lang,
+    redirect,
+    render,
+    wants_json,
+)
 
 STATIC = Path(__file__).parent / "static"
 # Paths served by the API, whose errors keep the API's JSON shape.
@@ -39,8 +50,6 @@ _ERROR_TITLE = N_("Something went wrong")
 
 async def _render_error(request: Request, status: int, message: str,
                         hint: str | None) -> Response:
-    from postier.server.web.context import get_page, json_response, render, wants_json
-
     if wants_json(request):
         return json_response({"error": {"message": message, "hint": hint}}, status)
     p = await get_page(request)
@@ -51,15 +60,6 @@ async def _render_error(request: Request, status: int, message: str,
 
 def install(app: FastAPI) -> None:
     """Mount the pages and their assets on the API's application."""
-    from postier.server.web import account, profiles, queue, settings_pages, setup, users
-    from postier.server.web.context import (
-        PageError,
-        SignInRequired,
-        page_lang,
-        redirect,
-        wants_json,
-    )
-
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     for module in (account, settings_pages, profiles, queue, users, setup):
         app.include_router(module.router)

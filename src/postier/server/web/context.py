@@ -21,6 +21,7 @@ from postier import __version__
 from postier.core import accounts
 from postier.core.service import Postier
 from postier.i18n import LANGUAGES, N_, negotiate, translate
+from postier.ops.alerts import open_alerts
 from postier.server.web.session import SESSION_COOKIE, Session, same_token, session_user, unseal
 from postier.store.base import User
 
@@ -224,8 +225,6 @@ async def get_page(request: Request) -> Page:
     lang = page_lang(request)
     alerts: list[dict[str, Any]] = []
     if user is not None and user.is_admin:
-        from postier.ops.alerts import open_alerts
-
         alerts = await open_alerts(core, user.establishment_id, lang)
     return Page(request, core, lang, session, user, alerts)
 
