@@ -28,7 +28,8 @@ import pytest
 from sqlalchemy import select
 
 from postier.core.message import MessageIn
-from postier.core.service import SYSTEM_USER, Postier
+from postier.core.queue_entry import SYSTEM_USER
+from postier.core.service import Postier
 from postier.delivery.relay import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.errors import Forbidden

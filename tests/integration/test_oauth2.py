@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from postier.core.service import Postier, settings_warnings
+from postier.core.relay_warnings import settings_warnings
+from postier.core.service import Postier
 from postier.core.settings import DeliverySettings, RelaySettings
 from postier.delivery import diagnose, oauth2
 from postier.ops import alerts

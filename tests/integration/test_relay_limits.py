@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from postier.core.service import explain_error
+from postier.core.reasons import explain_error
 from postier.core.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.delivery.limits import SharedLimits, relay_key
 from postier.delivery.relay import RelayPool
