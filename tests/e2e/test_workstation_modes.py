@@ -26,8 +26,9 @@ from postier.workstation.settings_file import WorkstationSettings
 
 from support.proxy import AnswerDropper
 from support.relay import FaultRelay
-from support.server import ServerProcess
+from support.server import PostierServer
 
+pytestmark = pytest.mark.in_process
 
 class Workstation:
     def __init__(self, home: Path) -> None:
@@ -64,7 +65,7 @@ def ws(tmp_path: Path) -> Workstation:
 
 
 def test_server_mode_hands_the_e_mail_to_the_server(
-    ws: Workstation, server: ServerProcess, relay: FaultRelay
+    ws: Workstation, server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     ws.set(mode="server", server__url=server.url, server__token=server.tokens["alice"])
@@ -123,7 +124,7 @@ def test_relay_down_keeps_the_e_mail_then_flush_sends_it_once(
 
 
 def test_profile_pulled_from_the_server_configures_the_workstation(
-    ws: Workstation, server: ServerProcess, relay: FaultRelay
+    ws: Workstation, server: PostierServer, relay: FaultRelay
 ) -> None:
     with server.client() as admin:
         r = admin.post("/api/v1/profiles", json={
@@ -183,7 +184,7 @@ def test_workstation_test_send_explains_timeouts_in_french(
     assert "Délai dépassé" in r.stderr and "augmentez le délai d'attente" in r.stderr.lower()
 
 
-def test_sdk_against_the_real_server(server: ServerProcess, relay: FaultRelay) -> None:
+def test_sdk_against_the_real_server(server: PostierServer, relay: FaultRelay) -> None:
     server.configure_relay(relay)
     with Client(server.url, server.tokens["alice"], lang="fr") as c:
         sub = c.submit(["parent@example.org"], "Bulletin", "Le bulletin est en ligne.",
@@ -225,7 +226,7 @@ def kept_id(r: subprocess.CompletedProcess[str]) -> str:
     return found.group(1)
 
 
-def server_copies(server: ServerProcess, subject: str) -> list[dict[str, Any]]:
+def server_copies(server: PostierServer, subject: str) -> list[dict[str, Any]]:
     """Alice's e-mails of that subject as the server holds them."""
     with server.client("alice") as c:
         return [m for m in c.get("/api/v1/messages", params={"limit": 500}).json()
@@ -233,7 +234,7 @@ def server_copies(server: ServerProcess, subject: str) -> list[dict[str, Any]]:
 
 
 def test_server_away_keeps_the_e_mail_and_the_next_command_hands_it_over_once(
-    ws: Workstation, server: ServerProcess, relay: FaultRelay
+    ws: Workstation, server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     ws.set(mode="server", server__url=server.url, server__token=server.tokens["alice"])
@@ -266,7 +267,7 @@ def test_server_away_keeps_the_e_mail_and_the_next_command_hands_it_over_once(
 
 
 def test_an_answer_lost_after_the_server_stored_the_e_mail_never_makes_a_second_copy(
-    ws: Workstation, server: ServerProcess, relay: FaultRelay
+    ws: Workstation, server: PostierServer, relay: FaultRelay
 ) -> None:
     server.configure_relay(relay)
     with AnswerDropper(server.port) as proxy:
@@ -295,7 +296,7 @@ def test_an_answer_lost_after_the_server_stored_the_e_mail_never_makes_a_second_
 
 
 def test_a_refusal_is_said_at_once_and_not_kept(
-    ws: Workstation, server: ServerProcess
+    ws: Workstation, server: PostierServer
 ) -> None:
     ws.set(mode="server", server__url=server.url, server__token=server.tokens["alice"])
     r = ws.run("send", "--to", "pas une adresse", "--subject", "Refusé", "--text", "x")
@@ -305,7 +306,7 @@ def test_a_refusal_is_said_at_once_and_not_kept(
 
 
 def test_sdk_keeps_the_e_mail_and_the_background_flusher_hands_it_over(
-    server: ServerProcess, relay: FaultRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: PostierServer, relay: FaultRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("POSTIER_OUTBOX", str(tmp_path / "outbox"))
     server.configure_relay(relay)
