@@ -15,6 +15,7 @@ from support.server import PostierServer
 
 pytestmark = pytest.mark.in_process
 
+
 def _verifies(data: bytes, record_name: str, record_value: str) -> bool:
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
         return record_value.encode() if name.decode().rstrip(".") == record_name else b""

@@ -20,6 +20,7 @@ pytest_plugins = ["support.browser"]
 
 pytestmark = pytest.mark.in_process
 
+
 def _submit(server: PostierServer, user: str, subject: str) -> str:
     with server.client(user) as c:
         r = c.post("/api/v1/messages", json={"to": ["parent@example.org"],

@@ -17,6 +17,7 @@ from support.server import PostierServer
 
 pytestmark = pytest.mark.in_process
 
+
 class Workstation:
     def __init__(self, home: Path) -> None:
         self.config = home / "workstation.toml"

@@ -18,6 +18,7 @@ pytest_plugins = ["support.browser"]
 
 pytestmark = pytest.mark.in_process
 
+
 def test_date_filters_follow_the_pages_language(
     web: Web, web_server: PostierServer, relay: FaultRelay
 ) -> None:

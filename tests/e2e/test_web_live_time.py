@@ -16,6 +16,7 @@ pytest_plugins = ["support.browser"]
 
 pytestmark = pytest.mark.in_process
 
+
 def test_live_pages_say_the_time_of_their_refresh(shared_web: Web) -> None:
     page = shared_web.sign_in("admin", "fr-FR")
     for path in ("/queue", "/mine"):

@@ -27,6 +27,7 @@ pytest_plugins = ["support.browser"]
 
 pytestmark = pytest.mark.in_process
 
+
 def _settings(server: PostierServer) -> dict[str, Any]:
     with server.client() as c:
         return dict(c.get("/api/v1/settings").json())

@@ -30,6 +30,7 @@ from support.server import PostierServer
 
 pytestmark = pytest.mark.in_process
 
+
 class Workstation:
     def __init__(self, home: Path) -> None:
         self.home = home
