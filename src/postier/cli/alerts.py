@@ -30,6 +30,7 @@ def alerts_list(
     """The incidents of the establishment (relay failing, e-mails waiting too long, an
     OAuth2 secret about to expire), open ones first. Exit status 1 while one is open, so
     that a monitoring system can run it."""
+    # Loaded by this command only: the other commands start without it.
     from postier.ops.alerts import list_alerts
 
     lang = system_language()

@@ -29,6 +29,7 @@ def doctor(
     """Check this installation: configuration, database and migrations, key file, stored
     secrets, disk space, relay (greeted, nothing sent), clock. Exit status 0 when all is
     well, 1 on a warning, 2 on a failure (for cron or a monitoring system)."""
+    # Loaded by this command only: the other commands start without it.
     from postier.ops.doctor import diagnose, exit_status
 
     lang = system_language()
@@ -67,6 +68,7 @@ def purge(
     e-mails sent, failed or cancelled longer ago than each establishment's retention
     (settings retention.body_days and retention.metadata_days). The server does it by
     itself every hour; e-mails still waiting are never removed."""
+    # Loaded by this command only: the other commands start without it.
     from postier.ops.retention import purge as run_purge
 
     lang = system_language()
