@@ -39,7 +39,7 @@ from aiosmtpd.controller import Controller
 
 from postier.core.settings import DeliverySettings, RelaySettings
 from postier.delivery.limits import SharedLimits
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.store import create_store, database_url
 from postier.store.base import NewMessage, Store

@@ -10,8 +10,8 @@ import base64
 import pytest
 
 from postier import errors
-from postier.core import service
 from postier.core.message import RESERVED_KEY_PREFIXES
+from postier.core.notices import NOTICE_PREFIX
 from postier.workstation.client import Client
 
 from support.relay import FaultRelay
@@ -37,7 +37,7 @@ def _raw(key: str) -> dict[str, object]:
 
 
 def test_the_servers_own_prefixes_are_the_reserved_ones() -> None:
-    assert service.NOTICE_PREFIX in RESERVED_KEY_PREFIXES
+    assert NOTICE_PREFIX in RESERVED_KEY_PREFIXES
 
 
 @pytest.mark.parametrize("key", ["notice:failure:1", "Notice:x", "alert:3:opened"])

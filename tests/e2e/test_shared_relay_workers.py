@@ -18,7 +18,7 @@ from postier.core.message import MessageIn
 from postier.core.service import Postier
 from postier.core.settings import RelaySettings
 from postier.delivery.limits import HEALTH_REFRESH, SharedLimits
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.server.config import ServerConfig
 from postier.store.base import MessageRecord, User
 

@@ -30,7 +30,7 @@ from sqlalchemy import select
 from postier.core.message import MessageIn
 from postier.core.queue_entry import SYSTEM_USER
 from postier.core.service import Postier
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.errors import Forbidden
 from postier.ops import alerts

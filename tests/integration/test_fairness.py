@@ -6,7 +6,8 @@ import asyncio
 import time
 
 from postier.core.settings import DeliverySettings, RelaySettings
-from postier.delivery.relay import PrioritySlots, RelayPool
+from postier.delivery.pool import RelayPool
+from postier.delivery.slots import PrioritySlots
 from postier.delivery.worker import DeliveryWorker
 from postier.store import create_store
 from postier.store.base import NewMessage

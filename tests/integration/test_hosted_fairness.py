@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from postier.core.settings import DeliverySettings, RelaySettings
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.store.base import NewMessage, Store
 

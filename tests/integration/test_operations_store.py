@@ -54,7 +54,7 @@ async def test_counters_purge_and_export(store_url: str, tmp_path: Path) -> None
     core = Postier(ServerConfig(data_dir=tmp_path, database_url=store_url))
     await core.open()
     try:
-        store = retention.sql_store(core)
+        store = core.store
         alice = await core.add_user("alice", "alice@ac-lyon.fr")
         batch = [new(i, alice.id) for i in range(5)]
         await core.store.enqueue(batch)

@@ -20,7 +20,7 @@ import pytest
 from postier.core.reasons import explain_error
 from postier.core.settings import DeliverySettings, RelaySettings, RetrySettings
 from postier.delivery.limits import SharedLimits, relay_key
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.store import create_store
 from postier.store.base import MessageRecord, NewMessage, Store

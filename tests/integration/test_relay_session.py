@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postier.core.settings import RelaySettings
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.delivery.session import wire_format
 
 RAW = (b"From: Alice <alice@ac-lyon.fr>\r\nTo: parents@example.org\r\nSubject: Sortie\r\n"
@@ -298,7 +298,7 @@ async def test_commands_leave_at_once_without_waiting_for_acks(scripted: Scripte
     # Nagle's algorithm would hold a message back behind the ACK of the envelope's group.
     import socket
 
-    from postier.delivery.relay import open_session
+    from postier.delivery.connection import open_session
 
     session = await open_session(scripted.relay())
     sock = session.transport.get_extra_info("socket")

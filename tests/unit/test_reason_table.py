@@ -12,7 +12,7 @@ import aiosmtplib
 import postier
 from postier.core import reasons
 from postier.core.settings import RelaySettings
-from postier.delivery.relay import classify
+from postier.delivery.classify import classify
 from postier.i18n import translate
 
 DELIVERY = Path(postier.__file__).parent / "delivery"

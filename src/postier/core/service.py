@@ -27,18 +27,9 @@ from postier.core.administration import Administration
 from postier.core.authentication import Authentication
 from postier.core.dkim_keys import DkimKeys
 from postier.core.domains import Domains
-from postier.core.installation import SETTINGS_TTL, Installation
-from postier.core.notices import NOTICE_PREFIX, Notices
-from postier.core.queue_entry import SYSTEM_USER, new_message_id, queued
-from postier.core.queue_operations import RETRYABLE, QueueOperations, renewed
-from postier.core.reasons import explain_error
-from postier.core.relay_warnings import (
-    CLEARTEXT_WARNING,
-    cleartext_sign_in,
-    profile_warnings,
-    relay_warnings,
-    settings_warnings,
-)
+from postier.core.installation import Installation
+from postier.core.notices import Notices
+from postier.core.queue_operations import QueueOperations
 from postier.core.sender_decision import decide_sender
 from postier.core.sender_verification import SenderAddresses
 from postier.core.sign_in_throttle import SetupThrottle
@@ -46,25 +37,6 @@ from postier.core.submission import Submission
 from postier.core.user_accounts import UserAccounts
 from postier.server.config import ServerConfig
 from postier.store.base import Store, User
-
-# Names other layers still import from here; their homes are the modules named above.
-__all__ = [
-    "CLEARTEXT_WARNING",
-    "NOTICE_PREFIX",
-    "RETRYABLE",
-    "SETTINGS_TTL",
-    "SYSTEM_USER",
-    "Postier",
-    "Preview",
-    "cleartext_sign_in",
-    "explain_error",
-    "new_message_id",
-    "profile_warnings",
-    "queued",
-    "relay_warnings",
-    "renewed",
-    "settings_warnings",
-]
 
 
 @dataclass

@@ -26,8 +26,7 @@ from postier.delivery.pool import LeaseLost, RelayPool
 from postier.errors import PostierError
 from postier.store.base import DEFERRED, FAILED, SENT, Claimed, Outcome, Store
 
-# deliver_one: what a workstation's outbox imports from here too.
-__all__ = ["DeliveryWorker", "SettingsFor", "deliver_one"]
+__all__ = ["DeliveryWorker", "SettingsFor"]
 
 log = logging.getLogger("postier.delivery")
 

@@ -39,11 +39,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from postier.core.administration import require_admin
+from postier.core.accounts import require_admin
 from postier.core.aio import cancel_and_wait
 from postier.core.outage import Outage
 from postier.core.settings import DeliverySettings, RelaySettings, WebhookEvent
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.errors import StoreUnavailable
 from postier.i18n import N_, translate
 from postier.ops.webhook import WebhookSender, backoff, message_event, queue_event, sign

@@ -26,7 +26,7 @@ from postier.core.accounts import OPERATORS_ESTABLISHMENT
 from postier.core.crypto import KEY_FILE, KeyError_, SecretBox
 from postier.core.domains import all_holdings, overlaps
 from postier.core.settings import DeliverySettings, RelaySettings
-from postier.delivery.relay import open_smtp, relay_label
+from postier.delivery.connection import open_smtp
 from postier.errors import PostierError
 from postier.i18n import N_, translate
 from postier.ops.doctor_checks import (
@@ -421,7 +421,7 @@ class Doctor:
                       "users add NAME --role operator), then disable these accounts.")))
 
     async def _greet(self, label: str, relay: RelaySettings) -> None:
-        name = relay_label(relay)
+        name = relay.describe()
         if str(getattr(relay, "kind", "smtp")) == "postier":
             await self._upstream(label, name, relay)
             return

@@ -59,11 +59,6 @@ SCAN = 2000  # bodies looked at per read
 T = TypeVar("T")
 
 
-def sql_store(core: Postier) -> Store:
-    """The store of ``core`` (the name is older than the store's reports methods)."""
-    return core.store
-
-
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 

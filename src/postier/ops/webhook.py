@@ -30,7 +30,7 @@ from postier.core.notices import NOTICE_PREFIX
 from postier.core.queue_entry import SYSTEM_USER
 from postier.core.reasons import explain_error
 from postier.core.settings import DeliverySettings, RelaySettings, WebhookEvent
-from postier.delivery.relay import tls_context
+from postier.delivery.tls import tls_context
 from postier.store.alerts import OutgoingEvent
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from postier.core import first_run
 from postier.core.crypto import key_file_problem
 from postier.core.service import Postier
 from postier.delivery.limits import SharedLimits
-from postier.delivery.relay import RelayPool
+from postier.delivery.pool import RelayPool
 from postier.delivery.worker import DeliveryWorker
 from postier.errors import PostierError
 from postier.i18n import N_

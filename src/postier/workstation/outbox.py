@@ -36,10 +36,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from postier.core.message import MessageIn, build_message, make_message_id
 from postier.core.policy import SenderDecision
-from postier.core.service import queued
+from postier.core.queue_entry import queued
 from postier.core.settings import DeliverySettings
-from postier.delivery.relay import RelayPool
-from postier.delivery.worker import deliver_one
+from postier.delivery.attempt import deliver_one
+from postier.delivery.pool import RelayPool
 from postier.errors import AuthenticationRequired, InvalidInput, PostierError, load
 from postier.i18n import N_
 from postier.store import create_store, database_url

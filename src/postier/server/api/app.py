@@ -24,7 +24,7 @@ from postier.i18n import N_, negotiate, translate
 from postier.server import web
 from postier.server.api import admin, alerts, dkim, messages, operations, profiles, senders, users
 from postier.server.api.guard import RequestGuard
-from postier.store.sql import database_unreachable, unreachable
+from postier.store.sql_base import database_unreachable, unreachable
 
 # Seconds a client is asked to wait when the store cannot answer (a database restart).
 STORE_RETRY_AFTER = "5"

@@ -32,7 +32,7 @@ async def ready(request: Request, core: Core) -> JSONResponse:
     for the largest e-mail (else a submission may get 507), and the delivery workers run
     (or this process does not deliver: ``--no-delivery``). 503 otherwise, with what is
     wrong; nothing secret is shown."""
-    store_problem = await metrics.probe_store(retention.sql_store(core)) or \
+    store_problem = await metrics.probe_store(core.store) or \
         metrics.store_room(database_url(core.data_dir, core.config.database_url),
                            core.config.max_message_size)
     delivery = metrics.delivery_state(
@@ -97,7 +97,7 @@ async def prometheus(request: Request, core: Core, lang: Lang) -> Response:
         return JSONResponse({"error": refused.render(lang)}, status_code=403)
     collector: metrics.Collector | None = getattr(request.app.state, "metrics", None)
     if collector is None:
-        collector = request.app.state.metrics = metrics.Collector(retention.sql_store(core))
+        collector = request.app.state.metrics = metrics.Collector(core.store)
     snap = await collector.snapshot()
     snap.delivery = metrics.delivery_state(
         getattr(request.app.state, "worker", None), config.delivery
