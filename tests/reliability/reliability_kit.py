@@ -63,6 +63,9 @@ class SilentAfterDotRelay(FaultRelay):
     forgets the message when the client hangs up, so it cannot show that case.)"""
 
     silent_after_dot: float | None = None
+    # Silent for one message only: the next is answered, however soon it comes (a test
+    # then knows the copies to expect without racing the retry).
+    silent_once = False
 
     def _protocol_factory(self) -> _FaultSMTP:
         proto = super()._protocol_factory()
@@ -74,6 +77,8 @@ class SilentAfterDotRelay(FaultRelay):
                 silence = relay.silent_after_dot
                 if silence is None:
                     return await base.handle_DATA(server, session, envelope)
+                if relay.silent_once:
+                    relay.silent_after_dot = None
                 relay._record(Received(
                     mail_from=str(envelope.mail_from), rcpt_tos=list(envelope.rcpt_tos),
                     data=bytes(envelope.original_content), peer=session.peer,

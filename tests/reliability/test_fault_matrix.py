@@ -65,6 +65,7 @@ def _up(relay: FaultRelay) -> None:
 def _silent(relay: FaultRelay) -> None:
     assert isinstance(relay, SilentAfterDotRelay)
     relay.silent_after_dot = STALL
+    relay.silent_once = True  # the retry is answered: two copies, however busy the machine
 
 
 def _speak(relay: FaultRelay) -> None:
