@@ -240,39 +240,56 @@ class SQLQueue(SQLBase):
     ) -> list[tuple[int, int]]:
         """The (establishment, priority) classes that have e-mails waiting, in the round's
         order: after the cursor, then from the start up to it; at most ``ask.walk``. One
-        index probe each, however many e-mails a class holds. Each class's due e-mails
-        are added to ``due`` as it is found; the walk stops early once ``ask.limit``
-        establishments have one due (the round's first turn alone fills the claim, so
-        walking further would change nothing): a small claim among many establishments
-        costs a few probes, not ``ask.walk``."""
+        index probe each, however many e-mails a class holds. The due e-mails of the
+        classes found are added to ``due``, a statement for several classes at a time; the
+        walk stops once ``ask.limit`` establishments have one due (the round's first turn
+        alone fills the claim, so walking further would change nothing): a small claim
+        among many establishments costs a few probes, not ``ask.walk``."""
         walk: list[tuple[int, int]] = []
         skip = set(ask.skip)
         serving: set[int] = set()
+        found: list[tuple[int, int]] = []  # classes whose due e-mails are not read yet
         for lap in ("establishment_id > ?", "establishment_id <= ?"):
             last: tuple[int, int] | None = None
             while len(walk) < ask.walk and len(serving) < ask.limit:
-                row = None
+                if len(found) >= min(ask.limit - len(serving), self._DUE_AT_ONCE):
+                    await self._read_due(conn, ask, found, due, serving)
+                    found = []
+                    continue
                 if last is None:
                     row = (await conn.exec_driver_sql(self._sql(
                         self._WALK_FIRST.format(lap=lap)), (ask.cursor,))).first()
                 else:
-                    row = (await conn.exec_driver_sql(
-                        self._sql(self._WALK_SAME), last)).first()
-                    if row is None:
-                        row = (await conn.exec_driver_sql(self._sql(
-                            self._WALK_NEXT.format(lap=lap)), (ask.cursor, last[0]))).first()
+                    # The establishment's next class, else the next establishment's first.
+                    row = (await conn.exec_driver_sql(self._sql(
+                        f"SELECT * FROM ({self._WALK_SAME}) UNION ALL"  # noqa: S608
+                        f" SELECT * FROM ({self._WALK_NEXT.format(lap=lap)}) LIMIT 1"),
+                        (*last, ask.cursor, last[0]))).first()
                 if row is None:
                     break
                 last = (int(row.establishment_id), int(row.priority))
                 walk.append(last)
-                if last[0] in skip:
-                    continue
-                rows = list(await conn.exec_driver_sql(
-                    self._sql(self._DUE), (*last, ask.now, ask.limit)))
-                if rows:
-                    due.extend(rows)
-                    serving.add(last[0])
+                if last[0] not in skip:
+                    found.append(last)
+        if found:
+            await self._read_due(conn, ask, found, due, serving)
         return walk
+
+    # At most this many classes' due e-mails read by one statement.
+    _DUE_AT_ONCE = 64
+
+    async def _read_due(
+        self, conn: AsyncConnection, ask: ClaimAsk, classes: list[tuple[int, int]],
+        due: list[Any], serving: set[int],
+    ) -> None:
+        """Add the due e-mails of ``classes`` to ``due`` (one index range each, in one
+        statement), and their establishments to ``serving``."""
+        statement = " UNION ALL ".join(f"SELECT * FROM ({self._DUE})"  # noqa: S608
+                                       for _ in classes)
+        params = [p for c in classes for p in (*c, ask.now, ask.limit)]
+        for r in await conn.exec_driver_sql(self._sql(statement), tuple(params)):
+            due.append(r)
+            serving.add(int(r.establishment_id))
 
     async def _claim_rows(
         self, conn: AsyncConnection, ask: ClaimAsk
