@@ -57,6 +57,9 @@ class _RelayState:
         self.idle: list[_Idle] = []
         self.down_until = 0.0
         self.down_error: DeliveryError | None = None
+        # The settings the relay failed with: once they change (an administrator fixed
+        # them), the relay is tried again at once rather than at the window's end.
+        self.down_with: RelaySettings | None = None
         # Pace: the earliest time the next message may start (max_per_minute), and a pause
         # after the relay asked to slow down, longer each time it asks again in a row.
         self.next_start = 0.0
@@ -148,7 +151,8 @@ class RelayPool:
     A relay whose connection attempt fails is marked down for ``down_for`` seconds: the
     messages already waiting for it are deferred at once with the same explanation instead
     of each waiting out its own timeout (what Postfix calls a dead destination). The window
-    is short so that a retry asked for after the relay is fixed really tries.
+    is short so that a retry asked for after the relay is fixed really tries, and it ends
+    at once when the relay's settings change.
     """
 
     def __init__(
@@ -253,7 +257,8 @@ class RelayPool:
         task: the caller awaits it once the e-mail's slot is free)."""
         for attempt in range(2):
             now = time.monotonic()
-            if state.down_error is not None and now < state.down_until:
+            if (state.down_error is not None and now < state.down_until
+                    and state.down_with == relay):
                 return same_for_all(recipients, state.down_error, reusable=False), None
             if state.pause_error is not None and now < state.paused_until:
                 # The relay asked to slow down: wait here without knocking on its door.
@@ -339,6 +344,7 @@ class RelayPool:
             err = exc
             state.down_error = err
             state.down_until = time.monotonic() + self.down_for
+            state.down_with = relay
             if err.code == "rate_limited":
                 await self._slowed_down(state, relay, err)
             else:

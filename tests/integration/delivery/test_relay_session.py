@@ -20,6 +20,8 @@ from postier.core.settings import RelaySettings
 from postier.delivery.pool import RelayPool
 from postier.delivery.session import wire_format
 
+from support.relay import FaultRelay
+
 RAW = (b"From: Alice <alice@ac-lyon.fr>\r\nTo: parents@example.org\r\nSubject: Sortie\r\n"
        b"\r\nBonjour.\r\n.Une ligne qui commence par un point.\r\n")
 
@@ -320,3 +322,24 @@ async def test_a_sender_refused_then_a_hang_up_is_explained_by_the_reply(
     assert [(r.status, r.code) for r in result.recipients] == [("deferred", 421)] * 2
     assert result.error is not None and result.error.code == "rate_limited"
     assert "Try again later" in result.error.message("en")
+
+
+async def test_a_relay_down_is_tried_again_at_once_with_changed_settings(
+    relay: FaultRelay,
+) -> None:
+    # The relay refuses connections; its administrator fixes the settings and asks for a
+    # retry at once: the e-mail goes, instead of the failure of a second ago coming back.
+    pool = RelayPool(concurrency=1, down_for=60)
+    settings = RelaySettings(host=relay.host, port=relay.port, security="none", timeout=5)
+    relay.down()
+    first = await pool.send(settings, "vie.scolaire@ac-lyon.fr", ["a@example.org"], RAW)
+    assert first.error is not None and first.error.code == "refused", first
+    relay.up()
+    again = await pool.send(settings, "vie.scolaire@ac-lyon.fr", ["a@example.org"], RAW)
+    assert again.error is not None and again.error.code == "refused", (
+        "with the same settings, the relay stays down for the window")
+    fixed = settings.model_copy(update={"timeout": 10})
+    result = await pool.send(fixed, "vie.scolaire@ac-lyon.fr", ["a@example.org"], RAW)
+    await pool.close()
+    assert result.error is None and [r.status for r in result.recipients] == ["sent"], (
+        f"the relay with its new settings should be tried at once: {result}")
