@@ -14,13 +14,17 @@ write there for each request: it reserves a share of each counter at once (1/20 
 limit, at most 1,000 recipients) and spends it locally, going back to the store when it is
 spent. The store never counts more than a limit, so no window ever lets more than its
 limit through; what another process reserved and has not spent yet is unavailable to the
-others until the window ends, so a request may be refused up to (processes - 1) x share
-recipients early (50 for the default minute limit of an account, per extra process).
+others until the window ends, so a request may be refused up to (processes - 1) x 1.5
+shares early (75 recipients for the default minute limit of an account, per extra
+process). The next share is reserved ahead, in the background, once half of the one held
+is spent, so that a busy account's requests do not all wait for the store's commit at
+the moment its share runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import Callable
@@ -128,6 +132,7 @@ class Pace:
         # store once; different accounts ask together (the store's writer commits their
         # reservations in one transaction).
         self._asking: dict[int, asyncio.Lock] = {}
+        self._refills: set[asyncio.Task[None]] = set()  # reservations made ahead, running
 
     def _counters(self, user: User, now: float) -> list[_Counter]:
         lim = self.limits
@@ -153,10 +158,39 @@ class Pace:
                 raise PaceTooLarge(count=count, limit=c.limit,
                                    reason=_REASONS[(c.kind, c.span)])
         if self._spend(counters, count):
+            self._refill_ahead(user.id, counters)
             return
         async with self._lock(user.id):
             if not self._spend(counters, count):
                 await self._reserve(counters, count)
+
+    def _refill_ahead(self, account: int, counters: list[_Counter]) -> None:
+        """Once what this process holds of a counter falls under half a share, reserve the
+        next share in the background: the account's requests go on spending meanwhile
+        instead of all waiting for the store's commit at the moment it runs out."""
+        low = [c for c in counters if self._held(c) < self._share(c) // 2]
+        if not low or self._lock(account).locked():
+            return
+        task = asyncio.get_running_loop().create_task(self._refill(account, low))
+        self._refills.add(task)
+        task.add_done_callback(self._refills.discard)
+
+    async def _refill(self, account: int, counters: list[_Counter]) -> None:
+        async with self._lock(account):
+            low = [c for c in counters if self._held(c) < self._share(c) // 2]
+            if not low:
+                return
+            asks = [PaceAsk(c.scope, c.span, c.bucket, 1, self._share(c), c.limit)
+                    for c in low]
+            with contextlib.suppress(Exception):  # the next take asks again, and says why
+                grant = await self.store.reserve_pace(asks)
+                if grant.refused is None:
+                    for c, granted in zip(low, grant.granted, strict=True):
+                        self._left[(c.scope, c.span)] = (c.bucket, self._held(c) + granted)
+
+    @staticmethod
+    def _share(c: _Counter) -> int:
+        return max(1, min(c.limit // SHARE, MAX_SHARE))
 
     def _lock(self, account: int) -> asyncio.Lock:
         lock = self._asking.get(account)
@@ -195,9 +229,8 @@ class Pace:
         for c in counters:
             need = max(0, count - self._held(c))
             if need:
-                share = max(1, min(c.limit // SHARE, MAX_SHARE))
-                asks.append(PaceAsk(c.scope, c.span, c.bucket, need, max(need, share),
-                                    c.limit))
+                asks.append(PaceAsk(c.scope, c.span, c.bucket, need,
+                                    max(need, self._share(c)), c.limit))
                 mine.append(c)
         grant = await self.store.reserve_pace(asks)
         if grant.refused is not None:

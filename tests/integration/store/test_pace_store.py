@@ -1,12 +1,14 @@
 """The submission pace's counters in the store, on both backends: two processes (two
 installations' objects on one database) spending concurrently never let more than a
-limit through, and lose at most one reserved share to each other; a new minute starts
+limit through, and lose at most one and a half reserved shares to each other; a busy
+account's next share is reserved before the one it holds runs out; a new minute starts
 from zero; recipients given back are spent again without asking the store."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,8 +55,9 @@ async def test_two_processes_never_pass_the_limit_together(store_url: str,
                 return 0
 
         admitted = sum(await asyncio.gather(*(one(i) for i in range(40))))
-        # 100 at most; at most one share (100 / 20) held back unspent by the other.
-        assert 100 - 5 - 7 < admitted <= 100, admitted
+        # 100 at most; at most one and a half shares (100 / 20 each) held back unspent by
+        # the other, which reserves its next share once half of one is spent.
+        assert 100 - 8 - 7 < admitted <= 100, admitted
         assert waits and all(50 <= w <= 51 for w in waits), waits
         # The next minute starts from zero, for either process.
         clock.now += 60
@@ -90,3 +93,39 @@ async def test_a_refusal_counts_nothing_on_any_counter(store_url: str,
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_busy_account_does_not_wait_for_the_store_when_its_share_runs_out(
+    store_url: str, tmp_path: Path
+) -> None:
+    # The next share is reserved once half of the one held is spent, in the background:
+    # when the first share is spent, the next request spends from the second at once
+    # instead of waiting, with every request of the account behind it, for a commit.
+    core = Postier(ServerConfig(data_dir=tmp_path, database_url=store_url))
+    await core.open()
+    try:
+        alice = await core.add_user("alice", "alice.martin@ac-lyon.fr")
+        pace = Pace(core.store, PaceLimits(account_per_minute=400, account_per_day=0,
+                                           establishment_per_minute=0,
+                                           establishment_per_day=0), Clock())
+        asked: list[int] = []
+        reserve = core.store.reserve_pace
+
+        async def counted(asks: Any) -> Any:
+            asked.append(len(asks))
+            return await reserve(asks)
+
+        core.store.reserve_pace = counted  # type: ignore[method-assign]
+        for _ in range(20):  # a share is 400 / 20 = 20 recipients
+            await pace.take(alice, 1)
+        # The reservation made ahead, once half the share was spent, has finished.
+        while refills := getattr(pace, "_refills", set()):
+            await asyncio.gather(*refills)
+        before = len(asked)
+        await pace.take(alice, 1)
+        assert len(asked) == before, (
+            "the 21st recipient should be spent from a share reserved ahead, not wait for "
+            f"the store ({len(asked) - before} reservation(s) made while it waited)")
+        assert before == 2, f"one share first, one ahead: {before} reservations"
+    finally:
+        await core.close()
