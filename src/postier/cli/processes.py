@@ -53,6 +53,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help=N_("DEBUG, INFO, WARNING"))] = "INFO",
 ) -> None:
     """Start the server: the HTTP API, SMTP submission and the delivery workers."""
+    # The server's processes load here only: the other commands start without them.
     from postier.server import processes as server
 
     extra: dict[str, Any] = {
@@ -85,6 +86,7 @@ def worker(
 ) -> None:
     """Run delivery only (several workers share a PostgreSQL queue; with the embedded
     SQLite store, `postier serve` already delivers)."""
+    # The server's processes load here only: the other commands start without them.
     from postier.server import processes as server
 
     config = _config(data_dir, database_url)
@@ -114,6 +116,7 @@ def http_process(
 ) -> None:
     """One of the HTTP processes of `postier serve --http-processes`; its configuration
     comes on standard input, as the parent resolved it."""
+    # The server's processes load here only: the other commands start without them.
     from postier.server import processes as server
 
     config = ServerConfig.model_validate_json(sys.stdin.buffer.read())

@@ -185,8 +185,12 @@ class Pace:
             with contextlib.suppress(Exception):  # the next take asks again, and says why
                 grant = await self.store.reserve_pace(asks)
                 if grant.refused is None:
-                    for c, granted in zip(low, grant.granted, strict=True):
-                        self._left[(c.scope, c.span)] = (c.bucket, self._held(c) + granted)
+                    self._credit(low, grant.granted)
+
+    def _credit(self, counters: list[_Counter], granted: list[int]) -> None:
+        """Add what the store granted to what this process holds of each counter."""
+        for c, n in zip(counters, granted, strict=True):
+            self._left[(c.scope, c.span)] = (c.bucket, self._held(c) + n)
 
     @staticmethod
     def _share(c: _Counter) -> int:
@@ -244,8 +248,7 @@ class Pace:
             now = self.clock()
             current = {int(now // seconds) for _, seconds in SPANS}
             self._left = {k: v for k, v in self._left.items() if v[0] in current}
-        for c, granted in zip(mine, grant.granted, strict=True):
-            self._left[(c.scope, c.span)] = (c.bucket, self._held(c) + granted)
+        self._credit(mine, grant.granted)
         if not self._spend(counters, count):  # pragma: no cover - granted covers count
             raise AssertionError("a pace reservation did not cover its request")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.header import decode_header, make_header
+from email.utils import format_datetime, getaddresses
 
 from postier.core import policy
 from postier.core.header_fields import address_header, assert_safe_header, unchanged
@@ -68,8 +69,6 @@ _READ_FIELDS = frozenset({"from", "reply-to", "subject", "message-id"})
 def header_addresses(values: list[str]) -> list[str]:
     """The addresses of From/Reply-To header values, as ``email.utils.getaddresses``
     reads them (empty ones dropped)."""
-    from email.utils import getaddresses
-
     if len(values) == 1 and (m := _SIMPLE_MAILBOX.fullmatch(values[0].strip(" \t"))):
         return [m.group(1) or m.group(2)]
     return [a for _, a in getaddresses(values) if a]
@@ -77,8 +76,6 @@ def header_addresses(values: list[str]) -> list[str]:
 
 def read_submitted(raw: bytes) -> SubmittedHeaders:
     """Read the sender-related headers of a submitted message (RFC 5322 bytes, CRLF)."""
-    from email.header import decode_header, make_header
-
     fields, _ = _split_submitted(raw)
     values: dict[str, list[str]] = {}
     for name, field in fields:
