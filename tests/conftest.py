@@ -4,7 +4,8 @@ import os
 
 from hypothesis import settings
 
-pytest_plugins = ["support.fixtures", "support.server", "support.databases", "support.oauth"]
+pytest_plugins = ["support.fixtures", "support.server", "support.databases", "support.oauth",
+                  "support.dns_server", "support.dovecot"]
 
 # The suite submits far faster than any school (2,000 e-mails in seconds from one account):
 # the submission pace (pace.py) is lifted for it, except where a test sets its own limits.

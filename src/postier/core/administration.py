@@ -364,6 +364,10 @@ class Administration:
         changed.discard("alerts.webhook_secret_set")
         if before.alerts.webhook_secret != after.alerts.webhook_secret:
             changed.add("alerts.webhook_secret")
+        changed.discard("bounces.imap.password_set")
+        if ((before.bounces.imap and before.bounces.imap.password)
+                != (after.bounces.imap and after.bounces.imap.password)):
+            changed.add("bounces.imap.password")
         await self.store.audit(actor.establishment_id, actor.username, "settings.update",
                                "settings", {"changed": sorted(changed)})
 

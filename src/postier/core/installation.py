@@ -165,6 +165,10 @@ class Installation:
         if isinstance(alerts, dict):
             enc = alerts.pop("webhook_secret_enc", None)
             alerts["webhook_secret"] = self.secrets.decrypt(enc) if enc else None
+        imap = (doc.get("bounces") or {}).get("imap")
+        if isinstance(imap, dict):
+            enc = imap.pop("password_enc", None)
+            imap["password"] = self.secrets.decrypt(enc) if enc else None
         return DeliverySettings.model_validate(doc)
 
     def _encode_settings(self, settings: DeliverySettings) -> dict[str, Any]:
@@ -179,4 +183,9 @@ class Installation:
         secret = doc["alerts"].pop("webhook_secret", None)
         if secret:
             doc["alerts"]["webhook_secret_enc"] = self.secrets.encrypt(secret)
+        imap = doc["bounces"]["imap"]
+        if isinstance(imap, dict):
+            password = imap.pop("password", None)
+            if password:
+                imap["password_enc"] = self.secrets.encrypt(password)
         return doc

@@ -373,6 +373,71 @@ class AlertSettings(_Model):
 # -- end of alerts -------------------------------------------------------------------------
 
 
+# -- bounces: see postier.core.bounces --------------------------------------------------------
+class BounceMailbox(_Model):
+    """The IMAP mailbox bounces arrive in, which Postier reads and marks as read."""
+
+    host: str = Field("", max_length=253, description="Host name or address of the IMAP server")
+    port: int = Field(993, ge=1, le=65535)
+    security: Security = Security.TLS
+    username: str = Field("", max_length=320)
+    password: str | None = Field(
+        None, max_length=1024, description="Write-only; never returned. Omit to keep."
+    )
+    folder: str = Field("INBOX", min_length=1, max_length=200)
+    verify_tls: bool = Field(True, description="Verify the server's TLS certificate")
+    interval: int = Field(300, ge=30, le=86400,
+                          description="Seconds between two looks at the mailbox")
+
+    @field_validator("host", "username", "folder")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        value = value.strip()
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("must be on one line")
+        return value
+
+    def public(self) -> dict[str, Any]:
+        out = self.model_dump(mode="json", exclude={"password"})
+        out["password_set"] = bool(self.password)
+        return out
+
+
+class BounceSettings(_Model):
+    """Where bounces come back: each e-mail leaves with its own return address
+    ``<local>+<token>@<domain>`` built from ``address`` (VERP), and bounces are received
+    by the bounce SMTP door or read from ``imap``."""
+
+    address: str = Field(
+        "", max_length=200,
+        description="Return address within the establishment's domains (e.g. "
+        "bounces@school.example); e-mails leave with bounces+<token>@that domain",
+    )
+    imap: BounceMailbox | None = Field(None, description="A mailbox the bounces arrive in")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value:
+            return value
+        local, at, domain = value.rpartition("@")
+        if not at or not local or not domain or "+" in local or any(
+                c.isspace() or c in '<>()[]\\,;:"*' for c in value):
+            raise InvalidSetting(N_(
+                "The bounce address is an address without '+', such as "
+                "bounces@school.example."), field="bounces.address")
+        policy.normalize_domain_pattern(domain)
+        return value
+
+    def public(self) -> dict[str, Any]:
+        return {"address": self.address,
+                "imap": self.imap.public() if self.imap else None}
+
+
+# -- end of bounces ------------------------------------------------------------------------
+
+
 class DeliverySettings(_Model):
     delegation: bool = Field(
         True, description="Déléguer l'envoi de tous les e-mails au serveur (central sending)"
@@ -390,6 +455,7 @@ class DeliverySettings(_Model):
         description="Seconds of failures of the main relay before the backup takes over",
     )
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    bounces: BounceSettings = Field(default_factory=BounceSettings)
     # -- sender address verification: see postier.core.sender_verification ---------------------
     verify_sender_addresses: bool = Field(
         False,
@@ -403,10 +469,12 @@ class DeliverySettings(_Model):
         return list(dict.fromkeys(value))  # duplicates dropped, order kept
 
     def public(self) -> dict[str, Any]:
-        out = self.model_dump(mode="json", exclude={"relay", "backup_relay", "alerts"})
+        out = self.model_dump(mode="json",
+                              exclude={"relay", "backup_relay", "alerts", "bounces"})
         out["relay"] = self.relay.public()
         out["backup_relay"] = self.backup_relay.public() if self.backup_relay else None
         out["alerts"] = self.alerts.public()
+        out["bounces"] = self.bounces.public()
         return out
 
     def updated(self, changes: dict[str, Any]) -> DeliverySettings:
@@ -427,7 +495,16 @@ class DeliverySettings(_Model):
             alerts.pop("webhook_secret_set", None)
             if alerts.get("webhook_secret") is None:
                 alerts.pop("webhook_secret", None)
+        imap = changes.get("bounces", {}).get("imap") if isinstance(
+            changes.get("bounces"), dict) else None
+        if isinstance(imap, dict):
+            imap.pop("password_set", None)
+            if imap.get("password") is None:
+                imap.pop("password", None)
         merged = deep_merge(self.model_dump(mode="json"), changes)
+        merged_imap = (merged.get("bounces") or {}).get("imap")
+        if isinstance(merged_imap, dict) and merged_imap.get("password") == "":
+            merged_imap["password"] = None
         for section in RELAY_SECTIONS:
             for name in SECRET_FIELDS:
                 if isinstance(merged.get(section), dict) and merged[section].get(name) == "":
