@@ -1,6 +1,6 @@
 """The storage interface every backend implements: :class:`Store`, the sum of one
-protocol per concept (accounts, configuration, queue, relays, alerts, reports), and the
-records it returns (:mod:`postier.store.records`, named here too).
+protocol per concept (accounts, configuration, queue, relays, alerts, reports, bounces),
+and the records it returns (:mod:`postier.store.records`, named here too).
 
 The service layer and the delivery engine only see this interface; SQL stays in the
 backends (:mod:`postier.store.sql` and the ``sql_*`` modules it is made of).
@@ -12,14 +12,17 @@ from typing import Protocol
 
 from postier.store.accounts import AccountStore
 from postier.store.alerts import AlertStore
+from postier.store.bounces import BounceStore
 from postier.store.configuration import ConfigurationStore
 from postier.store.queue import QueueStore
 from postier.store.records import (
+    BOUNCED,
     CANCELLED,
     DEFERRED,
     FAILED,
     FAILURES_KEPT,
     FINAL_STATUSES,
+    PENDING,
     PRIORITIES,
     QUEUED,
     ROLES,
@@ -27,6 +30,7 @@ from postier.store.records import (
     SENT,
     SIGN_IN_DOORS,
     STATUSES,
+    SUPPRESSED,
     WAITER_STALE,
     AttemptRecord,
     AuditEntry,
@@ -57,11 +61,13 @@ from postier.store.relays import RelayStore
 from postier.store.reports import ReportStore
 
 __all__ = [
+    "BOUNCED",
     "CANCELLED",
     "DEFERRED",
     "FAILED",
     "FAILURES_KEPT",
     "FINAL_STATUSES",
+    "PENDING",
     "PRIORITIES",
     "QUEUED",
     "ROLES",
@@ -69,6 +75,7 @@ __all__ = [
     "SENT",
     "SIGN_IN_DOORS",
     "STATUSES",
+    "SUPPRESSED",
     "WAITER_STALE",
     "AttemptRecord",
     "AuditEntry",
@@ -99,9 +106,9 @@ __all__ = [
 
 
 class Store(AccountStore, ConfigurationStore, QueueStore, RelayStore, AlertStore, ReportStore,
-            Protocol):
+            BounceStore, Protocol):
     """Durable storage of accounts, settings, the queue, the relays' shared state, alerts
-    and what the reports read."""
+    what the reports read, and the suppression list."""
 
     # Whether the store is a file of this machine's (SQLite), that one process at a time
     # may deliver from, rather than a database server shared by several machines.

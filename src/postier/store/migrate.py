@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest revision in migrations/versions; a test holds it to Alembic's own answer, so
 # a new migration without this line changed fails the tests.
-HEAD = "0014"
+HEAD = "0015"
 
 
 def _config(connection: Connection) -> Config:

@@ -111,17 +111,17 @@ class PostgresStore(SQLStore):
         "WITH m AS (INSERT INTO messages (id, establishment_id, user_id, status, priority,"  # noqa: S608 (CHANNEL is a constant)
         " envelope_from, header_from, message_id, subject, size, smtputf8,"
         " idempotency_key, sender_rule, created_at, updated_at, next_attempt_at, attempts)"
-        " SELECT u.id, u.est, u.usr, 'queued', u.prio, u.env, u.hdr, u.mid, u.subj,"
-        " u.size, u.utf8, u.ikey, u.rule, $13, $13, $13, 0"
+        " SELECT u.id, u.est, u.usr, u.status, u.prio, u.env, u.hdr, u.mid, u.subj,"
+        " u.size, u.utf8, u.ikey, u.rule, $14, $14, $14, 0"
         " FROM unnest($1::text[], $2::int[], $3::int[], $4::int[], $5::text[],"
         " $6::text[], $7::text[], $8::text[], $9::int[], $10::bool[], $11::text[],"
-        " $12::text[]) AS u(id, est, usr, prio, env, hdr, mid, subj, size, utf8, ikey,"
-        " rule)),"
+        " $12::text[], $13::text[]) AS u(id, est, usr, prio, env, hdr, mid, subj, size,"
+        " utf8, ikey, rule, status)),"
         " b AS (INSERT INTO message_bodies (message_id, data)"
-        " SELECT * FROM unnest($1::text[], $14::bytea[])),"
-        " r AS (INSERT INTO recipients (message_id, position, address, status)"
-        " SELECT x.id, x.pos, x.addr, 'pending'"
-        " FROM unnest($15::text[], $16::int[], $17::text[]) AS x(id, pos, addr))"
+        " SELECT * FROM unnest($1::text[], $15::bytea[])),"
+        " r AS (INSERT INTO recipients (message_id, position, address, status, reply)"
+        " SELECT * FROM unnest($16::text[], $17::int[], $18::text[], $19::text[],"
+        " $20::text[]))"
         f" SELECT pg_notify('{CHANNEL}', '')"
     )
 
@@ -134,8 +134,8 @@ class PostgresStore(SQLStore):
         rcpt_rows: list[tuple[Any, ...]],
     ) -> None:
         await conn.exec_driver_sql(self._INSERT_ROWS, (
-            *_columns(msg_rows, 15)[:12], now, [data for _, data in body_rows],
-            *_columns(rcpt_rows, 3),
+            *_columns(msg_rows, 16)[:13], now, [data for _, data in body_rows],
+            *_columns(rcpt_rows, 5),
         ))
 
     # The claim and what delivery needs of the claimed e-mails in one statement: the

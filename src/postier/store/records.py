@@ -3,7 +3,10 @@
 Status values of a message: ``queued`` (waiting for its first attempt), ``sending``
 (claimed by a worker under a lease), ``deferred`` (waiting for a retry), ``sent``,
 ``failed``, ``cancelled``. A recipient is ``pending``, ``sent``, ``deferred`` or
-``failed``; a recipient that is ``sent`` is never attempted again.
+``failed``; a recipient that is ``sent`` is never attempted again. Two more recipient
+states come from bounces (:mod:`postier.core.bounces`): ``bounced`` (sent, then reported
+undeliverable) and ``suppressed`` (on the suppression list when the e-mail was accepted:
+never attempted).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ QUEUED, SENDING, DEFERRED, SENT, FAILED, CANCELLED = (
 )
 STATUSES = (QUEUED, SENDING, DEFERRED, SENT, FAILED, CANCELLED)
 FINAL_STATUSES = (SENT, FAILED, CANCELLED)
+PENDING, BOUNCED, SUPPRESSED = "pending", "bounced", "suppressed"  # recipient states
 PRIORITIES = {"normal": 0, "bulk": 1}
 
 
@@ -89,6 +93,8 @@ class NewMessage:
     smtputf8: bool = False
     idempotency_key: str | None = None
     sender_rule: str | None = None
+    # Recipients on the suppression list: address -> why (the recipient's reply).
+    suppressed: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -371,3 +371,42 @@ api_usage = Table(
     Column("bucket", Integer, primary_key=True),
     Column("amount", Integer, nullable=False),
 )
+
+# Addresses an establishment no longer sends to (postier.core.bounces): added by a hard
+# bounce, a complaint, repeated temporary failures, or a person; lifted by a person. One
+# row per establishment and address (``address_key`` lower-case, for matching) (0015).
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("address_key", String(320), nullable=False),
+    Column("reason", String(12), nullable=False),  # bounce, complaint, repeated, manual
+    Column("code", Integer),
+    Column("status", String(16), nullable=False, server_default=""),
+    Column("diagnostic", Text, nullable=False, server_default=""),
+    Column("message_id", String(32)),
+    Column("created_at", Float, nullable=False),
+    Column("created_by", String(100), nullable=False, server_default=""),
+    Index("ux_suppressions_address", "establishment_id", "address_key", unique=True),
+)
+
+# Every bounce (or complaint) received for a delivered e-mail: what marked a recipient
+# ``bounced``, and the temporary failures counted towards a suppression. Purged with the
+# e-mail it is about (retention) (0015).
+bounces = Table(
+    "bounces",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("establishment_id", Integer, nullable=False),
+    Column("message_id", String(32), nullable=False),
+    Column("address_key", String(320), nullable=False),
+    Column("kind", String(12), nullable=False),  # hard, soft, complaint
+    Column("status", String(16), nullable=False, server_default=""),
+    Column("code", Integer),
+    Column("diagnostic", Text, nullable=False, server_default=""),
+    Column("received_at", Float, nullable=False),
+    Index("ix_bounces_address", "establishment_id", "address_key", "received_at"),
+    Index("ix_bounces_message", "message_id"),
+)

@@ -2,7 +2,8 @@
 
 :class:`SQLStore` is made of one part per concept, each over the same engines and the same
 group-commit writer (:mod:`postier.store.sql_base`): accounts, configuration, the queue's
-hot paths and its reading, the relays' shared state, alerts, reports and retention. The
+hot paths and its reading, the relays' shared state, alerts, reports, retention, and
+bounces with the suppression list. The
 backends (:mod:`postier.store.sqlite`, :mod:`postier.store.postgres`) give it its engines
 and replace the statements they can do in fewer round trips.
 """
@@ -19,6 +20,7 @@ from postier.store.sql_base import (
     database_unreachable,
     unreachable,
 )
+from postier.store.sql_bounces import SQLBounces
 from postier.store.sql_configuration import SQLConfiguration
 from postier.store.sql_messages import SQLMessages
 from postier.store.sql_queue import CLAIM_WALK_MIN, ClaimAsk, SQLQueue, fair_order
@@ -40,5 +42,5 @@ __all__ = [
 
 
 class SQLStore(SQLAccounts, SQLConfiguration, SQLQueue, SQLMessages, SQLRelays, SQLAlerts,
-               SQLReports, SQLRetention, Store):
+               SQLReports, SQLRetention, SQLBounces, Store):
     """Common SQL implementation; backends provide the engines and the claim statement."""

@@ -25,8 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from postier.store import schema as t
 from postier.store.records import (
     DEFERRED,
+    FAILED,
+    PENDING,
     QUEUED,
     SENDING,
+    SUPPRESSED,
     Claimed,
     EnqueueResult,
     NewMessage,
@@ -124,14 +127,24 @@ class SQLQueue(SQLBase):
                     results.append(EnqueueResult(first_id, status, True))
                     continue
                 existing[key] = (m.id, QUEUED)
-            results.append(EnqueueResult(m.id, QUEUED, False))
+            # Recipients on the suppression list are never attempted; an e-mail with
+            # only such recipients is final (failed) from the start.
+            held = m.suppressed or {}
+            status = FAILED if held and all(a in held for a in m.recipients) else QUEUED
+            results.append(EnqueueResult(m.id, status, False))
             msg_rows.append((
                 m.id, m.establishment_id, m.user_id, m.priority, m.envelope_from,
                 m.header_from, m.message_id, m.subject, len(m.data), m.smtputf8,
-                m.idempotency_key, m.sender_rule, now, now, now,
+                m.idempotency_key, m.sender_rule, status, now, now, now,
             ))
             body_rows.append((m.id, m.data))
-            rcpt_rows.extend((m.id, i, a) for i, a in enumerate(m.recipients))
+            if held:
+                rcpt_rows.extend((m.id, i, a, SUPPRESSED, held[a]) if a in held
+                                 else (m.id, i, a, PENDING, None)
+                                 for i, a in enumerate(m.recipients))
+            else:
+                rcpt_rows.extend((m.id, i, a, PENDING, None)
+                                 for i, a in enumerate(m.recipients))
         if msg_rows:
             await self._insert_rows(conn, now, msg_rows, body_rows, rcpt_rows)
         return results
@@ -146,21 +159,22 @@ class SQLQueue(SQLBase):
     ) -> None:
         """Store new e-mails: one row of ``msg_rows`` each (id, establishment, user,
         priority, envelope sender, From, Message-ID, subject, size, SMTPUTF8, idempotency
-        key, sender rule, then ``now`` three times: created, updated, due), with their
-        bodies (id, bytes) and recipients (id, position, address)."""
+        key, sender rule, status, then ``now`` three times: created, updated, due), with
+        their bodies (id, bytes) and recipients (id, position, address, status, reply)."""
         # Written for the driver, like the delivery path's statements below: built
         # once, bound as tuples, a good part less CPU an e-mail than Core statements.
         await conn.exec_driver_sql(self._sql(
-            "INSERT INTO messages (id, establishment_id, user_id, status, priority,"
+            "INSERT INTO messages (id, establishment_id, user_id, priority,"
             " envelope_from, header_from, message_id, subject, size, smtputf8,"
-            " idempotency_key, sender_rule, created_at, updated_at, next_attempt_at,"
-            " attempts) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+            " idempotency_key, sender_rule, status, created_at, updated_at,"
+            " next_attempt_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, 0)"
         ), msg_rows)
         await conn.exec_driver_sql(self._sql(
             "INSERT INTO message_bodies (message_id, data) VALUES (?, ?)"), body_rows)
         await conn.exec_driver_sql(self._sql(
-            "INSERT INTO recipients (message_id, position, address, status)"
-            " VALUES (?, ?, ?, 'pending')"), rcpt_rows)
+            "INSERT INTO recipients (message_id, position, address, status, reply)"
+            " VALUES (?, ?, ?, ?, ?)"), rcpt_rows)
 
     # -- queue: delivery -----------------------------------------------------------------
     async def claim(

@@ -150,6 +150,7 @@ class SQLRetention(SQLBase):
             tally = await count_attempts(conn, t.attempts.c.message_id.in_(ids))
             tally.accepted = {establishment_id: len(ids)}
             for table, column in ((t.attempts, t.attempts.c.message_id),
+                                  (t.bounces, t.bounces.c.message_id),
                                   (t.recipients, t.recipients.c.message_id),
                                   (t.bodies, t.bodies.c.message_id)):
                 await conn.execute(delete(table).where(column.in_(ids)))

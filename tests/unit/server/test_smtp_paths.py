@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from postier.server.smtp import _Submission
+from postier.server.smtp import CappedSMTP
 
 CASES = [
     "<alice.martin@ac-lyon.fr>",
@@ -41,7 +41,7 @@ CASES = [
 
 
 def _door() -> Any:
-    door = _Submission.__new__(_Submission)
+    door = CappedSMTP.__new__(CappedSMTP)
     door.local_part_limit = 64  # RFC 5321's limit, as aiosmtpd's option
     return door
 
@@ -49,4 +49,4 @@ def _door() -> Any:
 @pytest.mark.parametrize("arg", CASES)
 def test_simple_paths_read_as_aiosmtpd_reads_them(arg: str) -> None:
     door = _door()
-    assert _Submission._getaddr(door, arg) == SMTP._getaddr(door, arg)
+    assert CappedSMTP._getaddr(door, arg) == SMTP._getaddr(door, arg)
