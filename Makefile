@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+# Dovecot for the IMAP tests, which start a private one; the package's own service would
+# serve IMAP on ports 143 and 993 of this machine: it is stopped and left off.
+	command -v dovecot >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd && { systemctl disable --now dovecot.socket dovecot.service 2>/dev/null || true; })
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install Postier with everything its tests need
