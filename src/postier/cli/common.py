@@ -169,6 +169,8 @@ STATUS_WORDS = {
     "failed": N_("failed"),
     "cancelled": N_("cancelled"),
     "pending": N_("waiting"),
+    "bounced": N_("bounced"),
+    "suppressed": N_("suppressed"),
     "kept": N_("kept"),
     "handed over": N_("handed over"),
 }

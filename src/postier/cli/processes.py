@@ -44,6 +44,8 @@ def serve(
     ] = None,
     smtps: Annotated[str | None, typer.Option(
         help=N_("HOST:PORT for SMTP submission with implicit TLS (default off)"))] = None,
+    bounce_smtp: Annotated[str | None, typer.Option(
+        help=N_("HOST:PORT where bounces come back by SMTP (default off)"))] = None,
     tls_cert: Annotated[Path | None, typer.Option(help=N_("Certificate (PEM) for SMTP"))] = None,
     tls_key: Annotated[Path | None, typer.Option(help=N_("Its private key (PEM)"))] = None,
     smtp_trusted_networks: Annotated[list[str] | None, typer.Option(
@@ -58,6 +60,7 @@ def serve(
 
     extra: dict[str, Any] = {
         "http": http, "smtp": smtp, "smtps": smtps, "tls_cert": tls_cert, "tls_key": tls_key,
+        "bounce_smtp": bounce_smtp,
         "smtp_trusted_networks": ",".join(smtp_trusted_networks)
         if smtp_trusted_networks else None,
         "smtp_trusted_account": smtp_trusted_account,

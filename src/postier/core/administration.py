@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from postier.core import accounts, first_run, policy
 from postier.core.accounts import may_act_on, no_escalation, require_admin
+from postier.core.bounces import check_bounce_address
 from postier.core.dkim_keys import DkimKeys
 from postier.core.domains import Domains, settings_claims
 from postier.core.installation import Installation
@@ -334,6 +335,7 @@ class Administration:
         merged = current.updated(
             {k: v for k, v in payload.items() if k not in ("hosted", "warnings")}
         )
+        check_bounce_address(merged)
         await self.domains.check(user.establishment_id, settings_claims(current, merged))
         await self.installation.check_targets(user.establishment_id, merged, current)
         await self.installation.replace_settings(user.establishment_id, merged)

@@ -169,11 +169,15 @@ def address_claims(addresses: Iterable[str], field: str, before: Iterable[str] =
 
 
 def settings_claims(before: DeliverySettings, after: DeliverySettings) -> list[Claim]:
-    """What a settings change newly takes: allowed domains and the sender address."""
+    """What a settings change newly takes: allowed domains, the sender address and the
+    bounce address."""
     claims = pattern_claims(before.allowed_domains, after.allowed_domains)
     if after.sender.address:
         claims += address_claims([after.sender.address], "sender.address",
                                  [before.sender.address])
+    if after.bounces.address:
+        claims += address_claims([after.bounces.address], "bounces.address",
+                                 [before.bounces.address])
     return claims
 
 

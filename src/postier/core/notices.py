@@ -13,7 +13,7 @@ from postier.core.queue_entry import SYSTEM_USER, queued
 from postier.core.sender_decision import message_id_for
 from postier.core.settings import DeliverySettings
 from postier.i18n import N_, translate
-from postier.store.base import DEFERRED, FAILED, PRIORITIES
+from postier.store.base import BOUNCED, DEFERRED, FAILED, PENDING, PRIORITIES, SUPPRESSED
 
 NOTICE_PREFIX = "notice:"
 NOTICE_SUBJECT = N_("Undelivered")
@@ -32,6 +32,25 @@ DELAY_HINT = N_(
     "is urgent, reach these people another way."
 )
 
+BOUNCE_SUBJECT = N_("Returned")
+BOUNCE_BODY = N_(
+    "Your e-mail \"{subject}\" was handed over, but the recipient's mail server reported "
+    "later that it could not be delivered to:\n{recipients}\n\nWhat to do: {hint}"
+)
+BOUNCE_HINT = N_(
+    "Check these addresses with the people concerned. Postier no longer writes to them "
+    "until an administrator lifts them from the suppression list."
+)
+SUPPRESSED_BODY = N_(
+    "Your e-mail \"{subject}\" was not sent to these addresses, which are on the "
+    "establishment's suppression list because they were refused before:\n{recipients}\n\n"
+    "What to do: {hint}"
+)
+SUPPRESSED_HINT = N_(
+    "Check these addresses with the people concerned; an administrator can lift an "
+    "address that works again (Suppressions page)."
+)
+
 __all__ = ["NOTICE_PREFIX", "SYSTEM_USER", "Notices"]
 
 
@@ -46,23 +65,31 @@ class Notices:
         """Tell the sender, by e-mail, which recipients an e-mail could not reach for good,
         the relay's reply and what to do — in French and English, since the notice may be
         read anywhere. Sent once per e-mail; never about a notice itself."""
-        return await self._notice(message_id, "failure", FAILED, NOTICE_SUBJECT, NOTICE_BODY,
-                                  NOTICE_HINT)
+        return await self._notice(message_id, "failure", (FAILED, SUPPRESSED), NOTICE_SUBJECT,
+                                  NOTICE_BODY, NOTICE_HINT)
+
+    async def bounce_notice(self, message_id: str) -> str | None:
+        """Tell the sender once that recipients of a delivered e-mail bounced later."""
+        return await self._notice(message_id, "bounce", (BOUNCED,), BOUNCE_SUBJECT,
+                                  BOUNCE_BODY, BOUNCE_HINT)
+
+    async def suppressed_notice(self, message_id: str) -> str | None:
+        """Tell the sender once that an e-mail was not sent to suppressed addresses."""
+        return await self._notice(message_id, "suppressed", (SUPPRESSED,), NOTICE_SUBJECT,
+                                  SUPPRESSED_BODY, SUPPRESSED_HINT)
 
     async def delay_notice(self, message_id: str) -> str | None:
         """Warn the sender once that an e-mail is still waiting (Postfix's
         delay_warning_time): it is not lost, Postier keeps trying."""
-        return await self._notice(message_id, "delay", DEFERRED, DELAY_SUBJECT, DELAY_BODY,
-                                  DELAY_HINT)
+        return await self._notice(message_id, "delay", (DEFERRED, PENDING), DELAY_SUBJECT,
+                                  DELAY_BODY, DELAY_HINT)
 
-    async def _notice(
-        self, message_id: str, kind: str, status: str, subject: str, body: str, hint: str
-    ) -> str | None:
+    async def _notice(self, message_id: str, kind: str, statuses: tuple[str, ...],
+                      subject: str, body: str, hint: str) -> str | None:
         record = await self.store.get_message(message_id)
         if record is None or (record.idempotency_key or "").startswith(NOTICE_PREFIX):
             return None
-        concerned = [r for r in record.recipients
-                     if r.status == status or (status == DEFERRED and r.status == "pending")]
+        concerned = [r for r in record.recipients if r.status in statuses]
         user = await self.store.get_user(user_id=record.user_id) if concerned else None
         if user is None or user.disabled or not user.email or user.role == "relay":
             # A downstream Postier server tells its own user; it needs no e-mail from us.
@@ -70,7 +97,9 @@ class Notices:
         settings = await self.installation.delivery_settings(record.establishment_id)
         # The relay's reply only when a relay replied: never a Python exception's text.
         lines = "\n".join(f"  - {r.address} : {r.code} {r.reply or ''}".rstrip()
-                           if r.code is not None else f"  - {r.address}" for r in concerned)
+                           if r.code is not None else f"  - {r.address} : {r.reply}"
+                           if r.status == SUPPRESSED else f"  - {r.address}"
+                           for r in concerned)
 
         def text(lang: str) -> str:
             # The sender's wording: what happened and what is asked of them, never the

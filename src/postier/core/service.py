@@ -13,6 +13,7 @@ one part per concept, each in its own module:
 - ``senders``: verified sender addresses (:mod:`~postier.core.sender_verification`)
 - ``submission``: accepting e-mails; ``queue``: acting on queued ones
 - ``notices``: the e-mails Postier itself writes
+- ``bounces``: return addresses, the suppression list, what a bounce does
 
 The methods the doors call on :class:`Postier` are those parts' own, bound once here (no
 extra call on the submission path).
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from postier.core import first_run
 from postier.core.administration import Administration
 from postier.core.authentication import Authentication
+from postier.core.bounces import Bounces
 from postier.core.dkim_keys import DkimKeys
 from postier.core.domains import Domains
 from postier.core.installation import Installation
@@ -65,7 +67,8 @@ class Postier(Installation):
         self.senders = SenderAddresses(self, self.domains, self.notices)
         self.admin = Administration(self, self.user_accounts, self.domains, self.senders,
                                     self.dkim)
-        self.submission = Submission(self, self.senders)
+        self.bounces = Bounces(self)
+        self.submission = Submission(self, self.senders, self.bounces, self.notices)
         self.queue = QueueOperations(self)
         self.setup_throttle = SetupThrottle(self.store)
 
@@ -104,7 +107,12 @@ class Postier(Installation):
         # -- notices
         self.failure_notice = self.notices.failure_notice
         self.delay_notice = self.notices.delay_notice
+        self.bounce_notice = self.notices.bounce_notice
         self.system_email = self.notices.system_email
+        # -- bounces and the suppression list
+        self.suppressions = self.bounces.suppressions
+        self.suppress = self.bounces.suppress
+        self.lift_suppression = self.bounces.lift
 
     decide_sender = staticmethod(decide_sender)
 

@@ -307,6 +307,7 @@ class WebhookEvent(StrEnum):
     FAILURES = "failures"  # message.failed (the failure notices' facts)
     DELAYS = "delays"  # message.delayed (the delay notices' facts)
     SENT = "sent"  # message.sent
+    BOUNCES = "bounces"  # message.bounced (a recipient's server refused it later)
 
 
 class AlertSettings(_Model):
@@ -335,7 +336,7 @@ class AlertSettings(_Model):
     )
     webhook_events: list[WebhookEvent] = Field(
         default_factory=lambda: [WebhookEvent.ALERTS, WebhookEvent.FAILURES,
-                                 WebhookEvent.DELAYS],
+                                 WebhookEvent.DELAYS, WebhookEvent.BOUNCES],
         description="Which events the webhook receives",
     )
 

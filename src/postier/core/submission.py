@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from postier.core import policy
+from postier.core.bounces import Bounces
 from postier.core.installation import Installation
 from postier.core.message import MessageIn, build_message
+from postier.core.notices import Notices
 from postier.core.queue_entry import new_message_id, queued
 from postier.core.sender_decision import decide_sender, message_id_for
 from postier.core.sender_verification import SenderAddresses
@@ -34,11 +36,14 @@ _Decisions = dict[tuple[str | None, tuple[str, ...]], _Sender]
 class Submission:
     """Accepting e-mails into the queue."""
 
-    def __init__(self, installation: Installation, senders: SenderAddresses) -> None:
+    def __init__(self, installation: Installation, senders: SenderAddresses,
+                 bounces: Bounces, notices: Notices) -> None:
         self.installation = installation
         self.store = installation.store
         self.config = installation.config
         self.senders = senders
+        self.bounces = bounces
+        self.notices = notices
 
     async def submit(self, user: User, messages: Sequence[MessageIn]) -> list[EnqueueResult]:
         """Accept messages: policy, render, store durably in one commit, then return."""
@@ -55,8 +60,10 @@ class Submission:
         batch = [self._prepare(user, settings, m, index if len(messages) > 1 else None,
                                verified, decisions)
                  for index, m in enumerate(messages)]
+        await self._bounce_handling(user.establishment_id, settings, batch)
         results = await self.store.enqueue(batch)
         self.installation.wake_delivery()
+        await self._tell_suppressed(batch, results)
         # Built directly: cheaper than dataclasses.replace for each e-mail of a batch.
         return [EnqueueResult(r.id, r.status, r.duplicate, m.sender_rule)
                 for r, m in zip(results, batch, strict=True)]
@@ -87,7 +94,7 @@ class Submission:
         data = rewrite_submitted(raw, decision, message_id=message_id,
                                  max_size=self.config.max_message_size, smtputf8=smtputf8)
         wire = (lambda a: a) if smtputf8 else policy.ascii_address
-        (result,) = await self.store.enqueue([
+        batch = [
             NewMessage(
                 id=new_message_id(),
                 establishment_id=user.establishment_id,
@@ -103,9 +110,34 @@ class Submission:
                 idempotency_key=idempotency_key,
                 sender_rule=decision.rule,
             )
-        ])
+        ]
+        await self._bounce_handling(user.establishment_id, settings, batch)
+        (result,) = await self.store.enqueue(batch)
         self.installation.wake_delivery()
+        await self._tell_suppressed(batch, [result])
         return dataclasses.replace(result, sender_rule=decision.rule)
+
+    async def _bounce_handling(self, establishment_id: int, settings: DeliverySettings,
+                               batch: list[NewMessage]) -> None:
+        """Each e-mail's own return address, when the establishment has a bounce address;
+        the recipients on its suppression list, who are never attempted."""
+        if settings.bounces.address:
+            for m in batch:
+                m.envelope_from = policy.ascii_address(
+                    self.bounces.return_address(m.id, settings.bounces.address))
+        held = await self.bounces.suppressed_in(
+            establishment_id, [a for m in batch for a in m.recipients])
+        if held:
+            for m in batch:
+                mine = {a: held[a] for a in m.recipients if a in held}
+                m.suppressed = mine or None
+
+    async def _tell_suppressed(self, batch: list[NewMessage],
+                               results: Sequence[EnqueueResult]) -> None:
+        """The sender's notice, once per e-mail, of recipients left out as suppressed."""
+        for m, r in zip(batch, results, strict=True):
+            if m.suppressed and not r.duplicate:
+                await self.notices.suppressed_notice(m.id)
 
     def _prepare(
         self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None,

@@ -2,8 +2,8 @@
 
 A hosted establishment's administrator enters servers the platform then reaches on their
 behalf: the relay and the backup relay (or the Postier server they hand e-mails on to),
-the OAuth2 token URL, the webhook. Pointed at the platform's own loopback or private
-networks, they would let a school's administrator probe or use the platform's internal
+the OAuth2 token URL, the webhook, the bounce mailbox. Pointed at the platform's own
+loopback or private networks, they would let a school's administrator probe or use the platform's internal
 services (server-side request forgery). So, for a hosted establishment, every address such
 a server's name resolves to (the system resolver, when the settings are saved or tested)
 must be a public one: not loopback, private, link-local, unspecified, multicast or
@@ -81,6 +81,9 @@ def targets(settings: DeliverySettings) -> list[tuple[str, str, int | None]]:
             out.append(_url(f"{section}.oauth2_token_url", relay.oauth2_token_url))
     if settings.alerts.webhook_url:
         out.append(_url("alerts.webhook_url", settings.alerts.webhook_url))
+    imap = settings.bounces.imap
+    if imap is not None and imap.host:
+        out.append(("bounces.imap.host", imap.host, imap.port))
     return [(field, host.strip("[]").lower(), port) for field, host, port in out if host]
 
 

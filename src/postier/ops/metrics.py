@@ -21,8 +21,9 @@ into a cached base; the rest is counted at every scrape. The base is recounted f
 scratch every hour, which also repairs anything a clock jump made it miss. Only rows that
 are in the base can be purged (they are at least a day old), so a purge between two
 recounts changes nothing: the base already holds them.
-Gauges (queue depth, oldest waiting message, relay state) are read live, from the
-(establishment, status, created_at) index and the newest attempts.
+Gauges (queue depth, oldest waiting message, relay state, bounces on record and addresses
+on the suppression lists) are read live, from the (establishment, status, created_at)
+index, the newest attempts and the bounce tables.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ class Snapshot:
     oldest_waiting: float | None
     relays: dict[str, bool]
     delivery: str | None = None
+    bounces: dict[tuple[int, str], int] = field(default_factory=dict)
+    suppressed: dict[int, int] = field(default_factory=dict)
 
 
 class Collector:
@@ -98,8 +101,9 @@ class Collector:
             self._att_boundary = max(self._att_boundary, read.att_boundary)
         totals = self._base.copy()
         totals.add(read.tail)
+        bounces, suppressed = await self.store.bounce_tallies()
         return Snapshot(read.establishments, totals, read.queue, read.oldest_waiting,
-                        _relay_states(read.replies))
+                        _relay_states(read.replies), bounces=bounces, suppressed=suppressed)
 
 
 def _relay_states(replies: list[tuple[str, int | None]]) -> dict[str, bool]:
@@ -188,6 +192,18 @@ def render(snap: Snapshot, now: float | None = None) -> str:
         "Whether the SMTP relay took mail at its newest delivery attempt (1) or not (0).",
         (("postier_relay_up", {"relay": r}, 1 if up else 0)
          for r, up in sorted(snap.relays.items())),
+    )
+    w.family(
+        "postier_bounces", "gauge",
+        "Bounces on record (purged with their e-mails), by kind: hard, soft, complaint.",
+        (("postier_bounces", {"establishment": names.get(e, str(e)), "kind": k}, n)
+         for (e, k), n in sorted(snap.bounces.items())),
+    )
+    w.family(
+        "postier_suppressed_addresses", "gauge",
+        "Addresses on the establishment's suppression list.",
+        (("postier_suppressed_addresses", {"establishment": names.get(e, str(e))}, n)
+         for e, n in sorted(snap.suppressed.items())),
     )
     cumulative = 0
     samples: list[tuple[str, dict[str, str], float]] = []

@@ -32,6 +32,7 @@ from postier.core.reasons import explain_error
 from postier.core.settings import DeliverySettings, RelaySettings, WebhookEvent
 from postier.delivery.tls import tls_context
 from postier.store.alerts import OutgoingEvent
+from postier.store.base import BOUNCED
 
 if TYPE_CHECKING:
     from postier.core.service import Postier
@@ -79,12 +80,13 @@ def _wanted(settings: DeliverySettings, category: WebhookEvent) -> bool:
 
 async def message_event(core: Postier, message_id: str, kind: str,
                         establishment_id: int | None = None) -> bool:
-    """Store ``message.failed``, ``message.delayed`` or ``message.sent`` for an e-mail,
-    when the establishment's webhook takes it. Each is stored once per state: ``failed``
-    again only when more recipients have failed, ``delayed`` once per e-mail. Knowing
+    """Store ``message.failed``, ``message.delayed``, ``message.sent`` or
+    ``message.bounced`` for an e-mail, when the establishment's webhook takes it. Each is
+    stored once per state: ``failed`` (``bounced``) again only when more recipients have
+    failed (bounced), ``delayed`` once per e-mail. Knowing
     ``establishment_id`` spares reading the e-mail when nobody wants the event."""
     category = {"failed": WebhookEvent.FAILURES, "delayed": WebhookEvent.DELAYS,
-                "sent": WebhookEvent.SENT}[kind]
+                "sent": WebhookEvent.SENT, "bounced": WebhookEvent.BOUNCES}[kind]
     if establishment_id is not None and not _wanted(
             await core.delivery_settings(establishment_id), category):
         return False
@@ -96,8 +98,9 @@ async def message_event(core: Postier, message_id: str, kind: str,
     if not _wanted(settings, category):
         return False
     failed = [r for r in record.recipients if r.status == "failed"]
+    bounced = [r for r in record.recipients if r.status == BOUNCED]
     key = {"failed": f"failed:{record.id}:{len(failed)}", "delayed": f"delayed:{record.id}",
-           "sent": f"sent:{record.id}"}[kind]
+           "sent": f"sent:{record.id}", "bounced": f"bounced:{record.id}:{len(bounced)}"}[kind]
     user = await core.store.get_user(user_id=record.user_id)
     data = {
         "message": {

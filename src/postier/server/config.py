@@ -60,6 +60,12 @@ class ServerConfig(BaseSettings):
     smtp_trusted_account: str | None = Field(
         None, description="The account trusted networks submit for"
     )
+    bounce_smtp: str = Field(
+        "off", description="HOST:PORT of the bounce SMTP door (mail for return addresses), "
+        "or off")
+    dns_servers: str = Field(
+        "", description="DNS servers of the domain check (host:port, comma-separated); "
+        "default: the system's resolvers")
     smtp_max_recipients: int = Field(100, ge=1, le=10000)
     smtp_max_connections: int = Field(200, ge=1)
     smtp_rate_per_minute: int = Field(600, ge=1, description="Messages per account")

@@ -31,9 +31,11 @@ from postier.errors import PostierError
 from postier.i18n import N_
 from postier.ops import metrics
 from postier.ops.alerts import AlertTask, attach
+from postier.ops.bounces import BounceMailboxTask
 from postier.ops.retention import RetentionTask
 from postier.server import smtp as smtp_server
 from postier.server.api import create_app
+from postier.server.bounce_smtp import start_bounce_door
 from postier.server.child_processes import (
     DeliveryProcesses,
     HttpProcesses,
@@ -99,17 +101,27 @@ class _ChildServer(_Server):
     signals = (signal.SIGTERM,)
 
 
+def _on(value: str | None) -> bool:
+    return bool(value) and str(value).lower() != "off"
+
+
 async def start_smtp(core: Postier, config: ServerConfig) -> list[asyncio.Server]:
-    """SMTP submission doors (STARTTLS and implicit TLS), as configured."""
+    """SMTP submission doors (STARTTLS and implicit TLS) and the bounce door, as
+    configured."""
     doors = [(v, implicit) for v, implicit in ((config.smtp, False), (config.smtps, True))
-             if v and v.lower() != "off"]
-    if not doors:
+             if _on(v)]
+    if not doors and not _on(config.bounce_smtp):
         return []
     if config.tls_cert and config.tls_key:
         cert, key = config.tls_cert, config.tls_key
     else:
         cert, key = smtp_server.self_signed(config.data_dir, config.hostname)
     tls = smtp_server.server_tls_context(cert, key)
+    servers = []
+    if _on(config.bounce_smtp):
+        host, port = split_host_port(config.bounce_smtp, 25)
+        servers.append(await start_bounce_door(core, host=host, port=port, tls=tls))
+        log.info("bounce SMTP door on %s:%d", host, port)
     sub = smtp_server.SubmissionConfig(
         max_recipients=config.smtp_max_recipients,
         max_connections=config.smtp_max_connections,
@@ -117,7 +129,6 @@ async def start_smtp(core: Postier, config: ServerConfig) -> list[asyncio.Server
         trusted_networks=smtp_server.parse_networks([config.smtp_trusted_networks]),
         trusted_account=config.smtp_trusted_account,
     )
-    servers = []
     for value, implicit in doors:
         host, port = split_host_port(value, 465 if implicit else 2587)
         servers.append(await smtp_server.start_submission(
@@ -301,6 +312,7 @@ class _ServerParts:
     http_children: HttpProcesses | None
     retention: RetentionTask
     alerts: AlertTask | None
+    mailboxes: BounceMailboxTask
     smtp_servers: list[asyncio.Server] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -322,6 +334,7 @@ class _ServerParts:
             self.alerts.start()
         self.smtp_servers.extend(await start_smtp(core, self.config))
         self.retention.start()
+        self.mailboxes.start()
         if self.http_children is not None:
             await self.http_children.start()
         tune_gc()
@@ -336,6 +349,7 @@ class _ServerParts:
         if self.http_children is not None:
             await self.http_children.stop()
         await self.retention.stop()
+        await self.mailboxes.stop()
         if self.alerts is not None:
             await self.alerts.stop()
         if self.worker is not None:
@@ -366,6 +380,7 @@ def _server_parts(config: ServerConfig, log_level: str) -> _ServerParts:
     return _ServerParts(
         config, core, host, port, lock, worker, children, listening, http_children,
         retention=RetentionTask(core, config.retention_interval),
+        mailboxes=BounceMailboxTask(core),
         alerts=attach(core, worker) if worker is not None else None,
     )
 

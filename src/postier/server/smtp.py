@@ -53,7 +53,7 @@ from postier.i18n import N_
 from postier.server.smtp_tls import fingerprint, self_signed, server_tls_context
 from postier.store.base import User
 
-__all__ = ["SubmissionConfig", "fingerprint", "parse_networks", "self_signed",
+__all__ = ["CappedSMTP", "SubmissionConfig", "fingerprint", "parse_networks", "self_signed",
            "server_tls_context", "start_submission"]
 log = logging.getLogger("postier.smtp")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -340,9 +340,10 @@ class _QuietSession(Session):
         self._login_data = value
 
 
-class _Submission(SMTP):
+class CappedSMTP(SMTP):
     """aiosmtpd's protocol with caps on simultaneous connections, in all and per client
-    address (so one client holding idle connections cannot lock every other out)."""
+    address (so one client holding idle connections cannot lock every other out); each
+    door is a subclass with counters of its own."""
 
     active = 0
     per_client: ClassVar[collections.Counter[str]] = collections.Counter()
@@ -489,23 +490,25 @@ class _Submission(SMTP):
         if self._counted is None:
             peer = transport.get_extra_info("peername")
             client = str(peer[0]) if peer else "?"
-            if (_Submission.active >= self._max_connections
-                    or _Submission.per_client[client] >= self._max_per_client):
+            if (type(self).active >= self._max_connections
+                    or type(self).per_client[client] >= self._max_per_client):
                 if isinstance(transport, asyncio.WriteTransport):
                     transport.write(b"421 4.7.0 Too many connections; try again later\r\n")
                 transport.close()
                 return
-            _Submission.active += 1
-            _Submission.per_client[client] += 1
+            cls = type(self)
+            cls.active += 1
+            cls.per_client[client] += 1
             self._counted = client
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._counted is not None:
-            _Submission.active -= 1
-            _Submission.per_client[self._counted] -= 1
-            if _Submission.per_client[self._counted] <= 0:
-                del _Submission.per_client[self._counted]
+            cls = type(self)
+            cls.active -= 1
+            cls.per_client[self._counted] -= 1
+            if cls.per_client[self._counted] <= 0:
+                del cls.per_client[self._counted]
             self._counted = None
         super().connection_lost(exc)
 
@@ -522,7 +525,7 @@ async def start_submission(
     handler = SubmissionHandler(core, config)
 
     def protocol() -> SMTP:
-        return _Submission(
+        return CappedSMTP(
             handler,
             max_connections=config.max_connections,
             max_per_client=config.max_per_client,

@@ -22,7 +22,17 @@ from postier.core.service import Postier
 from postier.errors import PostierError, StoreUnavailable
 from postier.i18n import N_, negotiate, translate
 from postier.server import web
-from postier.server.api import admin, alerts, dkim, messages, operations, profiles, senders, users
+from postier.server.api import (
+    admin,
+    alerts,
+    bounces,
+    dkim,
+    messages,
+    operations,
+    profiles,
+    senders,
+    users,
+)
 from postier.server.api.guard import RequestGuard
 from postier.store.sql_base import database_unreachable, unreachable
 
@@ -179,6 +189,9 @@ def create_app(
     app.include_router(senders.router)  # sender address verification
     app.include_router(operations.router)  # readiness, metrics, personal data
     app.include_router(alerts.router)  # alerts of the establishment
+    app.include_router(bounces.router)  # the suppression list
+    app.include_router(bounces.check_router)  # the domain check
+    app.include_router(bounces.mailbox_router)  # the bounce mailbox's check
 
     @app.get("/api/v1/health", tags=["operations"])
     async def health() -> dict[str, str]:

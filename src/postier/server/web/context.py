@@ -48,6 +48,8 @@ STATUS_LABELS = {
     "failed": N_("Failed"),
     "cancelled": N_("Cancelled"),
     "pending": N_("Waiting"),
+    "bounced": N_("Returned (bounced)"),
+    "suppressed": N_("Not sent: blocked address"),
 }
 
 ROLE_LABELS = {
