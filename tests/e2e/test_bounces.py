@@ -219,3 +219,44 @@ def test_the_bounce_address_must_be_in_the_establishments_domains(
         shown = c.get("/api/v1/settings").json()["bounces"]
     assert shown["address"] == "retours@ac-lyon.fr"
     assert shown["imap"]["password_set"] is True and "password" not in shown["imap"]
+
+
+def test_an_administrator_checks_the_domain_against_the_dns(
+    server_factory: Any, relay: FaultRelay, dns_server: Any
+) -> None:
+    servers = ",".join(f"{h}:{p}" for h, p in dns_server.servers)
+    server: PostierServer = server_factory(POSTIER_DNS_SERVERS=servers).start()
+    server.configure_relay(relay)
+    dns_server.add("ac-lyon.fr", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    dns_server.add("_dmarc.ac-lyon.fr", "TXT", "v=DMARC1; p=quarantine")
+    with server.client(**{"Accept-Language": "fr"}) as c:
+        r = c.post("/api/v1/domains/check", json={"domain": "ac-lyon.fr"})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["domain"] == "ac-lyon.fr"
+        assert set(got) >= {"spf", "dkim", "dmarc"}
+        assert got["dmarc"]["found"] == "v=DMARC1; p=quarantine"
+        assert got["dkim"]["ok"] is False and "dkim" in got["dkim"]["hint"].lower()
+        bad = c.post("/api/v1/domains/check", json={"domain": "pas un domaine"})
+        assert bad.status_code == 422
+    with server.client("alice") as c:
+        assert c.post("/api/v1/domains/check", json={"domain": "ac-lyon.fr"}
+                      ).status_code == 403
+
+
+def test_an_administrator_checks_the_bounce_mailbox(server: PostierServer,
+                                                    dovecot: Any) -> None:
+    dovecot.deliver(out_of_office("retours@ac-lyon.fr"))
+    imap = dovecot.mailbox("none").model_dump(mode="json")
+    with server.client(**{"Accept-Language": "fr"}) as c:
+        none_yet = c.post("/api/v1/bounces/mailbox/check", json={})
+        assert none_yet.status_code == 422
+        r = c.post("/api/v1/bounces/mailbox/check", json={"imap": imap})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"unread": 1}
+        wrong = c.post("/api/v1/bounces/mailbox/check",
+                       json={"imap": imap | {"password": "pas-le-bon"}})
+        assert wrong.status_code == 502
+        assert wrong.json()["error"]["code"] == "bounce_mailbox"
+        assert "pas-le-bon" not in wrong.text
+    assert dovecot.unseen() == 1, "a check changes nothing in the mailbox"

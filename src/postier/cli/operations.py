@@ -25,15 +25,19 @@ def doctor(
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     as_json: Annotated[bool, typer.Option("--json", help=N_("Print the checks as JSON"))] = False,
+    dns: Annotated[bool, typer.Option(
+        "--dns", help=N_("Also check each sending domain's SPF, DKIM and DMARC in the DNS"))
+    ] = False,
 ) -> None:
     """Check this installation: configuration, database and migrations, key file, stored
-    secrets, disk space, relay (greeted, nothing sent), clock. Exit status 0 when all is
-    well, 1 on a warning, 2 on a failure (for cron or a monitoring system)."""
+    secrets, disk space, relay (greeted, nothing sent), clock; with --dns, the sending
+    domains' SPF, DKIM and DMARC. Exit status 0 when all is well, 1 on a warning, 2 on a
+    failure (for cron or a monitoring system)."""
     # Loaded by this command only: the other commands start without it.
     from postier.ops.doctor import diagnose, exit_status
 
     lang = system_language()
-    checks = asyncio.run(diagnose(_config(data_dir, database_url), lang))
+    checks = asyncio.run(diagnose(_config(data_dir, database_url), lang, dns))
     status = exit_status(checks)
     if as_json:
         print(json.dumps({"status": ("ok", "warn", "fail")[status],

@@ -42,6 +42,7 @@ from postier.ops.doctor_checks import (
     short_reason,
     size_text,
 )
+from postier.ops.doctor_dns import domain_checks
 from postier.server.config import ServerConfig
 from postier.store import create_store, database_url
 from postier.store.base import Store
@@ -60,9 +61,10 @@ class Doctor:
     """Runs the checks in order, each adding its results; later checks skip what an
     earlier one found missing (no store, no readable key)."""
 
-    def __init__(self, config: ServerConfig, lang: str = "en") -> None:
+    def __init__(self, config: ServerConfig, lang: str = "en", dns: bool = False) -> None:
         self.config = config
         self.lang = lang
+        self.dns = dns  # check each sending domain's SPF, DKIM and DMARC (DNS queries)
         self.data_dir = Path(config.data_dir)
         self.checks: list[Check] = []
         self.store: Store | None = None
@@ -88,6 +90,9 @@ class Doctor:
             await self.check_queue()
             await self.check_relays()
             await self.check_domains()
+            if self.dns and self.store_ok and self.store is not None:
+                self.checks.extend(await domain_checks(self.store, self.config.dns_servers,
+                                                       self.lang))
             await self.check_operators()
             await self.check_clock()
             self.check_server()
@@ -547,5 +552,5 @@ class Doctor:
                       "--data-dir {path})."), path=str(self.data_dir)))
 
 
-async def diagnose(config: ServerConfig, lang: str = "en") -> list[Check]:
-    return await Doctor(config, lang).run()
+async def diagnose(config: ServerConfig, lang: str = "en", dns: bool = False) -> list[Check]:
+    return await Doctor(config, lang, dns).run()

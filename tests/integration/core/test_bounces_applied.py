@@ -6,6 +6,7 @@ recipient, nor another establishment's e-mails."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from postier.core.bounce_reports import BouncedRecipient, BounceReport
 from postier.core.message import MessageIn
 from postier.core.service import Postier
 from postier.ops.bounces import BounceMailboxTask, receive
+from postier.ops.doctor import diagnose
+from postier.ops.metrics import Collector, render
 from postier.server.config import ServerConfig
 from postier.store.base import AttemptRecord, Outcome, RecipientState, User
 from support.bounces import dsn, out_of_office
@@ -181,3 +184,52 @@ async def test_a_mailbox_that_cannot_be_read_is_said_once_and_read_later(
         assert len(said) == 1 and password not in said[0].getMessage()
     finally:
         await core.close()
+
+
+async def test_a_bounce_tells_the_sender_once_the_webhook_and_the_metrics(
+    tmp_path: Path,
+) -> None:
+    core, admin = await _core(tmp_path)
+    try:
+        await core.put_settings(admin, {"alerts": {
+            "webhook_url": "http://127.0.0.1:9/hook", "webhook_secret": "s" * 20}})
+        alice = await core.add_user("alice", "alice@ac-lyon.fr")
+        message_id = await _delivered(core, alice, ["parti@example.org"])
+        record = await core.store.get_message(message_id)
+        assert record is not None
+        for _ in range(2):  # the same bounce twice: one notice, one event
+            got = await receive(core, dsn(record.envelope_from, "parti@example.org"))
+        assert got.kind == "dsn" and got.message_id == message_id
+
+        notices = [c for c in await core.store.claim("t", 10, lease_seconds=60,
+                                                     now=time.time() + 1)
+                   if b"X-Postier-Notice: bounce" in c.data]
+        assert [[r.address for r in n.recipients] for n in notices] == [["alice@ac-lyon.fr"]]
+        assert b"parti@example.org" in notices[0].data
+
+        events = await core.store.take_due_events(time.time() + 1, 60)
+        bounced = [json.loads(e.payload) for e in events if e.event == "message.bounced"]
+        assert len(bounced) == 1
+        (rcpt,) = bounced[0]["data"]["message"]["recipients"]
+        assert (rcpt["address"], rcpt["status"], rcpt["code"]) == (
+            "parti@example.org", "bounced", 550)
+
+        text = render(await Collector(core.store).snapshot())
+        assert 'postier_suppressed_addresses{establishment="default"} 1' in text
+        assert 'postier_bounces{establishment="default",kind="hard"} 2' in text
+    finally:
+        await core.close()
+
+
+async def test_doctor_checks_the_sending_domains_dns(tmp_path: Path, dns_server: Any) -> None:
+    core, admin = await _core(tmp_path)
+    await core.close()
+    dns_server.add("ac-lyon.fr", "TXT", "v=spf1 -all")
+    servers = ",".join(f"{h}:{p}" for h, p in dns_server.servers)
+    checks = await diagnose(ServerConfig(data_dir=tmp_path, dns_servers=servers), "fr",
+                            dns=True)
+    (dns,) = [c for c in checks if c.key == "dns"]
+    assert dns.level == "warn" and "ac-lyon.fr" in dns.label
+    assert "DMARC" in dns.result and "DKIM" in dns.result
+    without = await diagnose(ServerConfig(data_dir=tmp_path, dns_servers=servers), "fr")
+    assert not [c for c in without if c.key == "dns"], "only asked with --dns"
