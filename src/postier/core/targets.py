@@ -3,13 +3,14 @@
 A hosted establishment's administrator enters servers the platform then reaches on their
 behalf: the relay and the backup relay (or the Postier server they hand e-mails on to),
 the OAuth2 token URL, the webhook, the bounce mailbox. Pointed at the platform's own
-loopback or private networks, they would let a school's administrator probe or use the platform's internal
-services (server-side request forgery). So, for a hosted establishment, every address such
-a server's name resolves to (the system resolver, when the settings are saved or tested)
-must be a public one: not loopback, private, link-local, unspecified, multicast or
-reserved — unless it is in a network the operator allows
-(``POSTIER_HOSTED_ALLOWED_NETWORKS``). A school's own installation (an establishment that
-is not hosted) keeps every address: its relay is often on its own network.
+loopback or private networks, they would let a school's administrator probe or use the
+platform's internal services (server-side request forgery). So, for a hosted
+establishment, every address such a server's name resolves to (the system resolver, when
+the settings are saved or tested) must be a public one: not loopback, private,
+link-local, unspecified, multicast or reserved — unless it is in a network the operator
+allows (``POSTIER_HOSTED_ALLOWED_NETWORKS``). A school's own installation (an
+establishment that is not hosted) keeps every address: its relay is often on its own
+network.
 """
 
 from __future__ import annotations

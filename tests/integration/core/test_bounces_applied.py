@@ -21,6 +21,7 @@ from postier.ops.doctor import diagnose
 from postier.ops.metrics import Collector, render
 from postier.server.config import ServerConfig
 from postier.store.base import AttemptRecord, Outcome, RecipientState, User
+
 from support.bounces import dsn, out_of_office
 
 DAY = 86400.0
@@ -222,7 +223,7 @@ async def test_a_bounce_tells_the_sender_once_the_webhook_and_the_metrics(
 
 
 async def test_doctor_checks_the_sending_domains_dns(tmp_path: Path, dns_server: Any) -> None:
-    core, admin = await _core(tmp_path)
+    core, _admin = await _core(tmp_path)
     await core.close()
     dns_server.add("ac-lyon.fr", "TXT", "v=spf1 -all")
     servers = ",".join(f"{h}:{p}" for h, p in dns_server.servers)
