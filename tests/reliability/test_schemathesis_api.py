@@ -47,8 +47,10 @@ def test_no_server_error_for_any_input(fuzz_server: ServerProcess) -> None:
     assert len(operations) >= 30, "the whole API is described"
 
     for operation in operations:
-        if operation.path in ("/api/v1/settings/test", "/api/v1/profiles/{profile_id}/test"):
-            continue  # would contact generated relay hosts: tested on 127.0.0.1 elsewhere
+        if operation.path in ("/api/v1/settings/test", "/api/v1/profiles/{profile_id}/test",
+                              "/api/v1/bounces/mailbox/check", "/api/v1/domains/check"):
+            continue  # would contact generated hosts (relay, mailbox, DNS): tested on
+            # 127.0.0.1 elsewhere
 
         @given(case=operation.as_strategy())
         @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
