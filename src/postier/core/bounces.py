@@ -22,7 +22,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from postier.core import policy
@@ -131,12 +131,17 @@ class Bounces:
         return await self.store.get_message(message_id)
 
     # -- the suppression list at acceptance ---------------------------------------------
-    async def suppressed_in(self, establishment_id: int, recipients: Sequence[str]
+    async def listed(self, establishment_id: int) -> frozenset[str]:
+        """The lower-cased addresses on the establishment's suppression list, read at most
+        every few seconds per process."""
+        return await self._keys.get(
+            establishment_id, lambda: self.store.suppressed_keys(establishment_id))
+
+    async def suppressed_in(self, establishment_id: int, recipients: Iterable[str]
                             ) -> dict[str, str]:
         """The recipients on the establishment's suppression list: address -> what the
-        recipient shows. The list is read at most every few seconds per process."""
-        keys = await self._keys.get(
-            establishment_id, lambda: self.store.suppressed_keys(establishment_id))
+        recipient shows."""
+        keys = await self.listed(establishment_id)
         if not keys:
             return {}
         hits = {a: a.lower() for a in recipients if a.lower() in keys}

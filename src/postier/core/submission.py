@@ -126,7 +126,7 @@ class Submission:
                 m.envelope_from = policy.ascii_address(
                     self.bounces.return_address(m.id, settings.bounces.address))
         held = await self.bounces.suppressed_in(
-            establishment_id, [a for m in batch for a in m.recipients])
+            establishment_id, (a for m in batch for a in m.recipients))
         if held:
             for m in batch:
                 mine = {a: held[a] for a in m.recipients if a in held}
