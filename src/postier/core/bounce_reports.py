@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
@@ -93,6 +94,8 @@ class Form:
 
 @dataclass(frozen=True)
 class Patterns:
+    """Everything ``bounce_patterns.json`` holds, compiled."""
+
     forms: tuple[Form, ...]
     returned_copy: tuple[re.Pattern[str], ...]
     quoted_message_id: tuple[re.Pattern[str], ...]
@@ -340,7 +343,7 @@ def _unfolded(value: str) -> str:
     if "=?" in value:
         try:
             value = str(make_header(decode_header(value)))
-        except (LookupError, UnicodeError, ValueError, TypeError, AssertionError):
+        except (MessageError, LookupError, UnicodeError, ValueError, TypeError):
             pass
     return " ".join(value.split())
 
@@ -378,7 +381,7 @@ def _fields(text: str) -> list[list[tuple[str, str]]]:
             name, _, value = line.partition(":")
             if name.strip() and " " not in name.strip():
                 groups[-1].append((name.strip().lower(), [value.strip()]))
-    return [[(n, " ".join(v)) for n, v in g] for g in groups if g][:MAX_PARTS]
+    return [[(n, " ".join(v).strip()) for n, v in g] for g in groups if g][:MAX_PARTS]
 
 
 def _part_fields(part: Message) -> list[list[tuple[str, str]]]:
