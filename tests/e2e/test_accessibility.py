@@ -19,7 +19,7 @@ pytestmark = pytest.mark.in_process
 
 WCAG = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}}
 ADMIN_PAGES = ("/queue", "/mine", "/settings", "/profiles", "/users", "/users/alice",
-               "/account")
+               "/suppressions", "/account")
 
 
 def _violations(page: Any) -> list[str]:
@@ -39,6 +39,9 @@ def test_no_wcag_violation_on_the_pages(
         sent = alice.post("/api/v1/messages", json={
             "to": ["parent@example.org"], "subject": "Réunion", "text": "x"})
         message_id = sent.json()["id"]
+    with web_server.client() as admin_api:  # the blocked addresses' list is not empty
+        assert admin_api.post("/api/v1/suppressions", json={
+            "address": "ancien@example.org", "note": "a quitté le collège"}).status_code == 201
     found: list[str] = []
     anonymous = web.page(lang)
     anonymous.goto("/login")

@@ -417,7 +417,7 @@ def test_alerts_and_their_webhook_are_set_and_the_secret_is_write_only(
             alerts["credential_expiry_days"]) == (1800, 7200, 21)
     assert alerts["webhook_url"] == "https://ent.ac-lyon.fr/postier/events"
     assert alerts["webhook_secret_set"] is True and "webhook_secret" not in alerts
-    assert set(alerts["webhook_events"]) == {"alerts", "failures", "delays", "sent"}
+    assert set(alerts["webhook_events"]) == {"alerts", "failures", "delays", "sent", "bounces"}
     assert "Secret-Du-Webhook-2026" not in page.content()
     expect(page.locator("#h-alerts\\.webhook_secret")).to_contain_text(
         "Un secret de webhook est enregistré")

@@ -48,7 +48,7 @@ SUPPRESSED_BODY = N_(
 )
 SUPPRESSED_HINT = N_(
     "Check these addresses with the people concerned; an administrator can lift an "
-    "address that works again (Suppressions page)."
+    "address that works again (Blocked addresses page)."
 )
 
 __all__ = ["NOTICE_PREFIX", "SYSTEM_USER", "Notices"]

@@ -22,7 +22,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from postier.errors import PostierError
 from postier.i18n import N_, translate
-from postier.server.web import account, profiles, queue, settings_pages, setup, users
+from postier.server.web import (
+    account,
+    profiles,
+    queue,
+    settings_bounces,
+    settings_pages,
+    setup,
+    suppressions,
+    users,
+)
 from postier.server.web.context import (
     PageError,
     SignInRequired,
@@ -61,7 +70,8 @@ async def _render_error(request: Request, status: int, message: str,
 def install(app: FastAPI) -> None:
     """Mount the pages and their assets on the API's application."""
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    for module in (account, settings_pages, profiles, queue, users, setup):
+    for module in (account, settings_pages, settings_bounces, profiles, queue, users,
+                   suppressions, setup):
         app.include_router(module.router)
 
     async def sign_in_required(request: Request, exc: Exception) -> Response:
@@ -72,7 +82,8 @@ def install(app: FastAPI) -> None:
         path = request.url.path
         target = path + ("?" + request.url.query if request.url.query else "")
         if request.method != "GET":
-            target = path if path in ("/settings", "/profiles", "/users") else "/"
+            target = path if path in ("/settings", "/profiles", "/users",
+                                      "/suppressions") else "/"
         return redirect("/login?next=" + quote(target, safe="/"))
 
     async def page_error(request: Request, exc: Exception) -> Response:

@@ -1,5 +1,5 @@
 """The "Paramètres d'envoi des e-mails" page, its "Tester l'envoi d'e-mails" button and the
-sender preview."""
+sender preview. The page's bounce part has its buttons in :mod:`.settings_bounces`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from starlette.datastructures import FormData
 from postier.core.presets import PRESETS
 from postier.core.presets import presets as relay_presets
 from postier.core.relay_warnings import relay_warnings
-from postier.core.settings import RELAY_SECTIONS, SECRET_FIELDS, DeliverySettings, RelaySettings
+from postier.core.settings import (
+    RELAY_SECTIONS,
+    SECRET_FIELDS,
+    BounceMailbox,
+    DeliverySettings,
+    RelaySettings,
+)
 from postier.delivery.diagnose import STEP_LABELS, TestReport
 from postier.errors import InvalidAddress, PostierError
 from postier.i18n import N_
@@ -33,6 +39,7 @@ from postier.server.web.context import (
 )
 from postier.server.web.forms import (
     checkbox,
+    duration,
     duration_parts,
     duration_units,
     error_text,
@@ -56,6 +63,10 @@ FIELDS = {
     "alerts.webhook_secret", "alerts.remove_webhook_secret", "alerts.webhook_events",
     *(f"{section}.{name}" for section in RELAY_SECTIONS for name in _RELAY_FIELDS),
 }
+_IMAP = "bounces.imap."
+BOUNCE_FIELDS = {"bounces.address", _IMAP + "remove_password",
+                 *(_IMAP + name for name in BounceMailbox.model_fields)}
+FIELDS |= BOUNCE_FIELDS
 DKIM_FIELDS = {"dkim.domain", "dkim.selector", "form"}
 
 
@@ -76,7 +87,7 @@ def _signable_domains(settings: DeliverySettings) -> list[str]:
     return list(dict.fromkeys([*([own] if own else []), *domains]))
 
 
-async def _settings_page(
+async def settings_page(
     p: Page,
     *,
     status_code: int = 200,
@@ -88,23 +99,31 @@ async def _settings_page(
     notice: str | None = None,
     dkim_values: dict[str, str] | None = None,
     dkim_errors: dict[str, str] | None = None,
+    **extra: Any,
 ) -> Response:
+    """The page; ``extra`` is for its bounce part (:mod:`.settings_bounces`): the mailbox
+    test's outcome (``mailbox``), the domain typed and its check (``check_domain``,
+    ``domain_check``, ``domain_errors``)."""
     saved = await p.core.get_settings(p.me)
     stored = await p.core.stored_settings(p.me.establishment_id)
     keys = await p.core.dkim_keys(p.me.establishment_id)
     presets = relay_presets(p.lang)
+    extra = {"check_domain": stored.sender.address.rpartition("@")[2], "mailbox": None,
+             "domain_check": None, "domain_errors": {}} | extra
     return render(
         p,
         "settings.html",
         status_code,
         title=p._("E-mail sending settings"),
-        v=values or settings_values(saved),
+        v=values or settings_values(saved) | bounce_values(saved["bounces"]),
         saved=saved,
         secrets_set={
             section: {name: bool((saved.get(section) or {}).get(f"{name}_set"))
                       for name in SECRET_FIELDS}
             for section in RELAY_SECTIONS
-        } | {"alerts": {"webhook_secret": bool(saved["alerts"].get("webhook_secret_set"))}},
+        } | {"alerts": {"webhook_secret": bool(saved["alerts"].get("webhook_secret_set"))},
+             "bounces.imap": {"password": bool((saved["bounces"]["imap"] or {}).get(
+                 "password_set"))}},
         password_set=bool(saved["relay"].get("password_set")),
         limit_fields=[name for name in RelaySettings.model_fields if name.startswith("max_")],
         presets=presets,
@@ -123,23 +142,62 @@ async def _settings_page(
         dkim_values=dkim_values or {},
         dkim_errors=dkim_errors or {},
         duration_parts=duration_parts,
+        **extra,
     )
 
 
-def _typed(form: FormData, payload: dict[str, Any]) -> dict[str, Any]:
+def form_values(form: FormData, payload: dict[str, Any]) -> dict[str, Any]:
     """The form's values as typed, to show again (with the durations' units)."""
-    return settings_values(payload) | duration_units(form)
+    bounces = payload.get("bounces") or {}
+    if "bounces.address" in form:  # the mailbox's fields as typed, even without a server
+        bounces = {"address": text(form, "bounces.address").strip(),
+                   "imap": mailbox_payload(form)}
+    return (settings_values(payload) | duration_units(form) | bounce_values(bounces)
+            | {_IMAP + "interval.unit": text(form, _IMAP + "interval.unit")})
+
+
+# -- the bounce part of the form: "Retours (e-mails non distribués)" ---------------------
+def mailbox_payload(form: FormData) -> dict[str, Any]:
+    """The bounce mailbox's fields as typed. Its password is write-only like the relay's:
+    left blank it is kept, the "remove" box removes it."""
+    imap: dict[str, Any] = {name: text(form, _IMAP + name).strip()
+                            for name in ("host", "port", "security", "username", "folder")}
+    imap["verify_tls"] = checkbox(form, _IMAP + "verify_tls")
+    imap["interval"] = duration(form, _IMAP + "interval")
+    if checkbox(form, _IMAP + "remove_password"):
+        imap["password"] = ""
+    elif text(form, _IMAP + "password"):
+        imap["password"] = text(form, _IMAP + "password")
+    return imap
+
+
+def page_payload(form: FormData) -> dict[str, Any]:
+    """The whole form as PUT /api/v1/settings takes it: :func:`settings_payload` and the
+    bounce part, whose mailbox is removed when its server is left blank."""
+    payload = settings_payload(form)
+    if "bounces.address" in form:
+        imap = mailbox_payload(form)
+        payload["bounces"] = {"address": text(form, "bounces.address").strip(),
+                              "imap": imap if imap["host"] else None}
+    return payload
+
+
+def bounce_values(bounces: dict[str, Any]) -> dict[str, Any]:
+    """The bounce part's fields to fill the form again (never the password)."""
+    imap = {**BounceMailbox().public(), **(bounces.get("imap") or {})}
+    return {"bounces.address": bounces.get("address", ""),
+            **{_IMAP + k: v for k, v in imap.items() if k not in ("password", "password_set")}}
 
 
 @router.get("/settings")
 async def settings_form(p: AdminPage) -> Response:
-    return await _settings_page(p)
+    return await settings_page(p)
 
 
 @router.post("/settings")
 async def save_settings(p: AdminPage) -> Response:
     form = await checked_form(p)
-    payload = settings_payload(form)
+    payload = page_payload(form)
     try:
         await p.core.put_settings(p.me, payload)
     except ValidationError as exc:
@@ -148,9 +206,9 @@ async def save_settings(p: AdminPage) -> Response:
         errors = postier_field_errors(exc, p.lang, FIELDS)
     else:
         return redirect(flash_url("/settings", "settings_saved"))
-    return await _settings_page(p, status_code=422, values=_typed(form, payload),
-                                errors=errors, test_to=text(form, "test_to"),
-                                test_relay=text(form, "test_relay", "main"))
+    return await settings_page(p, status_code=422, values=form_values(form, payload),
+                               errors=errors, test_to=text(form, "test_to"),
+                               test_relay=text(form, "test_relay", "main"))
 
 
 @router.post("/settings/preset")
@@ -159,7 +217,7 @@ async def apply_preset(p: AdminPage) -> Response:
     settings in place of the typed ones, nothing saved yet (the script does the same in
     the page)."""
     form = await checked_form(p)
-    payload = settings_payload(form)
+    payload = page_payload(form)
     section = text(form, "preset_for", "relay")
     section = section if section in RELAY_SECTIONS else "relay"
     chosen = PRESETS.get(text(form, f"{section}.preset"))
@@ -168,8 +226,8 @@ async def apply_preset(p: AdminPage) -> Response:
         payload[section] = {**payload[section], **chosen["relay"]}
         notice = p._(N_("The preset filled in the SMTP server's fields. Check them, then "
                         "save."))
-    return await _settings_page(p, values=_typed(form, payload),
-                                test_to=text(form, "test_to"), notice=notice)
+    return await settings_page(p, values=form_values(form, payload),
+                               test_to=text(form, "test_to"), notice=notice)
 
 
 @router.post("/settings/test")
@@ -178,7 +236,7 @@ async def test_settings(p: AdminPage) -> Response:
     e-mail). The page's script asks for JSON (the report's HTML, revealed step by step,
     and the field errors); without script the whole page comes back with the report."""
     form = await checked_form(p)
-    payload = settings_payload(form)
+    payload = page_payload(form)
     to = text(form, "test_to").strip() or p.me.email
     backup = text(form, "test_relay") == "backup"
     send = text(form, "send", "1") != "0"
@@ -199,10 +257,10 @@ async def test_settings(p: AdminPage) -> Response:
         errors = postier_field_errors(exc, p.lang, FIELDS)
     if wants_json(p.request):
         return test_json(p, report, errors)
-    return await _settings_page(p, status_code=200 if report else 422,
-                                values=_typed(form, payload), errors=errors,
-                                report=report, test_to=to,
-                                test_relay="backup" if backup else "main")
+    return await settings_page(p, status_code=200 if report else 422,
+                               values=form_values(form, payload), errors=errors,
+                               report=report, test_to=to,
+                               test_relay="backup" if backup else "main")
 
 
 def test_json(p: Page, report: TestReport | None, errors: dict[str, str]) -> Response:
@@ -232,9 +290,9 @@ async def generate_dkim_key(p: AdminPage) -> Response:
         field = {"domain": "dkim.domain", "selector": "dkim.selector"}.get(exc.field or "")
         errors = ({field: error_text(exc, p.lang)} if field
                   else postier_field_errors(exc, p.lang, DKIM_FIELDS))
-        return await _settings_page(p, status_code=422, dkim_errors=errors,
-                                    dkim_values={"dkim.domain": domain,
-                                                 "dkim.selector": selector})
+        return await settings_page(p, status_code=422, dkim_errors=errors,
+                                   dkim_values={"dkim.domain": domain,
+                                                "dkim.selector": selector})
     return redirect(flash_url("/settings", "dkim_generated", domain=key.domain) + "#dkim")
 
 
@@ -245,8 +303,8 @@ async def remove_dkim_key(p: AdminPage) -> Response:
     try:
         domain = await p.core.dkim_remove(p.me, text(form, "domain"))
     except PostierError as exc:  # already removed (another page, the console)
-        return await _settings_page(p, status_code=exc.http_status,
-                                    dkim_errors={"remove": error_text(exc, p.lang)})
+        return await settings_page(p, status_code=exc.http_status,
+                                   dkim_errors={"remove": error_text(exc, p.lang)})
     return redirect(flash_url("/settings", "dkim_removed", domain=domain) + "#dkim")
 
 
