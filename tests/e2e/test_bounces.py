@@ -253,10 +253,12 @@ def test_an_administrator_checks_the_bounce_mailbox(server: PostierServer,
         assert none_yet.status_code == 422
         r = c.post("/api/v1/bounces/mailbox/check", json={"imap": imap})
         assert r.status_code == 200, r.text
-        assert r.json() == {"unread": 1}
+        assert r.json() == {"ok": True, "unread": 1, "error": None}
         wrong = c.post("/api/v1/bounces/mailbox/check",
                        json={"imap": imap | {"password": "pas-le-bon"}})
-        assert wrong.status_code == 502
+        assert wrong.status_code == 200
+        assert wrong.json()["ok"] is False
         assert wrong.json()["error"]["code"] == "bounce_mailbox"
+        assert "a refusé la connexion" in wrong.json()["error"]["message"]
         assert "pas-le-bon" not in wrong.text
     assert dovecot.unseen() == 1, "a check changes nothing in the mailbox"

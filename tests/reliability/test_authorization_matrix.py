@@ -123,6 +123,13 @@ def alice_pending_code(world: World) -> dict[str, str]:
     return {"address": "alice.martin@ac-lyon.fr"}
 
 
+def fresh_suppression(world: World) -> dict[str, str]:
+    address = f"bloque{next(_n)}@example.org"
+    with admin_a(world) as c:
+        assert c.post("/api/v1/suppressions", json={"address": address}).status_code == 201
+    return {"address": address}
+
+
 def nothing(world: World) -> dict[str, str]:
     return {}
 
@@ -241,6 +248,23 @@ TABLE: dict[tuple[str, str], Row] = {
         body=lambda: {"to": "lycee-du-parc"}),
     # Each administrator sees their own school's incidents (test_alerts checks which).
     ("GET", "/api/v1/alerts"): Row((401, 403, 403, 200, 200, 200)),
+    # Each school's suppression list is its administrators' (and the operator's in it):
+    # another school's administrator lists and adds in hers, and finds no entry of this
+    # school to lift.
+    ("GET", "/api/v1/suppressions"): Row((401, 403, 403, 200, 200, 200),
+                                         setup=fresh_suppression),
+    ("POST", "/api/v1/suppressions"): Row(
+        (401, 403, 403, 201, 201, 201), body=unique({"address": "n{n}@example.org"})),
+    ("DELETE", "/api/v1/suppressions/{address}"): Row(
+        (401, 403, 403, 204, 404, 204), setup=fresh_suppression),
+    # The DNS server is a closed port of this machine: each item says the DNS was not asked.
+    ("POST", "/api/v1/domains/check"): Row(
+        (401, 403, 403, 200, 200, 200), body=lambda: {"domain": "ac-lyon.fr"}),
+    # A mailbox on a closed port of this machine: the check says the connection was refused.
+    ("POST", "/api/v1/bounces/mailbox/check"): Row(
+        (401, 403, 403, 200, 200, 200),
+        body=lambda: {"imap": {"host": "127.0.0.1", "port": closed_port(), "security": "none",
+                               "username": "retours", "password": "mot-de-passe"}}),
 }
 
 
@@ -266,7 +290,8 @@ async def _other_schools(data_dir: Path) -> dict[str, str]:
 def world(tmp_path_factory: pytest.TempPathFactory, relay_cert: tuple[Path, Path]
           ) -> Iterator[World]:
     relay = FaultRelay(cert=relay_cert).start()
-    server = ServerProcess(tmp_path_factory.mktemp("authz"))
+    server = ServerProcess(tmp_path_factory.mktemp("authz"),
+                           {"POSTIER_DNS_SERVERS": f"127.0.0.1:{closed_port()}"})
     server.args = ["--no-delivery"]  # e-mails stay queued: retry and cancel always apply
     server.provision()
     tokens = {"user": server.tokens["alice"], "peer": server.tokens["bob"],

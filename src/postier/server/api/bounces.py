@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, status
 from pydantic import BaseModel, Field
 
 from postier.ops import bounces, sending_domain
+from postier.ops.bounce_mailbox import MailboxError
 from postier.server.api.deps import Core, CurrentUser, Lang
 from postier.server.api.views import ErrorResponse
 from postier.store.bounces import Suppression
@@ -101,14 +102,21 @@ class MailboxCheckIn(BaseModel):
 
 
 class MailboxCheckOut(BaseModel):
-    unread: int = Field(description="Unread messages waiting in the folder")
+    ok: bool = Field(description="Whether the mailbox could be read")
+    unread: int | None = Field(description="Unread messages waiting in the folder")
+    error: dict[str, Any] | None = Field(
+        description="What failed and what to do ({code, message, hint}), when not ok")
 
 
-@mailbox_router.post("/mailbox/check", responses={**_ERRORS, 502: {"model": ErrorResponse}})
-async def check_mailbox(body: MailboxCheckIn, user: CurrentUser, core: Core
+@mailbox_router.post("/mailbox/check", responses=_ERRORS)
+async def check_mailbox(body: MailboxCheckIn, user: CurrentUser, core: Core, lang: Lang
                         ) -> MailboxCheckOut:
     """Administrators: connect to the bounce mailbox, sign in and open its folder, without
-    changing anything in it. A failure says what failed (connection, TLS, sign-in,
-    folder) and what to do, in the reader's language (502 ``bounce_mailbox``)."""
-    return MailboxCheckOut(unread=await bounces.check_establishment_mailbox(
-        core, user, body.imap))
+    changing anything in it. When it cannot be read, ``error`` says what failed
+    (connection, TLS certificate, sign-in, folder) and what to do, in the reader's
+    language (code ``bounce_mailbox``)."""
+    try:
+        unread = await bounces.check_establishment_mailbox(core, user, body.imap)
+    except MailboxError as exc:
+        return MailboxCheckOut(ok=False, unread=None, error=exc.render(lang))
+    return MailboxCheckOut(ok=True, unread=unread, error=None)
