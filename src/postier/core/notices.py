@@ -16,6 +16,7 @@ from postier.i18n import N_, translate
 from postier.store.base import BOUNCED, DEFERRED, FAILED, PENDING, PRIORITIES, SUPPRESSED
 
 NOTICE_PREFIX = "notice:"
+NOTICE_MESSAGES = 200  # e-mails of one submission a notice names at most
 NOTICE_SUBJECT = N_("Undelivered")
 NOTICE_BODY = N_(
     "Your e-mail \"{subject}\" could not be delivered to:\n{recipients}\n\nWhat to do: "
@@ -73,9 +74,10 @@ class Notices:
         return await self._notice(message_id, "bounce", (BOUNCED,), BOUNCE_SUBJECT,
                                   BOUNCE_BODY, BOUNCE_HINT)
 
-    async def suppressed_notice(self, message_id: str) -> str | None:
-        """Tell the sender once that an e-mail was not sent to suppressed addresses."""
-        return await self._notice(message_id, "suppressed", (SUPPRESSED,), NOTICE_SUBJECT,
+    async def suppressed_notice(self, message_ids: Sequence[str]) -> str | None:
+        """Tell the sender once that e-mails of one submission were not sent to suppressed
+        addresses: one notice for a whole batch (a mass mailing), naming them all."""
+        return await self._notice(message_ids, "suppressed", (SUPPRESSED,), NOTICE_SUBJECT,
                                   SUPPRESSED_BODY, SUPPRESSED_HINT)
 
     async def delay_notice(self, message_id: str) -> str | None:
@@ -84,12 +86,18 @@ class Notices:
         return await self._notice(message_id, "delay", (DEFERRED, PENDING), DELAY_SUBJECT,
                                   DELAY_BODY, DELAY_HINT)
 
-    async def _notice(self, message_id: str, kind: str, statuses: tuple[str, ...],
-                      subject: str, body: str, hint: str) -> str | None:
-        record = await self.store.get_message(message_id)
-        if record is None or (record.idempotency_key or "").startswith(NOTICE_PREFIX):
+    async def _notice(self, message_ids: str | Sequence[str], kind: str,
+                      statuses: tuple[str, ...], subject: str, body: str, hint: str
+                      ) -> str | None:
+        """The notice of ``kind`` about one e-mail, or about several of one submission
+        (the first one's subject, every one's recipients in ``statuses``)."""
+        ids = [message_ids] if isinstance(message_ids, str) else message_ids[:NOTICE_MESSAGES]
+        records = [r for r in [await self.store.get_message(i) for i in ids]
+                   if r is not None and not (r.idempotency_key or "").startswith(NOTICE_PREFIX)]
+        if not records:
             return None
-        concerned = [r for r in record.recipients if r.status in statuses]
+        record = records[0]
+        concerned = [r for rec in records for r in rec.recipients if r.status in statuses]
         user = await self.store.get_user(user_id=record.user_id) if concerned else None
         if user is None or user.disabled or not user.email or user.role == "relay":
             # A downstream Postier server tells its own user; it needs no e-mail from us.

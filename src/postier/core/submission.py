@@ -134,10 +134,12 @@ class Submission:
 
     async def _tell_suppressed(self, batch: list[NewMessage],
                                results: Sequence[EnqueueResult]) -> None:
-        """The sender's notice, once per e-mail, of recipients left out as suppressed."""
-        for m, r in zip(batch, results, strict=True):
-            if m.suppressed and not r.duplicate:
-                await self.notices.suppressed_notice(m.id)
+        """The sender's notice, one per submission, of recipients left out as
+        suppressed."""
+        held = [m.id for m, r in zip(batch, results, strict=True)
+                if m.suppressed and not r.duplicate]
+        if held:
+            await self.notices.suppressed_notice(held)
 
     def _prepare(
         self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None,

@@ -234,3 +234,24 @@ async def test_doctor_checks_the_sending_domains_dns(tmp_path: Path, dns_server:
     assert "DMARC" in dns.result and "DKIM" in dns.result
     without = await diagnose(ServerConfig(data_dir=tmp_path, dns_servers=servers), "fr")
     assert not [c for c in without if c.key == "dns"], "only asked with --dns"
+
+
+async def test_a_mass_mailing_to_blocked_addresses_gives_one_notice(tmp_path: Path) -> None:
+    core, admin = await _core(tmp_path)
+    try:
+        for address in ("ancien1@example.org", "ancien2@example.org"):
+            await core.suppress(admin, address)
+        alice = await core.add_user("alice", "alice@ac-lyon.fr")
+        results = await core.submit(alice, [MessageIn.model_validate(
+            {"to": [to], "subject": "Réunion de rentrée", "text": "Bonjour"})
+            for to in ("ancien1@example.org", "parent@example.org", "ancien2@example.org")])
+        assert [r.status for r in results] == ["failed", "queued", "failed"]
+        claimed = await core.store.claim("t", 10, lease_seconds=60, now=time.time() + 1)
+        notices = [c for c in claimed if b"X-Postier-Notice: suppressed" in c.data]
+        assert len(notices) == 1, "one notice for the whole mailing"
+        text = notices[0].data.decode()
+        assert "ancien1@example.org" in text and "ancien2@example.org" in text
+        assert [[r.address for r in c.recipients] for c in claimed
+                if c.id == results[1].id] == [["parent@example.org"]]
+    finally:
+        await core.close()
