@@ -179,8 +179,11 @@ class Bounces:
     async def lift(self, actor: User, address: str) -> Suppression:
         """An administrator lifts ``address``: e-mails reach it again (audited)."""
         require_admin(actor)
-        entry = await self.store.remove_suppression(actor.establishment_id,
-                                                    address.strip().lower())
+        try:  # listed in its normal form (a Unicode domain); any other form finds it too
+            key = policy.normalize_address(address).lower()
+        except InvalidInput:
+            key = address.strip().lower()
+        entry = await self.store.remove_suppression(actor.establishment_id, key)
         if entry is None:
             raise NotFound(N_("{address} is not on the suppression list."),
                            address=address[:320])

@@ -255,3 +255,16 @@ async def test_a_mass_mailing_to_blocked_addresses_gives_one_notice(tmp_path: Pa
                 if c.id == results[1].id] == [["parent@example.org"]]
     finally:
         await core.close()
+
+
+async def test_an_address_is_lifted_whatever_form_it_is_written_in(tmp_path: Path) -> None:
+    core, admin = await _core(tmp_path)
+    try:
+        await core.suppress(admin, "Parent@École.example")
+        (entry,), _ = await core.suppressions(admin)
+        assert entry.address == "Parent@école.example"
+        lifted = await core.lift_suppression(admin, "parent@xn--cole-9oa.example")
+        assert lifted.address == "Parent@école.example"
+        assert (await core.suppressions(admin))[1] == 0
+    finally:
+        await core.close()
