@@ -46,31 +46,6 @@ REPEATED = "repeated"
 _TAG = re.compile(rf"^([0-9a-f]{{32}})-([0-9a-f]{{{MAC_LENGTH}}})$")
 
 
-def _mac(installation: Installation, message_id: str) -> str:
-    return installation.secrets.mac(f"verp:{message_id}")[:MAC_LENGTH]
-
-
-def return_address(installation: Installation, message_id: str, bounce_address: str) -> str:
-    """The envelope sender of e-mail ``message_id``: ``bounce_address`` tagged with it."""
-    local, _, domain = bounce_address.rpartition("@")
-    return f"{local}+{message_id}-{_mac(installation, message_id)}@{domain}"
-
-
-def read_return_address(installation: Installation, address: str) -> str | None:
-    """The e-mail a return address names, or ``None`` when it is not one of ours (no tag,
-    or a digest that does not match: made up or altered)."""
-    local = address.strip().strip("<>").rpartition("@")[0].lower()
-    if "+" not in local:
-        return None
-    match = _TAG.match(local.rpartition("+")[2])
-    if match is None:
-        return None
-    message_id, mac = match.groups()
-    if not hmac.compare_digest(mac, _mac(installation, message_id)):
-        return None
-    return message_id
-
-
 def address_in_domains(address: str, settings: DeliverySettings) -> bool:
     """Whether the bounce address's domain is the establishment's: its sender's domain or
     one of its allowed domains."""
@@ -116,11 +91,27 @@ class Bounces:
         self._keys: TTLCache[int, frozenset[str]] = TTLCache(SETTINGS_TTL)
 
     # -- return addresses ---------------------------------------------------------------
+    def _mac(self, message_id: str) -> str:
+        return self.installation.secrets.mac(f"verp:{message_id}")[:MAC_LENGTH]
+
     def return_address(self, message_id: str, bounce_address: str) -> str:
-        return return_address(self.installation, message_id, bounce_address)
+        """The envelope sender of e-mail ``message_id``: ``bounce_address`` tagged with it."""
+        local, _, domain = bounce_address.rpartition("@")
+        return f"{local}+{message_id}-{self._mac(message_id)}@{domain}"
 
     def read_return_address(self, address: str) -> str | None:
-        return read_return_address(self.installation, address)
+        """The e-mail a return address names, or ``None`` when it is not one of ours (no
+        tag, or a digest that does not match: made up or altered)."""
+        local = address.strip().strip("<>").rpartition("@")[0].lower()
+        if "+" not in local:
+            return None
+        match = _TAG.match(local.rpartition("+")[2])
+        if match is None:
+            return None
+        message_id, mac = match.groups()
+        if not hmac.compare_digest(mac, self._mac(message_id)):
+            return None
+        return message_id
 
     async def accepts(self, address: str) -> MessageRecord | None:
         """The e-mail a bounce to ``address`` is about, when the address is a valid

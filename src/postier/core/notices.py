@@ -13,7 +13,16 @@ from postier.core.queue_entry import SYSTEM_USER, queued
 from postier.core.sender_decision import message_id_for
 from postier.core.settings import DeliverySettings
 from postier.i18n import N_, translate
-from postier.store.base import BOUNCED, DEFERRED, FAILED, PENDING, PRIORITIES, SUPPRESSED
+from postier.store.base import (
+    BOUNCED,
+    DEFERRED,
+    FAILED,
+    PENDING,
+    PRIORITIES,
+    SUPPRESSED,
+    NewMessage,
+    User,
+)
 
 NOTICE_PREFIX = "notice:"
 NOTICE_MESSAGES = 200  # e-mails of one submission a notice names at most
@@ -74,11 +83,28 @@ class Notices:
         return await self._notice(message_id, "bounce", (BOUNCED,), BOUNCE_SUBJECT,
                                   BOUNCE_BODY, BOUNCE_HINT)
 
-    async def suppressed_notice(self, message_ids: Sequence[str]) -> str | None:
-        """Tell the sender once that e-mails of one submission were not sent to suppressed
-        addresses: one notice for a whole batch (a mass mailing), naming them all."""
-        return await self._notice(message_ids, "suppressed", (SUPPRESSED,), NOTICE_SUBJECT,
-                                  SUPPRESSED_BODY, SUPPRESSED_HINT)
+    async def suppressed_notice(self, user: User, held: Sequence[NewMessage],
+                                settings: DeliverySettings) -> str | None:
+        """Tell ``user`` once per submission that its e-mails ``held`` (just accepted) were
+        not sent to suppressed addresses: one notice for a whole batch (a mass mailing),
+        written from the accepted e-mails themselves (no reading back from the store)."""
+        if not held or user.disabled or not user.email or user.role == "relay":
+            return None
+        lines = "\n".join(f"  - {address} : {reply}" for m in held[:NOTICE_MESSAGES]
+                          for address, reply in (m.suppressed or {}).items())
+        first = held[0]
+
+        def text(lang: str) -> str:
+            return translate(lang, SUPPRESSED_BODY, subject=first.subject, recipients=lines,
+                             hint=translate(lang, SUPPRESSED_HINT))
+
+        return await self.system_email(
+            user.establishment_id, [user.email],
+            f"{translate('fr', NOTICE_SUBJECT)} / {NOTICE_SUBJECT} : {first.subject}",
+            "\n\n".join([text("fr"), "-- English --", text("en")]),
+            headers={"X-Postier-Notice": "suppressed", "X-Postier-Message": first.id},
+            idempotency_key=f"{NOTICE_PREFIX}suppressed:{first.id}", settings=settings,
+        )
 
     async def delay_notice(self, message_id: str) -> str | None:
         """Warn the sender once that an e-mail is still waiting (Postfix's
@@ -86,18 +112,12 @@ class Notices:
         return await self._notice(message_id, "delay", (DEFERRED, PENDING), DELAY_SUBJECT,
                                   DELAY_BODY, DELAY_HINT)
 
-    async def _notice(self, message_ids: str | Sequence[str], kind: str,
-                      statuses: tuple[str, ...], subject: str, body: str, hint: str
-                      ) -> str | None:
-        """The notice of ``kind`` about one e-mail, or about several of one submission
-        (the first one's subject, every one's recipients in ``statuses``)."""
-        ids = [message_ids] if isinstance(message_ids, str) else message_ids[:NOTICE_MESSAGES]
-        records = [r for r in [await self.store.get_message(i) for i in ids]
-                   if r is not None and not (r.idempotency_key or "").startswith(NOTICE_PREFIX)]
-        if not records:
+    async def _notice(self, message_id: str, kind: str, statuses: tuple[str, ...],
+                      subject: str, body: str, hint: str) -> str | None:
+        record = await self.store.get_message(message_id)
+        if record is None or (record.idempotency_key or "").startswith(NOTICE_PREFIX):
             return None
-        record = records[0]
-        concerned = [r for rec in records for r in rec.recipients if r.status in statuses]
+        concerned = [r for r in record.recipients if r.status in statuses]
         user = await self.store.get_user(user_id=record.user_id) if concerned else None
         if user is None or user.disabled or not user.email or user.role == "relay":
             # A downstream Postier server tells its own user; it needs no e-mail from us.

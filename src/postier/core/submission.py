@@ -63,7 +63,7 @@ class Submission:
         await self._bounce_handling(user.establishment_id, settings, batch)
         results = await self.store.enqueue(batch)
         self.installation.wake_delivery()
-        await self._tell_suppressed(batch, results)
+        await self._tell_suppressed(user, settings, batch, results)
         # Built directly: cheaper than dataclasses.replace for each e-mail of a batch.
         return [EnqueueResult(r.id, r.status, r.duplicate, m.sender_rule)
                 for r, m in zip(results, batch, strict=True)]
@@ -114,7 +114,7 @@ class Submission:
         await self._bounce_handling(user.establishment_id, settings, batch)
         (result,) = await self.store.enqueue(batch)
         self.installation.wake_delivery()
-        await self._tell_suppressed(batch, [result])
+        await self._tell_suppressed(user, settings, batch, [result])
         return dataclasses.replace(result, sender_rule=decision.rule)
 
     async def _bounce_handling(self, establishment_id: int, settings: DeliverySettings,
@@ -132,14 +132,15 @@ class Submission:
                 mine = {a: held[a] for a in m.recipients if a in held}
                 m.suppressed = mine or None
 
-    async def _tell_suppressed(self, batch: list[NewMessage],
+    async def _tell_suppressed(self, user: User, settings: DeliverySettings,
+                               batch: list[NewMessage],
                                results: Sequence[EnqueueResult]) -> None:
         """The sender's notice, one per submission, of recipients left out as
         suppressed."""
-        held = [m.id for m, r in zip(batch, results, strict=True)
+        held = [m for m, r in zip(batch, results, strict=True)
                 if m.suppressed and not r.duplicate]
         if held:
-            await self.notices.suppressed_notice(held)
+            await self.notices.suppressed_notice(user, held, settings)
 
     def _prepare(
         self, user: User, settings: DeliverySettings, msg: MessageIn, index: int | None,

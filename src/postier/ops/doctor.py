@@ -34,6 +34,7 @@ from postier.ops.doctor_checks import (
     OK,
     WARN,
     Check,
+    decrypted,
     duration_text,
     encrypted_values,
     exit_status,
@@ -71,6 +72,7 @@ class Doctor:
         self.box: SecretBox | None = None
         self.store_ok = False
         self.relay_clock: tuple[str, float, float] | None = None  # relay, its time, ours
+        self._read_settings: list[tuple[int, str, bool, DeliverySettings | str]] | None = None
 
     def _(self, template: str, **params: Any) -> str:
         return translate(self.lang, template, **params)
@@ -91,8 +93,8 @@ class Doctor:
             await self.check_relays()
             await self.check_domains()
             if self.dns and self.store_ok and self.store is not None:
-                self.checks.extend(await domain_checks(self.store, self.config.dns_servers,
-                                                       self.lang))
+                self.checks.extend(await domain_checks(
+                    self.store, await self._settings(), self.config.dns_servers, self.lang))
             await self.check_operators()
             await self.check_clock()
             self.check_server()
@@ -331,28 +333,27 @@ class Doctor:
             self.add("disk", label, OK, text)
 
     # -- relays ----------------------------------------------------------------------------
-    async def _settings(self) -> list[tuple[str, bool, DeliverySettings | str]]:
+    async def _settings(self) -> list[tuple[int, str, bool, DeliverySettings | str]]:
+        """Each establishment's settings, secrets decrypted (or why they cannot be read);
+        read once for every check that needs them."""
         assert self.store is not None
-        out: list[tuple[str, bool, DeliverySettings | str]] = []
-        for _id, slug, hosted, data in await self.store.settings_documents(disabled=False):
-            doc = json.loads(data) if data else {}
-            for section in doc.values():  # relay sections: their secrets decrypted
-                if not isinstance(section, dict):
-                    continue
-                for name in [k for k in section if k.endswith("_enc")]:
-                    enc = section.pop(name)
-                    section[name.removesuffix("_enc")] = self._decrypt(enc)
-            try:
-                out.append((slug, hosted, DeliverySettings.model_validate(doc)))
-            except ValidationError as exc:
-                out.append((slug, hosted, str(exc.errors()[0].get("msg", exc))))
-        return out
+        if self._read_settings is None:
+            self._read_settings = []
+            for est_id, slug, hosted, data in await self.store.settings_documents(
+                    disabled=False):
+                doc = decrypted(json.loads(data) if data else {}, self._decrypt)
+                try:
+                    settings: DeliverySettings | str = DeliverySettings.model_validate(doc)
+                except ValidationError as exc:
+                    settings = str(exc.errors()[0].get("msg", exc))
+                self._read_settings.append((est_id, slug, hosted, settings))
+        return self._read_settings
 
     async def check_relays(self) -> None:
         if not self.store_ok:
             return
         platform: RelaySettings | None = getattr(self.config, "platform_relay", None)
-        for slug, hosted, settings in await self._settings():
+        for _id, slug, hosted, settings in await self._settings():
             label = self._(N_("SMTP relay ({establishment})"), establishment=slug)
             if isinstance(settings, str):
                 self.add("relay", label, FAIL,

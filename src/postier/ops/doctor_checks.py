@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.utils
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,16 @@ def encrypted_values(doc: Any) -> list[str]:
         for value in doc:
             found.extend(encrypted_values(value))
     return found
+
+
+def decrypted(doc: Any, decrypt: Callable[[Any], str | None]) -> Any:
+    """A JSON document with every ``*_enc`` key, at any depth, replaced by its name
+    without the suffix and its value decrypted (the settings as the models take them)."""
+    if not isinstance(doc, dict):
+        return doc
+    return {(k.removesuffix("_enc") if k.endswith("_enc") else k):
+            (decrypt(v) if k.endswith("_enc") else decrypted(v, decrypt))
+            for k, v in doc.items()}
 
 
 def short_reason(exc: BaseException) -> str:

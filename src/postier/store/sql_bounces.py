@@ -50,9 +50,7 @@ class SQLBounces(SQLBase):
         c = t.suppressions.c
         cond = c.establishment_id == establishment_id
         if search:
-            pattern = "%" + search.lower().replace("\\", "\\\\").replace("%", "\\%") \
-                .replace("_", "\\_") + "%"
-            cond = cond & c.address_key.like(pattern, escape="\\")
+            cond = cond & c.address_key.contains(search.lower(), autoescape=True)
         rows = await self._read(select(t.suppressions).where(cond)
                                 .order_by(c.created_at.desc(), c.id.desc())
                                 .limit(limit).offset(offset))
